@@ -1,0 +1,174 @@
+"""Database tables: the contract between the web process and the workers.
+
+Only `app/queue.py` changes a job's status. Times are UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINISHED_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class DatasetStatus(StrEnum):
+    ready = "ready"  # every row valid (or bad rows dropped): usable by a job
+    invalid = "invalid"  # has unresolved errors: fix the file or drop bad rows
+
+
+class BaseModelEntry(SQLModel, table=True):
+    """A registered base model: a hub id or a local directory, read from its config."""
+
+    __tablename__ = "base_models"
+
+    name: str = Field(primary_key=True, max_length=200)
+    source: str = Field(max_length=2000)  # hub id or absolute local path
+    is_local: bool = False
+    architecture: str = ""
+    family: str = ""  # config.model_type, e.g. "llama"
+    parameters: int = 0
+    vocab_size: int = 0
+    context_length: int = 0
+    has_chat_template: bool = False
+    trust_remote_code: bool = False
+    is_demo: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Dataset(SQLModel, table=True):
+    """An uploaded file, validated and normalised to conversations."""
+
+    __tablename__ = "datasets"
+
+    id: str = Field(primary_key=True, max_length=32)  # server-made uuid hex; also its folder name
+    name: str = Field(max_length=200)  # display text only
+    original_filename: str = Field(default="", max_length=255)  # display text only
+    file_type: str = ""  # jsonl, json, csv, parquet
+    format: str = ""  # alpaca, sharegpt, openai, prompt_completion, text
+    status: DatasetStatus = DatasetStatus.invalid
+    size_bytes: int = 0
+    rows: int = 0
+    valid_rows: int = 0
+    dropped_rows: int = 0
+    error_count: int = 0
+    errors: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    column_mapping: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
+    eval_rows: int = 0
+    split_seed: int = 42
+    report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    is_demo: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Job(SQLModel, table=True):
+    """A fine-tuning job and its place in the queue."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_position", "status", "position"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    base_model: str = Field(max_length=200)
+    dataset_id: str = Field(foreign_key="datasets.id", max_length=32)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    status: JobStatus = Field(default=JobStatus.queued, index=True)
+    position: float = 0.0  # queue order: lower runs first
+    attempt: int = 0  # number of claims so far; writes are fenced by it
+    max_attempts: int = 3
+    worker_id: str | None = Field(default=None, max_length=200)
+    lease_expires_at: datetime | None = None
+    cancel_requested: bool = False
+    error_kind: str | None = Field(default=None, max_length=50)
+    error_message: str | None = None
+    error_hint: str | None = None
+    notice: str | None = None  # e.g. "retried with half the micro-batch after OOM"
+    progress_step: int = 0
+    progress_total: int = 0
+    epoch: float = 0.0
+    memory_policy: str | None = None
+    memory_policy_reason: str | None = None
+    compute_mode: str | None = None  # e.g. "NF4 QLoRA on CUDA", "fp32 LoRA on CPU"
+    download_done_bytes: int = 0
+    download_total_bytes: int = 0
+    vram_before_mib: int | None = None
+    vram_after_mib: int | None = None
+    resume_from_scratch: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Metric(SQLModel, table=True):
+    """One logging step of one job attempt. Its id is the SSE event id."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (Index("ix_metrics_job_id_id", "job_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id", ondelete="CASCADE")
+    attempt: int
+    step: int
+    epoch: float = 0.0
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    vram_allocated_mib: float | None = None
+    vram_reserved_mib: float | None = None
+    device_used_mib: float | None = None
+    device_total_mib: float | None = None
+    elapsed_seconds: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Adapter(SQLModel, table=True):
+    """A trained LoRA adapter (PEFT files + chat template + config) under the job's run folder."""
+
+    __tablename__ = "adapters"
+
+    id: str = Field(primary_key=True, max_length=64)  # e.g. "job-12"
+    job_id: int = Field(foreign_key="jobs.id", index=True)
+    name: str = Field(max_length=200)
+    base_model: str = Field(max_length=200)
+    size_bytes: int = 0
+    eval_loss: float | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Worker(SQLModel, table=True):
+    """A worker process and the GPU(s) it owns, with its last heartbeat."""
+
+    __tablename__ = "workers"
+
+    id: str = Field(primary_key=True, max_length=200)
+    host: str = Field(max_length=255)
+    pid: int
+    gpus: str = ""  # e.g. "0" or "0,1"; "" = CPU
+    gpu_name: str = ""
+    vram_total_mib: int = 0
+    vram_used_mib: int = 0
+    gpu_utilization: int | None = None
+    gpu_temperature: int | None = None
+    current_job_id: int | None = None
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+    stopped: bool = False

@@ -1,0 +1,1 @@
+"""The logic behind routes: one module per resource."""

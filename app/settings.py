@@ -1,0 +1,132 @@
+"""Operator settings: one table of (name, default, help), read from `TUNEBOARD_*` variables.
+
+The README's configuration table is generated from this class (`tuneboard settings --markdown`) and a
+test fails when the two differ.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class InsecureSettingsError(ValueError):
+    """A setting combination that would expose the dashboard without protection."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TUNEBOARD_", use_attribute_docstrings=True, extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path("data")
+    """Where datasets, runs, models and the SQLite database live. Must be a local disk for SQLite."""
+
+    database_url: str = Field(
+        default="", validation_alias=AliasChoices("TUNEBOARD_DATABASE_URL", "DATABASE_URL")
+    )
+    """SQLAlchemy URL. Empty: a SQLite file in the data dir. PostgreSQL for workers on several hosts."""
+
+    host: str = "127.0.0.1"
+    """Address the web server binds. Anything but loopback requires a token."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Port the web server listens on."""
+
+    token: SecretStr | None = None
+    """Access token. Required when binding beyond loopback; sent as a bearer header or login cookie."""
+
+    allowed_hosts: list[str] = []
+    """Extra host names accepted in the Host header (loopback names are always accepted)."""
+
+    upload_max_bytes: int = Field(default=2 * 1024**3, ge=1)
+    """Largest dataset upload in bytes (default 2 GiB)."""
+
+    lease_seconds: float = Field(default=60.0, gt=0)
+    """A running job whose worker has not heartbeated for this long is requeued."""
+
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    """How often a worker renews its lease and its liveness row."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    """Attempts a job gets (first run plus requeues after a lost worker) before it fails."""
+
+    poll_seconds: float = Field(default=1.0, gt=0)
+    """How often an idle worker looks for queued work."""
+
+    trust_remote_code_models: list[str] = []
+    """Hub ids or paths allowed to run their own Python code (`trust_remote_code`). Empty: none."""
+
+    hf_offline: bool = False
+    """Never reach the model hub; use only cached or local models."""
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if not self.binds_loopback and self.token is None:
+            raise InsecureSettingsError(
+                f"Refusing to bind {self.host} without a token: anyone on the network could start "
+                "jobs. Set TUNEBOARD_TOKEN to a long random string (e.g. `export TUNEBOARD_TOKEN="
+                "$(python -c 'import secrets; print(secrets.token_urlsafe(32))')`), or bind 127.0.0.1."
+            )
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise InsecureSettingsError("TUNEBOARD_TOKEN must be at least 16 characters long.")
+        return self
+
+    @property
+    def binds_loopback(self) -> bool:
+        if self.host in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
+
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'tuneboard.db'}"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.resolved_data_dir / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.resolved_data_dir / "runs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.resolved_data_dir / "models"
+
+    @property
+    def hf_home(self) -> Path:
+        return self.resolved_data_dir / "hf"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.resolved_data_dir / "tmp"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.datasets_dir, self.runs_dir, self.models_dir, self.hf_home, self.tmp_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def settings_table_markdown() -> str:
+    """The README's configuration table, generated from the Settings fields."""
+    lines = ["| variable | default | what it does |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "(none)" if default in (None, "", []) else f"`{default}`"
+        if name == "upload_max_bytes":
+            shown = "`2147483648` (2 GiB)"
+        lines.append(f"| `TUNEBOARD_{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(lines)

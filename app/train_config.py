@@ -1,0 +1,157 @@
+"""The job configuration: one typed schema that renders the New Job form, validates the API and is
+stored on the job. The worker reads it back with `TrainConfig.model_validate`.
+
+Every field has a docstring (shown as the form's help text) and bounds. Unknown fields are refused,
+and free-text fields are restricted to safe characters, so a config can never carry a command, a
+URL or a file path.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# A registered model name or a hub-style id ("org/name"): no "..", no scheme, no absolute path.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+DATASET_ID_PATTERN = r"^[0-9a-f]{32}$"
+JOB_NAME_PATTERN = r"^[\w][\w .()+,-]{0,79}$"
+LORA_TARGET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+
+
+class Quantization(StrEnum):
+    nf4 = "nf4"
+    none = "none"
+
+
+class TrainOn(StrEnum):
+    assistant = "assistant"
+    all = "all"
+
+
+class GradientCheckpointing(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+    offload = "offload"
+
+
+class LrScheduler(StrEnum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+class ReportTo(StrEnum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
+class TrainConfig(BaseModel):
+    """A QLoRA fine-tuning job. Defaults are the "balanced" preset."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    name: Annotated[str, Field(pattern=JOB_NAME_PATTERN)] = "my fine-tune"
+    """A name for this run, shown in the jobs list."""
+
+    base_model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)] = "demo-tiny-llama"
+    """The registered base model to fine-tune (see the Models page)."""
+
+    dataset_id: Annotated[str, Field(pattern=DATASET_ID_PATTERN)]
+    """The dataset to train on; it must have passed validation."""
+
+    max_seq_len: Annotated[int, Field(ge=32, le=262_144)] = 2048
+    """Longest example in tokens. Longer rows are handled as the dataset report says."""
+
+    num_epochs: Annotated[float, Field(gt=0, le=100)] = 1.0
+    """Passes over the training split. Ignored when max_steps is set."""
+
+    max_steps: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+    """Stop after this many optimizer steps (overrides num_epochs)."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 2e-4
+    """Peak learning rate of the LoRA weights."""
+
+    lr_scheduler: LrScheduler = LrScheduler.cosine
+    """How the learning rate changes after warm-up."""
+
+    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] = 0.03
+    """Fraction of the steps spent warming the learning rate up."""
+
+    micro_batch_size: Annotated[int, Field(ge=1, le=512)] = 4
+    """Examples (or packed sequences) per forward pass. Lower it if the card runs out of memory."""
+
+    grad_accum_steps: Annotated[int, Field(ge=1, le=1024)] = 4
+    """Forward passes per optimizer step: effective batch = micro batch x accumulation."""
+
+    lora_r: Annotated[int, Field(ge=1, le=1024)] = 16
+    """LoRA rank: capacity of the adapter."""
+
+    lora_alpha: Annotated[int, Field(ge=1, le=4096)] = 32
+    """LoRA scale numerator (scale = alpha / r)."""
+
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout on the LoRA input. 0 is fastest."""
+
+    lora_targets: Annotated[
+        list[Annotated[str, Field(pattern=LORA_TARGET_PATTERN)]] | None,
+        Field(max_length=64),
+    ] = None
+    """Module names to adapt (e.g. q_proj, v_proj). Empty: every linear projection of the model."""
+
+    quantization: Quantization = Quantization.nf4
+    """nf4: 4-bit QLoRA (needs CUDA and bitsandbytes); none: LoRA on bf16 weights."""
+
+    train_on: TrainOn = TrainOn.assistant
+    """assistant: loss on the assistant's replies only; all: loss on every token."""
+
+    packing: bool = True
+    """Pack several examples into one sequence without padding (no attention between them)."""
+
+    gradient_checkpointing: GradientCheckpointing = GradientCheckpointing.auto
+    """auto picks the fastest setting that fits the card; offload moves activations to CPU RAM."""
+
+    eval_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    """Share of the dataset held out for evaluation (at most 1,000 rows)."""
+
+    eval_every: Annotated[int, Field(ge=1, le=1_000_000)] = 50
+    """Evaluate every this many steps."""
+
+    save_every: Annotated[int, Field(ge=1, le=1_000_000)] = 100
+    """Write a resumable checkpoint every this many steps."""
+
+    logging_every: Annotated[int, Field(ge=1, le=10_000)] = 1
+    """Record a metrics row every this many steps."""
+
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
+    """Random seed for the split, the LoRA init and the data order."""
+
+    report_to: ReportTo = ReportTo.none
+    """Also log to an experiment tracker."""
+
+    gpus: Annotated[int, Field(ge=1, le=8)] = 1
+    """GPUs for this one job (more than one runs under torchrun with FSDP)."""
+
+    @model_validator(mode="after")
+    def _alpha_and_rank(self) -> TrainConfig:
+        if self.lora_targets is not None and len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ValueError("lora_targets lists a module twice")
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+Preset = Literal["quick test", "balanced", "best quality"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick test": {"max_steps": 30, "max_seq_len": 512, "eval_every": 10, "save_every": 10},
+    "balanced": {},
+    "best quality": {"num_epochs": 3.0, "lora_r": 64, "lora_alpha": 128, "learning_rate": 1e-4},
+}

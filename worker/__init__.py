@@ -1,0 +1,1 @@
+"""Tuneboard GPU side: the job loop, the training recipe and inference."""
