@@ -55,3 +55,34 @@ def pg_db() -> Iterator[Database]:
     upgrade(POSTGRES_URL)
     yield database
     database.dispose()
+
+
+@pytest.fixture
+def app(settings: Settings, db: Database):
+    from app.main import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app) -> Iterator:
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo model and dataset file, built once per test session by `python -m worker.demo`."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("demo")
+    model_dir, dataset = root / "demo-tiny-llama", root / "demo-chat.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "worker.demo", "--models-dir", str(model_dir),
+         "--dataset-out", str(dataset)],
+        check=True,
+    )
+    return {"model_dir": model_dir, "dataset": dataset}

@@ -1,0 +1,56 @@
+# The two front doors: `make run` and `make test`. Both set themselves up on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# A pinned torch: on a machine with a local CPU wheel (CI) it takes that; elsewhere PyPI's build.
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR ?= data
+PYTEST_ARGS ?=
+
+.PHONY: run setup setup-dev test test-fast lint gpu-test clean chromium
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[worker]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -e ".[worker,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-dev: $(VENV)/.installed-dev
+
+run: setup
+	TUNEBOARD_DATA_DIR=$(DATA_DIR) $(VENV)/bin/tuneboard migrate
+	TUNEBOARD_DATA_DIR=$(DATA_DIR) $(VENV)/bin/tuneboard demo --if-missing
+	TUNEBOARD_DATA_DIR=$(DATA_DIR) $(VENV)/bin/tuneboard serve
+
+# Browser tests drive the system Chromium; install it when we may (root on Debian), else they skip.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not found: browser tests will be skipped (apt-get install chromium)"; }
+
+test: setup-dev chromium
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup-dev
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+
+lint: setup-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# On a CUDA machine: the GPU tests.
+gpu-test: setup-dev
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

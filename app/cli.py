@@ -1,0 +1,238 @@
+"""The `tuneboard` command: serve, worker, migrate, demo, doctor, settings.
+
+Commands that need the ML stack (worker, demo, the GPU half of doctor) run it in a child Python
+process (`python -m worker...`), so this module and the web server never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from app.settings import InsecureSettingsError, Settings, settings_table_markdown
+
+cli = typer.Typer(
+    help="Tuneboard: fine-tune LLMs on your own GPU from the browser.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Data directory.")]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment plus command-line overrides; exits with the reason if unsafe."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except (InsecureSettingsError, ValueError) as exc:
+        typer.secho(
+            str(exc).splitlines()[-1] if "validation error" in str(exc) else str(exc),
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2) from exc
+    # Children (worker, demo builder) read the same settings from the environment.
+    os.environ["TUNEBOARD_DATA_DIR"] = str(settings.resolved_data_dir)
+    if settings.database_url:
+        os.environ["TUNEBOARD_DATABASE_URL"] = settings.database_url
+    settings.ensure_dirs()
+    return settings
+
+
+@cli.command()
+def migrate(data_dir: DataDirOption = None) -> None:
+    """Create or upgrade the database tables."""
+    from app.migrate import upgrade
+
+    settings = load_settings(data_dir=data_dir)
+    upgrade(settings.resolved_database_url)
+    typer.echo(f"Database is up to date ({_shown_url(settings)}).")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    data_dir: DataDirOption = None,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="Run the web server only.")
+    ] = False,
+    gpus: Annotated[str, typer.Option(help="GPUs for the supervised worker, e.g. 0 or 0,1.")] = "",
+) -> None:
+    """Start the dashboard and, unless --no-worker, one supervised worker beside it."""
+    import uvicorn
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.supervisor import WorkerSupervisor
+
+    settings = load_settings(host=host, port=port, data_dir=data_dir)
+    upgrade(settings.resolved_database_url)
+    supervisor = None
+    if not no_worker:
+        supervisor = WorkerSupervisor(worker_command(gpus), settings.runs_dir.parent / "worker.log")
+        supervisor.start()
+    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    typer.secho(
+        f"Tuneboard is running at http://{shown_host}:{settings.port}", fg="green", bold=True
+    )
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+def worker_command(gpus: str) -> list[str]:
+    command = [sys.executable, "-m", "worker"]
+    return [*command, "--gpus", gpus] if gpus else command
+
+
+@cli.command()
+def worker(
+    gpu: Annotated[
+        int | None, typer.Option(help="Own this one GPU (sets CUDA_VISIBLE_DEVICES).")
+    ] = None,
+    gpus: Annotated[
+        str, typer.Option(help="Own several GPUs, e.g. 0,1 (for multi-GPU jobs).")
+    ] = "",
+    data_dir: DataDirOption = None,
+) -> None:
+    """Run a worker: claim queued jobs one at a time and train them on this machine's GPU."""
+    load_settings(data_dir=data_dir)
+    chosen = str(gpu) if gpu is not None else gpus
+    command = worker_command(chosen)
+    os.execv(command[0], command)
+
+
+@cli.command()
+def demo(
+    data_dir: DataDirOption = None,
+    if_missing: Annotated[
+        bool, typer.Option("--if-missing", help="Only when no model is registered.")
+    ] = False,
+) -> None:
+    """Build the tiny demo model and demo dataset and register them."""
+    from app.db import Database
+    from app.migrate import upgrade
+    from app.services import demo as demo_service
+    from app.services import models
+
+    settings = load_settings(data_dir=data_dir)
+    upgrade(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url)
+    if if_missing and models.list_models(db):
+        typer.echo("Models are registered already; skipping the demo build.")
+        return
+    typer.echo("Building the demo model and dataset (about a minute on a CPU)...")
+    result = demo_service.install_demo(db, settings)
+    typer.secho(
+        f"Registered model {result.model_name} and dataset {result.dataset_name}.", fg="green"
+    )
+
+
+@cli.command()
+def doctor(data_dir: DataDirOption = None) -> None:
+    """Check this machine: Python, torch, CUDA, GPU, bitsandbytes, disk, database."""
+    from app.db import Database
+    from app.services.system import database_ok
+
+    settings = load_settings(data_dir=data_dir)
+    checks: list[tuple[str, bool, str, str]] = []
+    py = sys.version_info
+    checks.append(
+        (
+            "Python",
+            py >= (3, 11),
+            f"{py.major}.{py.minor}.{py.micro}",
+            "Tuneboard needs Python 3.11 or newer.",
+        )
+    )
+    free = shutil.disk_usage(settings.resolved_data_dir).free
+    checks.append(
+        (
+            "Free disk in the data dir",
+            free > 10 * 1024**3,
+            f"{free / 1024**3:.1f} GiB in {settings.resolved_data_dir}",
+            "Models and checkpoints need tens of GB; free space or set TUNEBOARD_DATA_DIR.",
+        )
+    )
+    db_ok = database_ok(Database(settings.resolved_database_url))
+    checks.append(
+        (
+            "Database",
+            db_ok,
+            _shown_url(settings),
+            "Check TUNEBOARD_DATABASE_URL, and that PostgreSQL is running if you use it.",
+        )
+    )
+    for name, ok, detail, hint in _gpu_checks():
+        checks.append((name, ok, detail, hint))
+    width = max(len(c[0]) for c in checks)
+    for name, ok, detail, hint in checks:
+        mark = typer.style("OK     ", fg="green") if ok else typer.style("PROBLEM", fg="yellow")
+        typer.echo(f"{mark} {name.ljust(width)}  {detail}")
+        if not ok and hint:
+            typer.echo(f"        {' ' * width}  -> {hint}")
+
+
+def _gpu_checks() -> list[tuple[str, bool, str, str]]:
+    """Ask a child Python with the ML stack what it sees (this process never imports torch)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "worker.doctor"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        return [
+            (
+                "ML stack",
+                False,
+                "could not be inspected",
+                "Install the worker extras: pip install 'tuneboard[worker]'.",
+            )
+        ]
+    return [tuple(check) for check in report["checks"]]  # type: ignore[misc]
+
+
+@cli.command("settings")
+def show_settings(
+    markdown: Annotated[bool, typer.Option(help="Print the README table.")] = False,
+) -> None:
+    """List every setting with its default and what it does."""
+    if markdown:
+        typer.echo(settings_table_markdown())
+        return
+    for name, field in Settings.model_fields.items():
+        typer.echo(f"TUNEBOARD_{name.upper():28} {field.description}")
+
+
+def _shown_url(settings: Settings) -> str:
+    url = settings.resolved_database_url
+    return url.split("@")[-1] if "@" in url else url
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The web application: `create_app()` wires settings, database, security and the routers."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.db import Database
+from app.errors import UserError
+from app.queue import QueueError
+from app.settings import Settings
+from app.web.routes import auth, dashboard, jobs, models, system
+from app.web.security import SecurityMiddleware
+from app.web.templating import STATIC_DIR, render
+
+log = logging.getLogger("tuneboard")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    settings.ensure_dirs()
+    app = FastAPI(
+        title="Tuneboard",
+        version="0.1.0",
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.db = Database(settings.resolved_database_url)
+
+    for router in (auth.router, dashboard.router, jobs.router, models.router, system.router):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(SecurityMiddleware, settings=settings)
+    _install_error_handlers(app)
+    return app
+
+
+def _wants_json(request: Request) -> bool:
+    path = request.url.path
+    return (
+        path.startswith(("/api", "/v1", "/healthz"))
+        or "text/html" not in request.headers.get("accept", "")
+        or request.headers.get("hx-request") == "true"
+    )
+
+
+def error_response(request: Request, status: int, code: str, message: str, hint: str) -> Response:
+    if _wants_json(request):
+        return JSONResponse(
+            {"error": {"code": code, "message": message, "hint": hint}}, status_code=status
+        )
+    return render(
+        request, "error.html", status_code=status, status=status, message=message, hint=hint
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> Response:
+        return error_response(request, exc.status_code, exc.code, exc.message, exc.hint)
+
+    @app.exception_handler(QueueError)
+    async def queue_error(request: Request, exc: QueueError) -> Response:
+        status = 404 if exc.code == "not_found" else 409 if exc.code == "conflict" else 400
+        return error_response(request, status, exc.code, exc.message, exc.hint)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
+        message = "; ".join(str(p) for p in problems[:10]) or "Invalid request."
+        return error_response(
+            request, 422, "invalid", message, "Fix the fields named above and send it again."
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        hints = {404: "Check the address.", 405: "This address does not accept that method."}
+        return error_response(
+            request,
+            exc.status_code,
+            f"http_{exc.status_code}",
+            str(exc.detail),
+            hints.get(exc.status_code, ""),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(
+            request,
+            500,
+            "internal",
+            "Something went wrong on the server; it has been logged.",
+            "Try again; if it persists, look at the server's log.",
+        )

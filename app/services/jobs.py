@@ -1,0 +1,153 @@
+"""Jobs: creating them from a TrainConfig (after checking the model and dataset), and the form
+that the New Job page renders from the same schema."""
+
+from __future__ import annotations
+
+import shutil
+import types
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Union, get_args, get_origin
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import ValidationError
+
+from app import queue
+from app.db import Database
+from app.errors import Conflict, NotFound, UserError
+from app.models import Dataset, DatasetStatus, Job
+from app.services import models
+from app.settings import Settings
+from app.train_config import PRESETS, TrainConfig
+
+
+def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
+    """Queue a job after checking that its model is registered and its dataset is usable."""
+    models.get_model(db, config.base_model)
+    with db.read() as s:
+        dataset = s.get(Dataset, config.dataset_id)
+    if dataset is None:
+        raise NotFound(f"There is no dataset {config.dataset_id}.",
+                       "Upload a dataset on the Datasets page and use its id.")
+    if dataset.status != DatasetStatus.ready:
+        raise Conflict(
+            f"Dataset {dataset.name} has {dataset.error_count} unresolved errors and cannot be "
+            "used for training.",
+            "Fix the file and upload it again, or re-import it with 'drop bad rows'.",
+        )
+    return queue.enqueue(db, config, max_attempts=settings.max_attempts)
+
+
+def delete_job(db: Database, settings: Settings, job_id: int) -> None:
+    """Delete a finished job with its run folder (checkpoints, adapter, logs)."""
+    queue.delete_finished(db, job_id)
+    run_dir = (settings.runs_dir / str(int(job_id))).resolve()
+    if run_dir.is_relative_to(settings.runs_dir.resolve()) and run_dir.exists():
+        shutil.rmtree(run_dir)
+
+
+def log_tail(settings: Settings, job: Job, lines: int = 40) -> list[str]:
+    """The last lines of the job's newest attempt log."""
+    path = settings.runs_dir / str(job.id) / f"attempt-{job.attempt}.log"
+    if job.attempt == 0 or not path.is_file():
+        return []
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 64 * 1024))
+        text = f.read().decode("utf-8", errors="replace")
+    return text.splitlines()[-lines:]
+
+
+# --- the New Job form, rendered from TrainConfig -------------------------------------------------
+
+
+@dataclass
+class FormField:
+    name: str
+    label: str
+    help: str
+    kind: str  # "number", "integer", "select", "checkbox", "text", "list"
+    value: Any
+    options: list[str]
+    minimum: float | None
+    maximum: float | None
+    step: str
+    advanced: bool
+
+
+BASIC_FIELDS = {"name", "base_model", "dataset_id", "max_seq_len", "num_epochs", "max_steps",
+                "learning_rate", "micro_batch_size", "grad_accum_steps", "lora_r", "quantization",
+                "train_on"}
+CHOSEN_ELSEWHERE = {"base_model", "dataset_id"}  # selects filled from the registry
+
+
+def form_fields(values: dict[str, Any]) -> list[FormField]:
+    fields = []
+    for name, info in TrainConfig.model_fields.items():
+        annotation = info.annotation
+        if get_origin(annotation) in (Union, types.UnionType):
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        kind, options = "text", []
+        if isinstance(annotation, type) and issubclass(annotation, Enum):
+            kind, options = "select", [m.value for m in annotation]
+        elif annotation is bool:
+            kind = "checkbox"
+        elif annotation is int:
+            kind = "integer"
+        elif annotation is float:
+            kind = "number"
+        elif get_origin(annotation) is list:
+            kind = "list"
+        minimum = maximum = None
+        for meta in info.metadata:
+            if isinstance(meta, Ge | Gt):
+                minimum = float(meta.ge if isinstance(meta, Ge) else meta.gt)  # type: ignore[arg-type]
+            if isinstance(meta, Le | Lt):
+                maximum = float(meta.le if isinstance(meta, Le) else meta.lt)  # type: ignore[arg-type]
+        value = values.get(name, None if info.is_required() else info.default)
+        if hasattr(value, "value"):
+            value = value.value
+        if isinstance(value, list):
+            value = ", ".join(value)
+        fields.append(FormField(
+            name=name, label=name.replace("_", " ").capitalize(), help=info.description or "",
+            kind=kind, value=value, options=options, minimum=minimum, maximum=maximum,
+            step="1" if kind == "integer" else "any", advanced=name not in BASIC_FIELDS,
+        ))
+    return fields
+
+
+def preset_values(preset: str | None) -> dict[str, Any]:
+    return dict(PRESETS.get(preset or "balanced", {}))
+
+
+def config_from_form(form: dict[str, str]) -> TrainConfig:
+    """Turn submitted form fields into a TrainConfig (blank optional fields mean 'default')."""
+    data: dict[str, Any] = {}
+    for name, info in TrainConfig.model_fields.items():
+        if info.annotation is bool:
+            data[name] = form.get(name) in ("on", "true", "1")
+            continue
+        raw = form.get(name, "").strip()
+        if raw == "":
+            continue
+        if name == "lora_targets":
+            data[name] = [part.strip() for part in raw.split(",") if part.strip()]
+        else:
+            data[name] = raw
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidConfig(exc) from exc
+
+
+class InvalidConfig(UserError):
+    status_code = 422
+    code = "invalid"
+
+    def __init__(self, exc: ValidationError) -> None:
+        self.field_errors = {".".join(str(p) for p in e["loc"]) or "config": e["msg"]
+                             for e in exc.errors()}
+        super().__init__("; ".join(f"{k}: {v}" for k, v in self.field_errors.items()),
+                         "Fix the fields named above.")

@@ -1,0 +1,271 @@
+"""The registry of base models: a hub id or a local directory, read from its config files without
+loading any weights (the web process never imports the ML stack)."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import col, select
+
+from app.db import Database
+from app.errors import Conflict, NotFound, UserError
+from app.models import BaseModelEntry
+from app.settings import Settings
+from app.train_config import MODEL_NAME_PATTERN
+
+HUB_TIMEOUT_SECONDS = 25.0
+# Families whose decoder layers, chat templates and LoRA targets we have run. Other causal LMs
+# usually work too; they are accepted with their architecture shown.
+KNOWN_FAMILIES = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "granite",
+    "smollm3",
+}
+
+
+class ModelRegistrationError(UserError):
+    code = "model_refused"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise ModelRegistrationError(
+            f"Cannot read {path.name}: {exc}.",
+            "The model folder must hold a Hugging Face config.json (save it with save_pretrained).",
+        ) from exc
+
+
+def safetensors_parameters(model_dir: Path) -> int:
+    """Count parameters from the safetensors headers alone (no tensor is read)."""
+    total = 0
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with file.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            total += count
+    return total
+
+
+def estimate_parameters(config: dict[str, Any]) -> int:
+    """Parameters of a Llama-like decoder from its config, when no weights are at hand."""
+    hidden = int(config.get("hidden_size", 0))
+    layers = int(config.get("num_hidden_layers", 0))
+    inter = int(config.get("intermediate_size", 0))
+    vocab = int(config.get("vocab_size", 0))
+    heads = int(config.get("num_attention_heads", 1)) or 1
+    kv_heads = int(config.get("num_key_value_heads", heads))
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    per_layer = attention + 3 * hidden * inter + 2 * hidden
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * per_layer + embeddings + hidden
+
+
+def describe_config(config: dict[str, Any], *, trust_remote_code: bool) -> dict[str, Any]:
+    """Check a config.json is a trainable causal LM and pull out what the Models page shows."""
+    architectures = config.get("architectures") or []
+    architecture = architectures[0] if architectures else ""
+    family = str(config.get("model_type", ""))
+    if "auto_map" in config and not trust_remote_code:
+        raise ModelRegistrationError(
+            f"This model ({architecture or family}) ships its own Python code (trust_remote_code).",
+            "Tuneboard does not run code from model repositories unless the operator allows that "
+            "one model: add its id or path to TUNEBOARD_TRUST_REMOTE_CODE_MODELS.",
+        )
+    if not architecture.endswith("ForCausalLM") and "ForConditionalGeneration" not in architecture:
+        raise ModelRegistrationError(
+            f"Unsupported architecture {architecture or '(none given)'}.",
+            "Tuneboard fine-tunes decoder-only language models (architectures ending in "
+            "ForCausalLM, e.g. LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM).",
+        )
+    text_config = config.get("text_config") or config
+    return {
+        "architecture": architecture,
+        "family": family,
+        "vocab_size": int(text_config.get("vocab_size", 0)),
+        "context_length": int(text_config.get("max_position_embeddings", 0)),
+    }
+
+
+def has_chat_template(files: dict[str, Path | None]) -> bool:
+    if files.get("chat_template.jinja") is not None:
+        return True
+    tokenizer_config = files.get("tokenizer_config.json")
+    if tokenizer_config is None:
+        return False
+    try:
+        return bool(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _local_files(model_dir: Path) -> dict[str, Path | None]:
+    names = ("config.json", "tokenizer_config.json", "chat_template.jinja")
+    return {name: (model_dir / name if (model_dir / name).is_file() else None) for name in names}
+
+
+def _hub_files(repo_id: str, settings: Settings) -> dict[str, Path | None]:
+    """config.json and the tokenizer files of a hub model, from the cache or the hub (bounded)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    cache_dir = settings.hf_home / "hub"
+    cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    offline = settings.hf_offline
+
+    def fetch(name: str) -> Path | None:
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+        if isinstance(hit, str):
+            return Path(hit)
+        if offline or isinstance(cached, str):
+            return None
+        try:
+            return Path(hf_hub_download(repo_id, name, cache_dir=cache_dir, etag_timeout=10))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+
+    unreachable = ModelRegistrationError(
+        f"{repo_id} is not in the local cache and the model hub could not be reached.",
+        "Check the network (or a proxy), or download the model on another machine and register "
+        "its local folder instead.",
+        code="hub_unreachable",
+    )
+    if offline and not isinstance(cached, str):
+        raise unreachable
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        future = pool.submit(
+            lambda: {
+                n: fetch(n) for n in ("config.json", "tokenizer_config.json", "chat_template.jinja")
+            }
+        )
+        files = future.result(timeout=HUB_TIMEOUT_SECONDS)
+    except FutureTimeout as exc:
+        raise unreachable from exc
+    except Exception as exc:
+        name = type(exc).__name__
+        if "NotFound" in name or "Unauthorized" in name or "Gated" in name:
+            raise ModelRegistrationError(
+                f"The hub has no model {repo_id} that this machine may read ({name}).",
+                "Check the id's spelling; gated models need `huggingface-cli login` first.",
+                code="model_not_found",
+            ) from exc
+        raise unreachable from exc
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    if files["config.json"] is None:
+        raise unreachable
+    return files
+
+
+def register_model(
+    db: Database, settings: Settings, source: str, name: str | None = None, *, is_demo: bool = False
+) -> BaseModelEntry:
+    """Register a local model folder or a hub id, reading only its config and tokenizer files."""
+    source = source.strip()
+    local = Path(source).expanduser()
+    is_local = local.is_absolute() or source.startswith((".", "~")) or local.exists()
+    if is_local:
+        model_dir = local.resolve()
+        if not model_dir.is_dir():
+            raise ModelRegistrationError(
+                f"There is no folder at {model_dir}.",
+                "Give the folder that holds config.json and the *.safetensors weights, or a hub "
+                "id such as meta-llama/Llama-3.2-1B-Instruct.",
+                code="model_not_found",
+            )
+        files = _local_files(model_dir)
+        if files["config.json"] is None:
+            raise ModelRegistrationError(
+                f"{model_dir} has no config.json.",
+                "Point at a folder saved with save_pretrained (config.json + *.safetensors).",
+            )
+        if not list(model_dir.glob("*.safetensors")):
+            raise ModelRegistrationError(
+                f"{model_dir} has no .safetensors weights.",
+                "Tuneboard loads only safetensors (never pickled .bin files). Convert the weights "
+                "with save_pretrained(safe_serialization=True).",
+            )
+        source = str(model_dir)
+    else:
+        if not re.match(MODEL_NAME_PATTERN, source) or "/" not in source:
+            raise ModelRegistrationError(
+                f"{source!r} is neither an existing folder nor a hub id.",
+                "A hub id looks like org/name (e.g. Qwen/Qwen2.5-0.5B-Instruct); a local model is "
+                "an absolute path to its folder.",
+            )
+        files = _hub_files(source, settings)
+    assert files["config.json"] is not None
+    config = _read_json(files["config.json"])
+    trusted = source in settings.trust_remote_code_models
+    facts = describe_config(config, trust_remote_code=trusted)
+    parameters = safetensors_parameters(Path(source)) if is_local else estimate_parameters(config)
+    name = name or (Path(source).name if is_local else source)
+    if not re.match(MODEL_NAME_PATTERN, name):
+        raise ModelRegistrationError(
+            f"{name!r} cannot be a model name.", "Use letters, digits, '.', '_', '-' (and one '/')."
+        )
+    entry = BaseModelEntry(
+        name=name,
+        source=source,
+        is_local=is_local,
+        parameters=parameters,
+        has_chat_template=has_chat_template(files),
+        trust_remote_code=trusted,
+        is_demo=is_demo,
+        **facts,
+    )
+    with db.write() as s:
+        if s.get(BaseModelEntry, name) is not None:
+            raise Conflict(
+                f"A model named {name} is already registered.",
+                "Pick another name, or remove the existing one first.",
+            )
+        s.add(entry)
+    return entry
+
+
+def list_models(db: Database) -> list[BaseModelEntry]:
+    with db.read() as s:
+        return list(s.exec(select(BaseModelEntry).order_by(col(BaseModelEntry.created_at))))
+
+
+def get_model(db: Database, name: str) -> BaseModelEntry:
+    with db.read() as s:
+        entry = s.get(BaseModelEntry, name)
+    if entry is None:
+        raise NotFound(
+            f"There is no registered model {name!r}.", "Register it on the Models page first."
+        )
+    return entry
+
+
+def remove_model(db: Database, name: str) -> None:
+    with db.write() as s:
+        entry = s.get(BaseModelEntry, name)
+        if entry is None:
+            raise NotFound(f"There is no registered model {name!r}.", "")
+        s.delete(entry)

@@ -1,0 +1,74 @@
+"""Health and machine facts for /healthz and the System page: database, workers, GPUs, disk."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+from sqlmodel import col, select
+
+from app.db import Database
+from app.models import Worker
+from app.settings import Settings
+
+
+@dataclass
+class WorkerView:
+    worker: Worker
+    heartbeat_age_seconds: float
+    alive: bool
+
+
+def workers(db: Database, settings: Settings) -> list[WorkerView]:
+    """Workers seen recently (stopped ones hidden after a lease period), newest heartbeat first."""
+    now = datetime.now(UTC)
+    with db.read() as s:
+        rows = list(s.exec(select(Worker).order_by(col(Worker.heartbeat_at).desc())))
+    views = []
+    for w in rows:
+        beat = w.heartbeat_at if w.heartbeat_at.tzinfo else w.heartbeat_at.replace(tzinfo=UTC)
+        age = (now - beat).total_seconds()
+        alive = not w.stopped and age < settings.lease_seconds
+        if alive or age < 3600:
+            views.append(WorkerView(worker=w, heartbeat_age_seconds=age, alive=alive))
+    return views
+
+
+def database_ok(db: Database) -> bool:
+    try:
+        with db.read() as s:
+            s.connection().execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+def health(db: Database, settings: Settings) -> dict[str, object]:
+    live = [w for w in workers(db, settings) if w.alive]
+    db_ok = database_ok(db)
+    return {
+        "status": "ok" if db_ok else "degraded",
+        "database": "ok" if db_ok else "unreachable",
+        "workers": len(live),
+        "worker_heartbeat_age_seconds": (
+            round(min(w.heartbeat_age_seconds for w in live), 1) if live else None
+        ),
+    }
+
+
+def disk(settings: Settings) -> dict[str, int]:
+    usage = shutil.disk_usage(settings.resolved_data_dir)
+    return {"total_bytes": usage.total, "free_bytes": usage.free, "used_bytes": usage.used}
+
+
+def facts(settings: Settings) -> dict[str, str]:
+    url = settings.resolved_database_url
+    shown = url.split("@")[-1] if "@" in url else url
+    return {
+        "python": platform.python_version(),
+        "data_dir": str(settings.resolved_data_dir),
+        "database": shown,
+    }

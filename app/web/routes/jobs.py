@@ -1,0 +1,168 @@
+"""Jobs: the queue page, the New Job form, the job page, and /api/jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from app import queue
+from app.models import Dataset, DatasetStatus, Job, Metric
+from app.services import jobs, models
+from app.train_config import PRESETS, TrainConfig
+from app.web.deps import DbDep, SettingsDep
+from app.web.templating import render
+
+router = APIRouter()
+
+
+class MoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    where: Literal["top", "up", "down"]
+
+
+class RetryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    from_scratch: bool = False
+
+
+# --- JSON API -------------------------------------------------------------------------------------
+
+
+@router.post("/api/jobs", status_code=201)
+def create_job(config: TrainConfig, db: DbDep, settings: SettingsDep) -> Job:
+    return jobs.create_job(db, settings, config)
+
+
+@router.get("/api/jobs")
+def list_jobs(db: DbDep) -> dict[str, list[Job]]:
+    return {"jobs": queue.list_jobs(db)}
+
+
+@router.get("/api/jobs/{job_id}")
+def get_job(job_id: int, db: DbDep) -> Job:
+    return queue.get_job(db, job_id)
+
+
+@router.post("/api/jobs/{job_id}/cancel")
+def cancel_job(job_id: int, db: DbDep) -> Job:
+    return queue.request_cancel(db, job_id)
+
+
+@router.post("/api/jobs/{job_id}/move")
+def move_job(job_id: int, body: MoveRequest, db: DbDep) -> Job:
+    return queue.move(db, job_id, body.where)
+
+
+@router.post("/api/jobs/{job_id}/retry")
+def retry_job(job_id: int, db: DbDep, settings: SettingsDep,
+              body: Annotated[RetryRequest | None, Body()] = None) -> Job:
+    return queue.retry(db, job_id, from_scratch=bool(body and body.from_scratch),
+                       attempts=settings.max_attempts)
+
+
+@router.delete("/api/jobs/{job_id}", status_code=204)
+def delete_job(job_id: int, db: DbDep, settings: SettingsDep) -> Response:
+    jobs.delete_job(db, settings, job_id)
+    return Response(status_code=204)
+
+
+@router.get("/api/jobs/{job_id}/metrics")
+def job_metrics(job_id: int, db: DbDep,
+                after: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+    job = queue.get_job(db, job_id)
+    rows: list[Metric] = queue.metrics_after(db, job_id, after)
+    return {"status": job.status.value, "metrics": rows}
+
+
+# --- pages ----------------------------------------------------------------------------------------
+
+
+def _queue_context(db: DbDep) -> dict[str, Any]:
+    all_jobs = queue.list_jobs(db)
+    return {"running": [j for j in all_jobs if j.status == "running"],
+            "queued": [j for j in all_jobs if j.status == "queued"],
+            "finished": [j for j in all_jobs if j.status not in ("running", "queued")]}
+
+
+@router.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
+def jobs_page(request: Request, db: DbDep) -> HTMLResponse:
+    return render(request, "jobs/list.html", **_queue_context(db))
+
+
+@router.get("/partials/jobs", response_class=HTMLResponse, include_in_schema=False)
+def jobs_partial(request: Request, db: DbDep) -> HTMLResponse:
+    return render(request, "jobs/_queue.html", **_queue_context(db))
+
+
+@router.post("/jobs/{job_id}/{action}", response_class=HTMLResponse, include_in_schema=False)
+def job_action(request: Request, job_id: int,
+               action: Literal["cancel", "top", "up", "down", "retry", "restart", "delete"],
+               db: DbDep, settings: SettingsDep) -> HTMLResponse:
+    """Queue-page buttons (htmx): do the action and return the refreshed queue partial."""
+    if action == "cancel":
+        queue.request_cancel(db, job_id)
+    elif action in ("top", "up", "down"):
+        queue.move(db, job_id, action)
+    elif action in ("retry", "restart"):
+        queue.retry(db, job_id, from_scratch=action == "restart", attempts=settings.max_attempts)
+    else:
+        jobs.delete_job(db, settings, job_id)
+    if request.headers.get("hx-target") == "job-header":
+        return render(request, "jobs/_header.html", job=queue.get_job(db, job_id))
+    return render(request, "jobs/_queue.html", **_queue_context(db))
+
+
+def _form_context(db: DbDep, values: dict[str, Any], preset: str | None) -> dict[str, Any]:
+    with db.read() as s:
+        from sqlmodel import select
+
+        ready = list(s.exec(select(Dataset).where(Dataset.status == DatasetStatus.ready)))
+    return {"fields": jobs.form_fields(values), "models": models.list_models(db),
+            "datasets": ready, "presets": list(PRESETS), "preset": preset}
+
+
+@router.get("/jobs/new", response_class=HTMLResponse, include_in_schema=False)
+def new_job_page(request: Request, db: DbDep, preset: str | None = None,
+                 dataset_id: str | None = None, base_model: str | None = None) -> HTMLResponse:
+    values = jobs.preset_values(preset)
+    values.update({k: v for k, v in (("dataset_id", dataset_id), ("base_model", base_model)) if v})
+    return render(request, "jobs/new.html", errors={}, **_form_context(db, values, preset))
+
+
+@router.post("/jobs/new", include_in_schema=False, response_model=None)
+async def create_job_from_form(request: Request, db: DbDep,
+                               settings: SettingsDep) -> HTMLResponse | RedirectResponse:
+    form = {k: str(v) for k, v in (await request.form()).items()}
+    try:
+        job = jobs.create_job(db, settings, jobs.config_from_form(form))
+    except jobs.InvalidConfig as exc:
+        return render(request, "jobs/new.html", status_code=422, errors=exc.field_errors,
+                      error=exc, **_form_context(db, form, None))
+    except jobs.UserError as exc:
+        return render(request, "jobs/new.html", status_code=exc.status_code, errors={},
+                      error=exc, **_form_context(db, form, None))
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
+def job_page(request: Request, job_id: int, db: DbDep, settings: SettingsDep) -> HTMLResponse:
+    job = queue.get_job(db, job_id)
+    with db.read() as s:
+        dataset = s.get(Dataset, job.dataset_id)
+    return render(request, "jobs/detail.html", job=job, dataset=dataset,
+                  log_lines=jobs.log_tail(settings, job),
+                  config=TrainConfig.model_validate(job.config))
+
+
+@router.get("/partials/jobs/{job_id}/header", response_class=HTMLResponse, include_in_schema=False)
+def job_header_partial(request: Request, job_id: int, db: DbDep) -> HTMLResponse:
+    return render(request, "jobs/_header.html", job=queue.get_job(db, job_id))
+
+
+@router.get("/partials/jobs/{job_id}/log", response_class=HTMLResponse, include_in_schema=False)
+def job_log_partial(request: Request, job_id: int, db: DbDep, settings: SettingsDep) -> HTMLResponse:
+    job = queue.get_job(db, job_id)
+    return render(request, "jobs/_log.html", log_lines=jobs.log_tail(settings, job))
