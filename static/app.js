@@ -1,0 +1,1329 @@
+/* Tuneboard front-end glue: charts, sparklines, histograms, uploads, chat streaming.
+ *
+ * No framework, no build step, CSP-safe: no inline scripts, no eval, no innerHTML. Server
+ * and user data are only ever written with textContent / Text nodes / attributes. Every
+ * behaviour is wired from data- attributes on DOMContentLoaded and again after htmx swaps
+ * (htmx:afterSettle, htmx:load); wiring the same element twice is a no-op.
+ *
+ * Load order (all `defer`): htmx.min.js, sse.min.js, uPlot.iife.min.js, app.js.
+ *
+ * CONTRACT WITH THE TEMPLATES
+ *
+ * Charts (uPlot)
+ *   <div class="chart" data-chart="loss|lr|grad_norm|tokens_per_second|vram"
+ *        data-metrics-url="/api/jobs/7/metrics" data-events-url="/api/jobs/7/events"
+ *        data-vram-total-mib="24576" data-height="240"></div>
+ *   - GET metrics-url -> {"metrics": [row, ...], "status": "running"}; a row is
+ *     {id, step, epoch, loss, eval_loss, learning_rate, grad_norm, tokens_per_second,
+ *      vram_allocated_mib, vram_reserved_mib, device_used_mib, device_total_mib,
+ *      elapsed_seconds, created_at}. Charts with the same events-url share one fetch and
+ *     ONE EventSource (also shared with htmx `sse-connect` on the same URL, see below).
+ *   - SSE `metric` events: data = one row as JSON, id = row id. On every (re)open the
+ *     stream is backfilled with GET metrics-url?after=<last id>, rows are de-duplicated
+ *     by id, so no row is lost or drawn twice across reconnects.
+ *   - SSE `status` event (data: "succeeded" or {"status": "succeeded"}): a terminal
+ *     status (succeeded|failed|cancelled) stops the charts' stream. If the initial GET
+ *     reports a terminal status, no stream is opened.
+ *   - x = step. A row with the same step as the last point is merged into it (eval rows);
+ *     a row with a smaller step (a resumed attempt) replaces the points from that step on.
+ *   - loss: raw loss, smoothed loss (EMA 0.9), eval loss (points). lr: learning_rate.
+ *     grad_norm. tokens_per_second. vram (GiB): allocated, reserved, device used, and a
+ *     flat line at data-vram-total-mib (else the rows' device_total_mib).
+ *   - After each append the div's data-points="<n>" is the number of points drawn.
+ *     data-status mirrors the job status the charts know about.
+ *   - Charts follow their container's width; height is data-height (default 240).
+ *
+ * Sparklines
+ *   <canvas class="sparkline" data-values="[1.2,1.1,null,0.9]"></canvas>
+ *   A tiny line in the canvas's CSS colour (`color`), sized by CSS (default 100x24).
+ *
+ * Histogram
+ *   <div class="histogram" data-bins='[{"lo":0,"hi":64,"count":12},...]'
+ *        data-max-len="2048"></div>
+ *   Bars on a canvas; a dashed vertical marker at data-max-len; bars above the max
+ *   length (rows that will be truncated) are drawn in the danger colour. Hover shows
+ *   the bin in the canvas's title.
+ *
+ * Upload
+ *   <form class="upload" data-upload-url="/api/datasets" data-max-bytes="...">
+ *     <div class="dropzone">Drop a file or click <input type="file" name="file"></div>
+ *     ...other fields...  [<button type="submit">]  [<button type="button" data-upload-cancel>]
+ *   </form>
+ *   Drag-and-drop onto .dropzone, or click it / use the picker. With a submit button the
+ *   upload starts on submit; without one it starts as soon as a file is chosen.
+ *   XMLHttpRequest POST multipart: the form's fields plus the file as field `file`.
+ *   Progress in the form's <progress> (created if missing) and `.upload-status`
+ *   ("42% · 12.0 MB of 28.6 MB"). 2xx JSON {"url": ...} -> navigate there. Errors
+ *   {"error": {"message", "hint"}} are shown as text in the form's `.error` box
+ *   (`.error-message`, `.error-hint`; created if missing).
+ *
+ * Chat streaming (playground)
+ *   <form class="chat" data-stream-url="/v1/chat/completions" data-model="my-adapter">
+ *     <textarea name="message"></textarea> ...other fields (model, temperature, ...)...
+ *     <button type="submit">Send</button> <button type="button" class="chat-stop">Stop</button>
+ *     <div class="chat-output"></div> <div class="chat-stats"></div>
+ *   </form>
+ *   Side by side: leave data-stream-url off the form and put it on child panes, each with
+ *   its own .chat-output/.chat-stats and optional data-model; one submit streams to all.
+ *   POST JSON (fetch): the form's fields (numbers as numbers, checkboxes as booleans),
+ *   plus `messages` (this pane's history + the new user turn, from the `message` or
+ *   `prompt` field), `stream: true`, and `model` from data-model when set. The
+ *   text/event-stream body is read with a ReadableStream; each `data:` may be an OpenAI
+ *   chunk (choices[0].delta.content), {"token"}, {"text"}, or plain text; `[DONE]` or an
+ *   `event: done` ends it; `event: error` / {"error": {...}} shows the error. Tokens are
+ *   appended as text. `.chat-stop` aborts (AbortController). `.chat-stats` shows
+ *   first-token latency, tokens/s and the token count. Enter sends, Shift+Enter = newline.
+ *
+ * Confirmation
+ *   Prefer htmx's hx-confirm="...". For anything else (plain forms, links, buttons),
+ *   data-confirm="..." asks window.confirm first and cancels the action on "Cancel".
+ *
+ * Shared EventSources
+ *   htmx.createEventSource is replaced so `sse-connect="/api/jobs/7/events"` and the
+ *   charts on the same URL use one connection (browsers allow ~6 per host on HTTP/1.1).
+ */
+(function () {
+  "use strict";
+
+  var TERMINAL = { succeeded: true, failed: true, cancelled: true };
+  var wired = new WeakSet();
+
+  // ---------------------------------------------------------------- helpers
+
+  function each(root, selector, fn) {
+    if (root.nodeType === 1 && root.matches(selector)) fn(root);
+    var found = root.querySelectorAll ? root.querySelectorAll(selector) : [];
+    for (var i = 0; i < found.length; i++) fn(found[i]);
+  }
+
+  function once(el, fn) {
+    if (wired.has(el)) return;
+    wired.add(el);
+    try {
+      fn(el);
+    } catch (err) {
+      console.error("tuneboard: could not wire", el, err);
+    }
+  }
+
+  function parseJSON(text, fallback) {
+    try {
+      return JSON.parse(text);
+    } catch (err) {
+      return fallback;
+    }
+  }
+
+  function cssVar(name, fallback) {
+    var v = getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+    return v || fallback;
+  }
+
+  function absoluteUrl(url) {
+    return new URL(url, window.location.href).href;
+  }
+
+  function withParam(url, name, value) {
+    var u = new URL(url, window.location.href);
+    u.searchParams.set(name, String(value));
+    return u.href;
+  }
+
+  function formatBytes(n) {
+    if (n < 1024) return n + " B";
+    var units = ["KB", "MB", "GB", "TB"];
+    var i = -1;
+    do {
+      n /= 1024;
+      i++;
+    } while (n >= 1024 && i < units.length - 1);
+    return n.toFixed(n < 10 ? 1 : 0) + " " + units[i];
+  }
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text != null) node.textContent = text;
+    return node;
+  }
+
+  /** The `.error` box inside `container` (created at the top if missing), filled as text. */
+  function showError(container, message, hint) {
+    var box = container.querySelector(".error");
+    if (!box) {
+      box = el("div", "error");
+      container.insertBefore(box, container.firstChild);
+    }
+    box.setAttribute("role", "alert");
+    var msg = box.querySelector(".error-message");
+    if (!msg) box.appendChild((msg = el("p", "error-message")));
+    var tip = box.querySelector(".error-hint");
+    if (!tip) box.appendChild((tip = el("p", "error-hint")));
+    msg.textContent = message || "Something went wrong.";
+    tip.textContent = hint || "";
+    box.hidden = false;
+  }
+
+  function hideError(container) {
+    var box = container.querySelector(".error");
+    if (box) box.hidden = true;
+  }
+
+  /** {message, hint} from an API error body (JSON text), with a fallback for non-JSON. */
+  function errorFromBody(text, status) {
+    var body = parseJSON(text, null);
+    var err = body && body.error;
+    if (err && typeof err === "object") {
+      return { message: String(err.message || "Request failed (HTTP " + status + ")."), hint: err.hint ? String(err.hint) : "" };
+    }
+    if (body && typeof body.detail === "string") return { message: body.detail, hint: "" };
+    return { message: "Request failed (HTTP " + status + ").", hint: status === 413 ? "The file is larger than the server accepts." : "" };
+  }
+
+  // ------------------------------------------------------ shared EventSources
+
+  // One real EventSource per absolute URL. Each user gets a small handle with the
+  // EventSource methods htmx's SSE extension and the charts use; closing a handle drops
+  // its listeners, and the connection closes when the last handle does. If the browser
+  // gives up on a connection (readyState CLOSED), it is reopened with backoff while
+  // handles remain, and every handle's listeners move to the new connection.
+  var sources = new Map();
+
+  function acquireEventSource(url) {
+    var key = absoluteUrl(url);
+    var entry = sources.get(key);
+    if (!entry) {
+      entry = { url: key, es: null, handles: new Set(), retry: 0, timer: null };
+      sources.set(key, entry);
+    }
+    var handle = {
+      url: key,
+      listeners: [],
+      onopen: null,
+      onerror: null,
+      onmessage: null,
+      closed: false,
+      get readyState() {
+        return handle.closed ? 2 : entry.es ? entry.es.readyState : 0;
+      },
+      addEventListener: function (type, fn) {
+        handle.listeners.push([type, fn]);
+        if (entry.es) entry.es.addEventListener(type, fn);
+      },
+      removeEventListener: function (type, fn) {
+        handle.listeners = handle.listeners.filter(function (l) {
+          return !(l[0] === type && l[1] === fn);
+        });
+        if (entry.es) entry.es.removeEventListener(type, fn);
+      },
+      close: function () {
+        if (handle.closed) return;
+        handle.closed = true;
+        if (entry.es) {
+          handle.listeners.forEach(function (l) {
+            entry.es.removeEventListener(l[0], l[1]);
+          });
+        }
+        entry.handles.delete(handle);
+        if (entry.handles.size === 0) {
+          clearTimeout(entry.timer);
+          if (entry.es) entry.es.close();
+          sources.delete(key);
+        }
+      },
+    };
+    entry.handles.add(handle);
+    if (!entry.es || entry.es.readyState === 2) connect(entry);
+    else
+      handle.listeners.forEach(function (l) {
+        entry.es.addEventListener(l[0], l[1]);
+      });
+    return handle;
+  }
+
+  function connect(entry) {
+    clearTimeout(entry.timer);
+    if (entry.es) entry.es.close();
+    var es = new EventSource(entry.url);
+    entry.es = es;
+    entry.handles.forEach(function (h) {
+      h.listeners.forEach(function (l) {
+        es.addEventListener(l[0], l[1]);
+      });
+    });
+    es.onopen = function (evt) {
+      entry.retry = 0;
+      entry.handles.forEach(function (h) {
+        if (h.onopen) h.onopen(evt);
+      });
+    };
+    es.onmessage = function (evt) {
+      entry.handles.forEach(function (h) {
+        if (h.onmessage) h.onmessage(evt);
+      });
+    };
+    es.onerror = function (evt) {
+      var dead = es.readyState === 2;
+      entry.handles.forEach(function (h) {
+        if (!h.onerror) return;
+        h.onerror(evt);
+        // Like a real EventSource, a handle whose owner watches errors (htmx's SSE
+        // extension) is dead once the connection is CLOSED; its owner makes a new one.
+        if (dead) h.close();
+      });
+      if (es.readyState === 2 && entry.handles.size > 0 && entry.es === es) {
+        entry.retry = Math.min(entry.retry + 1, 6);
+        entry.timer = setTimeout(function () {
+          if (entry.handles.size > 0 && entry.es === es) connect(entry);
+        }, 500 * Math.pow(2, entry.retry));
+      }
+    };
+  }
+
+  if (window.htmx) {
+    window.htmx.createEventSource = acquireEventSource;
+  }
+
+  // ------------------------------------------------------------------ charts
+
+  // A feed is one job's metric rows, shared by every chart with the same events-url.
+  var feeds = new Map();
+
+  function num(v) {
+    return typeof v === "number" && isFinite(v) ? v : null;
+  }
+
+  var MIB_PER_GIB = 1024;
+  function gib(v) {
+    v = num(v);
+    return v == null ? null : v / MIB_PER_GIB;
+  }
+
+  function fmt(digits) {
+    return function (u, v) {
+      return v == null ? "–" : v.toFixed(digits);
+    };
+  }
+  function fmtExp(u, v) {
+    return v == null ? "–" : v.toExponential(2);
+  }
+
+  // Each kind: its series (label, colour var, how to read a row, style) and axis format.
+  var CHART_KINDS = {
+    loss: {
+      title: "loss",
+      series: [
+        { label: "loss", color: "--chart-faint", width: 1, value: fmt(4), read: function (r) { return num(r.loss); } },
+        { label: "loss (smoothed)", color: "--chart-1", width: 2, value: fmt(4), ema: 0 },
+        { label: "eval loss", color: "--chart-2", points: true, value: fmt(4), read: function (r) { return num(r.eval_loss); } },
+      ],
+    },
+    lr: {
+      title: "learning rate",
+      axis: function (u, splits) {
+        return splits.map(function (v) {
+          return v == null ? "" : v.toExponential(1);
+        });
+      },
+      axisSize: 70,
+      series: [{ label: "learning rate", color: "--chart-1", width: 2, value: fmtExp, read: function (r) { return num(r.learning_rate); } }],
+    },
+    grad_norm: {
+      title: "grad norm",
+      series: [{ label: "grad norm", color: "--chart-1", width: 1.5, value: fmt(3), read: function (r) { return num(r.grad_norm); } }],
+    },
+    tokens_per_second: {
+      title: "tokens/s",
+      series: [{ label: "tokens/s", color: "--chart-1", width: 1.5, value: fmt(0), read: function (r) { return num(r.tokens_per_second); } }],
+    },
+    vram: {
+      title: "VRAM (GiB)",
+      series: [
+        { label: "allocated", color: "--chart-1", width: 2, value: fmt(2), read: function (r) { return gib(r.vram_allocated_mib); } },
+        { label: "reserved", color: "--chart-2", width: 1.5, value: fmt(2), read: function (r) { return gib(r.vram_reserved_mib); } },
+        { label: "device used", color: "--chart-4", width: 1.5, value: fmt(2), read: function (r) { return gib(r.device_used_mib); } },
+        { label: "card total", color: "--chart-limit", width: 1, dash: [6, 4], value: fmt(2), total: true },
+      ],
+    },
+  };
+
+  function getFeed(eventsUrl, metricsUrl) {
+    var key = absoluteUrl(eventsUrl);
+    var feed = feeds.get(key);
+    if (feed) return feed;
+    feed = {
+      eventsUrl: key,
+      metricsUrl: metricsUrl,
+      rows: [],
+      lastId: -Infinity,
+      status: null,
+      charts: new Set(),
+      source: null,
+      loading: null, // promise of the backfill in flight
+      buffer: null, // SSE rows that arrived while a backfill was in flight
+    };
+    feeds.set(key, feed);
+    feed.loading = fetchRows(feed, feed.metricsUrl).then(function () {
+      feed.loading = null;
+      if (!TERMINAL[feed.status]) openStream(feed);
+    });
+    return feed;
+  }
+
+  function fetchRows(feed, url) {
+    return fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+      .then(function (resp) {
+        if (!resp.ok) throw new Error("HTTP " + resp.status);
+        return resp.json();
+      })
+      .then(function (body) {
+        if (body && body.status) setStatus(feed, body.status);
+        var rows = (body && body.metrics) || [];
+        rows.forEach(function (row) {
+          accept(feed, row);
+        });
+      })
+      .catch(function (err) {
+        console.warn("tuneboard: metrics fetch failed", url, err);
+      });
+  }
+
+  function openStream(feed) {
+    if (feed.source || !liveCharts(feed)) return;
+    var source = acquireEventSource(feed.eventsUrl);
+    feed.source = source;
+    source.addEventListener("metric", function (evt) {
+      var row = parseJSON(evt.data, null);
+      if (!row || typeof row !== "object") return;
+      if (row.id == null && evt.lastEventId) row.id = Number(evt.lastEventId);
+      if (feed.buffer) feed.buffer.push(row);
+      else accept(feed, row);
+    });
+    source.addEventListener("status", function (evt) {
+      var data = parseJSON(evt.data, evt.data);
+      var status = data && typeof data === "object" ? data.status : data;
+      if (typeof status === "string" && /^[a-z_]+$/.test(status)) setStatus(feed, status);
+      if (TERMINAL[feed.status]) closeStream(feed);
+    });
+    // Every (re)open: fetch what we may have missed, holding live rows until it lands.
+    source.onopen = function () {
+      if (feed.loading) return;
+      feed.buffer = [];
+      var after = isFinite(feed.lastId) ? feed.lastId : 0;
+      feed.loading = fetchRows(feed, withParam(feed.metricsUrl, "after", after)).then(function () {
+        var buffered = feed.buffer || [];
+        feed.buffer = null;
+        feed.loading = null;
+        buffered.forEach(function (row) {
+          accept(feed, row);
+        });
+        if (TERMINAL[feed.status]) closeStream(feed);
+      });
+    };
+  }
+
+  function closeStream(feed) {
+    if (feed.source) feed.source.close();
+    feed.source = null;
+  }
+
+  function setStatus(feed, status) {
+    feed.status = status;
+    feed.charts.forEach(function (chart) {
+      chart.el.setAttribute("data-status", status);
+    });
+  }
+
+  /** Take one row into the feed (once per id, in id order) and hand it to every chart. */
+  function accept(feed, row) {
+    var id = num(row.id);
+    if (id != null) {
+      if (id <= feed.lastId) return;
+      feed.lastId = id;
+    }
+    feed.rows.push(row);
+    if (!liveCharts(feed)) {
+      closeStream(feed);
+      return;
+    }
+    feed.charts.forEach(function (chart) {
+      appendRow(chart, row);
+    });
+  }
+
+  /** Drop charts whose element left the page; returns how many remain. */
+  function liveCharts(feed) {
+    feed.charts.forEach(function (chart) {
+      if (!chart.el.isConnected) destroyChart(chart);
+    });
+    return feed.charts.size;
+  }
+
+  function destroyChart(chart) {
+    chart.feed.charts.delete(chart);
+    if (chart.resize) chart.resize.disconnect();
+    if (chart.plot) chart.plot.destroy();
+    chart.plot = null;
+    if (chart.feed.charts.size === 0) {
+      closeStream(chart.feed);
+      feeds.delete(chart.feed.eventsUrl);
+    }
+  }
+
+  function wireChart(div) {
+    var kind = CHART_KINDS[div.getAttribute("data-chart")];
+    var metricsUrl = div.getAttribute("data-metrics-url");
+    var eventsUrl = div.getAttribute("data-events-url") || metricsUrl;
+    if (!kind || !metricsUrl || typeof uPlot === "undefined") {
+      if (typeof uPlot === "undefined") console.error("tuneboard: uPlot is not loaded");
+      return;
+    }
+    var chart = {
+      el: div,
+      kind: kind,
+      total: num(parseFloat(div.getAttribute("data-vram-total-mib"))),
+      // columns: x (step), then one array per series
+      data: [[]].concat(
+        kind.series.map(function () {
+          return [];
+        })
+      ),
+      ema: null,
+      plot: null,
+      dirty: false,
+      feed: null,
+    };
+    var empty = el("div", "chart-empty", "Waiting for the first metrics…");
+    div.appendChild(empty);
+    chart.empty = empty;
+    div.setAttribute("data-points", "0");
+    build(chart);
+
+    var feed = getFeed(eventsUrl, metricsUrl);
+    chart.feed = feed;
+    feed.charts.add(chart);
+    if (feed.status) div.setAttribute("data-status", feed.status);
+    feed.rows.forEach(function (row) {
+      appendRow(chart, row);
+    });
+    if (!feed.loading && !TERMINAL[feed.status]) openStream(feed);
+
+    chart.resize = new ResizeObserver(function () {
+      if (chart.plot && div.clientWidth > 0) chart.plot.setSize(size(chart));
+    });
+    chart.resize.observe(div);
+  }
+
+  function size(chart) {
+    var h = parseInt(chart.el.getAttribute("data-height"), 10) || 240;
+    return { width: Math.max(chart.el.clientWidth, 100), height: h };
+  }
+
+  function build(chart) {
+    if (chart.plot) chart.plot.destroy();
+    var axis = cssVar("--axis", "#666");
+    var grid = cssVar("--grid", "#eee");
+    var series = [{ label: "step" }].concat(
+      chart.kind.series.map(function (s) {
+        var color = cssVar(s.color, "#2f6feb");
+        var out = { label: s.label, stroke: color, width: s.width || 1, value: s.value, spanGaps: true };
+        if (s.dash) out.dash = s.dash;
+        if (s.points) {
+          out.paths = function () {
+            return null;
+          };
+          out.points = { show: true, size: 7, fill: color, stroke: color };
+        } else {
+          out.points = { show: false };
+        }
+        return out;
+      })
+    );
+    var yAxis = { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, size: chart.kind.axisSize || 55 };
+    if (chart.kind.axis) yAxis.values = chart.kind.axis; // an explicit undefined would replace uPlot's default
+    var opts = Object.assign(size(chart), {
+      series: series,
+      legend: { live: true },
+      cursor: { drag: { x: true, y: false } },
+      scales: { x: { time: false } },
+      axes: [
+        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid } },
+        yAxis,
+      ],
+    });
+    chart.plot = new uPlot(opts, chart.data, chart.el);
+  }
+
+  /** Add one metric row to a chart's columns; same step merges, a lower step rewinds. */
+  function appendRow(chart, row) {
+    var step = num(row.step);
+    if (step == null) return;
+    var cols = chart.data;
+    var xs = cols[0];
+    var kind = chart.kind;
+    var total = chart.total != null ? chart.total : num(row.device_total_mib);
+
+    // A resumed attempt logs from its checkpoint's step again: its points win.
+    while (xs.length && xs[xs.length - 1] > step) {
+      for (var c = 0; c < cols.length; c++) cols[c].pop();
+    }
+    var merge = xs.length > 0 && xs[xs.length - 1] === step;
+    if (!merge) {
+      xs.push(step);
+      for (var k = 1; k < cols.length; k++) cols[k].push(null);
+    }
+    var i = xs.length - 1;
+
+    kind.series.forEach(function (s, j) {
+      var col = cols[j + 1];
+      if (s.total) {
+        col[i] = total == null ? null : total / MIB_PER_GIB;
+      } else if (s.ema != null) {
+        col[i] = null; // filled below from the raw loss column
+      } else {
+        var v = s.read(row);
+        if (v != null || !merge) col[i] = v;
+      }
+    });
+
+    if (kind === CHART_KINDS.loss) {
+      // EMA over the raw loss, recomputed from the previous smoothed point so merges
+      // and rewinds stay exact.
+      var raw = cols[1];
+      var smooth = cols[2];
+      var prev = null;
+      for (var p = i - 1; p >= 0 && prev == null; p--) prev = smooth[p];
+      smooth[i] = raw[i] == null ? null : prev == null ? raw[i] : 0.9 * prev + 0.1 * raw[i];
+    }
+
+    chart.el.setAttribute("data-points", String(xs.length));
+    if (chart.empty) {
+      chart.empty.remove();
+      chart.empty = null;
+    }
+    scheduleDraw(chart);
+  }
+
+  function scheduleDraw(chart) {
+    if (chart.dirty) return;
+    chart.dirty = true;
+    requestAnimationFrame(function () {
+      chart.dirty = false;
+      if (chart.plot) chart.plot.setData(chart.data);
+    });
+  }
+
+  // -------------------------------------------------------------- sparklines
+
+  function setupCanvas(canvas) {
+    var rect = canvas.getBoundingClientRect();
+    var dpr = window.devicePixelRatio || 1;
+    var w = Math.max(1, Math.round(rect.width || canvas.width));
+    var h = Math.max(1, Math.round(rect.height || canvas.height));
+    canvas.width = Math.round(w * dpr);
+    canvas.height = Math.round(h * dpr);
+    var ctx = canvas.getContext("2d");
+    if (ctx) ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    return { ctx: ctx, w: w, h: h };
+  }
+
+  function drawSparkline(canvas) {
+    var values = parseJSON(canvas.getAttribute("data-values") || "[]", []);
+    if (!Array.isArray(values)) values = [];
+    var c = setupCanvas(canvas);
+    if (!c.ctx) return;
+    var pts = [];
+    values.forEach(function (v, i) {
+      if (num(v) != null) pts.push([i, v]);
+    });
+    c.ctx.clearRect(0, 0, c.w, c.h);
+    if (pts.length === 0) return;
+    var min = Infinity;
+    var max = -Infinity;
+    pts.forEach(function (p) {
+      min = Math.min(min, p[1]);
+      max = Math.max(max, p[1]);
+    });
+    var span = max - min || 1;
+    var pad = 2;
+    var n = Math.max(values.length - 1, 1);
+    var x = function (i) {
+      return pad + (i / n) * (c.w - 2 * pad);
+    };
+    var y = function (v) {
+      return c.h - pad - ((v - min) / span) * (c.h - 2 * pad);
+    };
+    c.ctx.strokeStyle = getComputedStyle(canvas).color;
+    c.ctx.lineWidth = 1.5;
+    c.ctx.lineJoin = "round";
+    c.ctx.beginPath();
+    pts.forEach(function (p, k) {
+      if (k === 0) c.ctx.moveTo(x(p[0]), y(p[1]));
+      else c.ctx.lineTo(x(p[0]), y(p[1]));
+    });
+    c.ctx.stroke();
+    var last = pts[pts.length - 1];
+    c.ctx.fillStyle = c.ctx.strokeStyle;
+    c.ctx.beginPath();
+    c.ctx.arc(x(last[0]), y(last[1]), 2, 0, 2 * Math.PI);
+    c.ctx.fill();
+    if (!canvas.hasAttribute("aria-label")) {
+      canvas.setAttribute("role", "img");
+      canvas.setAttribute("aria-label", "trend, last value " + last[1]);
+    }
+  }
+
+  // --------------------------------------------------------------- histogram
+
+  function wireHistogram(div) {
+    var canvas = div.querySelector("canvas");
+    if (!canvas) {
+      canvas = document.createElement("canvas");
+      div.appendChild(canvas);
+    }
+    var draw = function () {
+      drawHistogram(div, canvas);
+    };
+    draw();
+    new ResizeObserver(draw).observe(div);
+    canvas.addEventListener("mousemove", function (evt) {
+      var hit = (div._hitBins || []).find(function (b) {
+        return evt.offsetX >= b.x0 && evt.offsetX < b.x1;
+      });
+      canvas.title = hit ? hit.lo + "–" + hit.hi + " tokens: " + hit.count + " rows" : "";
+    });
+  }
+
+  function drawHistogram(div, canvas) {
+    var bins = parseJSON(div.getAttribute("data-bins") || "[]", []);
+    if (!Array.isArray(bins)) bins = [];
+    bins = bins.filter(function (b) {
+      return b && num(b.lo) != null && num(b.hi) != null && num(b.count) != null;
+    });
+    var maxLen = num(parseFloat(div.getAttribute("data-max-len")));
+    var c = setupCanvas(canvas);
+    if (!c.ctx) return;
+    var ctx = c.ctx;
+    ctx.clearRect(0, 0, c.w, c.h);
+    var text = getComputedStyle(div).color;
+    var font = "11px " + cssVar("--font", "sans-serif");
+    ctx.font = font;
+    if (bins.length === 0) {
+      ctx.fillStyle = text;
+      ctx.fillText("No rows", 8, 16);
+      return;
+    }
+    var left = 40;
+    var bottom = 20;
+    var top = 14;
+    var right = 8;
+    var lo = Math.min.apply(null, bins.map(function (b) { return b.lo; }));
+    var hi = Math.max.apply(null, bins.map(function (b) { return b.hi; }));
+    if (maxLen != null) hi = Math.max(hi, maxLen * 1.02);
+    var maxCount = Math.max.apply(null, bins.map(function (b) { return b.count; })) || 1;
+    var plotW = c.w - left - right;
+    var plotH = c.h - top - bottom;
+    var x = function (v) {
+      return left + ((v - lo) / (hi - lo || 1)) * plotW;
+    };
+    var y = function (v) {
+      return top + plotH - (v / maxCount) * plotH;
+    };
+
+    var grid = cssVar("--grid", "#eee");
+    var axis = cssVar("--axis", "#666");
+    ctx.strokeStyle = grid;
+    ctx.lineWidth = 1;
+    ctx.beginPath();
+    ctx.moveTo(left, y(0) + 0.5);
+    ctx.lineTo(c.w - right, y(0) + 0.5);
+    ctx.moveTo(left, y(maxCount) + 0.5);
+    ctx.lineTo(c.w - right, y(maxCount) + 0.5);
+    ctx.stroke();
+
+    var normal = cssVar("--chart-1", "#2f6feb");
+    var over = cssVar("--chart-limit", "#c62f2f");
+    var hits = [];
+    bins.forEach(function (b) {
+      var x0 = x(b.lo);
+      var x1 = x(b.hi);
+      ctx.fillStyle = maxLen != null && b.lo >= maxLen ? over : normal;
+      ctx.fillRect(x0 + 0.5, y(b.count), Math.max(x1 - x0 - 1, 1), y(0) - y(b.count));
+      hits.push({ x0: x0, x1: x1, lo: b.lo, hi: b.hi, count: b.count });
+    });
+    div._hitBins = hits;
+
+    ctx.fillStyle = axis;
+    ctx.textAlign = "right";
+    ctx.textBaseline = "middle";
+    ctx.fillText(String(maxCount), left - 6, y(maxCount));
+    ctx.fillText("0", left - 6, y(0));
+    ctx.textAlign = "left";
+    ctx.textBaseline = "top";
+    ctx.fillText(String(lo), left, c.h - bottom + 5);
+    ctx.textAlign = "right";
+    ctx.fillText(String(Math.round(Math.max.apply(null, bins.map(function (b) { return b.hi; })))) + " tokens", c.w - right, c.h - bottom + 5);
+
+    if (maxLen != null) {
+      var mx = Math.round(x(maxLen)) + 0.5;
+      ctx.strokeStyle = over;
+      ctx.lineWidth = 1.5;
+      ctx.setLineDash([5, 4]);
+      ctx.beginPath();
+      ctx.moveTo(mx, top - 4);
+      ctx.lineTo(mx, y(0));
+      ctx.stroke();
+      ctx.setLineDash([]);
+      ctx.fillStyle = over;
+      ctx.textBaseline = "top";
+      ctx.textAlign = mx > c.w / 2 ? "right" : "left";
+      ctx.fillText("max length " + maxLen, mx + (mx > c.w / 2 ? -4 : 4), 0);
+    }
+
+    var total = bins.reduce(function (s, b) { return s + b.count; }, 0);
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute(
+      "aria-label",
+      "Token length histogram of " + total + " rows" + (maxLen != null ? ", max length " + maxLen : "")
+    );
+  }
+
+  // ------------------------------------------------------------------ upload
+
+  function wireUpload(form) {
+    var url = form.getAttribute("data-upload-url") || form.getAttribute("action");
+    var input = form.querySelector('input[type="file"]');
+    var zone = form.querySelector(".dropzone");
+    var hasSubmit = !!form.querySelector('[type="submit"], button:not([type])');
+    var maxBytes = num(parseFloat(form.getAttribute("data-max-bytes")));
+    var chosen = null;
+    var xhr = null;
+
+    var status = form.querySelector(".upload-status");
+    var progress = form.querySelector("progress");
+    if (!progress) {
+      progress = el("progress");
+      progress.hidden = true;
+      if (zone) zone.after(progress);
+      else form.appendChild(progress);
+    }
+    if (!status) {
+      status = el("div", "upload-status");
+      status.setAttribute("aria-live", "polite");
+      progress.after(status);
+    }
+    progress.max = 100;
+
+    function choose(file) {
+      if (!file) return;
+      chosen = file;
+      hideError(form);
+      if (zone) {
+        var name = zone.querySelector(".file-name");
+        if (!name) zone.appendChild((name = el("span", "file-name")));
+        name.textContent = file.name + " (" + formatBytes(file.size) + ")";
+      }
+      if (maxBytes != null && file.size > maxBytes) {
+        showError(form, "This file is " + formatBytes(file.size) + "; the limit is " + formatBytes(maxBytes) + ".", "Split the dataset or raise the upload limit in the settings.");
+        chosen = null;
+        return;
+      }
+      if (!hasSubmit) start();
+    }
+
+    function busy(on) {
+      form.classList.toggle("uploading", on);
+      form.setAttribute("aria-busy", on ? "true" : "false");
+      form.querySelectorAll('button[type="submit"], button:not([type]), input[type="file"]').forEach(function (b) {
+        b.disabled = on;
+      });
+    }
+
+    function start() {
+      if (xhr) return;
+      if (!chosen) {
+        showError(form, "Choose a file to upload.", "Drop a file on the box or click it to pick one.");
+        return;
+      }
+      hideError(form);
+      var data = new FormData(form);
+      if (input && input.name) data.delete(input.name);
+      data.delete("file");
+      data.append("file", chosen, chosen.name);
+
+      xhr = new XMLHttpRequest();
+      xhr.open("POST", url);
+      xhr.setRequestHeader("Accept", "application/json");
+      xhr.upload.addEventListener("progress", function (evt) {
+        if (!evt.lengthComputable) {
+          progress.removeAttribute("value");
+          status.textContent = formatBytes(evt.loaded) + " uploaded";
+          return;
+        }
+        var pct = Math.floor((evt.loaded / evt.total) * 100);
+        progress.value = pct;
+        status.textContent = pct + "% · " + formatBytes(evt.loaded) + " of " + formatBytes(evt.total);
+      });
+      xhr.addEventListener("load", function () {
+        var req = xhr;
+        xhr = null;
+        if (req.status >= 200 && req.status < 300) {
+          var body = parseJSON(req.responseText, {});
+          progress.value = 100;
+          status.textContent = "Uploaded. Opening the report…";
+          if (body && typeof body.url === "string") {
+            window.location.assign(new URL(body.url, window.location.href).href);
+            return;
+          }
+          busy(false);
+          return;
+        }
+        busy(false);
+        progress.hidden = true;
+        status.textContent = "";
+        var err = errorFromBody(req.responseText, req.status);
+        showError(form, err.message, err.hint);
+      });
+      xhr.addEventListener("error", function () {
+        xhr = null;
+        busy(false);
+        progress.hidden = true;
+        status.textContent = "";
+        showError(form, "The upload did not reach the server.", "Check that Tuneboard is still running, then try again.");
+      });
+      xhr.addEventListener("abort", function () {
+        xhr = null;
+        busy(false);
+        progress.hidden = true;
+        status.textContent = "Upload cancelled.";
+      });
+      progress.hidden = false;
+      progress.value = 0;
+      status.textContent = "0% · 0 B of " + formatBytes(chosen.size);
+      busy(true);
+      xhr.send(data);
+    }
+
+    form.addEventListener("submit", function (evt) {
+      evt.preventDefault();
+      start();
+    });
+    if (input) {
+      input.addEventListener("change", function () {
+        choose(input.files && input.files[0]);
+      });
+    }
+    form.querySelectorAll("[data-upload-cancel]").forEach(function (b) {
+      b.addEventListener("click", function () {
+        if (xhr) xhr.abort();
+      });
+    });
+    if (zone) {
+      if (!zone.hasAttribute("tabindex") && zone.tagName !== "LABEL") zone.setAttribute("tabindex", "0");
+      if (!zone.hasAttribute("role") && zone.tagName !== "LABEL") zone.setAttribute("role", "button");
+      ["dragenter", "dragover"].forEach(function (type) {
+        zone.addEventListener(type, function (evt) {
+          evt.preventDefault();
+          if (evt.dataTransfer) evt.dataTransfer.dropEffect = "copy";
+          zone.classList.add("dragover");
+        });
+      });
+      ["dragleave", "dragend"].forEach(function (type) {
+        zone.addEventListener(type, function (evt) {
+          if (!zone.contains(evt.relatedTarget)) zone.classList.remove("dragover");
+        });
+      });
+      zone.addEventListener("drop", function (evt) {
+        evt.preventDefault();
+        zone.classList.remove("dragover");
+        var files = evt.dataTransfer && evt.dataTransfer.files;
+        if (!files || files.length === 0) return;
+        if (input) {
+          try {
+            input.files = files; // keeps the picker in sync; not supported everywhere
+          } catch (err) {
+            /* the upload uses `chosen` either way */
+          }
+        }
+        choose(files[0]);
+      });
+      var openPicker = function (evt) {
+        if (!input || zone.tagName === "LABEL" || evt.target === input || evt.target.closest("label, a, button")) return;
+        input.click();
+      };
+      zone.addEventListener("click", openPicker);
+      zone.addEventListener("keydown", function (evt) {
+        if (evt.key === "Enter" || evt.key === " ") {
+          evt.preventDefault();
+          openPicker(evt);
+        }
+      });
+    }
+  }
+
+  // ----------------------------------------------------------- chat streaming
+
+  /** Parse a text/event-stream body incrementally; calls onEvent({event, data, id}). */
+  function sseParser(onEvent) {
+    var buffer = "";
+    var event = { event: "message", data: [], id: null };
+    function line(text) {
+      if (text === "") {
+        if (event.data.length) onEvent({ event: event.event, data: event.data.join("\n"), id: event.id });
+        event = { event: "message", data: [], id: null };
+        return;
+      }
+      if (text.charAt(0) === ":") return;
+      var colon = text.indexOf(":");
+      var field = colon < 0 ? text : text.slice(0, colon);
+      var value = colon < 0 ? "" : text.slice(colon + 1);
+      if (value.charAt(0) === " ") value = value.slice(1);
+      if (field === "data") event.data.push(value);
+      else if (field === "event") event.event = value || "message";
+      else if (field === "id") event.id = value;
+    }
+    return {
+      push: function (chunk) {
+        buffer += chunk;
+        var parts = buffer.split(/\r\n|\r|\n/);
+        buffer = parts.pop();
+        parts.forEach(line);
+      },
+      end: function () {
+        if (buffer) line(buffer);
+        line("");
+      },
+    };
+  }
+
+  /** The text a chat SSE `data:` carries, or {done} / {error}. */
+  function readChunk(evt) {
+    if (evt.event === "done" || evt.event === "end" || evt.data === "[DONE]") return { done: true };
+    var body = parseJSON(evt.data, undefined);
+    if (evt.event === "error" || (body && typeof body === "object" && body.error)) {
+      var err = (body && body.error) || body || {};
+      if (typeof err === "string") err = { message: err };
+      return { error: { message: String(err.message || evt.data || "Generation failed."), hint: err.hint ? String(err.hint) : "" } };
+    }
+    if (body === undefined || typeof body !== "object" || body === null) {
+      return { text: typeof body === "string" ? body : evt.data };
+    }
+    var choice = body.choices && body.choices[0];
+    var text =
+      (choice && choice.delta && choice.delta.content) ||
+      (choice && choice.text) ||
+      body.token ||
+      body.text ||
+      body.delta ||
+      body.content ||
+      "";
+    return { text: typeof text === "string" ? text : "" };
+  }
+
+  function formFields(form) {
+    var out = {};
+    var elements = form.elements;
+    for (var i = 0; i < elements.length; i++) {
+      var f = elements[i];
+      if (!f.name || f.disabled || f.type === "file" || f.type === "submit" || f.type === "button") continue;
+      if (f.type === "checkbox") out[f.name] = f.checked;
+      else if (f.type === "radio") {
+        if (f.checked) out[f.name] = f.value;
+      } else if (f.type === "number" || f.type === "range") {
+        if (f.value !== "") out[f.name] = Number(f.value);
+      } else out[f.name] = f.value;
+    }
+    return out;
+  }
+
+  function wireChat(form) {
+    var panes = form.hasAttribute("data-stream-url")
+      ? [form]
+      : Array.prototype.slice.call(form.querySelectorAll("[data-stream-url]"));
+    if (panes.length === 0) return;
+    var prompt = form.querySelector('[name="message"], [name="prompt"]') || form.querySelector("textarea");
+    var stop = form.querySelectorAll(".chat-stop, [data-chat-stop]");
+    var send = form.querySelectorAll('button[type="submit"], button:not([type])');
+    var states = panes.map(function (pane) {
+      return { pane: pane, history: [], controller: null };
+    });
+    var running = 0;
+
+    function setRunning(delta) {
+      running += delta;
+      stop.forEach(function (b) {
+        b.disabled = running === 0;
+      });
+      send.forEach(function (b) {
+        if (!b.matches(".chat-stop, [data-chat-stop]")) b.disabled = running > 0;
+      });
+      form.setAttribute("aria-busy", running > 0 ? "true" : "false");
+    }
+    setRunning(0);
+
+    stop.forEach(function (b) {
+      b.addEventListener("click", function (evt) {
+        evt.preventDefault();
+        states.forEach(function (s) {
+          if (s.controller) s.controller.abort();
+        });
+      });
+    });
+
+    if (prompt && prompt.tagName === "TEXTAREA") {
+      prompt.addEventListener("keydown", function (evt) {
+        if (evt.key === "Enter" && !evt.shiftKey && !evt.isComposing) {
+          evt.preventDefault();
+          if (running === 0) form.requestSubmit();
+        }
+      });
+    }
+
+    form.addEventListener("submit", function (evt) {
+      evt.preventDefault();
+      if (running > 0) return;
+      var text = prompt ? prompt.value : "";
+      if (!text.trim()) return;
+      var fields = formFields(form);
+      if (prompt) prompt.value = "";
+      states.forEach(function (state) {
+        streamInto(state, fields, text);
+      });
+    });
+
+    function streamInto(state, fields, text) {
+      var pane = state.pane;
+      var output = pane.querySelector(".chat-output");
+      var stats = pane.querySelector(".chat-stats");
+      if (!output) return;
+      hideError(pane);
+      var userMsg = el("div", "msg msg-user", text);
+      var botMsg = el("div", "msg msg-assistant streaming");
+      var tokens = document.createTextNode("");
+      botMsg.appendChild(tokens);
+      output.appendChild(userMsg);
+      output.appendChild(botMsg);
+      output.scrollTop = output.scrollHeight;
+
+      var messages = state.history.concat([{ role: "user", content: text }]);
+      var body = Object.assign({}, fields, { messages: messages, stream: true });
+      var model = pane.getAttribute("data-model");
+      if (model) body.model = model;
+
+      var controller = new AbortController();
+      state.controller = controller;
+      setRunning(1);
+      var started = performance.now();
+      var firstAt = null;
+      var count = 0;
+      var lastStats = 0;
+
+      function showStats(final) {
+        if (!stats) return;
+        var now = performance.now();
+        if (!final && now - lastStats < 100) return;
+        lastStats = now;
+        if (firstAt == null) {
+          stats.textContent = final ? "no tokens" : "waiting for the first token…";
+          return;
+        }
+        var secs = (now - firstAt) / 1000;
+        var rate = count > 1 && secs > 0 ? (count - 1) / secs : 0;
+        stats.textContent =
+          "first token " + Math.round(firstAt - started) + " ms · " + rate.toFixed(1) + " tokens/s · " + count + " tokens";
+      }
+      showStats(false);
+
+      var failed = null;
+      var finished = false;
+      var parser = sseParser(function (e) {
+        if (finished) return;
+        var chunk = readChunk(e);
+        if (chunk.error) {
+          failed = chunk.error;
+          finished = true;
+          return;
+        }
+        if (chunk.done) {
+          finished = true;
+          return;
+        }
+        if (!chunk.text) return;
+        if (firstAt == null) firstAt = performance.now();
+        count++;
+        tokens.appendData(chunk.text);
+        var nearBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 40;
+        if (nearBottom) output.scrollTop = output.scrollHeight;
+        showStats(false);
+      });
+
+      fetch(pane.getAttribute("data-stream-url"), {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        body: JSON.stringify(body),
+        credentials: "same-origin",
+        signal: controller.signal,
+      })
+        .then(function (resp) {
+          if (!resp.ok) {
+            return resp.text().then(function (t) {
+              failed = errorFromBody(t, resp.status);
+            });
+          }
+          var type = resp.headers.get("content-type") || "";
+          if (type.indexOf("text/event-stream") < 0 || !resp.body) {
+            // A non-streaming answer: show it whole.
+            return resp.text().then(function (t) {
+              var json = parseJSON(t, null);
+              var c = json && json.choices && json.choices[0];
+              var whole = (c && c.message && c.message.content) || (c && c.text) || (json ? "" : t);
+              if (whole) {
+                firstAt = performance.now();
+                count = 1;
+                tokens.appendData(whole);
+              }
+            });
+          }
+          var reader = resp.body.getReader();
+          var decoder = new TextDecoder();
+          function pump() {
+            return reader.read().then(function (r) {
+              if (r.done) {
+                parser.push(decoder.decode());
+                parser.end();
+                return;
+              }
+              parser.push(decoder.decode(r.value, { stream: true }));
+              if (finished) {
+                reader.cancel().catch(function () {});
+                return;
+              }
+              return pump();
+            });
+          }
+          return pump();
+        })
+        .catch(function (err) {
+          if (err && err.name === "AbortError") {
+            botMsg.appendChild(el("span", "muted small", " [stopped]"));
+          } else {
+            failed = { message: "The stream was interrupted.", hint: "Check that a worker is running, then try again." };
+          }
+        })
+        .then(function () {
+          botMsg.classList.remove("streaming");
+          state.controller = null;
+          showStats(true);
+          if (failed) {
+            botMsg.classList.add("msg-error");
+            if (!tokens.data) botMsg.remove();
+            showError(pane, failed.message, failed.hint);
+          }
+          if (tokens.data) {
+            state.history = messages.concat([{ role: "assistant", content: tokens.data }]);
+          }
+          setRunning(-1);
+        });
+    }
+  }
+
+  // ------------------------------------------------------------ confirmation
+
+  function confirmed(target) {
+    var node = target && target.closest ? target.closest("[data-confirm]") : null;
+    if (!node || node.hasAttribute("hx-confirm")) return true;
+    return window.confirm(node.getAttribute("data-confirm"));
+  }
+
+  // Capture phase: runs before htmx's and the browser's own handling of the click.
+  document.addEventListener(
+    "click",
+    function (evt) {
+      var node = evt.target.closest && evt.target.closest("[data-confirm]");
+      if (!node || node.tagName === "FORM") return;
+      if (!confirmed(node)) {
+        evt.preventDefault();
+        evt.stopImmediatePropagation();
+      }
+    },
+    true
+  );
+  document.addEventListener(
+    "submit",
+    function (evt) {
+      if (evt.target.matches("form[data-confirm]") && !confirmed(evt.target)) {
+        evt.preventDefault();
+        evt.stopImmediatePropagation();
+      }
+    },
+    true
+  );
+
+  // ------------------------------------------------------------------ wiring
+
+  function init(root) {
+    root = root || document;
+    each(root, ".chart[data-chart]", function (node) {
+      once(node, wireChart);
+    });
+    each(root, "canvas.sparkline[data-values]", function (node) {
+      once(node, function (canvas) {
+        // Pin the CSS size first: setting canvas.width must not change its layout size.
+        var rect = canvas.getBoundingClientRect();
+        if (rect.width && rect.height) {
+          canvas.style.width = rect.width + "px";
+          canvas.style.height = rect.height + "px";
+        }
+        drawSparkline(canvas);
+      });
+    });
+    each(root, ".histogram[data-bins]", function (node) {
+      once(node, wireHistogram);
+    });
+    each(root, "form.upload", function (node) {
+      once(node, wireUpload);
+    });
+    each(root, "form.chat", function (node) {
+      once(node, wireChat);
+    });
+    // Charts whose element a swap removed stop listening.
+    feeds.forEach(liveCharts);
+  }
+
+  function initAfterSwap(evt) {
+    var target = evt.target;
+    init(target && target.isConnected ? target : document);
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", function () {
+      init(document);
+    });
+  } else {
+    init(document);
+  }
+  document.addEventListener("htmx:afterSettle", initAfterSwap);
+  document.addEventListener("htmx:load", initAfterSwap);
+
+  // Dark/light switch: charts and canvases read colours from CSS, so redraw them.
+  if (window.matchMedia) {
+    var scheme = window.matchMedia("(prefers-color-scheme: dark)");
+    var redraw = function () {
+      feeds.forEach(function (feed) {
+        feed.charts.forEach(build);
+      });
+      document.querySelectorAll("canvas.sparkline[data-values]").forEach(drawSparkline);
+      document.querySelectorAll(".histogram[data-bins]").forEach(function (div) {
+        var canvas = div.querySelector("canvas");
+        if (canvas) drawHistogram(div, canvas);
+      });
+    };
+    if (scheme.addEventListener) scheme.addEventListener("change", redraw);
+  }
+
+  // For tests and the console: read-only peeks, no behaviour.
+  window.tuneboard = {
+    feeds: feeds,
+    sources: sources,
+  };
+})();
