@@ -231,8 +231,10 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
             hint='Quote values with double quotes and write a quote inside a value as "".',
         ) from None
     except UnicodeDecodeError:
-        line, detail = _first_invalid_utf8(path)
-        raise DatasetFileError(f"not valid UTF-8: {detail}", line=line, hint=_UTF8_HINT) from None
+        bad_line, detail = _first_invalid_utf8(path)
+        raise DatasetFileError(
+            f"not valid UTF-8: {detail}", line=bad_line, hint=_UTF8_HINT
+        ) from None
 
 
 def _check_header(header: list[str], line: int) -> None:
