@@ -1,0 +1,104 @@
+"""Typed dataset problems: one bad row (`RowError`), or a file that cannot be used (`DatasetError`).
+
+Line numbers are 1-based: the physical line of a JSONL or CSV file, the row position in a JSON
+array or a Parquet file. `field` is the column name as the user's file spells it, with a path into
+nested values where that helps (`conversations[2].from`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One problem in one row. A row may have several."""
+
+    line: int
+    field: str | None
+    kind: str  # e.g. invalid_json, missing_field, wrong_type, empty_value, tool_call_turn
+    message: str  # what is wrong, including what was expected
+    hint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" + (f', field "{self.field}"' if self.field else "")
+        return f"{where}: {self.message}"
+
+
+class DatasetError(Exception):
+    """The file as a whole cannot be used. Shown to the user as-is, with its hint."""
+
+    code = "dataset_invalid"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.field = field
+        self.hint = hint
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "hint": self.hint,
+            "line": self.line,
+            "field": self.field,
+        }
+
+    def __str__(self) -> str:
+        where = ""
+        if self.line is not None:
+            where = f"line {self.line}" + (f', field "{self.field}"' if self.field else "") + ": "
+        elif self.field:
+            where = f'field "{self.field}": '
+        return where + self.message
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(line={self.line!r}, field={self.field!r}, "
+            f"message={self.message!r}, hint={self.hint!r})"
+        )
+
+
+class DatasetFileError(DatasetError):
+    """The file cannot be read: empty, not UTF-8, broken JSON/CSV structure, truncated Parquet."""
+
+    code = "dataset_file_invalid"
+
+
+class DatasetFormatError(DatasetError):
+    """The rows can be read but are not supervised fine-tuning data we recognise (or the column
+    mapping does not fit the file)."""
+
+    code = "dataset_format_invalid"
+
+
+def describe_type(value: object) -> str:
+    """A value's JSON type in words, for messages like "expected a string, found a number (42)"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, bytes | bytearray):
+        return "binary data"
+    return type(value).__name__

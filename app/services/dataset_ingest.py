@@ -1,0 +1,213 @@
+"""Validate a stored dataset file and write its normalised rows and train/eval split beside it.
+
+Files written in the dataset's folder (each via a temporary file and a rename, so a reader never
+sees half a file):
+
+- `normalized.jsonl`: the valid rows, one per line, as `{"line": N, "messages": [...]}` or
+  `{"line": N, "text": ...}` (see `dataset_formats`). `line` is the row's line in the upload.
+- `split.json`: the held-out evaluation rows, by line:
+  `{"seed", "eval_fraction", "max_eval_rows", "train_rows", "eval_rows", "eval_lines": [...]}`.
+  A normalised row is an eval row when its `line` is in `eval_lines`; every other row trains.
+  An index rather than two more copies of the data: the dataset is already stored twice.
+
+Problems that make the whole file unusable raise `DatasetError` and write nothing. Problems in
+single rows are counted (all of them, by kind) and the first MAX_ERROR_DETAILS kept in detail;
+with `drop_bad_rows` those rows are left out and the dataset is ready, otherwise it is invalid and
+no job can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from pathlib import Path
+from typing import IO, Any
+
+from app.models import DatasetStatus
+from app.services.dataset_errors import DatasetFileError, RowError
+from app.services.dataset_formats import FORMAT_NAMES, detect_format, normalize_row
+from app.services.dataset_readers import read_rows
+
+NORMALIZED_FILENAME = "normalized.jsonl"
+SPLIT_FILENAME = "split.json"
+DETECTION_SAMPLE_ROWS = 50
+MAX_ERROR_DETAILS = 50
+DEFAULT_EVAL_FRACTION = 0.05
+MAX_EVAL_ROWS = 1000
+DEFAULT_SPLIT_SEED = 42
+
+
+@dataclass
+class IngestResult:
+    """What validation found, in the numbers the dataset page shows."""
+
+    format: str
+    file_type: str
+    columns: dict[str, str]  # format field -> column of the file it was read from
+    rows: int  # data rows in the file (blank lines not counted)
+    valid_rows: int
+    bad_rows: int  # rows with at least one error
+    dropped_rows: int  # bad rows left out because drop_bad_rows was asked for
+    error_count: int  # every error found, not only those kept in `errors`
+    errors: list[dict[str, Any]]  # the first MAX_ERROR_DETAILS, in file order
+    error_counts: dict[str, int]  # kind -> count, over all errors
+    status: DatasetStatus
+    train_rows: int
+    eval_rows: int
+    split_seed: int
+    normalized_path: Path
+    split_path: Path
+    eval_lines: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The part of the result kept in `Dataset.report`."""
+        return {
+            "format_name": FORMAT_NAMES.get(self.format, self.format),
+            "columns": self.columns,
+            "bad_rows": self.bad_rows,
+            "error_counts": self.error_counts,
+            "errors_shown": len(self.errors),
+            "train_rows": self.train_rows,
+        }
+
+
+def ingest_dataset(
+    raw_path: Path,
+    file_type: str,
+    *,
+    column_mapping: dict[str, str] | None = None,
+    drop_bad_rows: bool = False,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    max_eval_rows: int = MAX_EVAL_ROWS,
+) -> IngestResult:
+    """Read, validate and normalise `raw_path`; write `normalized.jsonl` and `split.json` beside it.
+
+    Raises DatasetFileError / DatasetFormatError when the file as a whole cannot be used.
+    """
+    rows_iter = read_rows(raw_path, file_type)
+    sample = list(islice(rows_iter, DETECTION_SAMPLE_ROWS))
+    if not sample:
+        raise DatasetFileError("the file has no rows", hint="Upload a file with at least one row.")
+    records = [row.record for row in sample if row.record is not None]
+    if not records:
+        first = sample[0].error
+        assert first is not None
+        raise DatasetFileError(
+            f"no row of the first {len(sample)} could be read; the first problem: {first.message}",
+            line=first.line,
+            field=first.field,
+            hint=first.hint,
+        )
+    dataset_format = detect_format(records, column_mapping)
+
+    rows = valid_rows = bad_rows = error_count = 0
+    details: list[dict[str, Any]] = []
+    counts: Counter[str] = Counter()
+    valid_lines = array("Q")  # 8 bytes a row: enough to pick the eval rows by line afterwards
+    folder = raw_path.parent
+    normalized_path = folder / NORMALIZED_FILENAME
+    with _atomic_file(normalized_path) as out:
+        for raw in chain(sample, rows_iter):
+            rows += 1
+            normalized: dict[str, Any] | None = None
+            if raw.error is not None:
+                problems = [raw.error]
+            else:
+                assert raw.record is not None
+                normalized, problems = normalize_row(dataset_format, raw.line, raw.record)
+            if normalized is not None:
+                encoded = _encode(normalized, raw.line)
+                if isinstance(encoded, RowError):
+                    problems = [encoded]
+                else:
+                    out.write(encoded)
+                    valid_lines.append(raw.line)
+                    valid_rows += 1
+                    continue
+            bad_rows += 1
+            for problem in problems:
+                error_count += 1
+                counts[problem.kind] += 1
+                if len(details) < MAX_ERROR_DETAILS:
+                    details.append(problem.to_dict())
+
+    eval_count = eval_size(valid_rows, eval_fraction, max_eval_rows)
+    positions = sorted(random.Random(split_seed).sample(range(valid_rows), eval_count))
+    eval_lines = [valid_lines[p] for p in positions]
+    split_path = folder / SPLIT_FILENAME
+    split = {
+        "seed": split_seed,
+        "eval_fraction": eval_fraction,
+        "max_eval_rows": max_eval_rows,
+        "train_rows": valid_rows - eval_count,
+        "eval_rows": eval_count,
+        "eval_lines": eval_lines,
+    }
+    with _atomic_file(split_path) as out:
+        out.write(json.dumps(split).encode())
+
+    usable = valid_rows > 0 and (bad_rows == 0 or drop_bad_rows)
+    return IngestResult(
+        format=dataset_format.name,
+        file_type=file_type,
+        columns=dataset_format.columns,
+        rows=rows,
+        valid_rows=valid_rows,
+        bad_rows=bad_rows,
+        dropped_rows=bad_rows if drop_bad_rows else 0,
+        error_count=error_count,
+        errors=details,
+        error_counts=dict(counts.most_common()),
+        status=DatasetStatus.ready if usable else DatasetStatus.invalid,
+        train_rows=valid_rows - eval_count,
+        eval_rows=eval_count,
+        split_seed=split_seed,
+        normalized_path=normalized_path,
+        split_path=split_path,
+        eval_lines=eval_lines,
+    )
+
+
+def eval_size(valid_rows: int, fraction: float, max_rows: int) -> int:
+    """Rows held out for evaluation: `fraction` of the rows, at least one, at most `max_rows`,
+    always leaving at least one row to train on."""
+    if valid_rows < 2 or fraction <= 0 or max_rows <= 0:
+        return 0
+    return min(max_rows, valid_rows - 1, max(1, round(valid_rows * fraction)))
+
+
+def _encode(row: dict[str, Any], line: int) -> bytes | RowError:
+    try:
+        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON may spell an unpaired surrogate (\ud800); no tokenizer can take it.
+        return RowError(
+            line,
+            None,
+            "invalid_unicode",
+            f"contains an unpaired surrogate {exc.object[exc.start]!r}, which is not valid Unicode",
+            "Remove or fix the broken escape sequence (\\ud800-\\udfff) in this row.",
+        )
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,0 +1,225 @@
+"""Datasets: receive an upload under the size cap, store it under a server-made id, ingest it, and
+list, show and delete the results.
+
+A dataset lives in `datasets_dir/<uuid hex>/`: `original.<type>` (the upload as sent),
+`normalized.jsonl` and `split.json` (see `dataset_ingest`). The user's file name is display text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlmodel import col, select
+
+from app.db import Database
+from app.models import Dataset, Job
+from app.services.dataset_errors import DatasetError
+from app.services.dataset_ingest import ingest_dataset
+from app.services.dataset_readers import ACCEPTED_FILE_TYPES
+from app.settings import Settings
+
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+UPLOAD_PREFIX = "upload-"
+UPLOAD_SUFFIX = ".part"
+_DATASET_ID = re.compile(r"[0-9a-f]{32}")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class DatasetServiceError(Exception):
+    """A request about datasets that cannot be served; carries its HTTP status."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UploadTooLarge(DatasetServiceError):
+    status_code = 413
+    code = "upload_too_large"
+
+
+class UnsupportedFileType(DatasetServiceError):
+    status_code = 415
+    code = "unsupported_file_type"
+
+
+class DatasetNotFound(DatasetServiceError):
+    status_code = 404
+    code = "dataset_not_found"
+
+
+class DatasetInUse(DatasetServiceError):
+    status_code = 409
+    code = "dataset_in_use"
+
+
+class ReadableUpload(Protocol):
+    """What an upload must offer: Starlette's UploadFile does."""
+
+    async def read(self, size: int = -1) -> bytes: ...
+
+
+def file_type_of(filename: str) -> str:
+    """The accepted file type named by `filename`'s extension, or UnsupportedFileType (415)."""
+    suffix = Path(display_filename(filename)).suffix.lower().lstrip(".")
+    if suffix not in ACCEPTED_FILE_TYPES:
+        accepted = ", ".join(f".{t}" for t in ACCEPTED_FILE_TYPES)
+        shown = f'".{suffix}" files are' if suffix else "files without an extension are"
+        raise UnsupportedFileType(
+            f"{shown} not accepted; upload one of: {accepted}",
+            hint="Export the data as JSON Lines (.jsonl), one example per line.",
+        )
+    return suffix
+
+
+def display_filename(filename: str) -> str:
+    """The user's file name reduced to display text: no folders, no control characters."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return _CONTROL_CHARACTERS.sub("", name)[:255]
+
+
+async def receive_upload(upload: ReadableUpload, settings: Settings) -> tuple[Path, int]:
+    """Copy the upload to a temp file in `tmp_dir`, counting bytes; over the cap: UploadTooLarge
+    (413) and the temp file is gone."""
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    temporary = settings.tmp_dir / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}{UPLOAD_SUFFIX}"
+    size = 0
+    try:
+        with temporary.open("wb") as out:
+            while chunk := await upload.read(UPLOAD_CHUNK_BYTES):
+                size += len(chunk)
+                if size > settings.upload_max_bytes:
+                    raise too_large(settings)
+                out.write(chunk)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary, size
+
+
+def too_large(settings: Settings) -> UploadTooLarge:
+    return UploadTooLarge(
+        f"the upload is larger than the limit of {settings.upload_max_bytes} bytes",
+        hint="Split the file, or ask the operator to raise TUNEBOARD_UPLOAD_MAX_BYTES.",
+    )
+
+
+def create_dataset(
+    db: Database,
+    settings: Settings,
+    *,
+    upload_path: Path,
+    size_bytes: int,
+    filename: str,
+    name: str | None = None,
+    column_mapping: dict[str, str] | None = None,
+    drop_bad_rows: bool = False,
+) -> Dataset:
+    """Move a received upload into its own folder, ingest it and record it.
+
+    Raises DatasetError (nothing is kept) when the file as a whole cannot be used; a file with bad
+    rows is kept with status invalid unless `drop_bad_rows`.
+    """
+    file_type = file_type_of(filename)
+    dataset_id = uuid.uuid4().hex
+    folder = settings.datasets_dir / dataset_id
+    folder.mkdir(parents=True)
+    try:
+        stored = folder / f"original.{file_type}"
+        os.replace(upload_path, stored)
+        result = ingest_dataset(
+            stored, file_type, column_mapping=column_mapping, drop_bad_rows=drop_bad_rows
+        )
+        shown_name = display_filename(filename)
+        dataset = Dataset(
+            id=dataset_id,
+            name=(name or Path(shown_name).stem or "dataset")[:200],
+            original_filename=shown_name,
+            file_type=file_type,
+            format=result.format,
+            status=result.status,
+            size_bytes=size_bytes,
+            rows=result.rows,
+            valid_rows=result.valid_rows,
+            dropped_rows=result.dropped_rows,
+            error_count=result.error_count,
+            errors=result.errors,
+            column_mapping=column_mapping or {},
+            eval_rows=result.eval_rows,
+            split_seed=result.split_seed,
+            report=result.report,
+        )
+        with db.write() as session:
+            session.add(dataset)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        upload_path.unlink(missing_ok=True)
+        raise
+    return dataset
+
+
+def list_datasets(db: Database) -> list[Dataset]:
+    with db.read() as session:
+        return list(session.exec(select(Dataset).order_by(col(Dataset.created_at).desc())))
+
+
+def get_dataset(db: Database, dataset_id: str) -> Dataset:
+    """The dataset with this id, or DatasetNotFound (404). Ids that are not uuid hex never match."""
+    if _DATASET_ID.fullmatch(dataset_id):
+        with db.read() as session:
+            dataset = session.get(Dataset, dataset_id)
+        if dataset is not None:
+            return dataset
+    raise DatasetNotFound(f"no dataset with id {dataset_id[:64]!r}")
+
+
+def delete_dataset(db: Database, settings: Settings, dataset_id: str) -> None:
+    """Delete the record and its folder; refused (409) while a job refers to it."""
+    dataset = get_dataset(db, dataset_id)
+    with db.write() as session:
+        jobs = session.exec(select(Job.id).where(Job.dataset_id == dataset.id)).all()
+        if jobs:
+            listed = ", ".join(str(j) for j in jobs[:10])
+            raise DatasetInUse(
+                f"the dataset is used by job(s) {listed}",
+                hint="Delete those jobs first; a job keeps its dataset for resume and history.",
+            )
+        row = session.get(Dataset, dataset.id)
+        if row is not None:
+            session.delete(row)
+    folder = (settings.datasets_dir / dataset.id).resolve()
+    if folder.parent == settings.datasets_dir.resolve():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_stale_uploads(settings: Settings, older_than_seconds: float = 0.0) -> int:
+    """Remove upload temp files left by a killed server; run at start. Returns how many."""
+    if not settings.tmp_dir.is_dir():
+        return 0
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    for path in settings.tmp_dir.glob(f"{UPLOAD_PREFIX}*{UPLOAD_SUFFIX}"):
+        try:
+            if path.stat().st_mtime <= cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def error_body(error: DatasetServiceError | DatasetError) -> dict[str, Any]:
+    """The API's error shape: {"error": {"code", "message", "hint", ...}}."""
+    if isinstance(error, DatasetError):
+        return {"error": error.to_dict()}
+    return {"error": {"code": error.code, "message": error.message, "hint": error.hint}}
