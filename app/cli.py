@@ -16,7 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
-from app.settings import InsecureSettingsError, Settings, settings_table_markdown
+from pydantic import ValidationError
+
+from app.settings import Settings, settings_table_markdown
 
 cli = typer.Typer(
     help="Tuneboard: fine-tune LLMs on your own GPU from the browser.",

@@ -122,6 +122,22 @@ def has_chat_template(files: dict[str, Path | None]) -> bool:
         return False
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """A quick TCP connect to the hub endpoint, so an offline machine fails in seconds, not after
+    the hub client's retries."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _local_files(model_dir: Path) -> dict[str, Path | None]:
     names = ("config.json", "tokenizer_config.json", "chat_template.jinja")
     return {name: (model_dir / name if (model_dir / name).is_file() else None) for name in names}
@@ -154,6 +170,8 @@ def _hub_files(repo_id: str, settings: Settings) -> dict[str, Path | None]:
         code="hub_unreachable",
     )
     if offline and not isinstance(cached, str):
+        raise unreachable
+    if not isinstance(cached, str) and not hub_reachable():
         raise unreachable
     pool = ThreadPoolExecutor(max_workers=1)
     try:
