@@ -16,8 +16,6 @@ from typing import Annotated, Any
 
 import typer
 
-from pydantic import ValidationError
-
 from app.settings import Settings, settings_table_markdown
 
 cli = typer.Typer(

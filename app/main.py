@@ -13,8 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.db import Database
 from app.errors import UserError
 from app.queue import QueueError
+from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
-from app.web.routes import auth, dashboard, jobs, models, system
+from app.web.routes import auth, dashboard, datasets, jobs, models, system
 from app.web.security import SecurityMiddleware
 from app.web.templating import STATIC_DIR, render
 
@@ -33,8 +34,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.db = Database(settings.resolved_database_url)
+    sweep_stale_uploads(settings)  # temp files of uploads a killed server left behind
 
-    for router in (auth.router, dashboard.router, jobs.router, models.router, system.router):
+    for router in (
+        auth.router,
+        dashboard.router,
+        datasets.router,
+        jobs.router,
+        models.router,
+        system.router,
+    ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(SecurityMiddleware, settings=settings)

@@ -81,8 +81,15 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("demo")
     model_dir, dataset = root / "demo-tiny-llama", root / "demo-chat.jsonl"
     subprocess.run(
-        [sys.executable, "-m", "worker.demo", "--models-dir", str(model_dir),
-         "--dataset-out", str(dataset)],
+        [
+            sys.executable,
+            "-m",
+            "worker.demo",
+            "--models-dir",
+            str(model_dir),
+            "--dataset-out",
+            str(dataset),
+        ],
         check=True,
     )
     return {"model_dir": model_dir, "dataset": dataset}

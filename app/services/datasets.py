@@ -168,6 +168,32 @@ def create_dataset(
     return dataset
 
 
+def import_local_file(
+    db: Database, settings: Settings, path: Path, *, name: str, is_demo: bool = False
+) -> Dataset:
+    """Import a file already on this machine (the demo dataset) exactly as an upload would be."""
+    temporary = settings.tmp_dir / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}{UPLOAD_SUFFIX}"
+    shutil.copyfile(path, temporary)
+    dataset = create_dataset(
+        db,
+        settings,
+        upload_path=temporary,
+        size_bytes=path.stat().st_size,
+        filename=path.name,
+        name=name,
+    )
+    if is_demo:
+        with db.write() as session:
+            dataset.is_demo = True
+            session.add(dataset)
+    return dataset
+
+
+def find_by_name(db: Database, name: str) -> Dataset | None:
+    with db.read() as session:
+        return session.exec(select(Dataset).where(Dataset.name == name)).first()
+
+
 def list_datasets(db: Database) -> list[Dataset]:
     with db.read() as session:
         return list(session.exec(select(Dataset).order_by(col(Dataset.created_at).desc())))

@@ -27,8 +27,10 @@ def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
     with db.read() as s:
         dataset = s.get(Dataset, config.dataset_id)
     if dataset is None:
-        raise NotFound(f"There is no dataset {config.dataset_id}.",
-                       "Upload a dataset on the Datasets page and use its id.")
+        raise NotFound(
+            f"There is no dataset {config.dataset_id}.",
+            "Upload a dataset on the Datasets page and use its id.",
+        )
     if dataset.status != DatasetStatus.ready:
         raise Conflict(
             f"Dataset {dataset.name} has {dataset.error_count} unresolved errors and cannot be "
@@ -76,9 +78,20 @@ class FormField:
     advanced: bool
 
 
-BASIC_FIELDS = {"name", "base_model", "dataset_id", "max_seq_len", "num_epochs", "max_steps",
-                "learning_rate", "micro_batch_size", "grad_accum_steps", "lora_r", "quantization",
-                "train_on"}
+BASIC_FIELDS = {
+    "name",
+    "base_model",
+    "dataset_id",
+    "max_seq_len",
+    "num_epochs",
+    "max_steps",
+    "learning_rate",
+    "micro_batch_size",
+    "grad_accum_steps",
+    "lora_r",
+    "quantization",
+    "train_on",
+}
 CHOSEN_ELSEWHERE = {"base_model", "dataset_id"}  # selects filled from the registry
 
 
@@ -110,11 +123,20 @@ def form_fields(values: dict[str, Any]) -> list[FormField]:
             value = value.value
         if isinstance(value, list):
             value = ", ".join(value)
-        fields.append(FormField(
-            name=name, label=name.replace("_", " ").capitalize(), help=info.description or "",
-            kind=kind, value=value, options=options, minimum=minimum, maximum=maximum,
-            step="1" if kind == "integer" else "any", advanced=name not in BASIC_FIELDS,
-        ))
+        fields.append(
+            FormField(
+                name=name,
+                label=name.replace("_", " ").capitalize(),
+                help=info.description or "",
+                kind=kind,
+                value=value,
+                options=options,
+                minimum=minimum,
+                maximum=maximum,
+                step="1" if kind == "integer" else "any",
+                advanced=name not in BASIC_FIELDS,
+            )
+        )
     return fields
 
 
@@ -147,7 +169,10 @@ class InvalidConfig(UserError):
     code = "invalid"
 
     def __init__(self, exc: ValidationError) -> None:
-        self.field_errors = {".".join(str(p) for p in e["loc"]) or "config": e["msg"]
-                             for e in exc.errors()}
-        super().__init__("; ".join(f"{k}: {v}" for k, v in self.field_errors.items()),
-                         "Fix the fields named above.")
+        self.field_errors = {
+            ".".join(str(p) for p in e["loc"]) or "config": e["msg"] for e in exc.errors()
+        }
+        super().__init__(
+            "; ".join(f"{k}: {v}" for k, v in self.field_errors.items()),
+            "Fix the fields named above.",
+        )

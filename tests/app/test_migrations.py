@@ -12,8 +12,9 @@ import app.models  # noqa: F401
 
 def _diff(db):
     with db.engine.connect() as conn:
-        return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
-                                SQLModel.metadata)
+        return compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), SQLModel.metadata
+        )
 
 
 def test_sqlite_migration_matches_the_models(db):

@@ -12,9 +12,14 @@ from app.services import models
 from app.services.models import ModelRegistrationError
 
 LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-    "vocab_size": 1000, "max_position_embeddings": 4096,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "vocab_size": 1000,
+    "max_position_embeddings": 4096,
 }
 
 
@@ -24,8 +29,10 @@ def make_model_dir(root, config=LLAMA_CONFIG, *, chat_template=True, weights=Tru
     if chat_template:
         (root / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
     if weights:
-        save_file({"embed": np.zeros((1000, 64), np.float32), "norm": np.zeros(64, np.float32)},
-                  str(root / "model.safetensors"))
+        save_file(
+            {"embed": np.zeros((1000, 64), np.float32), "norm": np.zeros(64, np.float32)},
+            str(root / "model.safetensors"),
+        )
     return root
 
 
@@ -63,8 +70,11 @@ def test_pickled_weights_only_are_refused(db, settings, tmp_path):
 
 
 def test_remote_code_model_is_refused_unless_the_operator_allows_it(db, settings, tmp_path):
-    config = {**LLAMA_CONFIG, "architectures": ["FancyForCausalLM"],
-              "auto_map": {"AutoModelForCausalLM": "modeling_fancy.FancyForCausalLM"}}
+    config = {
+        **LLAMA_CONFIG,
+        "architectures": ["FancyForCausalLM"],
+        "auto_map": {"AutoModelForCausalLM": "modeling_fancy.FancyForCausalLM"},
+    }
     path = make_model_dir(tmp_path / "fancy", config)
     with pytest.raises(ModelRegistrationError, match="its own Python code") as err:
         models.register_model(db, settings, str(path))

@@ -1,8 +1,4 @@
-"""The dataset API through a real HTTP client against the ASGI app and a real SQLite file.
-
-Until the lead's `create_app` lands, the app here is a bare FastAPI with the datasets router and
-the state the router reads (`settings`, `db`).
-"""
+"""The dataset API through a real HTTP client against the ASGI app and a real SQLite file."""
 
 from __future__ import annotations
 
@@ -13,9 +9,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.main import create_app
 from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
-from app.web.routes import datasets as dataset_routes
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
 
@@ -26,11 +22,7 @@ def anyio_backend() -> str:
 
 
 def make_app(settings: Settings, db) -> FastAPI:
-    app = FastAPI()
-    app.state.settings = settings
-    app.state.db = db
-    app.include_router(dataset_routes.router)
-    return app
+    return create_app(settings)
 
 
 @pytest.fixture

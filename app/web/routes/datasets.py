@@ -66,7 +66,8 @@ async def upload_dataset(request: Request) -> Any:
             return _error(exc)
     finally:
         await form.close()
-    return JSONResponse(dataset.model_dump(mode="json"), status_code=201)
+    body = {**dataset.model_dump(mode="json"), "url": f"/datasets/{dataset.id}"}
+    return JSONResponse(body, status_code=201)
 
 
 def _column_mapping(raw: object) -> dict[str, str] | None:

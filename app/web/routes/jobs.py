@@ -57,10 +57,15 @@ def move_job(job_id: int, body: MoveRequest, db: DbDep) -> Job:
 
 
 @router.post("/api/jobs/{job_id}/retry")
-def retry_job(job_id: int, db: DbDep, settings: SettingsDep,
-              body: Annotated[RetryRequest | None, Body()] = None) -> Job:
-    return queue.retry(db, job_id, from_scratch=bool(body and body.from_scratch),
-                       attempts=settings.max_attempts)
+def retry_job(
+    job_id: int,
+    db: DbDep,
+    settings: SettingsDep,
+    body: Annotated[RetryRequest | None, Body()] = None,
+) -> Job:
+    return queue.retry(
+        db, job_id, from_scratch=bool(body and body.from_scratch), attempts=settings.max_attempts
+    )
 
 
 @router.delete("/api/jobs/{job_id}", status_code=204)
@@ -70,8 +75,7 @@ def delete_job(job_id: int, db: DbDep, settings: SettingsDep) -> Response:
 
 
 @router.get("/api/jobs/{job_id}/metrics")
-def job_metrics(job_id: int, db: DbDep,
-                after: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+def job_metrics(job_id: int, db: DbDep, after: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
     job = queue.get_job(db, job_id)
     rows: list[Metric] = queue.metrics_after(db, job_id, after)
     return {"status": job.status.value, "metrics": rows}
@@ -82,9 +86,11 @@ def job_metrics(job_id: int, db: DbDep,
 
 def _queue_context(db: DbDep) -> dict[str, Any]:
     all_jobs = queue.list_jobs(db)
-    return {"running": [j for j in all_jobs if j.status == "running"],
-            "queued": [j for j in all_jobs if j.status == "queued"],
-            "finished": [j for j in all_jobs if j.status not in ("running", "queued")]}
+    return {
+        "running": [j for j in all_jobs if j.status == "running"],
+        "queued": [j for j in all_jobs if j.status == "queued"],
+        "finished": [j for j in all_jobs if j.status not in ("running", "queued")],
+    }
 
 
 @router.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
@@ -98,9 +104,13 @@ def jobs_partial(request: Request, db: DbDep) -> HTMLResponse:
 
 
 @router.post("/jobs/{job_id}/{action}", response_class=HTMLResponse, include_in_schema=False)
-def job_action(request: Request, job_id: int,
-               action: Literal["cancel", "top", "up", "down", "retry", "restart", "delete"],
-               db: DbDep, settings: SettingsDep) -> HTMLResponse:
+def job_action(
+    request: Request,
+    job_id: int,
+    action: Literal["cancel", "top", "up", "down", "retry", "restart", "delete"],
+    db: DbDep,
+    settings: SettingsDep,
+) -> HTMLResponse:
     """Queue-page buttons (htmx): do the action and return the refreshed queue partial."""
     if action == "cancel":
         queue.request_cancel(db, job_id)
@@ -120,30 +130,53 @@ def _form_context(db: DbDep, values: dict[str, Any], preset: str | None) -> dict
         from sqlmodel import select
 
         ready = list(s.exec(select(Dataset).where(Dataset.status == DatasetStatus.ready)))
-    return {"fields": jobs.form_fields(values), "models": models.list_models(db),
-            "datasets": ready, "presets": list(PRESETS), "preset": preset}
+    return {
+        "fields": jobs.form_fields(values),
+        "models": models.list_models(db),
+        "datasets": ready,
+        "presets": list(PRESETS),
+        "preset": preset,
+    }
 
 
 @router.get("/jobs/new", response_class=HTMLResponse, include_in_schema=False)
-def new_job_page(request: Request, db: DbDep, preset: str | None = None,
-                 dataset_id: str | None = None, base_model: str | None = None) -> HTMLResponse:
+def new_job_page(
+    request: Request,
+    db: DbDep,
+    preset: str | None = None,
+    dataset_id: str | None = None,
+    base_model: str | None = None,
+) -> HTMLResponse:
     values = jobs.preset_values(preset)
     values.update({k: v for k, v in (("dataset_id", dataset_id), ("base_model", base_model)) if v})
     return render(request, "jobs/new.html", errors={}, **_form_context(db, values, preset))
 
 
 @router.post("/jobs/new", include_in_schema=False, response_model=None)
-async def create_job_from_form(request: Request, db: DbDep,
-                               settings: SettingsDep) -> HTMLResponse | RedirectResponse:
+async def create_job_from_form(
+    request: Request, db: DbDep, settings: SettingsDep
+) -> HTMLResponse | RedirectResponse:
     form = {k: str(v) for k, v in (await request.form()).items()}
     try:
         job = jobs.create_job(db, settings, jobs.config_from_form(form))
     except jobs.InvalidConfig as exc:
-        return render(request, "jobs/new.html", status_code=422, errors=exc.field_errors,
-                      error=exc, **_form_context(db, form, None))
+        return render(
+            request,
+            "jobs/new.html",
+            status_code=422,
+            errors=exc.field_errors,
+            error=exc,
+            **_form_context(db, form, None),
+        )
     except jobs.UserError as exc:
-        return render(request, "jobs/new.html", status_code=exc.status_code, errors={},
-                      error=exc, **_form_context(db, form, None))
+        return render(
+            request,
+            "jobs/new.html",
+            status_code=exc.status_code,
+            errors={},
+            error=exc,
+            **_form_context(db, form, None),
+        )
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
@@ -152,9 +185,14 @@ def job_page(request: Request, job_id: int, db: DbDep, settings: SettingsDep) ->
     job = queue.get_job(db, job_id)
     with db.read() as s:
         dataset = s.get(Dataset, job.dataset_id)
-    return render(request, "jobs/detail.html", job=job, dataset=dataset,
-                  log_lines=jobs.log_tail(settings, job),
-                  config=TrainConfig.model_validate(job.config))
+    return render(
+        request,
+        "jobs/detail.html",
+        job=job,
+        dataset=dataset,
+        log_lines=jobs.log_tail(settings, job),
+        config=TrainConfig.model_validate(job.config),
+    )
 
 
 @router.get("/partials/jobs/{job_id}/header", response_class=HTMLResponse, include_in_schema=False)
@@ -163,6 +201,8 @@ def job_header_partial(request: Request, job_id: int, db: DbDep) -> HTMLResponse
 
 
 @router.get("/partials/jobs/{job_id}/log", response_class=HTMLResponse, include_in_schema=False)
-def job_log_partial(request: Request, job_id: int, db: DbDep, settings: SettingsDep) -> HTMLResponse:
+def job_log_partial(
+    request: Request, job_id: int, db: DbDep, settings: SettingsDep
+) -> HTMLResponse:
     job = queue.get_job(db, job_id)
     return render(request, "jobs/_log.html", log_lines=jobs.log_tail(settings, job))
