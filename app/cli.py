@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from app.settings import Settings, settings_table_markdown
 
@@ -32,12 +33,11 @@ def load_settings(**overrides: Any) -> Settings:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         settings = Settings(**overrides)
-    except (InsecureSettingsError, ValueError) as exc:
-        typer.secho(
-            str(exc).splitlines()[-1] if "validation error" in str(exc) else str(exc),
-            fg="red",
-            err=True,
-        )
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            typer.secho(f"{where}: {message}" if where else message, fg="red", err=True)
         raise typer.Exit(2) from exc
     # Children (worker, demo builder) read the same settings from the environment.
     os.environ["TUNEBOARD_DATA_DIR"] = str(settings.resolved_data_dir)

@@ -58,7 +58,7 @@ def test_missing_folder_is_refused_with_a_hint(db, settings, tmp_path):
 def test_bad_config_is_refused(db, settings, tmp_path):
     path = make_model_dir(tmp_path / "bad")
     (path / "config.json").write_text("{not json")
-    with pytest.raises(ModelRegistrationError, match="config.json"):
+    with pytest.raises(ModelRegistrationError, match=r"config\.json"):
         models.register_model(db, settings, str(path))
 
 
