@@ -318,7 +318,8 @@ def pack_examples(
 class FlattenedBatchCollator:
     """One packed micro-batch -> one row: `position_ids` restart at 0 for every example and each
     example's first label is ignored, so no token learns from another example. No attention mask
-    is returned: transformers then builds the block-diagonal mask from the position ids."""
+    is returned: transformers then builds the block-diagonal mask from the position ids (sdpa,
+    eager and flex; verified in tests/worker/test_data.py)."""
 
     def __init__(self) -> None:
         from transformers import DataCollatorWithFlattening
@@ -327,7 +328,11 @@ class FlattenedBatchCollator:
 
     def __call__(self, features: list[Any]) -> dict[str, Any]:
         examples = [ex for item in features for ex in (item if isinstance(item, list) else [item])]
-        return self._flatten([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+        batch = self._flatten([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+        # With a KV cache the packed-sequence mask is skipped (transformers 5 only derives it
+        # when there is no cache), and examples would attend to each other.
+        batch["use_cache"] = False
+        return batch
 
 
 class PaddedBatchCollator:
