@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 # The columns of app.models.Metric a training run fills in.
@@ -95,8 +96,6 @@ def _nvml_memory(index: int) -> tuple[float | None, float | None]:
             pynvml.nvmlInit()
             _nvml_ready = True
         # NVML numbers devices physically; CUDA_VISIBLE_DEVICES may renumber them.
-        import os
-
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         ids = [part for part in visible.split(",") if part.strip()]
         physical = int(ids[index]) if ids and ids[index].strip().isdigit() else index

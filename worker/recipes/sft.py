@@ -253,7 +253,9 @@ class SFTRecipe:
 
     def _choose_memory_policy(self) -> None:
         requested = str(self.config.gradient_checkpointing)
-        if requested != "auto":
+        if requested == "offload" and self.device.type != "cuda":
+            policy, reason = "on", "offload asked for, but a CPU run has no device memory to free"
+        elif requested != "auto":
             policy, reason = requested, "set in the job config"
         elif self.device.type != "cuda":
             policy, reason = "off", "CPU run: activations live in host memory"
@@ -268,11 +270,12 @@ class SFTRecipe:
         self.memory_policy = policy
         base = self.model.get_base_model()
         if policy == "off":
-            base.gradient_checkpointing_disable()
+            base.activation_checkpointing_disable()
         else:
-            # Non-reentrant: works with frozen inputs (no enable_input_require_grads needed).
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            # Non-reentrant checkpointing of every decoder layer; "offload" also keeps the saved
+            # layer inputs in pinned host memory (torch.autograd.graph.save_on_cpu).
+            base.activation_checkpointing_enable(
+                {"use_reentrant": False}, offload=policy == "offload"
             )
 
     def _measure_memory_policy(self) -> tuple[str, str]:
@@ -316,7 +319,7 @@ class SFTRecipe:
     def _trial_step(self, batch: dict[str, torch.Tensor]) -> int:
         self._free_cuda()
         torch.cuda.reset_peak_memory_stats(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16), self._activation_offload():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = self.model(**batch).loss
         loss.backward()
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -324,11 +327,6 @@ class SFTRecipe:
         del loss
         self._free_cuda()
         return peak
-
-    def _activation_offload(self) -> Any:
-        if self.memory_policy == "offload":
-            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-        return _nullcontext()
 
     def _free_cuda(self) -> None:
         gc.collect()
@@ -370,7 +368,7 @@ class SFTRecipe:
             bf16=on_cuda,
             use_cpu=not on_cuda,
             optim="adamw_torch_fused" if on_cuda else "adamw_torch",
-            gradient_checkpointing=False,  # set by the memory policy, not by the Trainer
+            activation_checkpointing=False,  # set by the memory policy, not by the Trainer
             remove_unused_columns=False,
             label_names=["labels"],
             dataloader_num_workers=0,
@@ -400,16 +398,15 @@ class SFTRecipe:
         if resume is not None:
             self.control.update(notice=f"Resuming from the checkpoint at step {resumed_from}.")
         checkpoints.remove_incomplete(self.checkpoint_dir)
+        oom: OutOfMemory | None = None
         try:
             self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except torch.OutOfMemoryError as error:
-            step = self.trainer.state.global_step
-            self._free_cuda()
-            raise OutOfMemory(
-                step=step,
+        except torch.OutOfMemoryError:
+            oom = OutOfMemory(
+                step=self.trainer.state.global_step,
                 micro_batch_size=self.config.micro_batch_size,
                 seq_len=self.trainer.last_seq_len,
-            ) from error
+            )
         except OSError as error:
             if error.errno != errno.ENOSPC:
                 raise
@@ -420,6 +417,12 @@ class SFTRecipe:
                 "Free space in the data dir (old runs, the HF cache) and retry: the job resumes "
                 "from the last complete checkpoint.",
             ) from error
+        if oom is not None:
+            # Raised outside the except block: the CUDA error's traceback (and the activations
+            # its frames hold) is gone, so cleanup() can give the memory back.
+            self.trainer.optimizer = None
+            self._free_cuda()
+            raise oom
         return TrainResult(
             global_step=self.trainer.state.global_step,
             stop_reason=self.callback.stop_reason,
@@ -497,8 +500,7 @@ class _SFTTrainer(Trainer):
             mask.sum() if mask is not None else inputs["input_ids"].numel()
         )
         self.last_seq_len = int(inputs["input_ids"].shape[-1])
-        with self.recipe._activation_offload():
-            loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
         self.step_finite = torch.logical_and(torch.as_tensor(self.step_finite), loss.isfinite())
         return loss
 
@@ -610,14 +612,6 @@ def _bitsandbytes_available() -> bool:
     except Exception:
         return False
     return True
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def read_train_config(path: Path) -> TrainConfig:
