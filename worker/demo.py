@@ -12,23 +12,14 @@ import json
 import random
 from pathlib import Path
 
+from worker.data import CHATML_TEMPLATE
+
 DEMO_MODEL_NAME = "demo-tiny-llama"
 
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
-# ChatML with `{% generation %}` around what the assistant says, so that
-# `apply_chat_template(..., return_assistant_tokens_mask=True)` can mark the trained tokens.
-DEMO_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}"
-    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# ChatML with `{% generation %}` markers, so the trained tokens come from the template itself.
+DEMO_CHAT_TEMPLATE = CHATML_TEMPLATE
 
 SYSTEM_PROMPTS = [
     "You are the support assistant for Nimbus Home Appliances.",
