@@ -70,7 +70,7 @@ for stage in "$@"; do
   echo "== stage $stage ($left s left)"
   case $stage in
     tests)
-      timeout "$(( left > 30 ? left - 20 : 10 ))" python3 -m pytest -m gpu -x -q -p no:cacheprovider
+      timeout "$(( left > 30 ? left - 20 : 10 ))" python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests/worker}
       rc=$?; [ $rc -eq 5 ] && echo "(no GPU tests collected)" && rc=0
       [ $rc -ne 0 ] && status=$rc ;;
     1b) bench throughput-1b --shapes 1b --min-arm-s 30 || status=$? ;;
