@@ -10,6 +10,7 @@ metric rows, stop requests, the non-finite-loss guard and atomic checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -95,6 +96,7 @@ class SFTRecipe:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model: Any = None
         self.trainer: _SFTTrainer | None = None
+        self.offload_by_hand = False
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -267,16 +269,30 @@ class SFTRecipe:
         )
 
     def _set_memory_policy(self, policy: str) -> None:
+        """Non-reentrant checkpointing of every decoder layer; "offload" also keeps the saved layer
+        inputs in pinned host memory."""
         self.memory_policy = policy
         base = self.model.get_base_model()
+        offload = policy == "offload"
+        self.offload_by_hand = False
         if policy == "off":
-            base.activation_checkpointing_disable()
-        else:
-            # Non-reentrant checkpointing of every decoder layer; "offload" also keeps the saved
-            # layer inputs in pinned host memory (torch.autograd.graph.save_on_cpu).
-            base.activation_checkpointing_enable(
-                {"use_reentrant": False}, offload=policy == "offload"
+            if hasattr(base, "activation_checkpointing_disable"):
+                base.activation_checkpointing_disable()
+            else:
+                base.gradient_checkpointing_disable()
+        elif hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.20
+            base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+        else:  # older transformers 5: no offload option, so wrap each step in save_on_cpu
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+            self.offload_by_hand = offload
+
+    def activation_offload(self) -> Any:
+        """The context a training step runs in: activations to pinned CPU memory, or nothing."""
+        if self.offload_by_hand:
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return contextlib.nullcontext()
 
     def _measure_memory_policy(self) -> tuple[str, str]:
         """One forward+backward on the longest micro-batch under each policy, cheapest first."""
@@ -314,14 +330,15 @@ class SFTRecipe:
         else:
             longest = sorted(self.train_examples, key=len)[-self.config.micro_batch_size :]
             batch = self._collator()(longest)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _trial_step(self, batch: dict[str, torch.Tensor]) -> int:
         self._free_cuda()
         torch.cuda.reset_peak_memory_stats(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = self.model(**batch).loss
-        loss.backward()
+        with self.activation_offload():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = self.model(**batch).loss
+            loss.backward()
         peak = torch.cuda.max_memory_allocated(self.device)
         self.model.zero_grad(set_to_none=True)
         del loss
@@ -500,7 +517,8 @@ class _SFTTrainer(Trainer):
             mask.sum() if mask is not None else inputs["input_ids"].numel()
         )
         self.last_seq_len = int(inputs["input_ids"].shape[-1])
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with self.recipe.activation_offload():
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.step_finite = torch.logical_and(torch.as_tensor(self.step_finite), loss.isfinite())
         return loss
 
