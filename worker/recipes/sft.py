@@ -385,7 +385,6 @@ class SFTRecipe:
             bf16=on_cuda,
             use_cpu=not on_cuda,
             optim="adamw_torch_fused" if on_cuda else "adamw_torch",
-            activation_checkpointing=False,  # set by the memory policy, not by the Trainer
             remove_unused_columns=False,
             label_names=["labels"],
             dataloader_num_workers=0,
