@@ -146,7 +146,9 @@ def heartbeat(db: Database, job_id: int, attempt: int, lease_seconds: float) -> 
     now = utcnow()
     renew = (
         update(Job)
-        .where(col(Job.id) == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
+        .where(
+            col(Job.id) == job_id, col(Job.attempt) == attempt, col(Job.status) == JobStatus.running
+        )
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
     )
     with db.write() as s:

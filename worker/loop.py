@@ -120,7 +120,14 @@ class WorkerLoop:
                 if claim is None:
                     self.stopping.wait(self.settings.poll_seconds)
                     continue
-                self.run_attempt(claim)
+                try:
+                    self.run_attempt(claim)
+                except Exception:
+                    # The worker outlives one attempt's trouble (database blip, disk error).
+                    log.exception(
+                        "job %s attempt %s: the worker failed", claim.job_id, claim.attempt
+                    )
+                    self._fail_quietly(claim)
         finally:
             self._heartbeat_done.set()
             beat.join(timeout=5)
@@ -130,6 +137,21 @@ class WorkerLoop:
                 log.exception("could not mark the worker stopped")
             self.db.dispose()
             log.info("worker %s stopped", self.id)
+
+    def _fail_quietly(self, claim: queue.Claim) -> None:
+        """Fail the attempt (fenced); if even that fails, its lease expires and it is requeued."""
+        try:
+            queue.finish(
+                self.db,
+                claim.job_id,
+                claim.attempt,
+                JobStatus.failed,
+                error_kind="unknown",
+                error_message="The worker could not run or record this attempt.",
+                error_hint=failures.hint_for("unknown") + " The worker's own log has the details.",
+            )
+        except Exception:
+            log.exception("could not record the failure; the lease will expire")
 
     def register(self) -> None:
         readings = gpu.read_gpus(self.gpu_indices)
@@ -260,7 +282,7 @@ class WorkerLoop:
     def record(self, claim: queue.Claim, result: dict[str, Any], vram_after: int | None) -> None:
         """Record the attempt's end with the fenced queue operations."""
         job_id, attempt = claim.job_id, claim.attempt
-        extra = {"vram_after_mib": vram_after} if vram_after is not None else {}
+        extra: dict[str, Any] = {} if vram_after is None else {"vram_after_mib": vram_after}
         status = result["status"]
         kind = result.get("error_kind") or "unknown"
         if status == "released":
