@@ -384,11 +384,11 @@ def run_plain_loop(args: argparse.Namespace, examples: list[list[int]]) -> dict:
 def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
     """The product's own recipe, the code the worker runs, fed pre-tokenized examples."""
     import torch
+
+    from app.train_config import TrainConfig
     from worker.data import TokenizedExample
     from worker.metrics import ListSink
     from worker.recipes.sft import SFTRecipe
-
-    from app.train_config import TrainConfig
 
     try:
         from worker.recipes.sft import LocalControl

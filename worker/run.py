@@ -19,7 +19,7 @@ process's stderr), never into the message users see.
 from __future__ import annotations
 
 import argparse
-import inspect
+import json
 import logging
 import sys
 import traceback
@@ -47,19 +47,34 @@ class ChildError(Exception):
         self.kind, self.message, self.hint = kind, message, hint or hint_for(kind)
 
 
-def dataset_files(dataset_dir: Path) -> tuple[Path, Path | None]:
-    """The normalised train rows and the held-out eval rows (None when there is no split)."""
-    train, evaluation = dataset_dir / "train.jsonl", dataset_dir / "eval.jsonl"
-    if train.is_file():
-        return train, evaluation if evaluation.is_file() else None
+def dataset_files(dataset_dir: Path, run_dir: Path, use_eval: bool) -> tuple[Path, Path | None]:
+    """The dataset's train and eval rows as two files in the run folder.
+
+    The split is the one recorded on the dataset at upload (`split.json`: the `line` numbers of the
+    eval rows), so every job on a dataset evaluates on the same held-out rows. With eval off
+    (eval_fraction 0) every row trains.
+    """
     normalized = dataset_dir / "normalized.jsonl"
-    if normalized.is_file():
-        return normalized, evaluation if evaluation.is_file() else None
-    raise ChildError(
-        "dataset",
-        "The dataset's normalised rows are missing from the data dir.",
-        "Upload the dataset again; if the data dir was moved, move its datasets/ folder too.",
-    )
+    if not normalized.is_file():
+        raise ChildError(
+            "dataset",
+            "The dataset's normalised rows are missing from the data dir.",
+            "Upload the dataset again; if the data dir was moved, move its datasets/ folder too.",
+        )
+    split_file = dataset_dir / "split.json"
+    eval_lines: set[int] = set()
+    if use_eval and split_file.is_file():
+        eval_lines = set(json.loads(split_file.read_text(encoding="utf-8")).get("eval_lines", []))
+    train, evaluation = run_dir / "train.jsonl", run_dir / "eval.jsonl"
+    with (
+        normalized.open("rb") as source,
+        train.open("wb") as train_out,
+        evaluation.open("wb") as eval_out,
+    ):
+        for raw in source:
+            if raw.strip():
+                (eval_out if json.loads(raw)["line"] in eval_lines else train_out).write(raw)
+    return train, (evaluation if eval_lines else None)
 
 
 def model_location(db: Database, settings: Settings, name: str) -> Path:
@@ -97,14 +112,6 @@ def directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _accepted(factory: Any, optional: dict[str, Any]) -> dict[str, Any]:
-    """The optional keyword arguments the recipe declares (its signature is still settling)."""
-    params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return optional
-    return {k: v for k, v in optional.items() if k in params}
-
-
 def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_class: Any) -> dict:
     """Run one attempt to its end and say how it ended (the result file's content)."""
     control = DatabaseControl(db, job_id, attempt)
@@ -118,16 +125,12 @@ def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_cl
     with db.read() as s:
         if s.get(Dataset, job.dataset_id) is None:
             raise ChildError("dataset", "The job's dataset was deleted.")
-    rows_path, eval_rows_path = dataset_files(settings.datasets_dir / job.dataset_id)
-    model_path = model_location(db, settings, job.base_model)
     output_dir = settings.runs_dir / str(job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
-
-    optional = {
-        "eval_rows_path": eval_rows_path,
-        "resume": not job.resume_from_scratch,
-        "attempt": attempt,
-    }
+    rows_path, eval_rows_path = dataset_files(
+        settings.datasets_dir / job.dataset_id, output_dir, use_eval=config.eval_fraction > 0
+    )
+    model_path = model_location(db, settings, job.base_model)
     recipe = recipe_class(
         config,
         model_path,
@@ -135,7 +138,7 @@ def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_cl
         sink,
         control,
         rows_path=rows_path,
-        **_accepted(recipe_class, optional),
+        eval_rows_path=eval_rows_path,
     )
     try:
         recipe.setup()

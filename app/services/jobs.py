@@ -48,6 +48,17 @@ def delete_job(db: Database, settings: Settings, job_id: int) -> None:
         shutil.rmtree(run_dir)
 
 
+def retry_job(db: Database, settings: Settings, job_id: int, *, from_scratch: bool) -> Job:
+    """Queue a finished job again: from its last complete checkpoint, or from scratch (its
+    checkpoints are removed first, so no later attempt can resume from them)."""
+    job = queue.retry(db, job_id, from_scratch=from_scratch, attempts=settings.max_attempts)
+    if from_scratch:
+        checkpoints = (settings.runs_dir / str(int(job_id)) / "checkpoints").resolve()
+        if checkpoints.is_relative_to(settings.runs_dir.resolve()):
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    return job
+
+
 def log_tail(settings: Settings, job: Job, lines: int = 40) -> list[str]:
     """The last lines of the job's newest attempt log."""
     path = settings.runs_dir / str(job.id) / f"attempt-{job.attempt}.log"

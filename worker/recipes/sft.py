@@ -79,6 +79,7 @@ class SFTRecipe:
         train_examples: list[TokenizedExample] | None = None,
         eval_examples: list[TokenizedExample] | None = None,
         rows_path: Path | None = None,
+        eval_rows_path: Path | None = None,
         chat_template: str | None = None,
     ) -> None:
         if train_examples is None and rows_path is None:
@@ -92,6 +93,7 @@ class SFTRecipe:
         self.train_examples = train_examples
         self.eval_examples = eval_examples or []
         self.rows_path = rows_path
+        self.eval_rows_path = eval_rows_path
         self.chat_template = chat_template  # e.g. data.CHATML_TEMPLATE for a base model
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model: Any = None
@@ -144,12 +146,15 @@ class SFTRecipe:
         if self.train_examples is None:
             assert self.rows_path is not None
             rows = read_rows(self.rows_path)
-            order = list(range(len(rows)))
-            random.Random(cfg.seed).shuffle(order)
-            n_eval = min(MAX_EVAL_ROWS, round(len(rows) * cfg.eval_fraction))
-            n_eval = n_eval if len(rows) - n_eval >= 1 else 0
-            eval_rows = [rows[i] for i in sorted(order[:n_eval])]
-            train_rows = [rows[i] for i in sorted(order[n_eval:])]
+            if self.eval_rows_path is not None:  # the split recorded on the dataset
+                train_rows, eval_rows = rows, read_rows(self.eval_rows_path)
+            else:
+                order = list(range(len(rows)))
+                random.Random(cfg.seed).shuffle(order)
+                n_eval = min(MAX_EVAL_ROWS, round(len(rows) * cfg.eval_fraction))
+                n_eval = n_eval if len(rows) - n_eval >= 1 else 0
+                eval_rows = [rows[i] for i in sorted(order[:n_eval])]
+                train_rows = [rows[i] for i in sorted(order[n_eval:])]
             args = (str(cfg.train_on), cfg.max_seq_len, self.chat_template)
             self.train_examples, stats = tokenize_rows(self.tokenizer, train_rows, *args)
             self.eval_examples, _ = tokenize_rows(self.tokenizer, eval_rows, *args)

@@ -63,9 +63,7 @@ def retry_job(
     settings: SettingsDep,
     body: Annotated[RetryRequest | None, Body()] = None,
 ) -> Job:
-    return queue.retry(
-        db, job_id, from_scratch=bool(body and body.from_scratch), attempts=settings.max_attempts
-    )
+    return jobs.retry_job(db, settings, job_id, from_scratch=bool(body and body.from_scratch))
 
 
 @router.delete("/api/jobs/{job_id}", status_code=204)
@@ -117,7 +115,7 @@ def job_action(
     elif action in ("top", "up", "down"):
         queue.move(db, job_id, action)
     elif action in ("retry", "restart"):
-        queue.retry(db, job_id, from_scratch=action == "restart", attempts=settings.max_attempts)
+        jobs.retry_job(db, settings, job_id, from_scratch=action == "restart")
     else:
         jobs.delete_job(db, settings, job_id)
     if request.headers.get("hx-target") == "job-header":
