@@ -33,6 +33,13 @@ class DatasetStatus(StrEnum):
     invalid = "invalid"  # has unresolved errors: fix the file or drop bad rows
 
 
+class ReportStatus(StrEnum):
+    pending = "pending"  # waiting for a worker to claim it
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
 class BaseModelEntry(SQLModel, table=True):
     """A registered base model: a hub id or a local directory, read from its config."""
 
@@ -75,6 +82,33 @@ class Dataset(SQLModel, table=True):
     report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     is_demo: bool = False
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetReport(SQLModel, table=True):
+    """A token report of one dataset for one (model, max length, train on, chat template).
+
+    Computed by a worker (`worker/dataset_report.py`), never by the web process: it needs the
+    model's tokenizer. `result` holds the numbers the dataset page shows (shape in that module).
+    """
+
+    __tablename__ = "dataset_reports"
+    __table_args__ = (Index("ix_dataset_reports_dataset_id_id", "dataset_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: str = Field(foreign_key="datasets.id", max_length=32, ondelete="CASCADE")
+    base_model: str = Field(max_length=200)
+    max_seq_len: int
+    train_on: str = Field(default="assistant", max_length=20)  # assistant | all
+    chat_template: str | None = Field(default=None, max_length=20)  # None: the model's; "chatml"
+    status: ReportStatus = Field(default=ReportStatus.pending, index=True)
+    result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    error_kind: str | None = Field(default=None, max_length=50)  # e.g. chat_template_missing
+    error: str | None = None
+    error_hint: str | None = None
+    worker_id: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 class Job(SQLModel, table=True):

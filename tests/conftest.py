@@ -79,6 +79,7 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import sys
 
     root = tmp_path_factory.mktemp("demo")
+    # worker.demo writes the model to <models-dir>/demo-tiny-llama
     model_dir, dataset = root / "demo-tiny-llama", root / "demo-chat.jsonl"
     subprocess.run(
         [
@@ -86,7 +87,7 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "-m",
             "worker.demo",
             "--models-dir",
-            str(model_dir),
+            str(root),
             "--dataset-out",
             str(dataset),
         ],

@@ -7,6 +7,7 @@ A dataset lives in `datasets_dir/<uuid hex>/`: `original.<type>` (the upload as 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,9 +19,9 @@ from typing import Any, Protocol
 from sqlmodel import col, select
 
 from app.db import Database
-from app.models import Dataset, Job
+from app.models import Dataset, DatasetReport, Job, JobStatus
 from app.services.dataset_errors import DatasetError
-from app.services.dataset_ingest import ingest_dataset
+from app.services.dataset_ingest import NORMALIZED_FILENAME, ingest_dataset
 from app.services.dataset_readers import ACCEPTED_FILE_TYPES
 from app.settings import Settings
 
@@ -209,23 +210,122 @@ def get_dataset(db: Database, dataset_id: str) -> Dataset:
     raise DatasetNotFound(f"no dataset with id {dataset_id[:64]!r}")
 
 
+def jobs_using(db: Database, dataset_id: str) -> list[Job]:
+    """Jobs that refer to the dataset, newest first."""
+    with db.read() as session:
+        return list(
+            session.exec(
+                select(Job).where(Job.dataset_id == dataset_id).order_by(col(Job.id).desc())
+            )
+        )
+
+
+def delete_refusal(jobs: list[Job]) -> DatasetInUse | None:
+    """Why the dataset cannot be deleted while these jobs refer to it, or None when it can."""
+    if not jobs:
+        return None
+    active = [j for j in jobs if j.status in (JobStatus.queued, JobStatus.running)]
+    listed = ", ".join(str(j.id) for j in (active or jobs)[:10])
+    if active:
+        return DatasetInUse(
+            f"job(s) {listed} are queued or running on this dataset",
+            hint="Cancel them (or wait for them to finish) and delete those jobs first.",
+        )
+    return DatasetInUse(
+        f"the dataset is used by job(s) {listed}",
+        hint="Delete those jobs first; a job keeps its dataset for resume and history.",
+    )
+
+
 def delete_dataset(db: Database, settings: Settings, dataset_id: str) -> None:
-    """Delete the record and its folder; refused (409) while a job refers to it."""
+    """Delete the record, its reports and its folder; refused (409) while a job refers to it
+    (a finished job keeps its dataset for history and retry)."""
     dataset = get_dataset(db, dataset_id)
     with db.write() as session:
-        jobs = session.exec(select(Job.id).where(Job.dataset_id == dataset.id)).all()
-        if jobs:
-            listed = ", ".join(str(j) for j in jobs[:10])
-            raise DatasetInUse(
-                f"the dataset is used by job(s) {listed}",
-                hint="Delete those jobs first; a job keeps its dataset for resume and history.",
-            )
+        jobs = list(session.exec(select(Job).where(Job.dataset_id == dataset.id)))
+        refusal = delete_refusal(jobs)
+        if refusal is not None:
+            raise refusal
+        for report in session.exec(
+            select(DatasetReport).where(DatasetReport.dataset_id == dataset.id)
+        ):
+            session.delete(report)
         row = session.get(Dataset, dataset.id)
         if row is not None:
             session.delete(row)
-    folder = (settings.datasets_dir / dataset.id).resolve()
-    if folder.parent == settings.datasets_dir.resolve():
+    folder = _folder_of(settings, dataset.id)
+    if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def reimport_dataset(
+    db: Database, settings: Settings, dataset_id: str, *, drop_bad_rows: bool = True
+) -> Dataset:
+    """Ingest the stored upload again (same column mapping), e.g. dropping bad rows this time,
+    without uploading it again. Its token reports are deleted: the rows may have changed."""
+    dataset = get_dataset(db, dataset_id)
+    refusal = delete_refusal(
+        [j for j in jobs_using(db, dataset.id) if j.status in (JobStatus.queued, JobStatus.running)]
+    )
+    if refusal is not None:
+        raise refusal  # a running job reads normalized.jsonl: do not rewrite it under it
+    folder = _folder_of(settings, dataset.id)
+    stored = folder / f"original.{dataset.file_type}" if folder is not None else None
+    if stored is None or not stored.is_file():
+        raise DatasetNotFound(
+            "the uploaded file of this dataset is gone from the data dir",
+            hint="Upload the file again.",
+        )
+    result = ingest_dataset(
+        stored,
+        dataset.file_type,
+        column_mapping=dataset.column_mapping or None,
+        drop_bad_rows=drop_bad_rows,
+        split_seed=dataset.split_seed,
+    )
+    with db.write() as session:
+        row = session.get(Dataset, dataset.id)
+        if row is None:
+            raise DatasetNotFound(f"no dataset with id {dataset.id!r}")
+        row.format = result.format
+        row.status = result.status
+        row.rows = result.rows
+        row.valid_rows = result.valid_rows
+        row.dropped_rows = result.dropped_rows
+        row.error_count = result.error_count
+        row.errors = result.errors
+        row.eval_rows = result.eval_rows
+        row.report = result.report
+        session.add(row)
+        for report in session.exec(
+            select(DatasetReport).where(DatasetReport.dataset_id == dataset.id)
+        ):
+            session.delete(report)
+    return get_dataset(db, dataset.id)
+
+
+def preview_rows(settings: Settings, dataset: Dataset, limit: int = 20) -> list[dict[str, Any]]:
+    """The first `limit` normalised rows, as stored (`{"line", "messages"}` or `{"line", "text"}`)."""
+    folder = _folder_of(settings, dataset.id)
+    path = folder / NORMALIZED_FILENAME if folder is not None else None
+    if path is None or not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if len(rows) >= limit:
+                break
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def _folder_of(settings: Settings, dataset_id: str) -> Path | None:
+    """The dataset's folder, only if it lies directly under datasets_dir (ids are uuid hex)."""
+    if not _DATASET_ID.fullmatch(dataset_id):
+        return None
+    folder = (settings.datasets_dir / dataset_id).resolve()
+    return folder if folder.parent == settings.datasets_dir.resolve() else None
 
 
 def sweep_stale_uploads(settings: Settings, older_than_seconds: float = 0.0) -> int:

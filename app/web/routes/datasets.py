@@ -1,4 +1,5 @@
-"""Dataset API: upload (multipart), list, show, delete. Thin: parse, call `app.services.datasets`."""
+"""Datasets: the list and dataset pages, their partials and form actions, and /api/datasets
+(upload, list, show, delete, token reports). Thin: parse, call `app.services`, render."""
 
 from __future__ import annotations
 
@@ -6,18 +7,27 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from app.services import datasets
+from app.errors import UserError
+from app.models import Dataset, DatasetReport, ReportStatus
+from app.services import dataset_reports, datasets, models, system
 from app.services.dataset_errors import DatasetError
+from app.services.dataset_formats import FORMAT_FIELDS
 from app.services.datasets import DatasetServiceError
+from app.web.deps import DbDep, SettingsDep
+from app.web.templating import render
 
-router = APIRouter(prefix="/api/datasets", tags=["datasets"])
+router = APIRouter(tags=["datasets"])
 
 # Multipart framing and the small form fields around the file.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# The upload form's column fields: `column_<field>` names the file's column for that field.
+MAPPABLE_FIELDS = tuple(f for fields in FORMAT_FIELDS.values() for f in fields)
+PREVIEW_ROWS = 20
 
 
 def _error(error: DatasetServiceError | DatasetError) -> JSONResponse:
@@ -29,20 +39,33 @@ def _bad_request(message: str, hint: str | None = None) -> JSONResponse:
     return _error(DatasetServiceError(message, hint))
 
 
-@router.post("", status_code=201)
+# --- JSON API -------------------------------------------------------------------------------------
+
+
+class ReportRequest(BaseModel):
+    """POST /api/datasets/{id}/report."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: str = Field(max_length=200)
+    max_seq_len: int = Field(default=dataset_reports.DEFAULT_MAX_SEQ_LEN, ge=32, le=262_144)
+    train_on: str = Field(default="assistant", pattern="^(assistant|all)$")
+    chat_template: str | None = Field(default=None, pattern="^chatml$")
+
+
+@router.post("/api/datasets", status_code=201)
 async def upload_dataset(request: Request) -> Any:
     settings = request.app.state.settings
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.upload_max_bytes + MULTIPART_OVERHEAD_BYTES:
         return _error(datasets.too_large(settings))
-    form = await request.form(max_files=1, max_fields=10)
+    form = await request.form(max_files=1, max_fields=10 + len(MAPPABLE_FIELDS))
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             return _bad_request('no file in the upload; send it as the multipart field "file"')
         try:
             datasets.file_type_of(upload.filename or "")  # 415 before copying anything
-            column_mapping = _column_mapping(form.get("column_mapping"))
+            column_mapping = _column_mapping(form.get("column_mapping")) or _mapping_fields(form)
         except DatasetServiceError as exc:
             return _error(exc)
         except ValueError as exc:
@@ -66,8 +89,20 @@ async def upload_dataset(request: Request) -> Any:
             return _error(exc)
     finally:
         await form.close()
-    body = {**dataset.model_dump(mode="json"), "url": f"/datasets/{dataset.id}"}
+    # So the dataset page has token numbers without a click (once a worker computes them).
+    await run_in_threadpool(dataset_reports.request_default_report, request.app.state.db, dataset)
+    body = {**_dataset_public(request, dataset), "url": f"/datasets/{dataset.id}"}
     return JSONResponse(body, status_code=201)
+
+
+def _mapping_fields(form: Any) -> dict[str, str] | None:
+    """`column_prompt=question` etc. from the upload page's mapping fields."""
+    mapping = {}
+    for field in MAPPABLE_FIELDS:
+        value = form.get(f"column_{field}")
+        if isinstance(value, str) and value.strip():
+            mapping[field] = value.strip()
+    return mapping or None
 
 
 def _column_mapping(raw: object) -> dict[str, str] | None:
@@ -86,23 +121,185 @@ def _column_mapping(raw: object) -> dict[str, str] | None:
     return value or None
 
 
-@router.get("")
+def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:
+    """A dataset as the API shows it: its record, `valid` and the latest done token report."""
+    report = dataset_reports.latest_done_report(request.app.state.db, dataset.id)
+    return {
+        **dataset.model_dump(mode="json"),
+        "valid": dataset.status == "ready",
+        "token_stats": dataset_reports.token_stats(report),
+    }
+
+
+@router.get("/api/datasets")
 def list_datasets(request: Request) -> Any:
     return [d.model_dump(mode="json") for d in datasets.list_datasets(request.app.state.db)]
 
 
-@router.get("/{dataset_id}")
+@router.get("/api/datasets/{dataset_id}")
 def get_dataset(request: Request, dataset_id: str) -> Any:
     try:
-        return datasets.get_dataset(request.app.state.db, dataset_id).model_dump(mode="json")
+        dataset = datasets.get_dataset(request.app.state.db, dataset_id)
     except DatasetServiceError as exc:
         return _error(exc)
+    return _dataset_public(request, dataset)
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.post("/api/datasets/{dataset_id}/report")
+def request_report(request: Request, dataset_id: str, body: ReportRequest, db: DbDep) -> Any:
+    """Ask for a token report; a worker computes it. 202 while pending, 200 when already done."""
+    try:
+        dataset = datasets.get_dataset(db, dataset_id)
+    except DatasetServiceError as exc:
+        return _error(exc)
+    report = dataset_reports.request_report(db, dataset, **body.model_dump())
+    status = 200 if report.status == ReportStatus.done else 202
+    return JSONResponse(dataset_reports.report_public(report), status_code=status)
+
+
+@router.get("/api/datasets/{dataset_id}/reports/{report_id}")
+def get_report(dataset_id: str, report_id: int, db: DbDep) -> Any:
+    return dataset_reports.report_public(dataset_reports.get_report(db, dataset_id, report_id))
+
+
+@router.post("/api/datasets/{dataset_id}/reimport")
+def reimport_dataset(request: Request, dataset_id: str, db: DbDep, settings: SettingsDep) -> Any:
+    """Ingest the stored upload again, dropping bad rows."""
+    try:
+        previous = dataset_reports.latest_report(db, datasets.get_dataset(db, dataset_id).id)
+        dataset = datasets.reimport_dataset(db, settings, dataset_id, drop_bad_rows=True)
+    except (DatasetServiceError, DatasetError) as exc:
+        return _error(exc)
+    dataset_reports.request_again(db, dataset, previous)
+    return _dataset_public(request, dataset)
+
+
+@router.delete("/api/datasets/{dataset_id}", status_code=204)
 def delete_dataset(request: Request, dataset_id: str) -> Response:
     try:
         datasets.delete_dataset(request.app.state.db, request.app.state.settings, dataset_id)
     except DatasetServiceError as exc:
         return _error(exc)
     return Response(status_code=204)
+
+
+# --- pages ----------------------------------------------------------------------------------------
+
+
+@router.get("/datasets", response_class=HTMLResponse, include_in_schema=False)
+def datasets_page(request: Request, db: DbDep, settings: SettingsDep) -> HTMLResponse:
+    return render(
+        request,
+        "datasets/list.html",
+        datasets=datasets.list_datasets(db),
+        max_bytes=settings.upload_max_bytes,
+        mappable_fields=MAPPABLE_FIELDS,
+    )
+
+
+def _report_context(db: DbDep, settings: SettingsDep, dataset: Dataset) -> dict[str, Any]:
+    report = dataset_reports.latest_report(db, dataset.id)
+    return {
+        "dataset": dataset,
+        "report": report,
+        "choices": _report_choices(report),
+        "models": models.list_models(db),
+        "workers_alive": sum(1 for w in system.workers(db, settings) if w.alive),
+    }
+
+
+def _report_choices(report: DatasetReport | None) -> dict[str, Any]:
+    if report is None:
+        return {"base_model": None, "max_seq_len": dataset_reports.DEFAULT_MAX_SEQ_LEN}
+    return {"base_model": report.base_model, "max_seq_len": report.max_seq_len}
+
+
+def _detail_context(db: DbDep, settings: SettingsDep, dataset: Dataset) -> dict[str, Any]:
+    using = datasets.jobs_using(db, dataset.id)
+    return {
+        **_report_context(db, settings, dataset),
+        "preview": datasets.preview_rows(settings, dataset, PREVIEW_ROWS),
+        "jobs": using,
+        "delete_refusal": datasets.delete_refusal(using),
+    }
+
+
+def _dataset_or_404(db: DbDep, dataset_id: str) -> Dataset:
+    try:
+        return datasets.get_dataset(db, dataset_id)
+    except DatasetServiceError as exc:
+        raise UserError(exc.message, exc.hint or "", code=exc.code, status_code=404) from exc
+
+
+@router.get("/datasets/{dataset_id}", response_class=HTMLResponse, include_in_schema=False)
+def dataset_page(
+    request: Request, dataset_id: str, db: DbDep, settings: SettingsDep
+) -> HTMLResponse:
+    dataset = _dataset_or_404(db, dataset_id)
+    return render(request, "datasets/detail.html", **_detail_context(db, settings, dataset))
+
+
+@router.get(
+    "/partials/datasets/{dataset_id}/report", response_class=HTMLResponse, include_in_schema=False
+)
+def report_partial(
+    request: Request, dataset_id: str, db: DbDep, settings: SettingsDep
+) -> HTMLResponse:
+    dataset = _dataset_or_404(db, dataset_id)
+    return render(request, "datasets/_report.html", **_report_context(db, settings, dataset))
+
+
+@router.post("/datasets/{dataset_id}/report", include_in_schema=False, response_model=None)
+async def request_report_from_form(
+    request: Request, dataset_id: str, db: DbDep, settings: SettingsDep
+) -> HTMLResponse | RedirectResponse:
+    """The report form: htmx swaps in the report partial; a plain post goes back to the page."""
+    dataset = _dataset_or_404(db, dataset_id)
+    form = await request.form()
+    max_len = str(form.get("max_seq_len") or "")
+    try:
+        dataset_reports.request_report(
+            db,
+            dataset,
+            base_model=str(form.get("base_model") or ""),
+            max_seq_len=int(max_len) if max_len.isdigit() else -1,
+            train_on=str(form.get("train_on") or "assistant"),
+            chat_template=str(form.get("chat_template") or "") or None,
+        )
+    except UserError as exc:
+        context = _report_context(db, settings, dataset)
+        return render(request, "datasets/_report.html", report_error=exc, **context)
+    if request.headers.get("hx-request") == "true":
+        return render(request, "datasets/_report.html", **_report_context(db, settings, dataset))
+    return RedirectResponse(f"/datasets/{dataset.id}#report", status_code=303)
+
+
+@router.post("/datasets/{dataset_id}/reimport", include_in_schema=False, response_model=None)
+def reimport_from_page(
+    request: Request, dataset_id: str, db: DbDep, settings: SettingsDep
+) -> HTMLResponse | RedirectResponse:
+    dataset = _dataset_or_404(db, dataset_id)
+    previous = dataset_reports.latest_report(db, dataset.id)
+    try:
+        dataset = datasets.reimport_dataset(db, settings, dataset.id, drop_bad_rows=True)
+    except (DatasetServiceError, DatasetError) as exc:
+        status = exc.status_code if isinstance(exc, DatasetServiceError) else 422
+        context = _detail_context(db, settings, dataset)
+        return render(request, "datasets/detail.html", status_code=status, error=exc, **context)
+    dataset_reports.request_again(db, dataset, previous)
+    return RedirectResponse(f"/datasets/{dataset.id}", status_code=303)
+
+
+@router.post("/datasets/{dataset_id}/delete", include_in_schema=False, response_model=None)
+def delete_from_page(
+    request: Request, dataset_id: str, db: DbDep, settings: SettingsDep
+) -> HTMLResponse | RedirectResponse:
+    dataset = _dataset_or_404(db, dataset_id)
+    try:
+        datasets.delete_dataset(db, settings, dataset.id)
+    except DatasetServiceError as exc:
+        context = _detail_context(db, settings, dataset)
+        return render(
+            request, "datasets/detail.html", status_code=exc.status_code, error=exc, **context
+        )
+    return RedirectResponse("/datasets", status_code=303)

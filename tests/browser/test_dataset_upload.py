@@ -1,0 +1,90 @@
+"""Upload a dataset through the page in a real browser: the progress bar, then the dataset page
+with the token histogram drawn once the report is computed, user data shown as text, no dialog."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+
+from app.errors import Conflict
+from app.services import models
+
+pytestmark = pytest.mark.browser
+
+XSS_USER = "<script>alert(1)</script>"
+XSS_ASSISTANT = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def demo_model(live_server, demo_build):
+    with contextlib.suppress(Conflict):  # registered by another browser test
+        models.register_model(
+            live_server.db, live_server.settings, str(demo_build["model_dir"]), "demo-tiny-llama"
+        )
+    return "demo-tiny-llama"
+
+
+@pytest.fixture
+def chat_file(tmp_path, demo_build):
+    """The demo conversations, a few times over (so the upload takes a moment), after a hostile
+    first row."""
+    hostile = {
+        "messages": [
+            {"role": "user", "content": XSS_USER},
+            {"role": "assistant", "content": XSS_ASSISTANT},
+        ]
+    }
+    demo = demo_build["dataset"].read_text().splitlines()
+    path = tmp_path / "hostile<b>chat.jsonl"
+    path.write_text("\n".join([json.dumps(hostile)] + demo * 8) + "\n")
+    return path
+
+
+def test_upload_through_the_file_picker_shows_progress_then_the_report(
+    live_server, demo_model, page, dialogs, chat_file
+):
+    page.goto(live_server.url + "/datasets")
+    with page.expect_file_chooser() as chooser:
+        page.click(".dropzone")
+    chooser.value.set_files(str(chat_file))
+    assert "hostile<b>chat.jsonl" in page.inner_text(".dropzone .file-name")
+
+    page.fill("#dataset-name", "<i>hostile</i> chat")
+    page.click("form.upload button[type=submit]")
+    page.wait_for_selector("form.upload progress:not([hidden])", state="attached")
+    page.wait_for_url(f"{live_server.url}/datasets/*", timeout=30_000)
+
+    # Pending at first; the partial polls until the worker thread has computed the report.
+    canvas = page.wait_for_selector(".histogram canvas[aria-label]", timeout=30_000)
+    label = canvas.get_attribute("aria-label") or ""
+    assert label.startswith("Token length histogram of ") and "max length 2048" in label
+    assert page.get_attribute("#dataset-report", "data-report-status") == "done"
+    assert page.locator("#dataset-report mark.trained").count() >= 1
+
+    preview = page.inner_text("#preview")
+    assert XSS_USER in preview and XSS_ASSISTANT in preview
+    assert "<i>hostile</i> chat" in page.inner_text("h1")
+    assert page.locator("main img").count() == 0 and page.locator("main i").count() == 0
+    sample = page.inner_text("#dataset-report pre.sample[data-train-on=all]")
+    assert XSS_USER in sample
+    assert dialogs == []
+
+
+def test_a_refused_file_dropped_on_the_drop_zone_shows_the_reason(live_server, page, dialogs):
+    page.goto(live_server.url + "/datasets")
+    page.evaluate(
+        """() => {
+            const data = new DataTransfer();
+            data.items.add(new File(["<script>alert(3)</script>"], "page.html", {type: "text/html"}));
+            const zone = document.querySelector(".dropzone");
+            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        }"""
+    )
+    assert "page.html" in page.inner_text(".dropzone .file-name")
+    page.click("form.upload button[type=submit]")
+    message = page.wait_for_selector("form.upload .error .error-message")
+    assert '".html" files are not accepted' in message.inner_text()
+    assert page.url == live_server.url + "/datasets"
+    assert dialogs == []

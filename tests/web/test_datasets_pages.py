@@ -1,0 +1,134 @@
+"""The dataset pages through a real HTTP client against the ASGI app and a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+
+from app.models import Job, JobStatus
+from app.services import datasets
+
+HTML = {"accept": "text/html"}
+XSS_ROWS = [
+    {"prompt": "<script>alert(1)</script>", "completion": "<img src=x onerror=alert(1)>"},
+    {"prompt": "fine", "completion": "also fine"},
+    {"prompt": "no answer", "completion": ""},
+]
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return b"".join((json.dumps(r) + "\n").encode() for r in rows)
+
+
+def upload(client, filename: str, content: bytes, **data) -> dict:
+    response = client.post("/api/datasets", files={"file": (filename, content)}, data=data)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_list_page_has_the_upload_form_and_the_datasets(client):
+    empty = client.get("/datasets", headers=HTML).text
+    assert 'class="upload" data-upload-url="/api/datasets"' in empty
+    assert 'class="dropzone"' in empty and 'name="drop_bad_rows"' in empty
+    assert 'name="column_prompt"' in empty and 'name="column_messages"' in empty
+    assert "No datasets yet" in empty
+
+    upload(client, "qa.jsonl", jsonl(XSS_ROWS[:2]), name="<b>my</b> data")
+    page = client.get("/datasets", headers=HTML).text
+    assert "&lt;b&gt;my&lt;/b&gt; data" in page and "<b>my</b>" not in page
+    assert "prompt/completion" in page and "badge-succeeded" in page
+
+
+def test_user_data_is_rendered_as_text(client):
+    body = upload(client, "x<script>.jsonl", jsonl(XSS_ROWS), name="<script>alert(2)</script>")
+    page = client.get(body["url"], headers=HTML).text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in page
+    assert "<script>alert" not in page and "<img src=x" not in page
+
+
+def test_detail_page_lists_problems_with_line_field_and_counts(client):
+    body = upload(client, "qa.jsonl", jsonl(XSS_ROWS))
+    assert body["status"] == "invalid"
+    page = client.get(body["url"], headers=HTML).text
+    assert "No job can use this dataset yet" in page
+    assert '<td class="num">3</td><td><code>completion</code></td>' in page
+    assert '<code>empty_value</code></td><td class="num">1</td>' in page
+    assert "Train on this" not in page  # an invalid dataset cannot be trained on
+    assert "Re-import, dropping the 1 bad rows" in page
+    assert page.count('class="preview-row"') == 2
+
+
+def test_reimport_drops_bad_rows_without_a_new_upload(client):
+    body = upload(client, "qa.jsonl", jsonl(XSS_ROWS))
+    response = client.post(f"/datasets/{body['id']}/reimport", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == body["url"]
+    shown = client.get(f"/api/datasets/{body['id']}").json()
+    assert (shown["status"], shown["valid"], shown["valid_rows"], shown["dropped_rows"]) == (
+        "ready",
+        True,
+        2,
+        1,
+    )
+    page = client.get(body["url"], headers=HTML).text
+    assert f'href="/jobs/new?dataset_id={body["id"]}"' in page
+    assert "<code>completion</code>" in page  # the dropped row's problem is still shown
+
+
+def test_column_mapping_fields_of_the_upload_form(client):
+    rows = [{"question": "Q?", "answer": "A."}, {"question": "R?", "answer": "B."}]
+    body = upload(
+        client, "qa.jsonl", jsonl(rows), column_prompt="question", column_completion="answer"
+    )
+    assert (body["format"], body["status"], body["column_mapping"]) == (
+        "prompt_completion",
+        "ready",
+        {"prompt": "question", "completion": "answer"},
+    )
+    page = client.get(body["url"], headers=HTML).text
+    assert "<code>question</code> → prompt" in page
+
+
+def test_api_shows_format_rows_valid_errors_and_token_stats(client):
+    body = upload(client, "qa.jsonl", jsonl(XSS_ROWS))
+    shown = client.get(f"/api/datasets/{body['id']}").json()
+    assert shown["format"] == "prompt_completion" and shown["rows"] == 3
+    assert shown["valid"] is False and shown["token_stats"] is None
+    assert shown["errors"][0]["line"] == 3
+
+
+def test_delete_is_refused_with_the_reason_while_a_job_uses_the_dataset(client, db):
+    body = upload(client, "qa.jsonl", jsonl(XSS_ROWS[:2]))
+    with db.write() as s:
+        s.add(Job(name="run", base_model="demo-tiny-llama", dataset_id=body["id"]))
+    page = client.get(body["url"], headers=HTML).text
+    assert "queued or running on this dataset" in page and "disabled" in page
+
+    refused = client.post(f"/datasets/{body['id']}/delete", headers=HTML)
+    assert refused.status_code == 409 and "queued or running" in refused.text
+
+    with db.write() as s:
+        job = s.get(Job, 1)
+        job.status = JobStatus.succeeded
+        s.add(job)
+    refused = client.post(f"/datasets/{body['id']}/delete", headers=HTML)
+    assert refused.status_code == 409 and "Delete those jobs first" in refused.text
+
+    with db.write() as s:
+        s.delete(s.get(Job, 1))
+    deleted = client.post(f"/datasets/{body['id']}/delete", follow_redirects=False)
+    assert deleted.status_code == 303 and deleted.headers["location"] == "/datasets"
+    assert datasets.list_datasets(db) == []
+
+
+def test_report_section_without_a_model_says_what_to_do(client):
+    body = upload(client, "qa.jsonl", jsonl(XSS_ROWS[:2]))
+    partial = client.get(f"/partials/datasets/{body['id']}/report", headers=HTML)
+    assert partial.status_code == 200 and 'id="dataset-report"' in partial.text
+    assert "Register a base model" in partial.text and "<html" not in partial.text
+
+
+def test_unknown_dataset_pages_are_404(client):
+    assert client.get("/datasets/" + "0" * 32, headers=HTML).status_code == 404
+    assert client.get("/datasets/..%2f..%2fetc", headers=HTML).status_code == 404
+    assert client.post("/datasets/" + "0" * 32 + "/reimport").status_code == 404

@@ -1,0 +1,453 @@
+"""Token reports of datasets, computed on the worker side with the model's tokenizer only.
+
+The web process asks for a report by adding a `pending` row to `dataset_reports`
+(`app/services/dataset_reports.py`). Here a worker claims it, loads the registered model's
+tokenizer (never the weights), tokenises every training row with `worker.data.tokenize_row` (the
+function training uses, so the numbers are the ones training will meet) and stores `result`:
+
+    {
+      "rows": 285, "eval_rows": 15,               # training rows measured; held-out rows
+      "lengths": {"min", "p50", "p95", "max", "mean"},   # untruncated tokens per row
+      "histogram": [{"lo": 0, "hi": 16, "count": 3}, ...],  # rows with lo < length <= hi;
+                                                  # max_seq_len is always a bin edge
+      "total_tokens": 19876,                      # untruncated, all training rows
+      "tokens_per_epoch": 19876,                  # what one epoch feeds: after the cut and drops
+      "trained_tokens_per_epoch": 5012,           # of those, the loss-bearing ones
+      "examples_per_epoch": 285,
+      "over_max": {"rows", "truncated", "dropped", "tokens_cut", "lines": [first 20]},
+      "no_trained_tokens": {"rows", "lines": [first 20]},  # dropped even without a cut
+      "truncation_rule": "...",                   # TRUNCATION_RULE, in words
+      "chat_template": "model" | "chatml",
+      "trained_tokens_from": "...",               # how the trained tokens were found
+      "tokenizer": {"class", "vocab_size"},
+      "sample": {"line": 3, "assistant": [{"text", "trained"}], "all": [...]} | null,
+      "seconds": 0.4
+    }
+
+Who runs it: `run_pending_reports(settings)` claims and computes every pending report and
+returns how many it finished. The worker loop calls it from a side thread so a report never
+waits behind a training job, e.g.
+
+    threading.Thread(target=report_loop, args=(settings, stop_event), daemon=True).start()
+
+where `report_loop` calls `run_pending_reports(settings)` every `settings.poll_seconds` until
+the event is set. `python -m worker.dataset_report --report-id N` computes one report by hand
+(or `--pending` for all): the page tells a user without a running worker to do that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, update
+from sqlmodel import col, select
+
+from app.db import Database
+from app.models import BaseModelEntry, Dataset, DatasetReport, ReportStatus
+from app.settings import Settings
+from worker.data import (
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    has_generation_markers,
+    template_of,
+    tokenize_row,
+    trained_segments,
+)
+from worker.errors import ChatTemplateMissing, TrainingError
+
+TRUNCATION_RULE = (
+    "Rows longer than the max length are cut at the end (the start of the conversation is kept, "
+    "so the first answers stay whole); a row left with no trained token after the cut is dropped."
+)
+# A report a worker claimed but never finished (the worker died) is claimed again after this.
+STALE_AFTER = timedelta(minutes=10)
+MAX_BINS = 40
+MAX_LINES_LISTED = 20
+UNLIMITED = 10**9
+
+
+class ReportFailed(Exception):
+    """A report that cannot be computed, with what the user can do about it."""
+
+    def __init__(self, kind: str, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.kind, self.message, self.hint = kind, message, hint
+
+
+def run_pending_reports(
+    settings: Settings, *, worker_id: str | None = None, db: Database | None = None
+) -> int:
+    """Claim and compute pending reports until none is left; returns how many were finished.
+
+    Safe to call from several workers at once: each report is claimed by exactly one.
+    """
+    database = db or Database(settings.resolved_database_url)
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    tokenizers: dict[tuple[str, str | None], Any] = {}
+    finished = 0
+    try:
+        while (report_id := claim_next_report(database, worker_id)) is not None:
+            compute_and_store(database, settings, report_id, tokenizers)
+            finished += 1
+    finally:
+        if db is None:
+            database.dispose()
+    return finished
+
+
+def claim_next_report(db: Database, worker_id: str, report_id: int | None = None) -> int | None:
+    """Atomically take the oldest pending report (or `report_id`), or a stale running one."""
+    now = datetime.now(UTC)
+    claimable = or_(
+        col(DatasetReport.status) == ReportStatus.pending,
+        (col(DatasetReport.status) == ReportStatus.running)
+        & (col(DatasetReport.started_at) < now - STALE_AFTER),
+    )
+    with db.write() as session:  # BEGIN IMMEDIATE: no other writer between the read and update
+        query = select(DatasetReport.id).where(claimable).order_by(col(DatasetReport.id))
+        if report_id is not None:
+            query = query.where(DatasetReport.id == report_id)
+        candidate = session.exec(query.limit(1)).first()
+        if candidate is None:
+            return None
+        # The WHERE repeats the claimable test, so on PostgreSQL too a second claimer updates 0 rows.
+        claim = (
+            update(DatasetReport)
+            .where(col(DatasetReport.id) == candidate, claimable)
+            .values(status=ReportStatus.running, started_at=now, worker_id=worker_id)
+        )
+        return candidate if session.connection().execute(claim).rowcount == 1 else None
+
+
+def compute_and_store(
+    db: Database,
+    settings: Settings,
+    report_id: int,
+    tokenizers: dict[tuple[str, str | None], Any] | None = None,
+) -> DatasetReport:
+    """Compute a claimed report and store its result or its failure."""
+    with db.read() as session:
+        report = session.get(DatasetReport, report_id)
+        assert report is not None
+        dataset = session.get(Dataset, report.dataset_id)
+        model = session.get(BaseModelEntry, report.base_model)
+    values: dict[str, Any]
+    try:
+        if dataset is None:
+            raise ReportFailed("dataset_missing", "The dataset was deleted.")
+        if model is None:
+            raise ReportFailed(
+                "model_not_found",
+                f"There is no registered model {report.base_model!r}.",
+                "Register it on the Models page, then measure again.",
+            )
+        cache = tokenizers if tokenizers is not None else {}
+        key = (model.source, report.chat_template)
+        if key not in cache:
+            cache[key] = load_tokenizer(settings, model)
+        result = compute_report(
+            cache[key],
+            settings.datasets_dir / dataset.id,
+            max_seq_len=report.max_seq_len,
+            train_on=report.train_on,
+            chat_template=CHATML_TEMPLATE if report.chat_template == "chatml" else None,
+        )
+        values = {"status": ReportStatus.done, "result": result}
+    except ReportFailed as exc:
+        values = {"status": ReportStatus.failed, "error_kind": exc.kind}
+        values |= {"error": exc.message, "error_hint": exc.hint}
+    except TrainingError as exc:
+        values = {"status": ReportStatus.failed, "error_kind": exc.kind}
+        values |= {"error": exc.message, "error_hint": exc.hint}
+    except Exception as exc:  # a report must never take its worker down
+        values = {"status": ReportStatus.failed, "error_kind": "internal"}
+        values |= {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        values |= {"error_hint": "Look at the worker's log; measure again to retry."}
+    with db.write() as session:
+        row = session.get(DatasetReport, report_id)
+        assert row is not None
+        for name, value in values.items():
+            setattr(row, name, value)
+        row.finished_at = datetime.now(UTC)
+        session.add(row)
+    return row
+
+
+def load_tokenizer(settings: Settings, model: BaseModelEntry) -> Any:
+    """The registered model's tokenizer alone (no weights, no GPU)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            model.source,
+            cache_dir=None if model.is_local else str(settings.hf_home),
+            local_files_only=model.is_local or settings.hf_offline,
+            trust_remote_code=model.trust_remote_code,
+        )
+    except OSError as exc:
+        raise ReportFailed(
+            "model_not_found",
+            f"Cannot load the tokenizer of {model.name}: {exc}"[:2000],
+            "Check that the model folder still exists (or that the hub is reachable).",
+        ) from exc
+
+
+@dataclass
+class _Tally:
+    lengths: list[int] = field(default_factory=list)
+    tokens_per_epoch: int = 0
+    trained_per_epoch: int = 0
+    examples: int = 0
+    over_rows: int = 0
+    truncated: int = 0
+    dropped_after_cut: int = 0
+    tokens_cut: int = 0
+    over_lines: list[int] = field(default_factory=list)
+    untrainable: int = 0
+    untrainable_lines: list[int] = field(default_factory=list)
+
+
+def compute_report(
+    tokenizer: Any,
+    dataset_dir: Path,
+    *,
+    max_seq_len: int,
+    train_on: str = "assistant",
+    chat_template: str | None = None,
+) -> dict[str, Any]:
+    """The report of the training rows in `dataset_dir` (normalized.jsonl minus split.json's
+    eval lines). Raises ReportFailed for a conversation dataset and a tokenizer without a chat
+    template (unless `chat_template` is given)."""
+    started = time.monotonic()
+    rows, eval_rows = _training_rows(dataset_dir)
+    conversational = any("messages" in row for row in rows)
+    template_name, trained_from = "model", "whole text (plain-text rows train on every token)"
+    if conversational:
+        try:
+            template = template_of(tokenizer, chat_template)
+        except ChatTemplateMissing as exc:
+            raise ReportFailed(
+                exc.kind,
+                exc.message,
+                "Pick a chat/instruct model, or use the ChatML template instead (then train and "
+                "chat with ChatML too).",
+            ) from exc
+        template_name = "chatml" if chat_template == CHATML_TEMPLATE else "model"
+        trained_from = (
+            "the template's generation markers"
+            if has_generation_markers(template)
+            else "what the template adds for each assistant turn"
+        )
+        if train_on == "all":
+            trained_from = "every token (loss on all)"
+
+    tally = _Tally()
+    for row in rows:
+        _measure(tokenizer, row, train_on, max_seq_len, chat_template, tally)
+
+    sample = _sample(tokenizer, rows, max_seq_len, chat_template)
+    lengths = sorted(tally.lengths)
+    return {
+        "rows": len(rows),
+        "eval_rows": eval_rows,
+        "lengths": {
+            "min": lengths[0] if lengths else 0,
+            "p50": _percentile(lengths, 50),
+            "p95": _percentile(lengths, 95),
+            "max": lengths[-1] if lengths else 0,
+            "mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
+        },
+        "histogram": histogram(lengths, max_seq_len),
+        "total_tokens": sum(lengths),
+        "tokens_per_epoch": tally.tokens_per_epoch,
+        "trained_tokens_per_epoch": tally.trained_per_epoch,
+        "examples_per_epoch": tally.examples,
+        "over_max": {
+            "rows": tally.over_rows,
+            "truncated": tally.truncated,
+            "dropped": tally.dropped_after_cut,
+            "tokens_cut": tally.tokens_cut,
+            "lines": tally.over_lines,
+        },
+        "no_trained_tokens": {"rows": tally.untrainable, "lines": tally.untrainable_lines},
+        "truncation_rule": TRUNCATION_RULE,
+        "chat_template": template_name,
+        "trained_tokens_from": trained_from,
+        "tokenizer": {
+            "class": type(tokenizer).__name__,
+            "vocab_size": int(getattr(tokenizer, "vocab_size", 0) or 0),
+        },
+        "sample": sample,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def _measure(
+    tokenizer: Any,
+    row: dict[str, Any],
+    train_on: str,
+    max_seq_len: int,
+    chat_template: str | None,
+    tally: _Tally,
+) -> None:
+    line = row.get("line")
+    whole = tokenize_row(tokenizer, row, train_on, UNLIMITED, chat_template)
+    if whole is None:  # nothing to train even uncut: training drops it
+        length = len(tokenize_row(tokenizer, row, "all", UNLIMITED, chat_template) or [])
+        tally.lengths.append(length)
+        tally.untrainable += 1
+        if line is not None and len(tally.untrainable_lines) < MAX_LINES_LISTED:
+            tally.untrainable_lines.append(line)
+        return
+    tally.lengths.append(len(whole))
+    kept = whole
+    if len(whole) > max_seq_len:
+        # Ask the training function itself what becomes of the row at this length.
+        cut = tokenize_row(tokenizer, row, train_on, max_seq_len, chat_template)
+        tally.over_rows += 1
+        if line is not None and len(tally.over_lines) < MAX_LINES_LISTED:
+            tally.over_lines.append(line)
+        if cut is None:
+            tally.dropped_after_cut += 1
+            return
+        tally.truncated += 1
+        tally.tokens_cut += len(whole) - len(cut)
+        kept = cut
+    tally.examples += 1
+    tally.tokens_per_epoch += len(kept)
+    tally.trained_per_epoch += sum(label != IGNORE_INDEX for label in kept.labels)
+
+
+def _sample(
+    tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, chat_template: str | None
+) -> dict[str, Any] | None:
+    """The first training row with an assistant reply (else the first row), rendered twice."""
+    chosen = next(
+        (r for r in rows if any(m.get("role") == "assistant" for m in r.get("messages", []))),
+        rows[0] if rows else None,
+    )
+    if chosen is None:
+        return None
+    return {
+        "line": chosen.get("line"),
+        **{
+            train_on: [
+                {"text": text, "trained": trained}
+                for text, trained in trained_segments(
+                    tokenizer, chosen, train_on, max_seq_len, chat_template
+                )
+            ]
+            for train_on in ("assistant", "all")
+        },
+    }
+
+
+def _training_rows(dataset_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    normalized = dataset_dir / "normalized.jsonl"
+    if not normalized.is_file():
+        raise ReportFailed(
+            "dataset_missing",
+            "The dataset's normalised rows are missing from the data dir.",
+            "Upload the file again.",
+        )
+    split_path = dataset_dir / "split.json"
+    eval_lines: set[int] = set()
+    if split_path.is_file():
+        eval_lines = set(json.loads(split_path.read_text(encoding="utf-8"))["eval_lines"])
+    rows = []
+    with normalized.open(encoding="utf-8") as handle:
+        for text in handle:
+            if text.strip():
+                row = json.loads(text)
+                if row.get("line") not in eval_lines:
+                    rows.append(row)
+    return rows, len(eval_lines)
+
+
+def _percentile(sorted_values: list[int], pct: float) -> int:
+    """Nearest-rank percentile (a length that some row really has)."""
+    if not sorted_values:
+        return 0
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def histogram(
+    lengths: list[int], max_seq_len: int, max_bins: int = MAX_BINS
+) -> list[dict[str, int]]:
+    """Bins of a round width covering 0..longest, counting rows with lo < length <= hi.
+
+    `max_seq_len` is always an edge, so a bin is either wholly within the limit or wholly over
+    it (app.js draws bins with lo >= max length in the danger colour).
+    """
+    if not lengths:
+        return []
+    top = max(lengths)
+    width = _round_width(max(top, 1) / max_bins)
+    edges = list(range(0, top + width, width))
+    if len(edges) < 2 or edges[-1] < top:
+        edges.append(edges[-1] + width)
+    if 0 < max_seq_len < edges[-1] and max_seq_len not in edges:
+        edges = sorted([*edges, max_seq_len])
+    counts = [0] * (len(edges) - 1)
+    for length in lengths:
+        # first edge >= length closes the bin: lo < length <= hi; length 0 goes to the first bin
+        index = bisect.bisect_left(edges, length)
+        counts[max(index - 1, 0)] += 1
+    return [
+        {"lo": lo, "hi": hi, "count": count}
+        for lo, hi, count in zip(edges[:-1], edges[1:], counts, strict=True)
+    ]
+
+
+def _round_width(raw: float) -> int:
+    """The smallest 1, 2 or 5 times a power of ten that is at least `raw` (and at least 1)."""
+    magnitude = 10 ** max(0, math.floor(math.log10(max(raw, 1))))
+    for step in (1, 2, 5, 10):
+        if step * magnitude >= raw:
+            return int(step * magnitude)
+    return int(10 * magnitude)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Compute dataset token reports (settings from TUNEBOARD_* variables)."
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--report-id", type=int, help="compute this pending report")
+    which.add_argument("--pending", action="store_true", help="compute every pending report")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if args.pending:
+        print(f"{run_pending_reports(settings)} report(s) computed")
+        return 0
+    db = Database(settings.resolved_database_url)
+    try:
+        worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        if claim_next_report(db, worker_id, report_id=args.report_id) is None:
+            print(
+                f"report {args.report_id} is not pending (done, failed, or taken)", file=sys.stderr
+            )
+            return 1
+        report = compute_and_store(db, settings, args.report_id)
+    finally:
+        db.dispose()
+    print(
+        f"report {report.id}: {report.status.value}" + (f": {report.error}" if report.error else "")
+    )
+    return 0 if report.status == ReportStatus.done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
