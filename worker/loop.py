@@ -41,6 +41,7 @@ from app.models import JobStatus, Worker
 from app.settings import Settings
 from worker import failures, gpu
 from worker.job_io import attempt_log_path, read_result, result_path
+from worker.side_work import run_side_work
 
 log = logging.getLogger("worker")
 
@@ -113,6 +114,19 @@ class WorkerLoop:
             target=self._heartbeat_forever, name="worker-heartbeat", daemon=True
         )
         beat.start()
+        side = threading.Thread(
+            target=run_side_work,
+            args=(
+                self.settings,
+                self.db,
+                self.stopping,
+                child_environment(self.settings, self.gpus),
+                self.settings.resolved_data_dir / "worker-side.log",
+            ),
+            name="worker-side-work",
+            daemon=True,
+        )
+        side.start()
         log.info("worker %s started (gpus=%r)", self.id, self.gpus)
         try:
             while not self.stopping.is_set():
