@@ -523,7 +523,10 @@ class _SFTTrainer(Trainer):
         self.last_seq_len = int(inputs["input_ids"].shape[-1])
         with self.recipe.activation_offload():
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self.step_finite = torch.logical_and(torch.as_tensor(self.step_finite), loss.isfinite())
+        finite = loss.detach().isfinite()  # on the loss's device: no sync until the step ends
+        self.step_finite = (
+            finite if self.step_finite is True else torch.logical_and(self.step_finite, finite)
+        )
         return loss
 
     def take_step_counters(self) -> tuple[int, bool]:
