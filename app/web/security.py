@@ -127,7 +127,8 @@ class SecurityMiddleware:
                 "TUNEBOARD_ALLOWED_HOSTS.",
             )
 
-        if scope.get("method", "GET") in UNSAFE_METHODS and not self._same_origin(headers):
+        scheme = {"ws": "http", "wss": "https"}.get(scope["scheme"], scope["scheme"])
+        if scope.get("method", "GET") in UNSAFE_METHODS and not self._same_origin(headers, scheme):
             return lambda send: _refuse(
                 send,
                 403,
@@ -168,15 +169,17 @@ class SecurityMiddleware:
             return
         await self.app(scope, receive, send)
 
-    def _same_origin(self, headers: dict[str, str]) -> bool:
+    def _same_origin(self, headers: dict[str, str], scheme: str) -> bool:
         origin = headers.get("origin")
         if origin is None:
             # Every current browser sends Origin on a cross-origin POST/DELETE (and fetch sends
             # Sec-Fetch-Site); a request with neither comes from curl, a script or the OpenAI
             # client, which a web page cannot forge, and which the token governs instead.
             return headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+        # Same origin = same scheme, host and port. Behind a TLS proxy the scheme is right when
+        # uvicorn trusts the proxy's X-Forwarded-Proto (--forwarded-allow-ips).
         parsed = urlsplit(origin.strip())
-        return parsed.scheme in ("http", "https") and parsed.netloc.lower() == (
+        return parsed.scheme == scheme and parsed.netloc.lower() == (
             headers.get("host", "").strip().lower()
         )
 
