@@ -219,8 +219,20 @@ def register_model(
 ) -> BaseModelEntry:
     """Register a local model folder or a hub id, reading only its config and tokenizer files."""
     source = source.strip()
-    local = Path(source).expanduser()
-    is_local = local.is_absolute() or source.startswith((".", "~")) or local.exists()
+    if re.search(r"[\x00-\x1f\x7f]", source) or not source:
+        raise ModelRegistrationError(
+            "The model source is empty or contains control characters.",
+            "Give a hub id such as Qwen/Qwen2.5-0.5B-Instruct or an absolute folder path.",
+        )
+    try:
+        local = Path(source).expanduser()
+        is_local = local.is_absolute() or source.startswith((".", "~")) or local.exists()
+    except (RuntimeError, OSError, ValueError) as exc:  # "~nosuchuser", names the OS cannot use
+        raise ModelRegistrationError(
+            f"{source[:200]!r} is not a usable folder path ({exc}).",
+            "Give the absolute path of the folder, or a hub id such as org/name.",
+            code="model_not_found",
+        ) from exc
     if is_local:
         model_dir = local.resolve()
         if not model_dir.is_dir():
