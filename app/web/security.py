@@ -127,7 +127,7 @@ class SecurityMiddleware:
                 "TUNEBOARD_ALLOWED_HOSTS.",
             )
 
-        scheme = {"ws": "http", "wss": "https"}.get(scope["scheme"], scope["scheme"])
+        scheme = str(scope.get("scheme", "http")).replace("wss", "https").replace("ws", "http")
         if scope.get("method", "GET") in UNSAFE_METHODS and not self._same_origin(headers, scheme):
             return lambda send: _refuse(
                 send,
