@@ -99,6 +99,7 @@ class Job(SQLModel, table=True):
     error_message: str | None = None
     error_hint: str | None = None
     notice: str | None = None  # e.g. "retried with half the micro-batch after OOM"
+    oom_retries: int = 0  # automatic out-of-memory retries so far (at most one; reset by retry)
     progress_step: int = 0
     progress_total: int = 0
     epoch: float = 0.0

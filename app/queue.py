@@ -17,7 +17,7 @@ from sqlalchemy import func, text, update
 from sqlmodel import col, select
 
 from app.db import Database
-from app.models import FINISHED_STATUSES, Job, JobStatus, Metric, utcnow
+from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric, Worker, utcnow
 from app.train_config import TrainConfig
 
 
@@ -146,7 +146,9 @@ def heartbeat(db: Database, job_id: int, attempt: int, lease_seconds: float) -> 
     now = utcnow()
     renew = (
         update(Job)
-        .where(col(Job.id) == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
+        .where(
+            col(Job.id) == job_id, col(Job.attempt) == attempt, col(Job.status) == JobStatus.running
+        )
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
     )
     with db.write() as s:
@@ -222,9 +224,14 @@ def finish(
     error_kind: str | None = None,
     error_message: str | None = None,
     error_hint: str | None = None,
+    adapter: dict[str, Any] | None = None,
     **fields: Any,
 ) -> bool:
-    """End a running attempt as succeeded, failed or cancelled. False if the attempt is stale."""
+    """End a running attempt as succeeded, failed or cancelled. False if the attempt is stale.
+
+    `adapter` (`size_bytes`, `eval_loss`) registers the trained adapter in the same transaction,
+    so a job is never shown as succeeded without its adapter, and a stale attempt registers none.
+    """
     if status not in FINISHED_STATUSES:
         raise ValueError(f"{status} is not a finished status")
     with db.write() as s:
@@ -238,6 +245,18 @@ def finish(
         for name, value in fields.items():
             setattr(job, name, value)
         s.add(job)
+        if adapter is not None and status == JobStatus.succeeded:
+            # merge: a job retried after success replaces its adapter row ("job-<id>").
+            s.merge(
+                Adapter(
+                    id=f"job-{job_id}",
+                    job_id=job_id,
+                    name=job.name,
+                    base_model=job.base_model,
+                    size_bytes=int(adapter.get("size_bytes") or 0),
+                    eval_loss=adapter.get("eval_loss"),
+                )
+            )
         return True
 
 
@@ -248,11 +267,13 @@ def release(
     *,
     notice: str | None = None,
     config: dict[str, Any] | None = None,
+    oom_retry: bool = False,
 ) -> bool:
     """Put a running attempt back at the head of the queue (worker shutdown, OOM retry).
 
     The next claim resumes from the last complete checkpoint. `config` replaces the stored one
-    (the OOM retry halves the micro-batch). Fenced by attempt.
+    (the OOM retry halves the micro-batch; `oom_retry` counts it so a second OOM fails the job).
+    Fenced by attempt.
     """
     with db.write() as s:
         job = s.get(Job, job_id)
@@ -268,6 +289,8 @@ def release(
             job.notice = notice
         if config is not None:
             job.config = config
+        if oom_retry:
+            job.oom_retries += 1
         if job.cancel_requested:
             job.status = JobStatus.cancelled
             job.finished_at = job.updated_at
@@ -313,6 +336,37 @@ def requeue_expired(db: Database) -> list[int]:
     return changed
 
 
+# --- workers (liveness rows shown on the dashboard) --------------------------------------------
+
+
+def register_worker(db: Database, worker: Worker) -> Worker:
+    """Add (or replace) a worker's liveness row when it starts."""
+    with db.write() as s:
+        return s.merge(worker)
+
+
+def worker_heartbeat(db: Database, worker_id: str, **fields: Any) -> None:
+    """Mark a worker alive now, with its current GPU readings and job."""
+    with db.write() as s:
+        worker = s.get(Worker, worker_id)
+        if worker is None:
+            return
+        for name, value in fields.items():
+            setattr(worker, name, value)
+        worker.heartbeat_at = utcnow()
+        s.add(worker)
+
+
+def worker_stopped(db: Database, worker_id: str) -> None:
+    with db.write() as s:
+        worker = s.get(Worker, worker_id)
+        if worker is not None:
+            worker.stopped = True
+            worker.current_job_id = None
+            worker.heartbeat_at = utcnow()
+            s.add(worker)
+
+
 # --- user actions -----------------------------------------------------------------------------
 
 
@@ -350,6 +404,7 @@ def retry(db: Database, job_id: int, *, from_scratch: bool = False, attempts: in
         job.error_kind = job.error_message = job.error_hint = None
         job.finished_at = None
         job.resume_from_scratch = from_scratch
+        job.oom_retries = 0
         job.notice = (
             "Retried from scratch." if from_scratch else "Retried from the last checkpoint."
         )

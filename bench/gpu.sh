@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One device command for the GPU machine: unpack the carried sites, print versions, then run the
+# stages named on the command line, in order, writing everything under $OUT.
+#
+#   bash bench/gpu.sh tests 1b          # carry: site-tuneboard.tgz site-unsloth.tgz
+#
+# Stages:
+#   tests        pytest -m gpu -x -q (the product's GPU tests)
+#   1b           throughput, Llama-3.2-1B shape, fixed + variable data, all arms
+#   8b           throughput, Llama-3.1-8B shape, fixed + variable data, all arms
+#   8b-fixed     the same, fixed-length data only (8b-variable: variable only)
+#   longest      longest single sequence, 8B shape, under a 22.5 GiB cap, all arms
+#   smoke        the CPU smoke run (checks the harness itself)
+# Env: BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too
+# late are listed as skipped. BENCH_ARMS (default standard,unsloth,tuneboard). BENCH_ARGS: extra
+# arguments for every bench/train.py call (e.g. "--steps 5 --warmup 2").
+# The model cache (/tmp/tuneboard-bench-cache) survives between calls only while the machine
+# stays warm; a fresh machine rebuilds it (8B: about a minute on the GPU).
+# $OUT gets at most 8 files: gpu.log, work.tgz (every arm's JSON and log) and <stage>.md/.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+DEADLINE=$(( $(date +%s) + ${BENCH_BUDGET_S:-560} ))
+WORK=/tmp/tuneboard-bench-work
+CACHE=/tmp/tuneboard-bench-cache
+ARMS=${BENCH_ARMS:-standard,unsloth,tuneboard}
+mkdir -p "$WORK" "$CACHE"
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+
+unpack() {  # tarball, target dir: unpack once per machine (the stamp names the tarball's size)
+  local stamp
+  [ -f "$1" ] || { echo "missing $1 (carry it)"; return 1; }
+  stamp="$2/.unpacked-$(stat -c %s "$1")"
+  [ -f "$stamp" ] && return 0
+  rm -rf "$2" && mkdir -p "$2" && tar xzf "$1" -C "$2" && touch "$stamp"
+}
+unpack site-tuneboard.tgz /tmp/site-tuneboard || exit 1
+unpack site-unsloth.tgz /tmp/site-unsloth || echo "no Unsloth site: its arm will be skipped"
+export PYTHONPATH=$PWD:/tmp/site-tuneboard
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
+  HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=warning
+
+echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) stages: $*"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 - <<'EOF'
+import importlib.metadata as m, sys
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+for p in ["transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "pydantic",
+          "datasets", "safetensors", "tokenizers"]:
+    try:
+        print(f"  {p} {m.version(p)}")
+    except Exception as exc:
+        print(f"  {p} missing ({exc})")
+EOF
+
+bench() {  # name, then bench/train.py arguments
+  local name=$1; shift
+  # shellcheck disable=SC2086
+  python3 bench/train.py --name "$name" --out "$OUT" --work "$WORK" --cache "$CACHE" \
+    --site /tmp/site-tuneboard --unsloth-site /tmp/site-unsloth --arms "$ARMS" \
+    --deadline "$DEADLINE" --quiet-children "$@" ${BENCH_ARGS:-}
+}
+
+status=0
+for stage in "$@"; do
+  left=$(( DEADLINE - $(date +%s) ))
+  echo "== stage $stage ($left s left)"
+  case $stage in
+    tests)
+      timeout "$(( left > 30 ? left - 20 : 10 ))" python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests/worker}
+      rc=$?; [ $rc -eq 5 ] && echo "(no GPU tests collected)" && rc=0
+      [ $rc -ne 0 ] && status=$rc ;;
+    1b) bench throughput-1b --shapes 1b --min-arm-s 30 || status=$? ;;
+    8b) bench throughput-8b --shapes 8b --min-arm-s 90 || status=$? ;;
+    8b-fixed) bench throughput-8b-fixed --shapes 8b --data fixed --min-arm-s 90 || status=$? ;;
+    8b-variable) bench throughput-8b-variable --shapes 8b --data variable --min-arm-s 90 \
+      || status=$? ;;
+    longest) bench longest-8b --shapes 8b --cap-gib 22.5 --longest --reuse --min-arm-s 60 || status=$? ;;
+    smoke) python3 bench/train.py --smoke --name smoke --out "$OUT" --work "$WORK" \
+      --cache "$CACHE" || status=$? ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
+done
+# Per-arm JSON and child logs, one file (adapters and checkpoints under *.run are left out).
+tar czf "$OUT/work.tgz" -C "$WORK" --exclude='*.run' . 2>/dev/null
+echo "== done, status $status, $(( DEADLINE - $(date +%s) )) s to spare"
+exit $status

@@ -1,0 +1,53 @@
+"""The benchmark harness itself, on the CPU: a tiny Llama, every arm in its own process, one
+table. The GPU numbers come from the same script on the GPU machine (bench/README.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def test_smoke_run_prints_one_row_per_arm(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OUT=str(tmp_path / "out"))
+    proc = subprocess.run(
+        [sys.executable, "bench/train.py", "--smoke", "--data", "fixed",
+         "--cache", str(tmp_path / "cache")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    table = (tmp_path / "out" / "throughput.md").read_text()
+    assert table.strip().splitlines()[0] in proc.stdout  # the printed table is the written one
+    rows = {
+        cells[4]: cells
+        for line in table.splitlines()
+        if line.startswith("| tiny-llama")
+        for cells in [[c.strip() for c in line.split("|")]]
+    }
+    assert set(rows) == {"standard", "unsloth", "tuneboard"}
+    assert rows["standard"][5] != "-"  # tokens/s measured
+    assert float(rows["standard"][12]) > 0  # a step-0 loss for the parity check
+    if importlib.util.find_spec("unsloth") is None:
+        assert "import unsloth failed" in rows["unsloth"][13]
+
+    results = json.loads((tmp_path / "out" / "throughput.json").read_text())["results"]
+    tuneboard = next(r for r in results if r["arm"] == "tuneboard")
+    if (REPO / "worker" / "recipes" / "sft.py").exists():
+        assert tuneboard.get("ok"), tuneboard
+        # Same random-init model, same token distribution: the first losses agree closely.
+        standard = next(r for r in results if r["arm"] == "standard")
+        assert abs(tuneboard["step0_loss"] - standard["step0_loss"]) < 0.2
+    else:
+        assert "worker" in tuneboard.get("error", ""), tuneboard

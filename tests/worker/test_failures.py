@@ -1,0 +1,33 @@
+"""The OOM retry rule and the exit classification (pure functions)."""
+
+from __future__ import annotations
+
+import signal
+
+from worker.failures import HINTS, classify_exit, hint_for, oom_retry
+
+
+def test_oom_retry_halves_the_micro_batch_and_keeps_the_effective_batch():
+    config, notice = oom_retry(
+        {"micro_batch_size": 8, "grad_accum_steps": 2, "max_seq_len": 1024}, step=7, seq_len=None
+    )
+    assert (config["micro_batch_size"], config["grad_accum_steps"]) == (4, 4)
+    assert notice.startswith("Ran out of GPU memory at step 7 (micro-batch 8, sequence 1024)")
+
+
+def test_oom_retry_of_an_odd_micro_batch_never_shrinks_the_effective_batch():
+    config, _ = oom_retry({"micro_batch_size": 3, "grad_accum_steps": 4}, step=1, seq_len=512)
+    assert (config["micro_batch_size"], config["grad_accum_steps"]) == (1, 12)
+
+
+def test_no_oom_retry_below_one_example_or_past_the_accumulation_bound():
+    assert oom_retry({"micro_batch_size": 1, "grad_accum_steps": 4}, step=1, seq_len=512) is None
+    assert oom_retry({"micro_batch_size": 2, "grad_accum_steps": 600}, step=1, seq_len=8) is None
+
+
+def test_exits_without_a_result_are_classified():
+    killed = classify_exit(-signal.SIGKILL, ["x"])
+    assert killed["error_kind"] == "killed" and killed["error_hint"] == HINTS["killed"]
+    other = classify_exit(1, ["line a", "line b"])
+    assert other["error_kind"] == "unknown" and other["error_message"].endswith("line a\nline b")
+    assert hint_for("no such kind") == HINTS["unknown"]

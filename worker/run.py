@@ -1,0 +1,222 @@
+"""The training child: `python -m worker.run --job-id N --attempt A`.
+
+Started by the worker loop in a fresh process for each attempt, so a crash, an OOM or a leak dies
+with it and the GPU memory is returned. It reads the job, resolves the model and the dataset
+files, runs the recipe with a `DatabaseControl` and a `DatabaseSink`, and writes
+`runs/<job>/attempt-<A>.result.json` before it exits:
+
+    {"status": "succeeded" | "failed" | "cancelled" | "released",
+     "error_kind": str | null, "error_message": str | null, "error_hint": str | null,
+     "oom": {"step", "micro_batch_size", "seq_len"}   (error_kind "oom" only, values may be null)
+     "adapter": {"size_bytes", "eval_loss"}             (succeeded only)
+     "retry_config": {...}                              (optional: the config to retry with)}
+
+"released" means "put the job back in the queue" (SIGTERM, the worker died, or the lease was lost:
+the loop's release is fenced, so a stale release is refused). Full tracebacks go to the log (this
+process's stderr), never into the message users see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from app import queue
+from app.db import Database
+from app.models import BaseModelEntry, Dataset
+from app.settings import Settings
+from app.train_config import TrainConfig
+from worker.failures import hint_for
+from worker.job_io import DatabaseControl, DatabaseSink, result_path, write_result
+
+log = logging.getLogger("worker.run")
+
+ADAPTER_DIR_NAME = "adapter"
+
+
+class ChildError(Exception):
+    """A failure this module detects itself, in the recipe's typed-error shape."""
+
+    def __init__(self, kind: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.hint = kind, message, hint or hint_for(kind)
+
+
+def dataset_files(dataset_dir: Path) -> tuple[Path, Path | None]:
+    """The normalised train rows and the held-out eval rows (None when there is no split)."""
+    train, evaluation = dataset_dir / "train.jsonl", dataset_dir / "eval.jsonl"
+    if train.is_file():
+        return train, evaluation if evaluation.is_file() else None
+    normalized = dataset_dir / "normalized.jsonl"
+    if normalized.is_file():
+        return normalized, evaluation if evaluation.is_file() else None
+    raise ChildError(
+        "dataset",
+        "The dataset's normalised rows are missing from the data dir.",
+        "Upload the dataset again; if the data dir was moved, move its datasets/ folder too.",
+    )
+
+
+def model_location(db: Database, settings: Settings, name: str) -> Path:
+    """A local folder holding the base model: its registered path, or a hub download."""
+    with db.read() as s:
+        entry = s.get(BaseModelEntry, name)
+    if entry is None:
+        raise ChildError("model_not_found", f"The base model {name!r} is not registered.")
+    if entry.is_local or entry.is_demo:
+        path = Path(entry.source)
+        if not path.is_dir():
+            raise ChildError("model_not_found", f"The folder of model {name!r} is missing: {path}")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                entry.source,
+                cache_dir=settings.hf_home,
+                local_files_only=settings.hf_offline,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:
+        raise ChildError(
+            "model_not_found",
+            f"Could not get model {entry.source!r} from the hub: {type(exc).__name__}: {exc}",
+        ) from exc
+
+
+def directory_size(path: Path) -> int:
+    if not path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _accepted(factory: Any, optional: dict[str, Any]) -> dict[str, Any]:
+    """The optional keyword arguments the recipe declares (its signature is still settling)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return optional
+    return {k: v for k, v in optional.items() if k in params}
+
+
+def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_class: Any) -> dict:
+    """Run one attempt to its end and say how it ended (the result file's content)."""
+    control = DatabaseControl(db, job_id, attempt)
+    control.install_signal_handlers()
+    sink = DatabaseSink(db, job_id, attempt, on_stale=control.lose_lease)
+    if control.should_stop() == "lease_lost":
+        return {"status": "released", "error_message": "The attempt was stale when it started."}
+
+    job = queue.get_job(db, job_id)
+    config = TrainConfig.model_validate(job.config)
+    with db.read() as s:
+        if s.get(Dataset, job.dataset_id) is None:
+            raise ChildError("dataset", "The job's dataset was deleted.")
+    rows_path, eval_rows_path = dataset_files(settings.datasets_dir / job.dataset_id)
+    model_path = model_location(db, settings, job.base_model)
+    output_dir = settings.runs_dir / str(job_id)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    optional = {
+        "eval_rows_path": eval_rows_path,
+        "resume": not job.resume_from_scratch,
+        "attempt": attempt,
+    }
+    recipe = recipe_class(
+        config,
+        model_path,
+        output_dir,
+        sink,
+        control,
+        rows_path=rows_path,
+        **_accepted(recipe_class, optional),
+    )
+    try:
+        recipe.setup()
+        recipe.train()
+        sink.flush()
+        control.flush()
+        reason = control.should_stop()
+        if reason is not None:
+            log.info("attempt %s of job %s stopped early: %s", attempt, job_id, reason)
+        if reason == "cancel":
+            return {"status": "cancelled"}
+        if reason is not None:
+            return {"status": "released"}
+        saved = recipe.save()
+        adapter_dir = (
+            Path(saved) if isinstance(saved, str | Path) else output_dir / ADAPTER_DIR_NAME
+        )
+        return {
+            "status": "succeeded",
+            "adapter": {
+                "size_bytes": directory_size(adapter_dir),
+                "eval_loss": sink.last_eval_loss,
+            },
+        }
+    finally:
+        sink.flush()
+        control.flush()
+        recipe.cleanup()
+
+
+def failure_result(exc: BaseException) -> dict[str, Any]:
+    """A typed error (`kind`, `message`, `hint`) as it is; anything else as "unknown"."""
+    kind = getattr(exc, "kind", None)
+    if isinstance(kind, str):
+        result: dict[str, Any] = {
+            "status": "failed",
+            "error_kind": kind,
+            "error_message": getattr(exc, "message", None) or str(exc),
+            "error_hint": getattr(exc, "hint", None) or hint_for(kind),
+        }
+        if kind == "oom":
+            result["oom"] = {
+                "step": getattr(exc, "step", None),
+                "micro_batch_size": getattr(exc, "micro_batch_size", None),
+                "seq_len": getattr(exc, "seq_len", None),
+            }
+        return result
+    last_line = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return {
+        "status": "failed",
+        "error_kind": "unknown",
+        "error_message": f"Training stopped with an unexpected error: {last_line[:500]}",
+        "error_hint": hint_for("unknown"),
+    }
+
+
+def main(argv: list[str] | None = None, *, recipe_class: Any = None) -> int:
+    """Run one attempt and write its result file. `recipe_class` defaults to the SFT recipe."""
+    parser = argparse.ArgumentParser(prog="python -m worker.run")
+    parser.add_argument("--job-id", type=int, required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    settings = Settings()
+    db = Database(settings.resolved_database_url)
+    path = result_path(settings.runs_dir, args.job_id, args.attempt)
+    try:
+        if recipe_class is None:
+            from worker.recipes.sft import SFTRecipe
+
+            recipe_class = SFTRecipe
+        result = train(db, settings, args.job_id, args.attempt, recipe_class)
+    except Exception as exc:
+        traceback.print_exc()
+        result = failure_result(exc)
+    log.info("attempt %s of job %s: %s", args.attempt, args.job_id, result["status"])
+    write_result(path, result)
+    db.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
