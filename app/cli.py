@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from app.settings import Settings, settings_table_markdown
+from app.settings import LOOPBACK_NAMES, Settings, settings_table_markdown
 
 cli = typer.Typer(
     help="Tuneboard: fine-tune LLMs on your own GPU from the browser.",
@@ -84,6 +84,14 @@ def serve(
     typer.secho(
         f"Tuneboard is running at http://{shown_host}:{settings.port}", fg="green", bold=True
     )
+    if not settings.binds_loopback:
+        names = ", ".join(dict.fromkeys((*LOOPBACK_NAMES, *settings.allowed_hosts)))
+        typer.echo(
+            f"Listening beyond this machine: every request needs the token. Requests are answered "
+            f"only for the host names {names}; add the name or address people type in the "
+            "browser to TUNEBOARD_ALLOWED_HOSTS, a JSON list such as "
+            '\'["gpu-box.lan", "192.168.1.20"]\' (this check guards against DNS rebinding).'
+        )
     try:
         uvicorn.run(
             create_app(settings),

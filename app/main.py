@@ -16,7 +16,7 @@ from app.queue import QueueError
 from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
 from app.web.routes import auth, dashboard, datasets, jobs, models, system
-from app.web.security import SecurityMiddleware
+from app.web.security import SECURITY_HEADERS, SecurityMiddleware
 from app.web.templating import STATIC_DIR, render
 
 log = logging.getLogger("tuneboard")
@@ -105,10 +105,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(
+        response = error_response(
             request,
             500,
             "internal",
             "Something went wrong on the server; it has been logged.",
             "Try again; if it persists, look at the server's log.",
         )
+        # Starlette runs this handler outside every middleware (ServerErrorMiddleware is the
+        # outermost layer), so SecurityMiddleware never sees this response: add its headers here.
+        for name, value in SECURITY_HEADERS:
+            response.headers[name.decode()] = value.decode()
+        return response

@@ -144,7 +144,9 @@ def create_dataset(
         shown_name = display_filename(filename)
         dataset = Dataset(
             id=dataset_id,
-            name=(name or Path(shown_name).stem or "dataset")[:200],
+            # Display text: no control characters (NUL also breaks PostgreSQL text columns).
+            name=(_CONTROL_CHARACTERS.sub("", name or "").strip() or Path(shown_name).stem)[:200]
+            or "dataset",
             original_filename=shown_name,
             file_type=file_type,
             format=result.format,

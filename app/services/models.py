@@ -52,20 +52,35 @@ def _read_json(path: Path) -> dict[str, Any]:
         ) from exc
 
 
+SAFETENSORS_HEADER_MAX_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
 def safetensors_parameters(model_dir: Path) -> int:
-    """Count parameters from the safetensors headers alone (no tensor is read)."""
+    """Count parameters from the safetensors headers alone (no tensor is read). A file that is not
+    safetensors (empty, a renamed pickle, a header longer than the file) is refused."""
     total = 0
     for file in sorted(model_dir.glob("*.safetensors")):
-        with file.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for dim in info["shape"]:
-                count *= dim
-            total += count
+        try:
+            size = file.stat().st_size
+            with file.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if not 2 <= length <= min(size - 8, SAFETENSORS_HEADER_MAX_BYTES):
+                    raise ValueError(f"header length {length} does not fit the file")
+                header = json.loads(f.read(length).decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                count = 1
+                for dim in info["shape"]:
+                    count *= int(dim)
+                total += count
+        except (OSError, ValueError, TypeError, KeyError, struct.error) as exc:
+            raise ModelRegistrationError(
+                f"{file.name} is not a valid safetensors file ({type(exc).__name__}).",
+                "Save the weights again with save_pretrained(safe_serialization=True).",
+            ) from exc
     return total
 
 
@@ -204,8 +219,20 @@ def register_model(
 ) -> BaseModelEntry:
     """Register a local model folder or a hub id, reading only its config and tokenizer files."""
     source = source.strip()
-    local = Path(source).expanduser()
-    is_local = local.is_absolute() or source.startswith((".", "~")) or local.exists()
+    if re.search(r"[\x00-\x1f\x7f]", source) or not source:
+        raise ModelRegistrationError(
+            "The model source is empty or contains control characters.",
+            "Give a hub id such as Qwen/Qwen2.5-0.5B-Instruct or an absolute folder path.",
+        )
+    try:
+        local = Path(source).expanduser()
+        is_local = local.is_absolute() or source.startswith((".", "~")) or local.exists()
+    except (RuntimeError, OSError, ValueError) as exc:  # "~nosuchuser", names the OS cannot use
+        raise ModelRegistrationError(
+            f"{source[:200]!r} is not a usable folder path ({exc}).",
+            "Give the absolute path of the folder, or a hub id such as org/name.",
+            code="model_not_found",
+        ) from exc
     if is_local:
         model_dir = local.resolve()
         if not model_dir.is_dir():

@@ -80,5 +80,8 @@ def vendor(package: str) -> str:
 templates.env.globals["vendor"] = vendor
 
 
-def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, context, status_code=status_code)
+def render(
+    request: Request, template: str, /, status_code: int = 200, **context: Any
+) -> HTMLResponse:
+    # Positional-only, so a template variable may be called `name` or `template`.
+    return templates.TemplateResponse(request, template, context, status_code=status_code)

@@ -6,19 +6,15 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app.web.deps import SettingsDep
-from app.web.security import COOKIE_NAME, session_value
+from app.web.security import COOKIE_NAME, safe_next, same_secret, session_value
 from app.web.templating import render
 
 router = APIRouter()
 
 
-def _safe_next(target: str) -> str:
-    return target if target.startswith("/") and not target.startswith("//") else "/"
-
-
 @router.get("/login", response_class=HTMLResponse, include_in_schema=False)
 def login_page(request: Request, next: str = "/") -> HTMLResponse:
-    return render(request, "login.html", next=_safe_next(next), error=None)
+    return render(request, "login.html", next=safe_next(next), error=None)
 
 
 @router.post("/login", include_in_schema=False, response_model=None)
@@ -28,18 +24,16 @@ def login(
     token: Annotated[str, Form(max_length=500)],
     next: Annotated[str, Form(max_length=2000)] = "/",
 ) -> Response:
-    import hmac
-
     expected = settings.token.get_secret_value() if settings.token else None
-    if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
+    if expected is None or not same_secret(token, expected):
         return render(
             request,
             "login.html",
             status_code=401,
-            next=_safe_next(next),
+            next=safe_next(next),
             error="That token is not right.",
         )
-    response = RedirectResponse(_safe_next(next), status_code=303)
+    response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(
         COOKIE_NAME,
         session_value(expected),

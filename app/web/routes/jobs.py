@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict
 
@@ -16,6 +17,10 @@ from app.web.deps import DbDep, SettingsDep
 from app.web.templating import render
 
 router = APIRouter()
+
+# Ids are 64-bit database integers: a larger number is a 422, not an OverflowError in the driver.
+SQL_INT_MAX = 2**63 - 1
+JobId = Annotated[int, PathParam(ge=1, le=SQL_INT_MAX)]
 
 
 class MoveRequest(BaseModel):
@@ -42,23 +47,23 @@ def list_jobs(db: DbDep) -> dict[str, list[Job]]:
 
 
 @router.get("/api/jobs/{job_id}")
-def get_job(job_id: int, db: DbDep) -> Job:
+def get_job(job_id: JobId, db: DbDep) -> Job:
     return queue.get_job(db, job_id)
 
 
 @router.post("/api/jobs/{job_id}/cancel")
-def cancel_job(job_id: int, db: DbDep) -> Job:
+def cancel_job(job_id: JobId, db: DbDep) -> Job:
     return queue.request_cancel(db, job_id)
 
 
 @router.post("/api/jobs/{job_id}/move")
-def move_job(job_id: int, body: MoveRequest, db: DbDep) -> Job:
+def move_job(job_id: JobId, body: MoveRequest, db: DbDep) -> Job:
     return queue.move(db, job_id, body.where)
 
 
 @router.post("/api/jobs/{job_id}/retry")
 def retry_job(
-    job_id: int,
+    job_id: JobId,
     db: DbDep,
     settings: SettingsDep,
     body: Annotated[RetryRequest | None, Body()] = None,
@@ -67,13 +72,15 @@ def retry_job(
 
 
 @router.delete("/api/jobs/{job_id}", status_code=204)
-def delete_job(job_id: int, db: DbDep, settings: SettingsDep) -> Response:
+def delete_job(job_id: JobId, db: DbDep, settings: SettingsDep) -> Response:
     jobs.delete_job(db, settings, job_id)
     return Response(status_code=204)
 
 
 @router.get("/api/jobs/{job_id}/metrics")
-def job_metrics(job_id: int, db: DbDep, after: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+def job_metrics(
+    job_id: JobId, db: DbDep, after: Annotated[int, Query(ge=0, le=SQL_INT_MAX)] = 0
+) -> dict[str, Any]:
     job = queue.get_job(db, job_id)
     rows: list[Metric] = queue.metrics_after(db, job_id, after)
     return {"status": job.status.value, "metrics": rows}
@@ -104,7 +111,7 @@ def jobs_partial(request: Request, db: DbDep) -> HTMLResponse:
 @router.post("/jobs/{job_id}/{action}", response_class=HTMLResponse, include_in_schema=False)
 def job_action(
     request: Request,
-    job_id: int,
+    job_id: JobId,
     action: Literal["cancel", "top", "up", "down", "retry", "restart", "delete"],
     db: DbDep,
     settings: SettingsDep,
@@ -179,7 +186,7 @@ async def create_job_from_form(
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
-def job_page(request: Request, job_id: int, db: DbDep, settings: SettingsDep) -> HTMLResponse:
+def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) -> HTMLResponse:
     job = queue.get_job(db, job_id)
     with db.read() as s:
         dataset = s.get(Dataset, job.dataset_id)
@@ -194,13 +201,13 @@ def job_page(request: Request, job_id: int, db: DbDep, settings: SettingsDep) ->
 
 
 @router.get("/partials/jobs/{job_id}/header", response_class=HTMLResponse, include_in_schema=False)
-def job_header_partial(request: Request, job_id: int, db: DbDep) -> HTMLResponse:
+def job_header_partial(request: Request, job_id: JobId, db: DbDep) -> HTMLResponse:
     return render(request, "jobs/_header.html", job=queue.get_job(db, job_id))
 
 
 @router.get("/partials/jobs/{job_id}/log", response_class=HTMLResponse, include_in_schema=False)
 def job_log_partial(
-    request: Request, job_id: int, db: DbDep, settings: SettingsDep
+    request: Request, job_id: JobId, db: DbDep, settings: SettingsDep
 ) -> HTMLResponse:
     job = queue.get_job(db, job_id)
     return render(request, "jobs/_log.html", log_lines=jobs.log_tail(settings, job))
