@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from anyio import to_thread
+from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from app import queue
 from app.models import Dataset, DatasetStatus, Job, Metric
 from app.services import jobs, models
 from app.train_config import PRESETS, TrainConfig
-from app.web.deps import DbDep, SettingsDep
+from app.web.deps import DbDep, JobStreamsDep, SettingsDep
 from app.web.templating import render
 
 router = APIRouter()
@@ -79,6 +80,26 @@ def job_metrics(job_id: int, db: DbDep, after: Annotated[int, Query(ge=0)] = 0) 
     job = queue.get_job(db, job_id)
     rows: list[Metric] = queue.metrics_after(db, job_id, after)
     return {"status": job.status.value, "metrics": rows}
+
+
+@router.get("/api/jobs/{job_id}/events", response_class=StreamingResponse)
+async def job_event_stream(
+    request: Request,
+    job_id: int,
+    db: DbDep,
+    streams: JobStreamsDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: `metric` rows after Last-Event-ID (else `after`), `status`, `done`."""
+    await to_thread.run_sync(queue.get_job, db, job_id)  # 404 before the stream starts
+    if last_event_id and last_event_id.strip().isdigit():
+        after = int(last_event_id.strip())
+    return StreamingResponse(
+        streams.stream(request, job_id, after),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
 
 
 # --- pages ----------------------------------------------------------------------------------------
