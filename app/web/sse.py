@@ -14,7 +14,7 @@ job's feed before it reads the backlog, and drops live rows whose id it already 
 
 The feed polls while anyone watches (`JobFeed`): one state query and one metrics query per
 `sse_poll_seconds`, however many pages are open, and encodes each row once. Progress-only status
-changes are sent at most once a second (each one makes every open page fetch its header).
+changes are sent at most every 5 s (each one makes every open page fetch its header).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from app.services import job_events
 log = logging.getLogger("tuneboard.sse")
 
 BATCH = 1000
-PROGRESS_EVENT_INTERVAL = 1.0  # seconds between status events that only move progress
+PROGRESS_EVENT_INTERVAL = 5.0  # seconds between status events that only move progress
 MAX_QUEUED = 20_000  # a reader this far behind is cut off; it reconnects with Last-Event-ID
 RECONNECT_MS = 1000
 
