@@ -52,6 +52,15 @@ def wait_points(page, predicate, timeout: float = 15.0) -> int:
     raise AssertionError(f"loss chart stuck at {n} points")
 
 
+def wait_until(check, timeout: float = 10.0) -> None:
+    """Poll from Python: the page's CSP (no eval) rules out wait_for_function strings."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
 def db_rows(db, job_id: int) -> int:
     return len(queue.metrics_after(db, job_id, 0, limit=1_000_000))
 
@@ -67,9 +76,7 @@ def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, p
     try:
         wait_points(page, lambda n: n >= 40)
         # The header follows `status` events: its step moves without a reload.
-        page.wait_for_function(
-            "Number(document.querySelector('#job-header .step').textContent) >= 30", timeout=10000
-        )
+        wait_until(lambda: int(page.text_content("#job-header .step") or 0) >= 30)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.wait_for_timeout(300)  # let uPlot paint the last frame
         page.screenshot(path=str(SCREENSHOT))  # the viewport: header and charts
@@ -96,13 +103,9 @@ def test_reload_mid_run_shows_the_whole_history(live_server, server_db, page):
     finally:
         proc.wait(30)
     assert wait_points(page, lambda n: n == 90) == db_rows(server_db, claim.job_id)
-    page.wait_for_function(
-        "document.querySelector('.chart[data-chart=loss]').dataset.status === 'succeeded'",
-        timeout=10000,
-    )
-    page.wait_for_function(
-        "document.querySelector('#job-header').dataset.status === 'succeeded'", timeout=10000
-    )
+    loss = ".chart[data-chart=loss]"
+    wait_until(lambda: page.get_attribute(loss, "data-status") == "succeeded")
+    wait_until(lambda: page.get_attribute("#job-header", "data-status") == "succeeded")
     assert page.js_errors == []
 
 
