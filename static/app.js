@@ -415,7 +415,7 @@
       if (TERMINAL[feed.status]) closeStream(feed);
     });
     // Every (re)open: fetch what we may have missed, holding live rows until it lands.
-    source.onopen = function () {
+    var backfill = function () {
       if (feed.loading) return;
       feed.buffer = [];
       var after = isFinite(feed.lastId) ? feed.lastId : 0;
@@ -429,6 +429,10 @@
         if (TERMINAL[feed.status]) closeStream(feed);
       });
     };
+    source.onopen = backfill;
+    // Already open (htmx's sse-connect on the same URL opened it first): rows it delivered
+    // before these listeners were attached would be lost without a backfill now.
+    if (source.readyState === 1) backfill();
   }
 
   function closeStream(feed) {
