@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +19,7 @@ from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
 from app.web.routes import auth, dashboard, datasets, jobs, models, system
 from app.web.security import SECURITY_HEADERS, SecurityMiddleware
+from app.web.sse import JobStreams
 from app.web.templating import STATIC_DIR, render
 
 log = logging.getLogger("tuneboard")
@@ -25,7 +28,14 @@ log = logging.getLogger("tuneboard")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.ensure_dirs()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.job_streams.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Tuneboard",
         version="0.1.0",
         docs_url="/api/docs",
@@ -34,6 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.db = Database(settings.resolved_database_url)
+    app.state.job_streams = JobStreams(
+        app.state.db, settings.sse_poll_seconds, settings.sse_keepalive_seconds
+    )
     sweep_stale_uploads(settings)  # temp files of uploads a killed server left behind
 
     for router in (

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=1.0, gt=0)
     """How often an idle worker looks for queued work."""
 
+    sse_poll_seconds: float = Field(default=0.25, gt=0, le=10)
+    """How often the web server looks for new metric rows of a job someone is watching."""
+
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=300)
+    """Idle time after which a live stream sends a keepalive comment (keeps proxies from closing it)."""
+
     trust_remote_code_models: list[str] = []
     """Hub ids or paths allowed to run their own Python code (`trust_remote_code`). Empty: none."""
 

@@ -33,6 +33,15 @@
  *     data-status mirrors the job status the charts know about.
  *   - Charts follow their container's width; height is data-height (default 240).
  *
+ * Compare charts (several jobs overlaid, not live)
+ *   <div class="chart" data-chart="compare" data-series="loss|eval_loss"
+ *        data-compare-url="/api/jobs/compare?ids=1,2"></div>
+ *   - GET compare-url -> {"jobs": [{id, name, status, metrics: {step: [...],
+ *     loss: [...], eval_loss: [...]}}, ...]}; one line per job (x = step, gaps
+ *     spanned), coloured --chart-1..4 in turn, labelled "#<id> <name>".
+ *   - data-series-count="<n>" is the number of jobs with at least one point drawn;
+ *     data-points="<n>" the number of distinct steps.
+ *
  * Sparklines
  *   <canvas class="sparkline" data-values="[1.2,1.1,null,0.9]"></canvas>
  *   A tiny line in the canvas's CSS colour (`color`), sized by CSS (default 100x24).
@@ -406,7 +415,7 @@
       if (TERMINAL[feed.status]) closeStream(feed);
     });
     // Every (re)open: fetch what we may have missed, holding live rows until it lands.
-    source.onopen = function () {
+    var backfill = function () {
       if (feed.loading) return;
       feed.buffer = [];
       var after = isFinite(feed.lastId) ? feed.lastId : 0;
@@ -420,6 +429,10 @@
         if (TERMINAL[feed.status]) closeStream(feed);
       });
     };
+    source.onopen = backfill;
+    // Already open (htmx's sse-connect on the same URL opened it first): rows it delivered
+    // before these listeners were attached would be lost without a backfill now.
+    if (source.readyState === 1) backfill();
   }
 
   function closeStream(feed) {
@@ -471,6 +484,10 @@
   }
 
   function wireChart(div) {
+    if (div.getAttribute("data-chart") === "compare") {
+      wireCompare(div);
+      return;
+    }
     var kind = CHART_KINDS[div.getAttribute("data-chart")];
     var metricsUrl = div.getAttribute("data-metrics-url");
     var eventsUrl = div.getAttribute("data-events-url") || metricsUrl;
@@ -611,6 +628,97 @@
       chart.dirty = false;
       if (chart.plot) chart.plot.setData(chart.data);
     });
+  }
+
+  // ---------------------------------------------------------- compare charts
+
+  var COMPARE_COLORS = ["--chart-1", "--chart-2", "--chart-3", "--chart-4"];
+
+  function wireCompare(div) {
+    var field = div.getAttribute("data-series") || "loss";
+    var url = div.getAttribute("data-compare-url");
+    if (!url || typeof uPlot === "undefined") return;
+    var empty = el("div", "chart-empty", "Loading…");
+    div.appendChild(empty);
+    div.setAttribute("data-points", "0");
+    fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+      .then(function (resp) {
+        if (!resp.ok) throw new Error("HTTP " + resp.status);
+        return resp.json();
+      })
+      .then(function (body) {
+        var jobs = (body && body.jobs) || [];
+        var steps = new Set();
+        var lines = jobs.map(function (job) {
+          var m = job.metrics || {};
+          var xs = m.step || [];
+          var ys = m[field] || [];
+          var byStep = new Map();
+          xs.forEach(function (x, i) {
+            var v = num(ys[i]);
+            if (num(x) != null && v != null) {
+              byStep.set(x, v);
+              steps.add(x);
+            }
+          });
+          return { job: job, byStep: byStep };
+        });
+        var xs = Array.from(steps).sort(function (a, b) {
+          return a - b;
+        });
+        var data = [xs].concat(
+          lines.map(function (line) {
+            return xs.map(function (x) {
+              return line.byStep.has(x) ? line.byStep.get(x) : null;
+            });
+          })
+        );
+        var drawn = lines.filter(function (line) {
+          return line.byStep.size > 0;
+        }).length;
+        if (xs.length === 0) {
+          empty.textContent = "No " + field.replace("_", " ") + " recorded for these runs.";
+        } else {
+          empty.remove();
+        }
+        var axis = cssVar("--axis", "#666");
+        var grid = cssVar("--grid", "#eee");
+        var series = [{ label: "step" }].concat(
+          lines.map(function (line, i) {
+            var color = cssVar(COMPARE_COLORS[i % COMPARE_COLORS.length], "#2f6feb");
+            var dash = i >= COMPARE_COLORS.length ? [6, 4] : undefined;
+            var s = { label: "#" + line.job.id + " " + line.job.name, stroke: color, width: 2, spanGaps: true, value: fmt(4) };
+            if (dash) s.dash = dash;
+            s.points = { show: field === "eval_loss", size: 5, fill: color, stroke: color };
+            return s;
+          })
+        );
+        var h = parseInt(div.getAttribute("data-height"), 10) || 240;
+        var plot = new uPlot(
+          {
+            width: Math.max(div.clientWidth, 100),
+            height: h,
+            series: series,
+            legend: { live: true },
+            scales: { x: { time: false } },
+            axes: [
+              { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid } },
+              { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, size: 55 },
+            ],
+          },
+          data,
+          div
+        );
+        new ResizeObserver(function () {
+          if (div.clientWidth > 0) plot.setSize({ width: Math.max(div.clientWidth, 100), height: h });
+        }).observe(div);
+        div.setAttribute("data-points", String(xs.length));
+        div.setAttribute("data-series-count", String(drawn));
+      })
+      .catch(function (err) {
+        empty.textContent = "Could not load the runs (" + err.message + ").";
+        console.warn("tuneboard: compare fetch failed", url, err);
+      });
   }
 
   // -------------------------------------------------------------- sparklines

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from app.db import Database
 from app.settings import Settings
+from app.web.sse import JobStreams
 
 
 def get_db(request: Request) -> Database:
@@ -18,5 +19,10 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
+def get_job_streams(request: Request) -> JobStreams:
+    return request.app.state.job_streams  # type: ignore[no-any-return]
+
+
 DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+JobStreamsDep = Annotated[JobStreams, Depends(get_job_streams)]

@@ -1,11 +1,12 @@
-"""Browser fixtures shared by every browser test: a real uvicorn server on a free port with its own
-data dir, a side thread that computes dataset reports as a worker would, and the system Chromium
-driven by Playwright (never a downloaded browser).
+"""Browser fixtures: the system Chromium driven by Playwright (never a downloaded browser; without
+/usr/bin/chromium or TUNEBOARD_CHROMIUM the tests skip), against real uvicorn servers on free ports.
 
-    def test_something(live_server, page, dialogs):
-        page.goto(live_server.url + "/datasets")
-        ...
-        assert dialogs == []   # every alert/confirm/prompt the page opened (each is dismissed)
+- `app_server`: one server for the session, with a side thread computing dataset reports as a
+  worker would (`.url`, `.settings`, `.db`).
+- `live_server`: a fresh `tests.live_server.LiveServer` per test, which can be SIGKILLed and
+  restarted (`.kill()` / `.start()`); `server_db` is its database.
+- `page`: a fresh page; `dialogs` lists every alert/confirm/prompt it opened (each dismissed) and
+  `page.js_errors` every uncaught script error.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import pytest
 from app.db import Database
 from app.migrate import upgrade
 from app.settings import Settings
+from tests.live_server import LiveServer
 
-CHROMIUM = os.environ.get("TUNEBOARD_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("TUNEBOARD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -43,7 +45,7 @@ UVICORN += ["--host", "127.0.0.1", "--log-level", "warning"]
 
 
 @dataclass
-class LiveServer:
+class AppServer:
     url: str  # e.g. http://127.0.0.1:41234
     settings: Settings  # the server's settings (its data dir is a temp folder)
     db: Database  # the server's database, for arranging and checking state
@@ -77,8 +79,8 @@ def _report_loop(settings: Settings, stop: threading.Event) -> None:
 
 
 @pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """`uvicorn` serving create_app() on 127.0.0.1:<free port>, plus the dataset-report thread."""
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """One server for a whole session: `uvicorn` serving create_app() on 127.0.0.1:<free port>, plus the dataset-report thread."""
     data_dir = tmp_path_factory.mktemp("live") / "data"
     port = _free_port()
     settings = Settings(data_dir=data_dir, database_url="", port=port)
@@ -102,7 +104,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     try:
         _wait_until_up(url, server)
         reports.start()
-        yield LiveServer(url=url, settings=settings, db=db)
+        yield AppServer(url=url, settings=settings, db=db)
     finally:
         stop.set()
         if reports.is_alive():
@@ -120,14 +122,29 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
 # while it is open, and anyio/async tests collected after the browser tests cannot start their own.
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    from playwright.sync_api import sync_playwright
-
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    server = LiveServer(tmp_path / "data", TUNEBOARD_SSE_KEEPALIVE_SECONDS="2").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_db(live_server: LiveServer) -> Iterator[Database]:
+    """The live server's database, opened the way a worker opens it."""
+    database = Database(live_server.database_url)
+    yield database
+    database.dispose()
 
 
 @pytest.fixture
@@ -138,15 +155,18 @@ def dialogs() -> list[str]:
 
 @pytest.fixture
 def page(browser, dialogs: list[str]) -> Iterator:
-    """A fresh page in its own context; dialogs are recorded in `dialogs` and dismissed."""
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(15_000)
+    """A fresh page in its own context; dialogs are recorded and dismissed, script errors kept."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    tab = context.new_page()
+    tab.set_default_timeout(15_000)
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.js_errors = errors
 
     def on_dialog(dialog) -> None:
         dialogs.append(f"{dialog.type}: {dialog.message}")
         dialog.dismiss()
 
-    page.on("dialog", on_dialog)
-    yield page
+    tab.on("dialog", on_dialog)
+    yield tab
     context.close()

@@ -18,10 +18,10 @@ XSS_ASSISTANT = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture(scope="module")
-def demo_model(live_server, demo_build):
+def demo_model(app_server, demo_build):
     with contextlib.suppress(Conflict):  # registered by another browser test
         models.register_model(
-            live_server.db, live_server.settings, str(demo_build["model_dir"]), "demo-tiny-llama"
+            app_server.db, app_server.settings, str(demo_build["model_dir"]), "demo-tiny-llama"
         )
     return "demo-tiny-llama"
 
@@ -43,9 +43,9 @@ def chat_file(tmp_path, demo_build):
 
 
 def test_upload_through_the_file_picker_shows_progress_then_the_report(
-    live_server, demo_model, page, dialogs, chat_file
+    app_server, demo_model, page, dialogs, chat_file
 ):
-    page.goto(live_server.url + "/datasets")
+    page.goto(app_server.url + "/datasets")
     with page.expect_file_chooser() as chooser:
         page.click(".dropzone")
     chooser.value.set_files(str(chat_file))
@@ -54,7 +54,7 @@ def test_upload_through_the_file_picker_shows_progress_then_the_report(
     page.fill("#dataset-name", "<i>hostile</i> chat")
     page.click("form.upload button[type=submit]")
     page.wait_for_selector("form.upload progress:not([hidden])", state="attached")
-    page.wait_for_url(f"{live_server.url}/datasets/*", timeout=30_000)
+    page.wait_for_url(f"{app_server.url}/datasets/*", timeout=30_000)
 
     # Pending at first; the partial polls until the worker thread has computed the report.
     canvas = page.wait_for_selector(".histogram canvas[aria-label]", timeout=30_000)
@@ -72,8 +72,8 @@ def test_upload_through_the_file_picker_shows_progress_then_the_report(
     assert dialogs == []
 
 
-def test_a_refused_file_dropped_on_the_drop_zone_shows_the_reason(live_server, page, dialogs):
-    page.goto(live_server.url + "/datasets")
+def test_a_refused_file_dropped_on_the_drop_zone_shows_the_reason(app_server, page, dialogs):
+    page.goto(app_server.url + "/datasets")
     page.evaluate(
         """() => {
             const data = new DataTransfer();
@@ -86,5 +86,5 @@ def test_a_refused_file_dropped_on_the_drop_zone_shows_the_reason(live_server, p
     page.click("form.upload button[type=submit]")
     message = page.wait_for_selector("form.upload .error .error-message")
     assert '".html" files are not accepted' in message.inner_text()
-    assert page.url == live_server.url + "/datasets"
+    assert page.url == app_server.url + "/datasets"
     assert dialogs == []

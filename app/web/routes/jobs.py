@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from anyio import to_thread
+from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from app import queue
 from app.models import Dataset, DatasetStatus, Job, Metric
-from app.services import jobs, models
+from app.services import job_events, job_views, jobs, models
 from app.train_config import PRESETS, TrainConfig
-from app.web.deps import DbDep, SettingsDep
+from app.web.deps import DbDep, JobStreamsDep, SettingsDep
 from app.web.templating import render
 
 router = APIRouter()
@@ -39,6 +40,12 @@ class RetryRequest(BaseModel):
 @router.post("/api/jobs", status_code=201)
 def create_job(config: TrainConfig, db: DbDep, settings: SettingsDep) -> Job:
     return jobs.create_job(db, settings, config)
+
+
+@router.get("/api/jobs/compare")
+def compare_jobs(db: DbDep, ids: Annotated[list[str], Query()]) -> dict[str, Any]:
+    """Loss and eval-loss curves and configs of several jobs (`?ids=1,2,3`)."""
+    return {"jobs": job_views.compare(db, job_views.parse_ids(ids))}
 
 
 @router.get("/api/jobs")
@@ -86,15 +93,44 @@ def job_metrics(
     return {"status": job.status.value, "metrics": rows}
 
 
+@router.get("/api/jobs/{job_id}/events", response_class=StreamingResponse)
+async def job_event_stream(
+    request: Request,
+    job_id: JobId,
+    db: DbDep,
+    streams: JobStreamsDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: `metric` rows after Last-Event-ID (else `after`), `status`, `done`."""
+    await to_thread.run_sync(queue.get_job, db, job_id)  # 404 before the stream starts
+    if last_event_id and last_event_id.strip().isdigit():
+        after = int(last_event_id.strip())
+    return StreamingResponse(
+        streams.stream(request, job_id, after),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
 # --- pages ----------------------------------------------------------------------------------------
 
 
 def _queue_context(db: DbDep) -> dict[str, Any]:
-    all_jobs = queue.list_jobs(db)
+    rows = job_views.job_rows(db, queue.list_jobs(db))
     return {
-        "running": [j for j in all_jobs if j.status == "running"],
-        "queued": [j for j in all_jobs if j.status == "queued"],
-        "finished": [j for j in all_jobs if j.status not in ("running", "queued")],
+        "running": [r for r in rows if r.job.status == "running"],
+        "queued": [r for r in rows if r.job.status == "queued"],
+        "finished": [r for r in rows if r.job.status not in ("running", "queued")],
+    }
+
+
+def _header_context(db: DbDep, job_id: int) -> dict[str, Any]:
+    job = queue.get_job(db, job_id)
+    return {
+        "job": job,
+        "eta_seconds": job_views.eta_seconds(db, job),
+        "adapter": job_views.adapter_for(db, job_id),
     }
 
 
@@ -126,7 +162,7 @@ def job_action(
     else:
         jobs.delete_job(db, settings, job_id)
     if request.headers.get("hx-target") == "job-header":
-        return render(request, "jobs/_header.html", job=queue.get_job(db, job_id))
+        return render(request, "jobs/_header.html", **_header_context(db, job_id))
     return render(request, "jobs/_queue.html", **_queue_context(db))
 
 
@@ -185,24 +221,45 @@ async def create_job_from_form(
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
+@router.get("/jobs/compare", response_class=HTMLResponse, include_in_schema=False)
+def compare_page(
+    request: Request, db: DbDep, ids: Annotated[list[str] | None, Query()] = None
+) -> HTMLResponse:
+    chosen = job_views.parse_ids(ids or [])
+    compared = job_views.compare(db, chosen) if len(chosen) >= 2 else []
+    return render(
+        request,
+        "jobs/compare.html",
+        ids=",".join(str(i) for i in chosen),
+        chosen=chosen,
+        compared=compared,
+        config_rows=job_views.config_table([c["config"] for c in compared]),
+        jobs=queue.list_jobs(db),
+    )
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
 def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) -> HTMLResponse:
-    job = queue.get_job(db, job_id)
+    context = _header_context(db, job_id)
+    job = context["job"]
     with db.read() as s:
         dataset = s.get(Dataset, job.dataset_id)
+    # The stream starts after the rows the charts' first fetch will read anyway.
+    after = job_events.last_metric_id(db, job_id)
     return render(
         request,
         "jobs/detail.html",
-        job=job,
         dataset=dataset,
         log_lines=jobs.log_tail(settings, job),
         config=TrainConfig.model_validate(job.config),
+        events_url=f"/api/jobs/{job_id}/events?after={after}",
+        **context,
     )
 
 
 @router.get("/partials/jobs/{job_id}/header", response_class=HTMLResponse, include_in_schema=False)
 def job_header_partial(request: Request, job_id: JobId, db: DbDep) -> HTMLResponse:
-    return render(request, "jobs/_header.html", job=queue.get_job(db, job_id))
+    return render(request, "jobs/_header.html", **_header_context(db, job_id))
 
 
 @router.get("/partials/jobs/{job_id}/log", response_class=HTMLResponse, include_in_schema=False)

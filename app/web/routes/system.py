@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from app.services import system
-from app.web.deps import DbDep, SettingsDep
+from app.web.deps import DbDep, JobStreamsDep, SettingsDep
 from app.web.templating import render
 
 router = APIRouter()
@@ -16,8 +16,9 @@ def healthz(db: DbDep, settings: SettingsDep) -> dict[str, object]:
 
 
 @router.get("/api/system")
-def system_facts(db: DbDep, settings: SettingsDep) -> dict[str, object]:
+def system_facts(db: DbDep, settings: SettingsDep, streams: JobStreamsDep) -> dict[str, object]:
     return {
+        "live_streams": streams.stats(),
         "health": system.health(db, settings),
         "disk": system.disk(settings),
         "facts": system.facts(settings),

@@ -1,0 +1,163 @@
+"""What the job pages show beyond the job row: ETA, loss sparklines, the adapter, run comparison."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import col, select
+
+from app.db import Database
+from app.errors import UserError
+from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric
+
+SPARKLINE_POINTS = 60
+_finished_sparklines: dict[tuple[int, datetime | None], list[float | None]] = {}
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def eta_seconds(db: Database, job: Job) -> float | None:
+    """Seconds left for a running job, from the step rate of its current attempt (None: unknown)."""
+    if job.status != JobStatus.running or not job.progress_total:
+        return None
+    with db.read() as s:
+        base = select(Metric.step, Metric.created_at).where(
+            Metric.job_id == job.id, Metric.attempt == job.attempt
+        )
+        first = s.exec(base.order_by(col(Metric.id)).limit(1)).first()
+        last = s.exec(base.order_by(col(Metric.id).desc()).limit(1)).first()
+    if first is None or last is None or last[0] <= first[0]:
+        return None
+    seconds = (_aware(last[1]) - _aware(first[1])).total_seconds()
+    if seconds <= 0:
+        return None
+    rate = (last[0] - first[0]) / seconds
+    remaining = max(0, job.progress_total - max(job.progress_step, last[0]))
+    return remaining / rate
+
+
+def loss_sparkline(db: Database, job: Job) -> list[float | None]:
+    """Up to 60 loss values across the job's whole run, evenly sampled (cached once finished)."""
+    key = (job.id or 0, job.finished_at)
+    if job.status in FINISHED_STATUSES and key in _finished_sparklines:
+        return _finished_sparklines[key]
+    with db.read() as s:
+        losses = list(
+            s.exec(
+                select(Metric.loss)
+                .where(Metric.job_id == job.id, col(Metric.loss).is_not(None))
+                .order_by(col(Metric.id))
+            )
+        )
+    if len(losses) > SPARKLINE_POINTS:
+        stride = len(losses) / SPARKLINE_POINTS
+        losses = [losses[int(i * stride)] for i in range(SPARKLINE_POINTS - 1)] + [losses[-1]]
+    values = [round(v, 4) if v is not None else None for v in losses]
+    if job.status in FINISHED_STATUSES:
+        _finished_sparklines[key] = values
+    return values
+
+
+def adapter_for(db: Database, job_id: int) -> Adapter | None:
+    with db.read() as s:
+        return s.exec(
+            select(Adapter).where(Adapter.job_id == job_id).order_by(col(Adapter.created_at).desc())
+        ).first()
+
+
+@dataclass
+class JobRow:
+    """A job as the jobs list shows it."""
+
+    job: Job
+    eta_seconds: float | None
+    losses: list[float | None]
+
+
+def job_rows(db: Database, jobs: list[Job]) -> list[JobRow]:
+    return [JobRow(job, eta_seconds(db, job), loss_sparkline(db, job)) for job in jobs]
+
+
+# --- comparison -------------------------------------------------------------------------------
+
+
+class InvalidComparison(UserError):
+    status_code = 422
+    code = "invalid"
+
+
+def parse_ids(raw: list[str]) -> list[int]:
+    """Job ids from `?ids=1,2,3` and/or repeated `?ids=1&ids=2`, in order, without repeats."""
+    ids: list[int] = []
+    for part in ",".join(raw).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit():
+            raise InvalidComparison(f"{part!r} is not a job number.", "Use ?ids=1,2,3.")
+        if int(part) not in ids:
+            ids.append(int(part))
+    if len(ids) > 12:
+        raise InvalidComparison("Compare at most 12 jobs at a time.", "Pick fewer jobs.")
+    return ids
+
+
+def compare(db: Database, ids: list[int]) -> list[dict[str, Any]]:
+    """Each job's name, status, config and loss/eval-loss curves (steps of its latest attempt)."""
+    out = []
+    with db.read() as s:
+        for job_id in ids:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise InvalidComparison(f"There is no job {job_id}.", "Check the job numbers.")
+            rows = s.exec(
+                select(Metric.step, Metric.loss, Metric.eval_loss)
+                .where(Metric.job_id == job_id)
+                .order_by(col(Metric.id))
+            ).all()
+            # A resumed attempt logs from its checkpoint's step again: the later row wins.
+            by_step: dict[int, list[float | None]] = {}
+            for step, loss, eval_loss in rows:
+                point = by_step.setdefault(step, [None, None])
+                if loss is not None:
+                    point[0] = loss
+                if eval_loss is not None:
+                    point[1] = eval_loss
+            steps = sorted(by_step)
+            out.append(
+                {
+                    "id": job.id,
+                    "name": job.name,
+                    "status": job.status.value,
+                    "config": job.config,
+                    "metrics": {
+                        "step": steps,
+                        "loss": [by_step[k][0] for k in steps],
+                        "eval_loss": [by_step[k][1] for k in steps],
+                    },
+                }
+            )
+    return out
+
+
+@dataclass
+class ConfigRow:
+    key: str
+    values: list[Any]
+    differs: bool
+
+
+def config_table(configs: list[dict[str, Any]]) -> list[ConfigRow]:
+    """Configs side by side, one row per key (differing rows first)."""
+    keys: list[str] = []
+    for config in configs:
+        keys += [k for k in config if k not in keys]
+    rows = [
+        ConfigRow(k, [c.get(k) for c in configs], len({repr(c.get(k)) for c in configs}) > 1)
+        for k in keys
+    ]
+    return sorted(rows, key=lambda r: not r.differs)

@@ -1,0 +1,156 @@
+"""A job page in a real browser while a writer process records metrics the way the worker does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app import queue
+from tests.live_server import ROOT
+from tests.simulated_run import finish, start_running_job, write_metrics
+
+pytestmark = pytest.mark.browser
+
+SCREENSHOT = ROOT / "docs" / "job-page.png"
+
+
+def writer(server, claim, first: int, rows: int, interval: float, *, end: bool = False):
+    """A separate process writing metric rows to the server's database file, like a worker."""
+    command = [
+        sys.executable,
+        "-m",
+        "tests.simulated_run",
+        server.database_url,
+        str(claim.job_id),
+        str(claim.attempt),
+        "--first",
+        str(first),
+        "--rows",
+        str(rows),
+        "--interval",
+        str(interval),
+    ]
+    return subprocess.Popen([*command, "--finish"] if end else command, cwd=ROOT)
+
+
+def points(page) -> int:
+    return int(page.get_attribute(".chart[data-chart=loss]", "data-points") or 0)
+
+
+def wait_points(page, predicate, timeout: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout
+    n = points(page)
+    while time.monotonic() < deadline:
+        n = points(page)
+        if predicate(n):
+            return n
+        page.wait_for_timeout(100)
+    raise AssertionError(f"loss chart stuck at {n} points")
+
+
+def wait_until(check, timeout: float = 10.0) -> None:
+    """Poll from Python: the page's CSP (no eval) rules out wait_for_function strings."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def db_rows(db, job_id: int) -> int:
+    return len(queue.metrics_after(db, job_id, 0, limit=1_000_000))
+
+
+def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, page):
+    claim = start_running_job(server_db, "live loss", total=400)
+    write_metrics(server_db, claim, 1, 5)
+    page.goto(f"{live_server.url}/jobs/{claim.job_id}")
+    wait_points(page, lambda n: n == 5)
+    page.evaluate("window.__same_page = true")
+
+    proc = writer(live_server, claim, 6, 120, 0.04)
+    try:
+        wait_points(page, lambda n: n >= 40)
+        # The header follows `status` events: its step moves without a reload.
+        wait_until(lambda: int(page.text_content("#job-header .step") or 0) >= 30)
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.wait_for_timeout(300)  # let uPlot paint the last frame
+        page.screenshot(path=str(SCREENSHOT))  # the viewport: header and charts
+    finally:
+        proc.wait(30)
+    assert wait_points(page, lambda n: n == 125) == 125
+    assert page.evaluate("window.__same_page") is True
+    assert page.get_attribute(".chart[data-chart=loss]", "data-status") == "running"
+    assert "ETA" in page.text_content("#job-header .eta")
+    assert page.js_errors == []
+
+
+def test_reload_mid_run_shows_the_whole_history(live_server, server_db, page):
+    claim = start_running_job(server_db, "reloaded", total=400)
+    write_metrics(server_db, claim, 1, 10)
+    page.goto(f"{live_server.url}/jobs/{claim.job_id}")
+    wait_points(page, lambda n: n == 10)
+    proc = writer(live_server, claim, 11, 80, 0.03, end=True)
+    try:
+        wait_points(page, lambda n: n >= 30)
+        page.reload()
+        after_reload = wait_points(page, lambda n: n >= 30)
+        assert after_reload >= 30  # history up to the reload, not just what came after it
+    finally:
+        proc.wait(30)
+    assert wait_points(page, lambda n: n == 90) == db_rows(server_db, claim.job_id)
+    loss = ".chart[data-chart=loss]"
+    wait_until(lambda: page.get_attribute(loss, "data-status") == "succeeded")
+    wait_until(lambda: page.get_attribute("#job-header", "data-status") == "succeeded")
+    assert page.js_errors == []
+
+
+def test_server_killed_and_restarted_mid_run_the_page_fills_the_gap(live_server, server_db, page):
+    claim = start_running_job(server_db, "server crash", total=400)
+    write_metrics(server_db, claim, 1, 5)
+    page.goto(f"{live_server.url}/jobs/{claim.job_id}")
+    wait_points(page, lambda n: n == 5)
+    proc = writer(live_server, claim, 6, 150, 0.03)
+    try:
+        wait_points(page, lambda n: n >= 25)
+        live_server.kill()  # SIGKILL: no goodbye to the open stream
+        frozen = points(page)
+        time.sleep(1.5)  # the worker keeps writing while the server is down
+        assert db_rows(server_db, claim.job_id) > frozen + 5
+        live_server.start()
+    finally:
+        proc.wait(30)
+    rows = db_rows(server_db, claim.job_id)
+    assert rows == 155
+    assert wait_points(page, lambda n: n == rows, timeout=30) == rows
+    assert page.js_errors == []
+
+
+def test_compare_page_overlays_two_finished_jobs(live_server, server_db, page):
+    ids = []
+    for name, count in (("short run", 40), ("long run", 60)):
+        claim = start_running_job(server_db, name)
+        write_metrics(server_db, claim, 1, count)
+        finish(server_db, claim)
+        ids.append(claim.job_id)
+    page.goto(f"{live_server.url}/jobs")
+    for job_id in ids:
+        page.check(f"#compare-{job_id}")
+    page.click("#compare-form button[type=submit]")
+    page.wait_for_url("**/jobs/compare?**")
+    loss = ".chart[data-chart=compare][data-series=loss]"
+    page.wait_for_selector(f"{loss}[data-series-count]")
+    assert page.get_attribute(loss, "data-series-count") == "2"
+    assert page.get_attribute(loss, "data-points") == "60"
+    assert page.locator(f"{loss} .u-legend .u-series").count() == 3  # x + two runs
+    assert page.locator(".compare-config tr.differs").count() >= 2
+    assert page.js_errors == []
+
+
+def test_screenshot_exists_for_the_readme():
+    # Written by the first test of this module; README.md shows it.
+    assert Path(SCREENSHOT).is_file() or pytest.skip("the live-chart test did not run")

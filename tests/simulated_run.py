@@ -1,0 +1,103 @@
+"""A training run without a GPU: the same queue calls the worker makes, on the same database.
+
+`start_running_job` registers a model and a ready dataset, queues a job and claims it; `write_metrics`
+then records rows and progress the way the worker's metric sink does. Run as a module it is a
+writer process: `python -m tests.simulated_run DB_URL JOB_ID ATTEMPT --rows N --interval S`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import uuid
+
+from app import queue
+from app.db import Database
+from app.models import BaseModelEntry, Dataset, DatasetStatus, JobStatus
+from app.train_config import TrainConfig
+
+
+def start_running_job(
+    db: Database, name: str = "live run", *, total: int = 1000, worker: str = "sim-worker", **config
+) -> queue.Claim:
+    """A job in status running, claimed by `worker`, with a model and a ready dataset."""
+    with db.write() as s:
+        if s.get(BaseModelEntry, "sim-model") is None:
+            s.add(BaseModelEntry(name="sim-model", source="/nonexistent/sim-model", parameters=1))
+        dataset = Dataset(
+            id=uuid.uuid4().hex, name=f"{name} data", status=DatasetStatus.ready, rows=100
+        )
+        s.add(dataset)
+    job = queue.enqueue(
+        db, TrainConfig(name=name, base_model="sim-model", dataset_id=dataset.id, **config)
+    )
+    claim = queue.claim_next_job(db, worker, lease_seconds=3600)
+    assert claim is not None and claim.job_id == job.id
+    queue.update_progress(
+        db,
+        claim.job_id,
+        claim.attempt,
+        progress_total=total,
+        memory_policy="no checkpointing",
+        memory_policy_reason="the batch fits in 30% of the card",
+        compute_mode="fp32 LoRA on CPU (simulated)",
+    )
+    return claim
+
+
+def metric_row(step: int, seed: float = 0.0) -> dict:
+    loss = 2.5 * math.exp(-step / 150) + 0.4 + 0.05 * math.sin(step / 3 + seed)
+    return {
+        "step": step,
+        "epoch": step / 500,
+        "loss": loss,
+        "eval_loss": loss + 0.1 if step % 25 == 0 else None,
+        "learning_rate": 2e-4 * min(1.0, step / 20),
+        "grad_norm": 1.0 + 0.2 * math.cos(step / 5),
+        "tokens_per_second": 1800.0 + 50 * math.sin(step / 7),
+        "vram_allocated_mib": 3100.0,
+        "vram_reserved_mib": 3600.0,
+        "device_used_mib": 4200.0,
+        "device_total_mib": 24576.0,
+        "elapsed_seconds": step * 0.1,
+    }
+
+
+def write_metrics(
+    db: Database, claim: queue.Claim, first: int, count: int, interval: float = 0.0
+) -> int:
+    """Record `count` rows from step `first`, one per call, with progress; returns the next step."""
+    step = first
+    for _ in range(count):
+        assert queue.record_metrics(db, claim.job_id, claim.attempt, [metric_row(step)])
+        queue.update_progress(db, claim.job_id, claim.attempt, progress_step=step, epoch=step / 500)
+        step += 1
+        if interval:
+            time.sleep(interval)
+    return step
+
+
+def finish(db: Database, claim: queue.Claim) -> None:
+    assert queue.finish(db, claim.job_id, claim.attempt, JobStatus.succeeded)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("database_url")
+    parser.add_argument("job_id", type=int)
+    parser.add_argument("attempt", type=int)
+    parser.add_argument("--first", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=0.1)
+    parser.add_argument("--finish", action="store_true")
+    args = parser.parse_args()
+    db = Database(args.database_url)
+    claim = queue.Claim(job_id=args.job_id, attempt=args.attempt, config={})
+    write_metrics(db, claim, args.first, args.rows, args.interval)
+    if args.finish:
+        finish(db, claim)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Jobs list, job page, compare page and system page, rendered by the real app over a real SQLite file."""
+
+from __future__ import annotations
+
+from bs4 import BeautifulSoup
+
+from app import queue
+from app.models import Adapter, JobStatus, Worker
+from tests.simulated_run import finish, start_running_job, write_metrics
+
+HTML = {"accept": "text/html"}
+
+
+def page(client, url: str) -> BeautifulSoup:
+    response = client.get(url, headers=HTML)
+    assert response.status_code == 200, response.text[:500]
+    return BeautifulSoup(response.text, "html.parser")
+
+
+def test_jobs_list_shows_progress_eta_and_a_loss_sparkline(client, db):
+    claim = start_running_job(db, total=500)
+    write_metrics(db, claim, 1, 30, interval=0.01)
+    soup = page(client, "/jobs")
+    row = soup.select_one(f"#job-{claim.job_id}")
+    assert row.select_one("progress")["value"] == "30"
+    assert "ETA" in row.select_one(".eta").text and "estimating" not in row.select_one(".eta").text
+    assert row.select_one("canvas.sparkline")["data-values"].startswith("[")
+    assert row.select_one('input[type=checkbox][name=ids][form="compare-form"]')
+    assert soup.select_one("form#compare-form[action='/jobs/compare']")
+
+
+def test_job_page_shows_run_facts_and_a_live_stream_after_the_rendered_rows(client, db):
+    claim = start_running_job(db, total=200)
+    write_metrics(db, claim, 1, 12)
+    last_id = queue.metrics_after(db, claim.job_id)[-1].id
+    soup = page(client, f"/jobs/{claim.job_id}")
+    connect = soup.select_one("[sse-connect]")
+    assert connect["sse-connect"] == f"/api/jobs/{claim.job_id}/events?after={last_id}"
+    assert connect["sse-close"] == "done"
+    assert soup.select_one("[hx-trigger='sse:status']")
+    charts = soup.select(".chart[data-chart]")
+    assert {c["data-events-url"] for c in charts} == {connect["sse-connect"]}
+    header = soup.select_one("#job-header").text
+    assert "step 12 / 200" in " ".join(header.split())
+    assert "no checkpointing: the batch fits in 30% of the card" in header
+    assert soup.select_one("#job-header button.danger").text == "Cancel"
+
+
+def test_finished_job_page_links_the_adapter_and_opens_no_stream(client, db):
+    claim = start_running_job(db)
+    write_metrics(db, claim, 1, 3)
+    finish(db, claim)
+    with db.write() as s:
+        s.add(
+            Adapter(
+                id=f"job-{claim.job_id}", job_id=claim.job_id, name="my-adapter", base_model="m"
+            )
+        )
+    soup = page(client, f"/jobs/{claim.job_id}")
+    assert soup.select_one("[sse-connect]") is None
+    link = soup.select_one("a.adapter-link")
+    assert link["href"] == f"/playground?adapter=job-{claim.job_id}"
+    assert "Retry from last checkpoint" in soup.select_one("#job-header").text
+
+
+def test_failed_job_header_shows_the_error_with_its_hint(client, db):
+    claim = start_running_job(db)
+    queue.finish(
+        db,
+        claim.job_id,
+        claim.attempt,
+        JobStatus.failed,
+        error_kind="oom",
+        error_message="CUDA out of memory at step 3",
+        error_hint="Halve the micro-batch.",
+    )
+    soup = page(client, f"/partials/jobs/{claim.job_id}/header")
+    assert soup.select_one(".error-message").text == "CUDA out of memory at step 3"
+    assert soup.select_one(".error-hint").text == "Halve the micro-batch."
+
+
+def test_compare_overlays_jobs_and_highlights_differing_settings(client, db):
+    a = start_running_job(db, "run a", learning_rate=2e-4)
+    write_metrics(db, a, 1, 30)
+    finish(db, a)
+    b = start_running_job(db, "run b", learning_rate=1e-4)
+    write_metrics(db, b, 1, 20)
+    finish(db, b)
+    body = client.get(f"/api/jobs/compare?ids={a.job_id},{b.job_id}").json()
+    assert [j["name"] for j in body["jobs"]] == ["run a", "run b"]
+    assert body["jobs"][0]["metrics"]["step"] == list(range(1, 31))
+    assert body["jobs"][0]["metrics"]["eval_loss"][24] is not None  # step 25 is an eval step
+
+    soup = page(client, f"/jobs/compare?ids={a.job_id}&ids={b.job_id}")
+    assert len(soup.select(".chart[data-chart=compare]")) == 2
+    differing = {tr.th.text for tr in soup.select(".compare-config tr.differs")}
+    assert {"name", "learning_rate", "dataset_id"} <= differing
+    assert "lora_r" not in differing
+
+
+def test_compare_with_a_bad_id_is_a_422(client):
+    response = client.get("/api/jobs/compare?ids=1,x")
+    assert response.status_code == 422
+    assert "not a job number" in response.json()["error"]["message"]
+
+
+def test_system_page_shows_each_workers_gpu_readings(client, db):
+    with db.write() as s:
+        s.add(
+            Worker(
+                id="w1",
+                host="box",
+                pid=42,
+                gpus="0",
+                gpu_name="NVIDIA H200",
+                vram_total_mib=143771,
+                vram_used_mib=5120,
+                gpu_utilization=97,
+                gpu_temperature=61,
+                current_job_id=3,
+            )
+        )
+    text = " ".join(page(client, "/system").text.split())
+    for fact in ("NVIDIA H200", "5120 / 143771 MiB", "97 %", "61 °C", "job 3", "s ago", "free of"):
+        assert fact in text
