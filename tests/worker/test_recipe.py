@@ -1,0 +1,184 @@
+"""The SFT recipe on the real tiny demo model, on the CPU."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.train_config import TrainConfig
+from worker.checkpoints import COMPLETE_MARKER
+from worker.errors import NonFiniteLoss
+from worker.metrics import ListSink
+from worker.recipes.sft import LocalControl, SFTRecipe
+
+
+def _config(**overrides) -> TrainConfig:
+    fields = dict(
+        dataset_id="0" * 32,
+        max_steps=6,
+        micro_batch_size=1,
+        grad_accum_steps=2,
+        max_seq_len=64,
+        learning_rate=3e-3,
+        warmup_ratio=0.0,
+        lr_scheduler="linear",
+        lora_r=8,
+        lora_alpha=16,
+        quantization="nf4",  # on the CPU the recipe falls back to fp32 LoRA and says so
+        eval_fraction=0.05,
+        eval_every=1000,
+        save_every=1000,
+        seed=7,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def _run(config, demo_model, demo_rows, output_dir, control=None, before_train=None):
+    sink, control = ListSink(), control or LocalControl()
+    recipe = SFTRecipe(config, demo_model, output_dir, sink, control, rows_path=demo_rows)
+    try:
+        recipe.setup()
+        if before_train:
+            before_train(recipe)
+        result = recipe.train()
+        adapter = recipe.save() if result.stop_reason is None else None
+    finally:
+        recipe.cleanup()
+    return result, sink, control, adapter
+
+
+def _checkpoint_steps(output_dir):
+    return sorted(
+        int(p.name.split("-")[1]) for p in (output_dir / "checkpoints").glob("checkpoint-*")
+    )
+
+
+@pytest.mark.slow
+def test_short_cpu_run_lowers_the_loss_and_saves_a_loadable_adapter(
+    demo_model, demo_rows, tmp_path
+):
+    config = _config(max_steps=12, eval_every=6, save_every=6, learning_rate=5e-3)
+    result, sink, control, adapter = _run(config, demo_model, demo_rows, tmp_path)
+
+    assert result.global_step == 12 and result.stop_reason is None
+    losses = [row["loss"] for row in sink.train_rows]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    assert len(sink.eval_rows) == 2
+    first = sink.train_rows[0]
+    assert first["tokens"] > 0 and first["step_seconds"] > 0
+    assert first["tokens_per_second"] == pytest.approx(first["tokens"] / first["step_seconds"])
+    assert control.fields["compute_mode"].startswith("fp32 LoRA on the CPU")
+    assert control.fields["memory_policy"] == "off"
+    assert control.fields["progress_step"] == 12
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.json"):
+        assert (adapter / name).is_file()
+    assert TrainConfig.model_validate_json((adapter / "train_config.json").read_text()) == config
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(demo_model)
+    model = PeftModel.from_pretrained(base, adapter)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(demo_model).chat_template
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Zephyr Kettle price?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_an_uninterrupted_run(demo_model, demo_rows, tmp_path):
+    config = _config(max_steps=6, save_every=3)
+    _, _, _, straight = _run(config, demo_model, demo_rows, tmp_path / "straight")
+
+    interrupted = tmp_path / "interrupted"
+    result, _, _, _ = _run(
+        config, demo_model, demo_rows, interrupted, control=LocalControl(stop_at_step=3)
+    )
+    assert result.stop_reason == "cancel" and result.global_step == 3
+    assert _checkpoint_steps(interrupted) == [3]
+    # A crash mid-save leaves a newer folder without its completion marker: it must be ignored.
+    half = interrupted / "checkpoints" / "checkpoint-5"
+    shutil.copytree(interrupted / "checkpoints" / "checkpoint-3", half)
+    (half / COMPLETE_MARKER).unlink()
+    (half / "adapter_model.safetensors").write_bytes(b"partial")
+
+    result, sink, control, resumed = _run(config, demo_model, demo_rows, interrupted)
+    assert result.resumed_from_step == 3 and result.global_step == 6
+    assert [row["step"] for row in sink.train_rows] == [4, 5, 6]
+    assert "Resuming from the checkpoint at step 3" in control.fields["notice"]
+
+    want = load_file(straight / "adapter_model.safetensors")
+    got = load_file(resumed / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_after_three_steps_without_checkpointing_them(
+    demo_model, demo_rows, tmp_path
+):
+    control = LocalControl()
+
+    def poison_after_step_two(recipe):
+        # A real NaN in the forward pass from step 3 on (what an overflowing layer produces).
+        def hook(module, inputs, output):
+            if control.fields.get("progress_step", 0) >= 2:
+                return output * float("nan")
+            return None
+
+        recipe.model.get_base_model().model.embed_tokens.register_forward_hook(hook)
+
+    config = _config(max_steps=10, save_every=1)
+    with pytest.raises(NonFiniteLoss) as raised:
+        _run(config, demo_model, demo_rows, tmp_path, control, before_train=poison_after_step_two)
+    assert raised.value.kind == "non_finite_loss" and raised.value.step == 5
+    assert _checkpoint_steps(tmp_path) == [1, 2]
+    assert all(
+        (tmp_path / "checkpoints" / f"checkpoint-{s}" / COMPLETE_MARKER).is_file() for s in (1, 2)
+    )
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_the_last_two_and_the_best(demo_model, demo_rows, tmp_path):
+    config = _config(max_steps=8, save_every=2, eval_every=2)
+    _run(config, demo_model, demo_rows, tmp_path)
+    steps = _checkpoint_steps(tmp_path)
+    assert steps[-2:] == [6, 8] and len(steps) <= 3
+    markers = [
+        json.loads((tmp_path / "checkpoints" / f"checkpoint-{s}" / COMPLETE_MARKER).read_text())
+        for s in steps
+    ]
+    assert all(m["eval_loss"] is not None for m in markers)
+
+
+def test_packed_examples_from_the_benchmark_train(demo_model, tokenizer, demo_rows, tmp_path):
+    from worker.data import read_rows, tokenize_rows
+
+    examples, _ = tokenize_rows(tokenizer, read_rows(demo_rows)[:40], "assistant", 64)
+    sink = ListSink()
+    recipe = SFTRecipe(
+        _config(max_steps=2, eval_fraction=0.0),
+        demo_model,
+        tmp_path,
+        sink,
+        LocalControl(),
+        train_examples=examples,
+    )
+    recipe.setup()
+    try:
+        assert recipe.train().global_step == 2
+    finally:
+        recipe.cleanup()
+    assert [row["step"] for row in sink.train_rows] == [1, 2]
+    assert all(row["tokens"] > 0 for row in sink.train_rows)

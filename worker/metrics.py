@@ -1,0 +1,107 @@
+"""Metric rows and where they go. One row per logging step, keys as in `app.models.Metric`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+# The columns of app.models.Metric a training run fills in.
+METRIC_KEYS = (
+    "step",
+    "epoch",
+    "loss",
+    "eval_loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_second",
+    "vram_allocated_mib",
+    "vram_reserved_mib",
+    "device_used_mib",
+    "device_total_mib",
+    "elapsed_seconds",
+)
+# Extra keys on each row, for the benchmark and the logs (a database sink keeps METRIC_KEYS only):
+# `tokens` real (non-padding) tokens and `step_seconds` time spent in optimizer steps since the
+# previous row, `peak_vram_allocated_mib` since the previous row.
+TIMING_KEYS = ("tokens", "step_seconds", "steps", "peak_vram_allocated_mib")
+
+
+class MetricsSink(Protocol):
+    def write(self, row: dict[str, Any]) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class ListSink:
+    """Keeps every row in memory (tests, the benchmark)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def train_rows(self) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row.get("loss") is not None]
+
+    @property
+    def eval_rows(self) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row.get("eval_loss") is not None]
+
+
+MIB = 1024 * 1024
+
+
+def vram_readings(device_index: int | None = None) -> dict[str, float | None]:
+    """torch's allocated/reserved memory and the whole device's used/total (NVML), in MiB.
+
+    Every value is None where it cannot be read (no CUDA, no NVML)."""
+    readings: dict[str, float | None] = {
+        "vram_allocated_mib": None,
+        "vram_reserved_mib": None,
+        "device_used_mib": None,
+        "device_total_mib": None,
+        "peak_vram_allocated_mib": None,
+    }
+    try:
+        import torch
+    except ImportError:
+        return readings
+    if not torch.cuda.is_available():
+        return readings
+    index = torch.cuda.current_device() if device_index is None else device_index
+    readings["vram_allocated_mib"] = torch.cuda.memory_allocated(index) / MIB
+    readings["vram_reserved_mib"] = torch.cuda.memory_reserved(index) / MIB
+    readings["peak_vram_allocated_mib"] = torch.cuda.max_memory_allocated(index) / MIB
+    used, total = _nvml_memory(index)
+    readings["device_used_mib"], readings["device_total_mib"] = used, total
+    return readings
+
+
+_nvml_ready: bool | None = None
+
+
+def _nvml_memory(index: int) -> tuple[float | None, float | None]:
+    global _nvml_ready
+    try:
+        import pynvml
+    except ImportError:
+        return None, None
+    try:
+        if _nvml_ready is None:
+            pynvml.nvmlInit()
+            _nvml_ready = True
+        # NVML numbers devices physically; CUDA_VISIBLE_DEVICES may renumber them.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        ids = [part for part in visible.split(",") if part.strip()]
+        physical = int(ids[index]) if ids and ids[index].strip().isdigit() else index
+        handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return info.used / MIB, info.total / MIB
+    except Exception:  # NVML missing, a MIG slice, a UUID in CUDA_VISIBLE_DEVICES...
+        _nvml_ready = False if _nvml_ready is None else _nvml_ready
+        return None, None

@@ -1,0 +1,618 @@
+"""Supervised fine-tuning with LoRA/QLoRA on one GPU (or the CPU): the Tuneboard recipe.
+
+Read it top to bottom: `setup()` loads the tokenizer, the data and the base model (4-bit NF4 on
+CUDA), attaches LoRA, picks the memory policy and builds a `transformers.Trainer`; `train()` runs
+it (resuming from the newest complete checkpoint); `save()` writes the PEFT adapter; `cleanup()`
+gives the memory back. The Trainer does the loop, gradient accumulation, the scheduler, eval and
+checkpoint/resume (optimizer, scheduler, RNG, data position); `_RecipeCallback` does what is ours:
+metric rows, stop requests, the non-finite-loss guard and atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# A hub id that is not cached must fail fast when the hub is unreachable (set before the hub
+# client is imported; the operator's own values win).
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from app.train_config import TrainConfig
+from worker import checkpoints
+from worker.control import LocalControl, RunControl
+from worker.data import (
+    FlattenedBatchCollator,
+    PaddedBatchCollator,
+    TokenizedExample,
+    pack_examples,
+    read_rows,
+    tokenize_rows,
+)
+from worker.errors import DatasetError, DiskFull, ModelNotFound, NonFiniteLoss, OutOfMemory
+from worker.metrics import MetricsSink, vram_readings
+
+__all__ = ["LocalControl", "RunControl", "SFTRecipe", "TrainResult"]
+
+NON_FINITE_STEPS_BEFORE_STOP = 3
+KEEP_LAST_CHECKPOINTS = 2
+MAX_EVAL_ROWS = 1000
+# A trial step must leave this share of the card free for optimizer state and fragmentation.
+TRIAL_HEADROOM = 0.90
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    stop_reason: str | None  # None: ran to the end; else "cancel", "lease_lost" or "shutdown"
+    resumed_from_step: int | None
+
+
+class SFTRecipe:
+    def __init__(
+        self,
+        config: TrainConfig,
+        model_path: Path | str,
+        output_dir: Path,
+        sink: MetricsSink,
+        control: RunControl,
+        train_examples: list[TokenizedExample] | None = None,
+        eval_examples: list[TokenizedExample] | None = None,
+        rows_path: Path | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        if train_examples is None and rows_path is None:
+            raise ValueError("give either train_examples or rows_path")
+        self.config = config
+        self.model_path = model_path
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.sink = sink
+        self.control = control
+        self.train_examples = train_examples
+        self.eval_examples = eval_examples or []
+        self.rows_path = rows_path
+        self.chat_template = chat_template  # e.g. data.CHATML_TEMPLATE for a base model
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model: Any = None
+        self.trainer: _SFTTrainer | None = None
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = self._load_tokenizer()
+        self._prepare_data()
+        self.model = self._load_base_model()
+        self._apply_liger_kernels()
+        self.model = self._attach_lora(self.model)
+        self.model.train()  # from_pretrained returns eval mode; checkpointing only acts in train
+        self._choose_memory_policy()
+        self.trainer = self._build_trainer()
+
+    def _resolve_model(self) -> str:
+        path = Path(self.model_path)
+        if path.exists():
+            return str(path)
+        try:  # a hub id: cached, or downloaded (fails fast offline: HF_HUB_OFFLINE, timeouts)
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(
+                str(self.model_path),
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        except Exception as error:
+            raise ModelNotFound(
+                f"Model {self.model_path} is not on this machine and could not be downloaded "
+                f"({type(error).__name__}).",
+                "Register a local model folder, or download it once on a machine with access to "
+                "the model hub (`huggingface-cli download <id>`) and share the HF cache.",
+            ) from error
+
+    def _load_tokenizer(self) -> Any:
+        self.model_dir = self._resolve_model()
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if self.chat_template and not tokenizer.chat_template:
+            tokenizer.chat_template = self.chat_template  # saved with the adapter: chat matches
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def _prepare_data(self) -> None:
+        cfg = self.config
+        if self.train_examples is None:
+            assert self.rows_path is not None
+            rows = read_rows(self.rows_path)
+            order = list(range(len(rows)))
+            random.Random(cfg.seed).shuffle(order)
+            n_eval = min(MAX_EVAL_ROWS, round(len(rows) * cfg.eval_fraction))
+            n_eval = n_eval if len(rows) - n_eval >= 1 else 0
+            eval_rows = [rows[i] for i in sorted(order[:n_eval])]
+            train_rows = [rows[i] for i in sorted(order[n_eval:])]
+            args = (str(cfg.train_on), cfg.max_seq_len, self.chat_template)
+            self.train_examples, stats = tokenize_rows(self.tokenizer, train_rows, *args)
+            self.eval_examples, _ = tokenize_rows(self.tokenizer, eval_rows, *args)
+            if stats.truncated or stats.dropped_no_trained_tokens:
+                self.control.update(
+                    notice=f"{stats.truncated} rows cut to {cfg.max_seq_len} tokens; "
+                    f"{stats.dropped_no_trained_tokens} rows dropped (nothing left to train)."
+                )
+        if not self.train_examples:
+            raise DatasetError(
+                "No training examples are left after tokenisation.",
+                "Check that rows have assistant replies, or raise max_seq_len.",
+            )
+        # Packing: micro-batches of up to micro_batch_size x max_seq_len real tokens, no padding.
+        if cfg.packing:
+            budget = cfg.micro_batch_size * cfg.max_seq_len
+            longest = max(len(e) for e in self.train_examples + self.eval_examples)
+            budget = max(budget, longest)
+            self.train_batches: list[Any] = pack_examples(self.train_examples, budget, cfg.seed)
+            self.eval_batches: list[Any] = pack_examples(self.eval_examples, budget, cfg.seed)
+        else:
+            self.train_batches, self.eval_batches = self.train_examples, self.eval_examples
+
+    def _load_base_model(self) -> Any:
+        on_cuda = self.device.type == "cuda"
+        kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+        if on_cuda and self.config.quantization == "nf4" and _bitsandbytes_available():
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+            kwargs.update(dtype=torch.bfloat16, device_map={"": self.device.index or 0})
+            self.compute_mode = "4-bit NF4 QLoRA, bf16 compute"
+        elif on_cuda:
+            kwargs.update(dtype=torch.bfloat16, device_map={"": self.device.index or 0})
+            self.compute_mode = "bf16 LoRA" + (
+                " (bitsandbytes missing: no 4-bit)" if self.config.quantization == "nf4" else ""
+            )
+        else:
+            # fp32: bf16 matmuls on most CPUs are slower and less accurate than fp32.
+            kwargs.update(dtype=torch.float32)
+            self.compute_mode = "fp32 LoRA on the CPU (no CUDA device)"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+        except OSError as error:
+            raise ModelNotFound(
+                f"Could not load model weights from {self.model_path}: {error}",
+                "The model folder needs config.json and *.safetensors weights.",
+            ) from error
+        # No prepare_model_for_kbit_training: it casts embeddings, norms and lm_head to fp32,
+        # the largest single cost in memory and speed. Only the LoRA weights are fp32 (peft).
+        model.config.use_cache = False
+        return model
+
+    def _apply_liger_kernels(self) -> None:
+        """Fused RoPE / RMSNorm / SwiGLU / linear cross-entropy where liger has the architecture."""
+        self.liger = False
+        if self.device.type != "cuda":
+            return
+        try:
+            from liger_kernel.transformers.monkey_patch import (
+                MODEL_TYPE_TO_APPLY_LIGER_FN,
+                _apply_liger_kernel_to_instance,
+            )
+        except Exception:  # not installed, or no triton for this GPU
+            return
+        if self.model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            return
+        try:
+            _apply_liger_kernel_to_instance(model=self.model)
+            self.liger = True
+            self.compute_mode += ", Liger kernels"
+        except Exception as error:  # an architecture variant liger does not handle
+            self.control.update(notice=f"Liger kernels not applied: {error}")
+
+    def _attach_lora(self, model: Any) -> Any:
+        from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
+
+        cfg = self.config
+        set_seed(cfg.seed)  # the LoRA initialisation
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets) if cfg.lora_targets else "all-linear",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as error:  # a target module that this architecture lacks
+            raise DatasetError(
+                f"LoRA could not be attached: {error}",
+                "Leave lora_targets empty to adapt every linear projection.",
+            ) from error
+
+    # --- memory policy ---------------------------------------------------------------------
+
+    def _choose_memory_policy(self) -> None:
+        requested = str(self.config.gradient_checkpointing)
+        if requested == "offload" and self.device.type != "cuda":
+            policy, reason = "on", "offload asked for, but a CPU run has no device memory to free"
+        elif requested != "auto":
+            policy, reason = requested, "set in the job config"
+        elif self.device.type != "cuda":
+            policy, reason = "off", "CPU run: activations live in host memory"
+        else:
+            policy, reason = self._measure_memory_policy()
+        self._set_memory_policy(policy)
+        self.control.update(
+            memory_policy=policy, memory_policy_reason=reason, compute_mode=self.compute_mode
+        )
+
+    def _set_memory_policy(self, policy: str) -> None:
+        self.memory_policy = policy
+        base = self.model.get_base_model()
+        if policy == "off":
+            base.activation_checkpointing_disable()
+        else:
+            # Non-reentrant checkpointing of every decoder layer; "offload" also keeps the saved
+            # layer inputs in pinned host memory (torch.autograd.graph.save_on_cpu).
+            base.activation_checkpointing_enable(
+                {"use_reentrant": False}, offload=policy == "offload"
+            )
+
+    def _measure_memory_policy(self) -> tuple[str, str]:
+        """One forward+backward on the longest micro-batch under each policy, cheapest first."""
+        batch = self._longest_batch()
+        tokens = int(batch["input_ids"].numel())
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        for policy in ("off", "on", "offload"):
+            self._set_memory_policy(policy)
+            try:
+                peak = self._trial_step(batch)
+            except torch.OutOfMemoryError:
+                self._free_cuda()
+                continue
+            if peak <= TRIAL_HEADROOM * total or policy == "offload":
+                gib = peak / 1024**3
+                word = {
+                    "off": "without checkpointing",
+                    "on": "with checkpointing",
+                    "offload": "with activations offloaded to CPU memory",
+                }[policy]
+                return policy, (
+                    f"a trial step on the longest micro-batch ({tokens} tokens) fits {word}: "
+                    f"peak {gib:.1f} GiB of {total / 1024**3:.1f} GiB"
+                )
+        raise OutOfMemory(
+            step=0,
+            micro_batch_size=self.config.micro_batch_size,
+            seq_len=tokens,
+            detail="Even offloaded gradient checkpointing does not fit one micro-batch.",
+        )
+
+    def _longest_batch(self) -> dict[str, torch.Tensor]:
+        if self.config.packing:
+            batch = self._collator()([max(self.train_batches, key=lambda b: sum(map(len, b)))])
+        else:
+            longest = sorted(self.train_examples, key=len)[-self.config.micro_batch_size :]
+            batch = self._collator()(longest)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _trial_step(self, batch: dict[str, torch.Tensor]) -> int:
+        self._free_cuda()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = self.model(**batch).loss
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.model.zero_grad(set_to_none=True)
+        del loss
+        self._free_cuda()
+        return peak
+
+    def _free_cuda(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- the Trainer ---------------------------------------------------------------------------
+
+    def _collator(self) -> Any:
+        if self.config.packing:
+            return FlattenedBatchCollator()
+        return PaddedBatchCollator(self.tokenizer.pad_token_id)
+
+    def _build_trainer(self) -> _SFTTrainer:
+        cfg = self.config
+        on_cuda = self.device.type == "cuda"
+        has_eval = bool(self.eval_batches)
+        args = TrainingArguments(
+            output_dir=str(self.checkpoint_dir),
+            per_device_train_batch_size=1 if cfg.packing else cfg.micro_batch_size,
+            per_device_eval_batch_size=1 if cfg.packing else cfg.micro_batch_size,
+            gradient_accumulation_steps=cfg.grad_accum_steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=str(cfg.lr_scheduler),
+            warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            max_steps=cfg.max_steps or -1,
+            num_train_epochs=cfg.num_epochs,
+            logging_steps=cfg.logging_every,
+            logging_nan_inf_filter=False,  # a NaN must show, not be averaged away
+            eval_strategy="steps" if has_eval else "no",
+            eval_steps=cfg.eval_every,
+            save_strategy="steps",
+            save_steps=cfg.save_every,
+            save_total_limit=None,  # pruning is ours: only after the completion marker
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            bf16=on_cuda,
+            use_cpu=not on_cuda,
+            optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+            activation_checkpointing=False,  # set by the memory policy, not by the Trainer
+            remove_unused_columns=False,
+            label_names=["labels"],
+            dataloader_num_workers=0,
+            dataloader_pin_memory=on_cuda,
+            report_to=[] if str(cfg.report_to) == "none" else [str(cfg.report_to)],
+            disable_tqdm=True,
+        )
+        trainer = _SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=_ListDataset(self.train_batches),
+            eval_dataset=_ListDataset(self.eval_batches) if has_eval else None,
+            data_collator=self._collator(),
+        )
+        trainer.recipe = self
+        trainer.remove_callback(PrinterCallback)  # rows go to the sink, not to stdout
+        self.callback = _RecipeCallback(self)
+        trainer.add_callback(self.callback)
+        return trainer
+
+    # --- train -----------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        assert self.trainer is not None, "call setup() first"
+        resume = checkpoints.newest_complete_checkpoint(self.checkpoint_dir)
+        resumed_from = checkpoints.checkpoint_step(resume) if resume else None
+        if resume is not None:
+            self.control.update(notice=f"Resuming from the checkpoint at step {resumed_from}.")
+        checkpoints.remove_incomplete(self.checkpoint_dir)
+        oom: OutOfMemory | None = None
+        try:
+            self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except torch.OutOfMemoryError:
+            oom = OutOfMemory(
+                step=self.trainer.state.global_step,
+                micro_batch_size=self.config.micro_batch_size,
+                seq_len=self.trainer.last_seq_len,
+            )
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            checkpoints.remove_incomplete(self.checkpoint_dir)
+            raise DiskFull(
+                f"The disk filled up while writing a checkpoint at step "
+                f"{self.trainer.state.global_step}; the previous checkpoint is kept.",
+                "Free space in the data dir (old runs, the HF cache) and retry: the job resumes "
+                "from the last complete checkpoint.",
+            ) from error
+        if oom is not None:
+            # Raised outside the except block: the CUDA error's traceback (and the activations
+            # its frames hold) is gone, so cleanup() can give the memory back.
+            self.trainer.optimizer = None
+            self._free_cuda()
+            raise oom
+        return TrainResult(
+            global_step=self.trainer.state.global_step,
+            stop_reason=self.callback.stop_reason,
+            resumed_from_step=resumed_from,
+        )
+
+    # --- save / cleanup --------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """The PEFT adapter, the tokenizer (its chat template) and the job config, in `adapter/`."""
+        final = self.output_dir / "adapter"
+        staging = self.output_dir / ".adapter.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self.model.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            (staging / "train_config.json").write_text(
+                self.config.model_dump_json(indent=2), encoding="utf-8"
+            )
+            checkpoints.mark_complete(
+                staging, self.trainer.state.global_step if self.trainer else 0, None
+            )
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if error.errno == errno.ENOSPC:
+                raise DiskFull(
+                    "The disk filled up while saving the adapter.",
+                    "Free space in the data dir and retry.",
+                ) from error
+            raise
+        (staging / checkpoints.COMPLETE_MARKER).unlink()
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        return final
+
+    def cleanup(self) -> None:
+        if self.trainer is not None:
+            self.trainer.model = None
+            self.trainer.model_wrapped = None
+            self.trainer.optimizer = None
+            self.trainer.lr_scheduler = None
+        self.trainer = None
+        self.model = None
+        self._free_cuda()
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    """A list as a map-style dataset (the Trainer wants `__len__` and `__getitem__`)."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+class _SFTTrainer(Trainer):
+    """The stock Trainer plus what a step needs to report: real tokens, finiteness, length."""
+
+    recipe: SFTRecipe
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_tokens: Any = 0
+        self.step_finite: Any = True
+        self.last_seq_len = 0
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        mask = inputs.get("attention_mask")
+        # Real tokens only: padding (attention_mask 0) does not count. A tensor sum, no sync.
+        self.step_tokens = self.step_tokens + (
+            mask.sum() if mask is not None else inputs["input_ids"].numel()
+        )
+        self.last_seq_len = int(inputs["input_ids"].shape[-1])
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_finite = torch.logical_and(torch.as_tensor(self.step_finite), loss.isfinite())
+        return loss
+
+    def take_step_counters(self) -> tuple[int, bool]:
+        tokens, finite = int(self.step_tokens), bool(self.step_finite)
+        self.step_tokens, self.step_finite = 0, True
+        return tokens, finite
+
+
+class _RecipeCallback(TrainerCallback):
+    """Metric rows, stop requests, the non-finite guard, and completion markers on checkpoints."""
+
+    def __init__(self, recipe: SFTRecipe) -> None:
+        self.recipe = recipe
+        self.stop_reason: str | None = None
+        self.bad_steps = 0
+        self.saw_non_finite = False
+        self.started = time.perf_counter()
+        self.step_started = self.started
+        self.tokens_since_log = 0
+        self.seconds_since_log = 0.0
+        self.steps_since_log = 0
+        self.last_eval: tuple[int, float] | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        recipe, trainer = self.recipe, self.recipe.trainer
+        assert trainer is not None
+        tokens, finite = trainer.take_step_counters()  # int(): waits for the GPU, honest timing
+        self.tokens_since_log += tokens
+        self.seconds_since_log += time.perf_counter() - self.step_started
+        self.steps_since_log += 1
+
+        if not finite:
+            # Weights touched by a NaN/inf gradient are poisoned: never checkpoint them.
+            self.saw_non_finite = True
+            self.bad_steps += 1
+            if self.bad_steps >= NON_FINITE_STEPS_BEFORE_STOP:
+                raise NonFiniteLoss(step=state.global_step, consecutive=self.bad_steps)
+        else:
+            self.bad_steps = 0
+        if self.saw_non_finite:
+            control.should_save = False
+
+        recipe.control.update(
+            progress_step=state.global_step, progress_total=state.max_steps, epoch=state.epoch
+        )
+        reason = recipe.control.should_stop()
+        if reason:
+            self.stop_reason = reason
+            control.should_training_stop = True
+            control.should_save = not self.saw_non_finite
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.last_eval = (state.global_step, float(metrics["eval_loss"]))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs and "eval_loss" not in logs:
+            return  # the end-of-training summary
+        row: dict[str, Any] = {
+            "step": state.global_step,
+            "epoch": float(state.epoch or 0.0),
+            "loss": _finite_or_none(logs.get("loss")),
+            "eval_loss": _finite_or_none(logs.get("eval_loss")),
+            "learning_rate": _finite_or_none(logs.get("learning_rate")),
+            "grad_norm": _finite_or_none(logs.get("grad_norm")),
+            "tokens_per_second": None,
+            "elapsed_seconds": time.perf_counter() - self.started,
+        }
+        if "loss" in logs:
+            seconds = self.seconds_since_log
+            row.update(
+                tokens=self.tokens_since_log,
+                step_seconds=seconds,
+                steps=self.steps_since_log,
+                tokens_per_second=self.tokens_since_log / seconds if seconds > 0 else None,
+            )
+            self.tokens_since_log, self.seconds_since_log, self.steps_since_log = 0, 0.0, 0
+        row.update(vram_readings())
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.recipe.sink.write(row)
+        self.recipe.sink.flush()
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = self.recipe.checkpoint_dir / f"checkpoint-{state.global_step}"
+        eval_loss = None
+        if self.last_eval is not None and self.last_eval[0] == state.global_step:
+            eval_loss = self.last_eval[1]
+        checkpoints.mark_complete(folder, state.global_step, eval_loss)
+        checkpoints.prune_checkpoints(self.recipe.checkpoint_dir, KEEP_LAST_CHECKPOINTS)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def read_train_config(path: Path) -> TrainConfig:
+    return TrainConfig.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
