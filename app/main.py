@@ -15,7 +15,7 @@ from app.errors import UserError
 from app.queue import QueueError
 from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
-from app.web.routes import auth, dashboard, datasets, jobs, models, system
+from app.web.routes import auth, dashboard, datasets, jobs, models, openai_api, playground, system
 from app.web.security import SecurityMiddleware
 from app.web.templating import STATIC_DIR, render
 
@@ -42,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         datasets.router,
         jobs.router,
         models.router,
+        openai_api.router,
+        playground.router,
         system.router,
     ):
         app.include_router(router)

@@ -20,9 +20,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.add_column(
-            sa.Column(
-                "inference_url", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True
-            )
+            sa.Column("inference_url", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True)
         )
 
     op.create_table(
