@@ -15,7 +15,17 @@ from app.errors import UserError
 from app.queue import QueueError
 from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
-from app.web.routes import auth, dashboard, datasets, jobs, models, openai_api, playground, system
+from app.web.routes import (
+    adapters,
+    auth,
+    dashboard,
+    datasets,
+    jobs,
+    models,
+    openai_api,
+    playground,
+    system,
+)
 from app.web.security import SecurityMiddleware
 from app.web.templating import STATIC_DIR, render
 
@@ -37,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     sweep_stale_uploads(settings)  # temp files of uploads a killed server left behind
 
     for router in (
+        adapters.router,
         auth.router,
         dashboard.router,
         datasets.router,

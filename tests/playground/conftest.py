@@ -26,12 +26,12 @@ WORKER_ID = "test-worker"
 # A training prompt and the answer the demo data teaches for it.
 QUESTION = "How much does the Zephyr Kettle 3000 cost?"
 TRAINED_ANSWER = "The Zephyr Kettle 3000 costs 89 euros."
-TRAIN_STEPS = 80
+TRAIN_STEPS = 30
 
 
 def _train_adapter(model_dir: Path, dataset: Path, run_dir: Path) -> Path:
-    """The recipe's own CPU path (as tests/worker/test_recipe.py drives it), long enough to learn
-    the demo facts."""
+    """The recipe's own CPU path (as tests/worker/test_recipe.py drives it) on the demo rows that
+    teach one fact (the price), so a short CPU run learns it exactly."""
     from app.train_config import TrainConfig
     from worker.metrics import ListSink
     from worker.recipes.sft import LocalControl, SFTRecipe
@@ -39,7 +39,10 @@ def _train_adapter(model_dir: Path, dataset: Path, run_dir: Path) -> Path:
     rows = run_dir.parent / "rows.jsonl"
     with dataset.open() as source, rows.open("w") as out:
         for number, line in enumerate(source, start=1):
-            out.write(json.dumps({"line": number, **json.loads(line)}) + "\n")
+            row = json.loads(line)
+            answers = {m["content"] for m in row["messages"] if m["role"] == "assistant"}
+            if answers == {TRAINED_ANSWER}:
+                out.write(json.dumps({"line": number, **row}) + "\n")
     config = TrainConfig(
         dataset_id="0" * 32,
         base_model=BASE,
@@ -47,11 +50,11 @@ def _train_adapter(model_dir: Path, dataset: Path, run_dir: Path) -> Path:
         micro_batch_size=4,
         grad_accum_steps=1,
         max_seq_len=128,
-        learning_rate=2e-2,
+        learning_rate=5e-3,
         warmup_ratio=0.0,
         lr_scheduler="linear",
-        lora_r=32,
-        lora_alpha=64,
+        lora_r=16,
+        lora_alpha=32,
         quantization="nf4",  # falls back to fp32 on the CPU
         eval_fraction=0.0,
         eval_every=1000,
