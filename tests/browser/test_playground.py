@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.playground.conftest import (  # noqa: F401  (session fixtures shared with tests/playground)
     ADAPTER_ID,
@@ -63,9 +64,8 @@ def test_chat_through_the_page_in_compare_mode(page, web_server):  # noqa: F811
     adapter_pane, base_pane = panes.nth(0), panes.nth(1)
     # Streaming: the assistant bubble exists (marked .streaming) before the answer is complete.
     page.wait_for_selector(".msg-assistant.streaming", timeout=60_000)
-    page.wait_for_function(
-        "document.querySelectorAll('.msg-assistant.streaming').length === 0", timeout=120_000
-    )
+    # (No wait_for_function: the page's CSP forbids evaluating strings.)
+    expect(page.locator(".msg-assistant.streaming")).to_have_count(0, timeout=120_000)
     assert adapter_pane.locator(".msg-assistant").inner_text().strip() == TRAINED_ANSWER
     base_text = base_pane.locator(".msg-assistant").inner_text()
     assert base_text.strip() and TRAINED_ANSWER not in base_text

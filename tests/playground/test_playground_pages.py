@@ -70,7 +70,8 @@ def test_compare_mode_answers_in_both_panes_and_keeps_them(web_server):
     pane0 = [(m["role"], m["content"]) for m in stored if m["pane"] == 0]
     assert [role for role, _ in pane0] == ["user", "assistant", "user", "assistant"]
     assert pane0[0][1] == QUESTION and pane0[1][1].strip() == TRAINED_ANSWER
-    assert all(m["finish_reason"] == "stop" for m in stored if m["role"] == "assistant")
+    reasons = {(m["pane"], m["finish_reason"]) for m in stored if m["role"] == "assistant"}
+    assert reasons == {(0, "stop"), (1, "length")}  # the base never says <|im_end|> in 40 tokens
 
 
 def test_model_output_is_rendered_as_text(web_server, pg_db):
