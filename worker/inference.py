@@ -554,7 +554,7 @@ class InferenceServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
 
 class InferenceHandler(BaseHTTPRequestHandler):

@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,14 +82,14 @@ def merge_adapter(settings: Settings, db: Database, merge: MergeRequest) -> Path
         raise FileNotFoundError(f"the files of adapter {adapter.id} are missing")
 
     _update(db, merge.id, stage="loading the base model in bf16")
-    model = AutoModelForCausalLM.from_pretrained(
+    merge_id = merge.id
+    base_model: Any = AutoModelForCausalLM.from_pretrained(
         base.source, dtype=torch.bfloat16, trust_remote_code=base.trust_remote_code
     )
-    _update(db, merge.id, stage="applying the adapter")
-    model = PeftModel.from_pretrained(model, adapter_dir)
-    model = model.merge_and_unload()
+    _update(db, merge_id, stage="applying the adapter")
+    model: Any = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    _update(db, merge.id, stage="saving", progress_total=total, progress_done=0)
+    _update(db, merge_id, stage="saving", progress_total=total, progress_done=0)
 
     final, staging = run / "merged", run / ".merged.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -96,7 +97,7 @@ def merge_adapter(settings: Settings, db: Database, merge: MergeRequest) -> Path
 
     def report_bytes() -> None:
         while not done.wait(POLL_SECONDS):
-            _update(db, merge.id, progress_done=min(_folder_bytes(staging), total))
+            _update(db, merge_id, progress_done=min(_folder_bytes(staging), total))
 
     reporter = threading.Thread(target=report_bytes, daemon=True)
     reporter.start()

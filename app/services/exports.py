@@ -90,7 +90,7 @@ class _Sink:
 def zip_stream(files: list[tuple[str, Path | bytes]]) -> Iterator[bytes]:
     """A zip built while it is sent: never the whole archive in memory or on disk."""
     sink = _Sink()
-    with zipfile.ZipFile(sink, "w", allowZip64=True) as archive:  # type: ignore[arg-type]
+    with zipfile.ZipFile(sink, "w", allowZip64=True) as archive:  # type: ignore[call-overload]
         for name, source in files:
             compress = zipfile.ZIP_STORED if name.endswith(".safetensors") else zipfile.ZIP_DEFLATED
             if isinstance(source, bytes):
