@@ -17,7 +17,17 @@ from app.errors import UserError
 from app.queue import QueueError
 from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
-from app.web.routes import auth, dashboard, datasets, jobs, models, system
+from app.web.routes import (
+    adapters,
+    auth,
+    dashboard,
+    datasets,
+    jobs,
+    models,
+    openai_api,
+    playground,
+    system,
+)
 from app.web.security import SECURITY_HEADERS, SecurityMiddleware
 from app.web.sse import JobStreams
 from app.web.templating import STATIC_DIR, render
@@ -50,11 +60,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     sweep_stale_uploads(settings)  # temp files of uploads a killed server left behind
 
     for router in (
+        adapters.router,
         auth.router,
         dashboard.router,
         datasets.router,
         jobs.router,
         models.router,
+        openai_api.router,
+        playground.router,
         system.router,
     ):
         app.include_router(router)

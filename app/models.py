@@ -207,3 +207,70 @@ class Worker(SQLModel, table=True):
     started_at: datetime = Field(default_factory=utcnow)
     heartbeat_at: datetime = Field(default_factory=utcnow)
     stopped: bool = False
+    # Where this worker's inference server (`python -m worker.inference`) listens, written by
+    # the worker once the server is up; None: no playground on this worker.
+    inference_url: str | None = Field(default=None, max_length=500)
+
+
+class ChatSession(SQLModel, table=True):
+    """A playground conversation: one model, or two side by side (compare mode)."""
+
+    __tablename__ = "chat_sessions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    title: str = Field(default="", max_length=200)
+    model_a: str = Field(max_length=200)  # a base model name or an adapter id
+    model_b: str | None = Field(default=None, max_length=200)  # compare mode: the other pane
+    system_prompt: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ChatMessage(SQLModel, table=True):
+    """One turn of one pane of a chat session, with its generation statistics."""
+
+    __tablename__ = "chat_messages"
+    __table_args__ = (Index("ix_chat_messages_session_id_id", "session_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: int = Field(foreign_key="chat_sessions.id", ondelete="CASCADE")
+    pane: int = 0  # 0 = model_a, 1 = model_b
+    model: str = Field(max_length=200)
+    role: str = Field(max_length=20)  # user | assistant
+    content: str = ""
+    finish_reason: str | None = Field(default=None, max_length=20)  # stop|length|disconnect|error
+    completion_tokens: int | None = None
+    first_token_ms: float | None = None
+    tokens_per_second: float | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class MergeStatus(StrEnum):
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class MergeRequest(SQLModel, table=True):
+    """A request to merge an adapter into its bf16 base; a worker claims and runs it."""
+
+    __tablename__ = "merge_requests"
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: str = Field(foreign_key="adapters.id", index=True, max_length=64)
+    status: MergeStatus = Field(default=MergeStatus.pending, index=True)
+    worker_id: str | None = Field(default=None, max_length=200)
+    stage: str = ""  # e.g. "loading the base in bf16", "merging", "saving"
+    progress_done: int = 0  # bytes written so far while saving
+    progress_total: int = 0  # bytes expected
+    output_dir: str | None = Field(default=None, max_length=500)  # relative to the data dir
+    size_bytes: int = 0
+    error_message: str | None = None
+    error_hint: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,9 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 class WorkerLoop:
-    def __init__(self, settings: Settings, gpus: str, child_command: list[str]) -> None:
+    def __init__(
+        self, settings: Settings, gpus: str, child_command: list[str], *, inference: bool = True
+    ) -> None:
         self.settings = settings
         self.gpus = gpus
         self.gpu_indices = gpu.parse_gpus(gpus)
@@ -102,6 +105,8 @@ class WorkerLoop:
         self.stopping = threading.Event()
         self._heartbeat_done = threading.Event()
         self.current_job_id: int | None = None
+        self.serve_inference = inference
+        self.inference: subprocess.Popen[bytes] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -127,6 +132,8 @@ class WorkerLoop:
             daemon=True,
         )
         side.start()
+        if self.serve_inference:
+            self._start_inference()
         log.info("worker %s started (gpus=%r)", self.id, self.gpus)
         try:
             while not self.stopping.is_set():
@@ -143,6 +150,7 @@ class WorkerLoop:
                     )
                     self._fail_quietly(claim)
         finally:
+            self._stop_inference()
             self._heartbeat_done.set()
             beat.join(timeout=5)
             try:
@@ -219,6 +227,7 @@ class WorkerLoop:
         result_file.unlink(missing_ok=True)
         self.current_job_id = job_id
 
+        self._unload_inference()  # the playground's model gives the card back to training
         vram_before = gpu.used_mib(self.gpu_indices)
         if vram_before is not None:
             queue.update_progress(self.db, job_id, attempt, vram_before_mib=vram_before)
@@ -252,6 +261,62 @@ class WorkerLoop:
         if result is None:
             result = self._result_from_exit(child.returncode, log_path)
         self.record(claim, result, vram_after)
+
+    # --- the playground's inference server (worker/inference.py) -----------------------------------
+
+    def _start_inference(self) -> None:
+        """A child that serves chat generation for this worker's GPU; it writes its URL into this
+        worker's row, which is how the web server finds it."""
+        log_path = self.settings.resolved_data_dir / "inference.log"
+        with log_path.open("ab") as out:
+            self.inference = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "worker.inference",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--worker-id",
+                    self.id,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_environment(self.settings, self.gpus),
+                start_new_session=True,
+            )
+
+    def _inference_url(self) -> str | None:
+        with self.db.read() as s:
+            row = s.get(Worker, self.id)
+        return row.inference_url if row is not None else None
+
+    def _unload_inference(self) -> None:
+        if self.inference is None or self.inference.poll() is not None:
+            return
+        url = self._inference_url()
+        if not url:
+            return
+        request = urllib.request.Request(url + "/unload", data=b"{}", method="POST")
+        token = self.settings.token.get_secret_value() if self.settings.token else None
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=120):
+                pass
+        except OSError:
+            log.warning("could not ask the inference server to unload its model", exc_info=True)
+
+    def _stop_inference(self) -> None:
+        if self.inference is None:
+            return
+        self.inference.terminate()
+        try:
+            self.inference.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.inference.kill()
 
     def _supervise(self, child: subprocess.Popen[bytes], claim: queue.Claim) -> bool:
         """Wait for the child, renewing the lease. True if the lease was lost (child killed)."""
@@ -354,10 +419,15 @@ class WorkerLoop:
 
 
 def run_worker(
-    settings: Settings, gpus: str = "0", *, child_command: list[str] | None = None
+    settings: Settings,
+    gpus: str = "0",
+    *,
+    child_command: list[str] | None = None,
+    inference: bool = True,
 ) -> None:
-    """Run the worker until SIGTERM/SIGINT. `child_command` is the argv prefix of the child."""
-    loop = WorkerLoop(settings, gpus, child_command or default_child_command())
+    """Run the worker until SIGTERM/SIGINT. `child_command` is the argv prefix of the child;
+    `inference` starts the playground's inference server beside it."""
+    loop = WorkerLoop(settings, gpus, child_command or default_child_command(), inference=inference)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {}
     if in_main_thread:

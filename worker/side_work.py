@@ -1,8 +1,8 @@
-"""Work a worker does beside training: dataset token reports (and adapter merges).
+"""Work a worker does beside training: dataset token reports and adapter merges.
 
 It runs in a thread of the worker loop but does the work in a child Python (`python -m
 worker.dataset_report --pending`), so the loop process never imports the ML stack and a report
-never waits behind the training job on the same worker.
+never waits behind the training job on the same worker. (Merges load the base on the CPU.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from app.db import Database
-from app.models import DatasetReport, ReportStatus
+from app.models import DatasetReport, MergeRequest
 from app.settings import Settings
 
 log = logging.getLogger("tuneboard.worker.side")
@@ -27,15 +27,14 @@ SIDE_TASK_TIMEOUT_SECONDS = 30 * 60
 # (what, how to tell there is some, the child that does it)
 TASKS: list[tuple[str, type, list[str]]] = [
     ("dataset reports", DatasetReport, ["-m", "worker.dataset_report", "--pending"]),
+    ("adapter merges", MergeRequest, ["-m", "worker.merge", "--pending"]),
 ]
 
 
 def pending(db: Database, table: type) -> int:
     with db.read() as s:
         return int(
-            s.exec(
-                select(func.count()).select_from(table).where(table.status == ReportStatus.pending)
-            ).one()
+            s.exec(select(func.count()).select_from(table).where(table.status == "pending")).one()
         )
 
 

@@ -15,5 +15,8 @@ if __name__ == "__main__":
         stream=sys.stdout,
     )
     run_worker(
-        Settings(), gpus="", child_command=[sys.executable, "-m", "tests.fakes.fake_training"]
+        Settings(),
+        gpus="",
+        child_command=[sys.executable, "-m", "tests.fakes.fake_training"],
+        inference=False,  # the playground's server is not what these tests are about
     )

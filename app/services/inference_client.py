@@ -1,0 +1,271 @@
+"""The web side of generation: find a worker's inference server, stream from it, speak OpenAI.
+
+The worker's server (`worker/inference.py`) streams `data: {"token": ...}` lines and a final
+`data: {"done": true, ...}`; this module turns them into OpenAI chat-completion chunks. Closing a
+`Generation` closes the upstream connection, which stops the generation on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from sqlmodel import col, select
+
+from app.db import Database
+from app.errors import NotFound, UserError
+from app.models import Adapter, BaseModelEntry, Worker
+from app.settings import Settings
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+# A model load (first request after a start) can take minutes on a large model.
+FIRST_BYTE_TIMEOUT_SECONDS = 600.0
+
+
+class InferenceUnavailable(UserError):
+    status_code = 503
+    code = "no_inference_worker"
+
+
+def inference_url(db: Database, settings: Settings) -> str:
+    """The inference URL of the live worker that heartbeated last."""
+    alive_since = datetime.now(UTC) - timedelta(seconds=settings.lease_seconds)
+    with db.read() as s:
+        worker = s.exec(
+            select(Worker)
+            .where(col(Worker.inference_url).is_not(None))
+            .where(Worker.stopped == False)  # noqa: E712
+            .where(Worker.heartbeat_at >= alive_since)
+            .order_by(col(Worker.heartbeat_at).desc())
+        ).first()
+    if worker is None or not worker.inference_url:
+        raise InferenceUnavailable(
+            "No worker is serving the playground right now.",
+            "Start one with `tuneboard serve` (or `tuneboard worker`); chat needs a running "
+            "worker.",
+        )
+    return worker.inference_url
+
+
+@dataclass
+class ModelChoice:
+    """What a `model` name means: a base model alone, or an adapter on its base."""
+
+    name: str
+    base_model: str
+    adapter: Adapter | None = None
+
+
+def resolve_model(db: Database, name: str) -> ModelChoice:
+    with db.read() as s:
+        adapter = s.get(Adapter, name)
+        if adapter is not None:
+            return ModelChoice(name, adapter.base_model, adapter)
+        if s.get(BaseModelEntry, name) is not None:
+            return ModelChoice(name, name)
+    raise NotFound(
+        f"There is no base model or adapter named {name!r}.",
+        "GET /v1/models lists the names you can use as `model`.",
+        code="model_not_found",
+    )
+
+
+def list_choices(db: Database) -> tuple[list[BaseModelEntry], list[Adapter]]:
+    with db.read() as s:
+        bases = list(s.exec(select(BaseModelEntry).order_by(col(BaseModelEntry.created_at))))
+        adapters = list(s.exec(select(Adapter).order_by(col(Adapter.created_at).desc())))
+    return bases, adapters
+
+
+@dataclass
+class GenerationParams:
+    model: str
+    messages: list[dict[str, Any]]
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": self.messages,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "stop": self.stop,
+        }
+
+
+class Generation:
+    """One streamed generation on a worker. `await start()` first: it raises a UserError for
+    errors the worker answers before streaming (unknown model, GPU busy), so a route can still
+    answer with the right status code. Always `await aclose()`."""
+
+    def __init__(self, url: str, params: GenerationParams, token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.params = params
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(FIRST_BYTE_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
+        )
+        self._response: httpx.Response | None = None
+        self.summary: dict[str, Any] = {}
+        self.text = ""
+
+    async def start(self) -> None:
+        request = self._client.build_request(
+            "POST", f"{self.url}/generate", json=self.params.payload()
+        )
+        try:
+            self._response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            await self.aclose()
+            raise InferenceUnavailable(
+                f"The worker's inference server at {self.url} did not answer ({type(exc).__name__}).",
+                "Check that the worker is running (System page); it restarts the server on start.",
+            ) from exc
+        if self._response.status_code != 200:
+            body = await self._response.aread()
+            await self.aclose()
+            raise _error_from(self._response.status_code, body)
+
+    async def events(self) -> AsyncIterator[str]:
+        """The generated text, piece by piece; `summary` holds the worker's final report."""
+        assert self._response is not None, "call start() first"
+        async for line in self._response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:].strip())
+            if "error" in event:
+                error = event["error"]
+                raise UserError(
+                    str(error.get("message", "Generation failed.")),
+                    str(error.get("hint", "")),
+                    code=str(error.get("code", "generation_failed")),
+                    status_code=502,
+                )
+            if event.get("done"):
+                self.summary = event
+                return
+            token = str(event.get("token", ""))
+            self.text += token
+            yield token
+        raise UserError(
+            "The worker's inference server closed the stream early.",
+            "Look at the worker's log; a restarted worker serves the next request.",
+            code="stream_interrupted",
+            status_code=502,
+        )
+
+    async def aclose(self) -> None:
+        if self._response is not None:
+            await self._response.aclose()
+        await self._client.aclose()
+
+
+def _error_from(status: int, body: bytes) -> UserError:
+    try:
+        error = json.loads(body)["error"]
+        return UserError(
+            str(error["message"]),
+            str(error.get("hint", "")),
+            code=str(error["code"]),
+            status_code=status,
+        )
+    except (ValueError, KeyError, TypeError):
+        return UserError(
+            f"The worker's inference server answered {status}.",
+            "Look at the worker's log.",
+            code="inference_failed",
+            status_code=502 if status < 500 else status,
+        )
+
+
+def open_generation(db: Database, settings: Settings, params: GenerationParams) -> Generation:
+    token = settings.token.get_secret_value() if settings.token else None
+    return Generation(inference_url(db, settings), params, token)
+
+
+# --- OpenAI shapes -----------------------------------------------------------------------------
+
+
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None) -> str:
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def openai_error(exc: UserError) -> dict[str, Any]:
+    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    return {
+        "error": {
+            "message": exc.message,
+            "type": kind,
+            "param": None,
+            "code": exc.code,
+            "hint": exc.hint,
+        }
+    }
+
+
+async def openai_stream(generation: Generation, model: str) -> AsyncIterator[str]:
+    """SSE `data:` lines in OpenAI's chat.completion.chunk form, then `data: [DONE]`."""
+    cid, created = completion_id(), int(time.time())
+    yield chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
+    try:
+        async for token in generation.events():
+            yield chunk(cid, model, created, {"content": token}, None)
+    except UserError as exc:
+        yield f"data: {json.dumps(openai_error(exc))}\n\n"
+        return
+    reason = FINISH_REASONS.get(str(generation.summary.get("finish_reason")), "stop")
+    yield chunk(cid, model, created, {}, reason)
+    yield "data: [DONE]\n\n"
+
+
+async def openai_completion(generation: Generation, model: str) -> dict[str, Any]:
+    async for _ in generation.events():
+        pass
+    summary = generation.summary
+    prompt, completion = (
+        int(summary.get("prompt_tokens", 0)),
+        int(summary.get("completion_tokens", 0)),
+    )
+    return {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": generation.text},
+                "finish_reason": FINISH_REASONS.get(str(summary.get("finish_reason")), "stop"),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }

@@ -1,0 +1,116 @@
+"""OpenAI-compatible endpoints: GET /v1/models, POST /v1/chat/completions (stream and not)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import UserError
+from app.services import inference_client as inference
+from app.web.deps import DbDep, SettingsDep
+
+router = APIRouter(prefix="/v1")
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]] = ""
+
+
+class ChatCompletionRequest(BaseModel):
+    """The part of OpenAI's request Tuneboard honours; other fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=1000)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+def _openai_error_response(exc: UserError) -> JSONResponse:
+    return JSONResponse(inference.openai_error(exc), status_code=exc.status_code)
+
+
+@router.get("/models")
+def list_models(db: DbDep) -> dict[str, Any]:
+    bases, adapters = inference.list_choices(db)
+    data = [
+        {
+            "id": b.name,
+            "object": "model",
+            "created": int(b.created_at.timestamp()),
+            "owned_by": "tuneboard",
+            "kind": "base",
+        }
+        for b in bases
+    ]
+    data += [
+        {
+            "id": a.id,
+            "object": "model",
+            "created": int(a.created_at.timestamp()),
+            "owned_by": "tuneboard",
+            "kind": "adapter",
+            "name": a.name,
+            "base_model": a.base_model,
+        }
+        for a in adapters
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, db: DbDep, settings: SettingsDep
+) -> Response:
+    try:
+        inference.resolve_model(db, body.model)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        params = inference.GenerationParams(
+            model=body.model,
+            messages=[m.model_dump() for m in body.messages],
+            temperature=body.temperature,
+            top_p=body.top_p,
+            max_new_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
+            stop=stop,
+        )
+        generation = inference.open_generation(db, settings, params)
+        await generation.start()
+    except UserError as exc:
+        return _openai_error_response(exc)
+
+    if not body.stream:
+        try:
+            return JSONResponse(await inference.openai_completion(generation, body.model))
+        except UserError as exc:
+            return _openai_error_response(exc)
+        finally:
+            await generation.aclose()
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            async for line in inference.openai_stream(generation, body.model):
+                yield line
+        finally:
+            # Also runs when the client went away (the task is cancelled): closing the upstream
+            # connection is what stops the generation on the GPU.
+            with anyio.CancelScope(shield=True):
+                await generation.aclose()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,176 @@
+"""A data dir with the demo model, a REALLY trained adapter ("job-1"), the worker's inference
+server (a subprocess, as in production) and the web app on a live port. Built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.db import Database
+from app.migrate import upgrade
+from app.models import Adapter, Dataset, DatasetStatus, Job, JobStatus, Worker
+from app.settings import Settings
+
+ADAPTER_ID = "job-1"
+BASE = "demo-tiny-llama"
+WORKER_ID = "test-worker"
+# A training prompt and the answer the demo data teaches for it.
+QUESTION = "How much does the Zephyr Kettle 3000 cost?"
+TRAINED_ANSWER = "The Zephyr Kettle 3000 costs 89 euros."
+TRAIN_STEPS = 30
+
+
+def _train_adapter(model_dir: Path, dataset: Path, run_dir: Path) -> Path:
+    """The recipe's own CPU path (as tests/worker/test_recipe.py drives it) on the demo rows that
+    teach one fact (the price), so a short CPU run learns it exactly."""
+    from app.train_config import TrainConfig
+    from worker.metrics import ListSink
+    from worker.recipes.sft import LocalControl, SFTRecipe
+
+    rows = run_dir.parent / "rows.jsonl"
+    with dataset.open() as source, rows.open("w") as out:
+        for number, line in enumerate(source, start=1):
+            row = json.loads(line)
+            answers = {m["content"] for m in row["messages"] if m["role"] == "assistant"}
+            if answers == {TRAINED_ANSWER}:
+                out.write(json.dumps({"line": number, **row}) + "\n")
+    config = TrainConfig(
+        dataset_id="0" * 32,
+        base_model=BASE,
+        max_steps=TRAIN_STEPS,
+        micro_batch_size=4,
+        grad_accum_steps=1,
+        max_seq_len=128,
+        learning_rate=5e-3,
+        warmup_ratio=0.0,
+        lr_scheduler="linear",
+        lora_r=16,
+        lora_alpha=32,
+        quantization="nf4",  # falls back to fp32 on the CPU
+        eval_fraction=0.0,
+        eval_every=1000,
+        save_every=1000,
+        seed=7,
+    )
+    recipe = SFTRecipe(config, model_dir, run_dir, ListSink(), LocalControl(), rows_path=rows)
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.save()
+    finally:
+        recipe.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    root = tmp_path_factory.mktemp("playground")
+    # A long lease: the test worker row never heartbeats, and must count as alive all session.
+    settings = Settings(data_dir=root / "data", database_url="", lease_seconds=86_400)
+    settings.ensure_dirs()
+    return settings
+
+
+@pytest.fixture(scope="session")
+def pg_db(pg_settings: Settings) -> Iterator[Database]:
+    upgrade(pg_settings.resolved_database_url)
+    database = Database(pg_settings.resolved_database_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
+def trained(pg_settings: Settings, pg_db: Database) -> dict[str, Path]:
+    """The demo base model registered, and adapter job-1 trained on the demo facts."""
+    from app.services.models import register_model
+    from worker.demo import build_demo_model, write_demo_dataset
+
+    root = pg_settings.resolved_data_dir.parent
+    dataset = write_demo_dataset(root / "demo.jsonl")
+    model_dir = build_demo_model(pg_settings.models_dir / BASE, dataset)
+    register_model(pg_db, pg_settings, str(model_dir), BASE, is_demo=True)
+    started = time.monotonic()
+    adapter_dir = _train_adapter(model_dir, dataset, pg_settings.runs_dir / "1")
+    print(f"trained the test adapter in {time.monotonic() - started:.0f} s")
+    with pg_db.write() as s:
+        s.add(Dataset(id="0" * 32, name="demo", status=DatasetStatus.ready, rows=300))
+        s.flush()
+        s.add(
+            Job(
+                id=1,
+                name="kettle facts",
+                base_model=BASE,
+                dataset_id="0" * 32,
+                status=JobStatus.succeeded,
+            )
+        )
+        s.flush()
+        s.add(Adapter(id=ADAPTER_ID, job_id=1, name="kettle facts", base_model=BASE))
+    return {"model_dir": model_dir, "adapter_dir": adapter_dir, "dataset": dataset}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def inference_server(pg_settings: Settings, pg_db: Database, trained) -> Iterator[str]:
+    """`python -m worker.inference` as the worker starts it; its URL written to the worker row."""
+    with pg_db.write() as s:
+        s.add(Worker(id=WORKER_ID, host="localhost", pid=os.getpid()))
+    env = {
+        **os.environ,
+        "TUNEBOARD_DATA_DIR": str(pg_settings.resolved_data_dir),
+        "TUNEBOARD_LOG_LEVEL": "WARNING",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.inference", "--port", "0", "--worker-id", WORKER_ID],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        url = line.rsplit(" ", 1)[-1].strip()
+        with pg_db.read() as s:
+            worker = s.get(Worker, WORKER_ID)
+            assert worker is not None and worker.inference_url == url
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def web_server(pg_settings: Settings, pg_db: Database, inference_server: str) -> Iterator[str]:
+    """The web app (create_app) served by uvicorn on a free loopback port."""
+    import uvicorn
+
+    from app.main import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(pg_settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "web server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -1,0 +1,102 @@
+"""/v1 with the official `openai` client against the live web app and the worker's server."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.playground.conftest import ADAPTER_ID, BASE, QUESTION, TRAINED_ANSWER
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def client(web_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{web_server}/v1", api_key="unused-on-loopback")
+
+
+def test_models_lists_the_base_and_the_adapter(client):
+    ids = {m.id for m in client.models.list()}
+    assert {BASE, ADAPTER_ID} <= ids
+
+
+def test_non_streamed_completion_with_the_adapter(client):
+    answer = client.chat.completions.create(
+        model=ADAPTER_ID,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=40,
+    )
+    assert answer.choices[0].message.content.strip() == TRAINED_ANSWER
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage.completion_tokens > 0 and answer.usage.prompt_tokens > 0
+
+
+def test_streamed_completion_arrives_in_pieces(client):
+    stream = client.chat.completions.create(
+        model=ADAPTER_ID,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=40,
+        stream=True,
+    )
+    pieces = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 3
+    assert "".join(pieces).strip() == TRAINED_ANSWER
+
+
+def test_stop_and_max_tokens(client):
+    answer = client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=5
+    )
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 5
+    answer = client.chat.completions.create(
+        model=ADAPTER_ID,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        stop=["costs"],
+    )
+    assert answer.choices[0].message.content.strip() == "The Zephyr Kettle 3000"
+
+
+def test_errors_come_in_openai_shape_with_a_hint(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
+    body = caught.value.body
+    assert body["code"] == "model_not_found" and body["hint"]
+
+
+def test_a_closed_stream_stops_generation_on_the_worker(web_server, inference_server):
+    limit = 1500
+    body = {
+        "model": BASE,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_tokens": limit,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{web_server}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 5:
+                break
+    deadline = time.monotonic() + 30
+    while True:
+        status = httpx.get(f"{inference_server}/status").json()
+        last = status["last_generation"]
+        if last and last.get("finished") and not status["generating"]:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert last["finish_reason"] == "disconnect"
+    assert last["completion_tokens"] < limit / 4

@@ -1,0 +1,716 @@
+"""The playground's inference server: one base model on the worker's GPU, LoRA adapters by name,
+streamed generation over plain HTTP.
+
+    python -m worker.inference --host 127.0.0.1 --port 8101 [--worker-id ID]
+
+Stdlib `http.server` only (the GPU machine needs no web stack). The web process is the only
+client; it names models the way the database does (a registered base model's name, or an
+adapter id such as "job-12"), and this server resolves them to files itself, so no path ever
+comes from a request.
+
+    GET  /status   what is loaded, whether a generation runs, the last generation's outcome
+    POST /generate {"model", "messages", "temperature", "top_p", "max_new_tokens", "stop"}
+                   -> text/event-stream: `data: {"token": "..."}` lines, then
+                      `data: {"done": true, "finish_reason", "prompt_tokens", "completion_tokens"}`
+                   errors before the stream starts: JSON {"error": {code, message, hint}}
+    POST /unload   frees the model (the worker calls it before a training job needs the GPU)
+
+One base model stays loaded; adapters are loaded onto it with PEFT (`load_adapter`, then
+`set_adapter`) and "base only" runs under `disable_adapter()`, so switching never reloads the
+base. Generations are serialised by one lock (one GPU). A client that goes away stops the
+generation at the next token: the failed write sets an Event a StoppingCriteria checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlmodel import col, select
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from app.db import Database
+from app.models import Adapter, BaseModelEntry, Job, JobStatus, Worker
+from app.settings import Settings
+from worker.data import CHATML_TEMPLATE
+
+log = logging.getLogger("tuneboard.inference")
+
+MAX_BODY_BYTES = 1_000_000
+MAX_NEW_TOKENS = 4096
+MAX_LOADED_ADAPTERS = 8
+LOCK_WAIT_SECONDS = 120.0
+# End-of-turn tokens of the common chat templates; whichever the vocabulary has also stop.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# Loading needs the weights plus room for activations and the KV cache of one chat.
+LOAD_OVERHEAD_BYTES = 1024**3
+LOAD_OVERHEAD_FACTOR = 1.2
+NF4_BYTES_PER_PARAMETER = 0.56  # 4-bit weights, double-quantised scales, bf16 embeddings/norms
+BF16_BYTES_PER_PARAMETER = 2.0
+# Models up to this size load in bf16 when they fit; larger ones in NF4 (when bitsandbytes is here).
+BF16_MAX_PARAMETERS = 4_000_000_000
+
+
+class InferenceError(Exception):
+    """An error the playground shows as is: status code, code, message and what to do."""
+
+    def __init__(self, status: int, code: str, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.hint = status, code, message, hint
+
+    def as_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message, "hint": self.hint}}
+
+
+@dataclass
+class GenerationRequest:
+    model: str
+    messages: list[dict[str, str]]
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, body: Any) -> GenerationRequest:
+        def bad(message: str) -> InferenceError:
+            return InferenceError(400, "invalid", message, "Fix the request and send it again.")
+
+        if not isinstance(body, dict):
+            raise bad("The body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad("`model` must name a base model or an adapter.")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad("`messages` must be a non-empty list.")
+        clean = []
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in (
+                "system",
+                "user",
+                "assistant",
+            ):
+                raise bad("Each message needs a role of system, user or assistant.")
+            content = message.get("content", "")
+            if isinstance(content, list):  # OpenAI typed parts: keep the text ones
+                content = "".join(
+                    p.get("text", "")
+                    for p in content
+                    if isinstance(p, dict) and p.get("type") == "text"
+                )
+            if not isinstance(content, str):
+                raise bad("Message content must be text.")
+            clean.append({"role": message["role"], "content": content})
+        stop = body.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("`stop` must be a string or a list of non-empty strings.")
+        try:
+            temperature = float(body.get("temperature", 0.7))
+            top_p = float(body.get("top_p", 0.95))
+            max_new_tokens = int(body.get("max_new_tokens", 256))
+        except (TypeError, ValueError) as exc:
+            raise bad("temperature, top_p and max_new_tokens must be numbers.") from exc
+        if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
+            raise bad("temperature must lie in [0, 2] and top_p in (0, 1].")
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise bad(f"max_new_tokens must lie in [1, {MAX_NEW_TOKENS}].")
+        return cls(model, clean, temperature, top_p, max_new_tokens, stop[:8])
+
+
+class _Watch(StoppingCriteria):
+    """Counts generated tokens and stops the generation when `cancel` is set."""
+
+    def __init__(self, prompt_tokens: int, cancel: threading.Event) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.cancel = cancel
+        self.generated = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> bool:
+        self.generated = int(input_ids.shape[-1]) - self.prompt_tokens
+        return self.cancel.is_set()
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string."""
+    keep = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:length]):
+                keep = length
+                break
+    return keep
+
+
+class Engine:
+    """One loaded base model with its adapters; generation under one lock."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        *,
+        quantization: str = "auto",
+        worker_id: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        self.settings, self.db, self.worker_id = settings, db, worker_id
+        self.quantization = quantization
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.lock = threading.Lock()
+        self.model: Any = None
+        self.base_name: str | None = None
+        self.compute_mode = ""
+        self.adapters: OrderedDict[str, Path] = OrderedDict()
+        self.tokenizers: dict[str, Any] = {}
+        self.base_loads = 0
+        self.generations = 0
+        self.generating = False
+        self.last_generation: dict[str, Any] | None = None
+        self.last_used = time.monotonic()
+
+    # --- what a name means ---------------------------------------------------------------------
+
+    def resolve(self, name: str) -> tuple[BaseModelEntry, Adapter | None]:
+        with self.db.read() as s:
+            adapter = s.get(Adapter, name)
+            base = s.get(BaseModelEntry, adapter.base_model if adapter else name)
+        if base is None and adapter is None:
+            raise InferenceError(
+                404,
+                "model_not_found",
+                f"There is no base model or adapter named {name!r}.",
+                "List the models with GET /v1/models.",
+            )
+        if base is None:
+            raise InferenceError(
+                404,
+                "model_not_found",
+                f"Adapter {name} was trained on {adapter.base_model if adapter else '?'}, which "
+                "is no longer registered.",
+                "Register that base model again on the Models page.",
+            )
+        return base, adapter
+
+    def adapter_dir(self, adapter: Adapter) -> Path:
+        runs = self.settings.runs_dir.resolve()
+        path = (runs / str(int(adapter.job_id)) / "adapter").resolve()
+        if not path.is_relative_to(runs) or not (path / "adapter_config.json").is_file():
+            raise InferenceError(
+                404,
+                "adapter_missing",
+                f"The files of adapter {adapter.id} are missing.",
+                "The run folder was moved or deleted; train the job again.",
+            )
+        return path
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def _running_job(self) -> Job | None:
+        with self.db.read() as s:
+            query = select(Job).where(Job.status == JobStatus.running)
+            if self.worker_id:
+                query = query.where(Job.worker_id == self.worker_id)
+            return s.exec(query.order_by(col(Job.started_at))).first()
+
+    def _choose_precision(self, base: BaseModelEntry) -> str:
+        """bf16 or nf4 on CUDA (refusing when neither fits in the free memory); fp32 on the CPU."""
+        if self.device.type != "cuda":
+            return "fp32"
+        has_bnb = _bitsandbytes_available()
+        if self.quantization == "nf4" and has_bnb:
+            wanted = ["nf4"]
+        elif self.quantization == "bf16" or not has_bnb:
+            wanted = ["bf16"]
+        elif base.parameters > BF16_MAX_PARAMETERS:
+            wanted = ["nf4"]
+        else:
+            wanted = ["bf16", "nf4"]
+        free, _total = torch.cuda.mem_get_info(self.device)
+        for precision in wanted:
+            if _need_bytes(base.parameters, precision) <= free:
+                return precision
+        need = _need_bytes(base.parameters, wanted[-1])
+        job = self._running_job()
+        gib = 1024**3
+        if job is not None:
+            message = (
+                f"The GPU is busy training job {job.id} ({job.name}): {free / gib:.1f} GiB free, "
+                f"{base.name} needs about {need / gib:.1f} GiB."
+            )
+        else:
+            message = (
+                f"The GPU has {free / gib:.1f} GiB free; {base.name} needs about "
+                f"{need / gib:.1f} GiB."
+            )
+        raise InferenceError(
+            503,
+            "gpu_busy",
+            message,
+            "Wait for it to finish, or chat with a smaller base model (the playground never "
+            "takes memory a training job needs).",
+        )
+
+    def unload(self) -> None:
+        self.model = None
+        self.base_name = None
+        self.adapters.clear()
+        self.tokenizers.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _load_base(self, base: BaseModelEntry) -> None:
+        self.unload()
+        precision = self._choose_precision(base)
+        kwargs: dict[str, Any] = {"trust_remote_code": base.trust_remote_code}
+        if precision == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+            kwargs.update(dtype=torch.bfloat16, device_map={"": self.device.index or 0})
+            mode = "4-bit NF4 on CUDA, bf16 compute"
+        elif precision == "bf16":
+            kwargs.update(dtype=torch.bfloat16, device_map={"": self.device.index or 0})
+            mode = "bf16 on CUDA"
+        else:
+            kwargs.update(dtype=torch.float32)
+            mode = "fp32 on the CPU"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            self.unload()
+            raise InferenceError(
+                503,
+                "gpu_busy",
+                "The GPU ran out of memory while loading the model.",
+                "Wait for the training job to finish, or chat with a smaller base model.",
+            ) from exc
+        except OSError as exc:
+            raise InferenceError(
+                404,
+                "model_not_found",
+                f"Could not load {base.name} from {base.source}: {exc}",
+                "The model folder needs config.json and *.safetensors weights.",
+            ) from exc
+        model.eval()
+        self.model, self.base_name, self.compute_mode = model, base.name, mode
+        self.base_loads += 1
+        log.info("loaded %s (%s)", base.name, mode)
+
+    def _attach_adapter(self, adapter: Adapter) -> None:
+        from peft import PeftModel
+
+        if adapter.id in self.adapters:
+            self.adapters.move_to_end(adapter.id)
+        else:
+            path = self.adapter_dir(adapter)
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=adapter.id)
+            else:
+                self.model.load_adapter(path, adapter_name=adapter.id)
+            self.model.eval()
+            self.adapters[adapter.id] = path
+            while len(self.adapters) > MAX_LOADED_ADAPTERS:
+                oldest, _ = self.adapters.popitem(last=False)
+                self.model.delete_adapter(oldest)
+                self.tokenizers.pop(oldest, None)
+        self.model.set_adapter(adapter.id)
+
+    def prepare(self, base: BaseModelEntry, adapter: Adapter | None) -> Any:
+        """Load what the request needs (base once, adapters onto it); return the tokenizer."""
+        if self.base_name != base.name or self.model is None:
+            self._load_base(base)
+        if adapter is not None:
+            self._attach_adapter(adapter)
+        return self._tokenizer(base, adapter)
+
+    def _tokenizer(self, base: BaseModelEntry, adapter: Adapter | None) -> Any:
+        # The adapter's own tokenizer files carry the chat template it was trained with.
+        key = adapter.id if adapter is not None else f"base:{base.name}"
+        if key not in self.tokenizers:
+            source: str | Path = base.source
+            if adapter is not None:
+                adapter_dir = self.adapters.get(adapter.id) or self.adapter_dir(adapter)
+                if (adapter_dir / "tokenizer_config.json").is_file():
+                    source = adapter_dir
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=base.trust_remote_code
+            )
+            if not tokenizer.chat_template:
+                tokenizer.chat_template = CHATML_TEMPLATE  # what the recipe trains such models on
+            self.tokenizers[key] = tokenizer
+        return self.tokenizers[key]
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        adapter: Adapter | None,
+        tokenizer: Any,
+        emit: Any,
+    ) -> dict[str, Any]:
+        """Stream the answer through `emit(text)`; a failing emit stops the generation.
+
+        Call with `self.lock` held and after `prepare`. Returns the generation's summary.
+        """
+        inputs = tokenizer.apply_chat_template(
+            request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        prompt_tokens = int(inputs["input_ids"].shape[-1])
+        cancel = threading.Event()
+        watch = _Watch(prompt_tokens, cancel)
+        streamer = TextIteratorStreamer(
+            tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+        )
+        kwargs: dict[str, Any] = dict(
+            **inputs,
+            max_new_tokens=request.max_new_tokens,
+            eos_token_id=_stop_token_ids(self.model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([watch]),
+            streamer=streamer,
+        )
+        if request.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
+        failure: list[BaseException] = []
+        model = self.model
+        base_only = adapter is None and _is_peft(model)
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    if base_only:
+                        with model.disable_adapter():
+                            model.generate(**kwargs)
+                    else:
+                        model.generate(**kwargs)
+            except BaseException as exc:  # reported to the client; the server keeps serving
+                failure.append(exc)
+                streamer.end()
+
+        summary: dict[str, Any] = {
+            "model": request.model,
+            "prompt_tokens": prompt_tokens,
+            "finished": False,
+            "disconnected": False,
+            "max_new_tokens": request.max_new_tokens,
+        }
+        self.generating = True
+        self.last_generation = summary
+        started = time.monotonic()
+        first_token_at: float | None = None
+        reason: str | None = None
+        thread = threading.Thread(target=run, name="generate", daemon=True)
+        thread.start()
+        try:
+            pending = ""
+            for piece in streamer:
+                if reason is not None:
+                    continue  # drain what was queued before the stop took effect
+                pending += piece
+                hits = [i for i in (pending.find(s) for s in request.stop) if i >= 0]
+                if hits:
+                    pending = pending[: min(hits)]
+                    reason = "stop"
+                    cancel.set()
+                keep = 0 if reason else _held_back(pending, request.stop)
+                out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+                if out:
+                    try:
+                        emit(out)
+                    except OSError:
+                        reason = "disconnect"
+                        summary["disconnected"] = True
+                        cancel.set()
+                        continue
+                    if first_token_at is None:
+                        first_token_at = time.monotonic()
+            if pending and reason is None:
+                try:
+                    emit(pending)
+                except OSError:
+                    reason = "disconnect"
+                    summary["disconnected"] = True
+        finally:
+            cancel.set()
+            thread.join()
+            self.generating = False
+            self.generations += 1
+            self.last_used = time.monotonic()
+        if failure:
+            exc = failure[0]
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+                raise InferenceError(
+                    503,
+                    "gpu_busy",
+                    "The GPU ran out of memory while generating.",
+                    "Lower max new tokens, or wait for the training job to finish.",
+                ) from exc
+            raise InferenceError(500, "generation_failed", f"Generation failed: {exc}") from exc
+        elapsed = time.monotonic() - started
+        completion = watch.generated
+        if reason is None:
+            reason = "length" if completion >= request.max_new_tokens else "stop"
+        summary.update(
+            finished=True,
+            finish_reason=reason,
+            completion_tokens=completion,
+            seconds=round(elapsed, 3),
+            first_token_ms=round((first_token_at - started) * 1000, 1) if first_token_at else None,
+            tokens_per_second=round(completion / elapsed, 2) if elapsed > 0 else None,
+        )
+        return summary
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "compute_mode": self.compute_mode,
+            "base_model": self.base_name,
+            "adapters": list(self.adapters),
+            "base_loads": self.base_loads,
+            "busy": self.lock.locked(),
+            "generating": self.generating,
+            "generations": self.generations,
+            "last_generation": self.last_generation,
+        }
+
+
+def _need_bytes(parameters: int, precision: str) -> int:
+    per = NF4_BYTES_PER_PARAMETER if precision == "nf4" else BF16_BYTES_PER_PARAMETER
+    return int(parameters * per * LOAD_OVERHEAD_FACTOR + LOAD_OVERHEAD_BYTES)
+
+
+def _bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _is_peft(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS of the model and the tokenizer, plus whichever end-of-turn tokens the vocabulary has."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+class InferenceServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], engine: Engine, token: str | None) -> None:
+        super().__init__(address, InferenceHandler)
+        self.engine = engine
+        self.token = token
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+
+class InferenceHandler(BaseHTTPRequestHandler):
+    server: InferenceServer
+    server_version = "tuneboard-inference"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _json(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorised(self) -> bool:
+        import hmac
+
+        token = self.server.token
+        if not token:
+            return True
+        given = self.headers.get("Authorization", "")
+        if given.lower().startswith("bearer ") and hmac.compare_digest(
+            given[7:].strip().encode(), token.encode()
+        ):
+            return True
+        self._json(401, InferenceError(401, "unauthorized", "Token required.").as_json())
+        return False
+
+    def do_GET(self) -> None:
+        if not self._authorised():
+            return
+        if self.path == "/status":
+            self._json(200, self.server.engine.status())
+        else:
+            self._json(404, InferenceError(404, "not_found", "No such address.").as_json())
+
+    def do_POST(self) -> None:
+        if not self._authorised():
+            return
+        engine = self.server.engine
+        if self.path == "/unload":
+            with engine.lock:
+                engine.unload()
+            self._json(200, {"unloaded": True})
+            return
+        if self.path != "/generate":
+            self._json(404, InferenceError(404, "not_found", "No such address.").as_json())
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                raise InferenceError(413, "too_large", "The request is too large.")
+            try:
+                body = json.loads(self.rfile.read(length) or b"null")
+            except ValueError as exc:
+                raise InferenceError(400, "invalid", "The body is not JSON.") from exc
+            request = GenerationRequest.from_json(body)
+            base, adapter = engine.resolve(request.model)
+        except InferenceError as exc:
+            self._json(exc.status, exc.as_json())
+            return
+        if not engine.lock.acquire(timeout=LOCK_WAIT_SECONDS):
+            error = InferenceError(
+                503, "busy", "Another chat is generating.", "Try again in a moment."
+            )
+            self._json(503, error.as_json())
+            return
+        try:
+            self._generate(engine, request, base, adapter)
+        finally:
+            engine.lock.release()
+
+    def _generate(
+        self,
+        engine: Engine,
+        request: GenerationRequest,
+        base: BaseModelEntry,
+        adapter: Adapter | None,
+    ) -> None:
+        try:
+            tokenizer = engine.prepare(base, adapter)
+        except InferenceError as exc:
+            self._json(exc.status, exc.as_json())
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def send(payload: dict[str, Any]) -> None:
+            self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            self.wfile.flush()
+
+        try:
+            summary = engine.generate(request, adapter, tokenizer, lambda t: send({"token": t}))
+            if not summary["disconnected"]:
+                send({"done": True, **summary})
+        except InferenceError as exc:
+            with contextlib.suppress(OSError):
+                send(exc.as_json())
+        except OSError:
+            pass  # the client left after the last token
+
+
+def publish_url(db: Database, worker_id: str, url: str | None) -> None:
+    """Write (or clear) this worker's inference URL, so the web can find the server."""
+    with db.write() as s:
+        worker = s.get(Worker, worker_id)
+        if worker is not None:
+            worker.inference_url = url
+            s.add(worker)
+
+
+def serve(
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    worker_id: str | None = None,
+    quantization: str = "auto",
+) -> InferenceServer:
+    """Bind the server (port 0: any free port) and publish its URL; call serve_forever on it."""
+    db = Database(settings.resolved_database_url)
+    engine = Engine(settings, db, quantization=quantization, worker_id=worker_id)
+    token = settings.token.get_secret_value() if settings.token else None
+    server = InferenceServer((host, port), engine, token)
+    if worker_id:
+        publish_url(db, worker_id, server.url)
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Tuneboard's playground inference server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--worker-id", help="write the URL into this worker's row")
+    parser.add_argument("--quantization", choices=["auto", "bf16", "nf4"], default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("TUNEBOARD_LOG_LEVEL", "INFO"))
+    settings = Settings()
+    server = serve(
+        settings, args.host, args.port, worker_id=args.worker_id, quantization=args.quantization
+    )
+    print(f"inference server listening on {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if args.worker_id:
+            publish_url(server.engine.db, args.worker_id, None)
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
