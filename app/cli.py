@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,10 @@ def serve(
             "browser to TUNEBOARD_ALLOWED_HOSTS, a JSON list such as "
             '\'["gpu-box.lan", "192.168.1.20"]\' (this check guards against DNS rebinding).'
         )
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again with the handler
+    # it found. The default one would end this process on the spot and orphan the worker, so the
+    # handler it finds turns SIGTERM into an exit that runs the `finally` below.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(
             create_app(settings),
@@ -100,9 +105,15 @@ def serve(
             log_level="warning",
             timeout_graceful_shutdown=5,
         )
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn has already shut down; stop the worker below
     finally:
         if supervisor is not None:
             supervisor.stop()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def worker_command(gpus: str) -> list[str]:

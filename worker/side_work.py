@@ -25,13 +25,13 @@ log = logging.getLogger("tuneboard.worker.side")
 SIDE_TASK_TIMEOUT_SECONDS = 30 * 60
 
 # (what, how to tell there is some, the child that does it)
-TASKS: list[tuple[str, type, list[str]]] = [
+TASKS: list[tuple[str, type[DatasetReport] | type[MergeRequest], list[str]]] = [
     ("dataset reports", DatasetReport, ["-m", "worker.dataset_report", "--pending"]),
     ("adapter merges", MergeRequest, ["-m", "worker.merge", "--pending"]),
 ]
 
 
-def pending(db: Database, table: type) -> int:
+def pending(db: Database, table: type[DatasetReport] | type[MergeRequest]) -> int:
     with db.read() as s:
         return int(
             s.exec(select(func.count()).select_from(table).where(table.status == "pending")).one()

@@ -1,0 +1,228 @@
+"""The `tuneboard` command as a user runs it: real subprocesses over a temporary data dir."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, inspect
+from sqlmodel import select
+
+from app.db import Database
+from app.models import Worker
+from app.services import datasets, models
+from app.settings import Settings
+from tests.live_server import ROOT, free_port
+
+README = ROOT / "README.md"
+
+
+def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "TUNEBOARD_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
+    for name in ("TUNEBOARD_DATABASE_URL", "DATABASE_URL", "TUNEBOARD_PORT", "TUNEBOARD_HOST"):
+        env.pop(name, None)
+    return env
+
+
+def tuneboard(data_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=cli_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc), children's children included."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                pids = {int(p) for p in children.read_text().split()}
+            except OSError:
+                continue
+            todo.extend(pids - found)
+            found |= pids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited; only its parent's wait is missing
+
+
+def health(url: str) -> dict | None:
+    try:
+        response = httpx.get(url + "/healthz", timeout=2)
+    except httpx.HTTPError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+@contextmanager
+def serving(data_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    """`tuneboard serve --port <free> ARGS`, answering /healthz; killed with its children after."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out = data_dir.parent / "serve.out"
+    with out.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args],
+            cwd=ROOT,
+            env=cli_env(data_dir),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # so the cleanup can reach every child it left
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while health(url) is None:
+            assert process.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, "serve did not answer: " + out.read_text()
+            time.sleep(0.2)
+        yield process, url, out
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(30)
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def test_serve_without_a_worker_answers_and_prints_its_url(tmp_path):
+    with serving(tmp_path / "data", "--no-worker") as (_, url, out):
+        assert health(url) == {
+            "status": "ok",
+            "database": "ok",
+            "workers": 0,
+            "worker_heartbeat_age_seconds": None,
+        }
+        assert f"Tuneboard is running at {url}" in out.read_text()
+    assert (tmp_path / "data" / "tuneboard.db").is_file()
+
+
+def test_serve_supervises_a_worker_and_sigterm_stops_it_with_no_orphans(tmp_path):
+    with serving(tmp_path / "data") as (process, url, _):
+        deadline = time.monotonic() + 20
+        while (health(url) or {}).get("workers") != 1:
+            assert time.monotonic() < deadline, f"no live worker: {health(url)}"
+            time.sleep(0.3)
+        worker_pids = {
+            w["pid"] for w in httpx.get(url + "/api/system", timeout=5).json()["workers"]
+        }
+        children = descendants(process.pid)
+        assert worker_pids <= children, (worker_pids, children)
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        deadline = time.monotonic() + 20
+        while left := {pid for pid in children if alive(pid)}:
+            assert time.monotonic() < deadline, f"processes left behind: {left}"
+            time.sleep(0.2)
+
+    db = Database(Settings(data_dir=tmp_path / "data", database_url="").resolved_database_url)
+    try:
+        with db.read() as s:
+            assert [w.stopped for w in s.exec(select(Worker))] == [True]
+    finally:
+        db.dispose()
+
+
+def test_doctor_reports_each_check_with_a_hint_for_problems(tmp_path):
+    result = tuneboard(tmp_path / "data", "doctor")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    verdicts = {}
+    for i, line in enumerate(lines):
+        match = re.match(r"(OK|PROBLEM)\s+(.+?)\s{2,}", line)
+        if match:
+            verdicts[match.group(2)] = (match.group(1), lines[i + 1] if i + 1 < len(lines) else "")
+    for name in (
+        "Python",
+        "torch",
+        "CUDA",
+        "bitsandbytes",
+        "Free disk in the data dir",
+        "Database",
+    ):
+        assert name in verdicts, f"doctor says nothing about {name}:\n{result.stdout}"
+    assert verdicts["Python"][0] == "OK"
+    assert verdicts["torch"][0] == "OK"
+    assert verdicts["Database"][0] == "OK"
+    for name, (verdict, next_line) in verdicts.items():
+        if verdict == "PROBLEM":
+            assert next_line.strip().startswith("->"), f"{name} has no hint"
+
+    import torch
+
+    if not torch.cuda.is_available():
+        verdict, hint = verdicts["CUDA"]
+        assert verdict == "PROBLEM"
+        assert "CUDA build of torch" in hint
+
+
+def test_settings_markdown_is_the_readme_table(tmp_path):
+    result = tuneboard(tmp_path / "data", "settings", "--markdown")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("| variable |")
+    assert result.stdout.strip() in README.read_text()
+
+
+def test_migrate_creates_the_tables(tmp_path):
+    result = tuneboard(tmp_path / "data", "migrate")
+    assert result.returncode == 0, result.stderr
+    assert "Database is up to date" in result.stdout
+    engine = create_engine(f"sqlite:///{tmp_path / 'data' / 'tuneboard.db'}")
+    try:
+        tables = set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    assert {"base_models", "datasets", "jobs", "metrics", "workers", "alembic_version"} <= tables
+
+
+@pytest.mark.slow
+def test_demo_registers_the_demo_model_and_dataset_once(tmp_path):
+    data_dir = tmp_path / "data"
+    first = tuneboard(data_dir, "demo", timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "Registered model demo-tiny-llama and dataset demo-chat" in first.stdout
+
+    settings = Settings(data_dir=data_dir, database_url="")
+    db = Database(settings.resolved_database_url)
+    try:
+        model = models.get_model(db, "demo-tiny-llama")
+        assert model.is_demo and (settings.models_dir / "demo-tiny-llama" / "config.json").is_file()
+        dataset = datasets.find_by_name(db, "demo-chat")
+        assert dataset is not None and dataset.status.value == "ready" and dataset.rows > 0
+
+        started = time.monotonic()
+        second = tuneboard(data_dir, "demo", "--if-missing")
+        assert second.returncode == 0, second.stderr
+        assert "skipping the demo build" in second.stdout
+        assert time.monotonic() - started < 30  # no model build the second time
+        assert [m.name for m in models.list_models(db)] == ["demo-tiny-llama"]
+        assert [d.name for d in datasets.list_datasets(db)] == ["demo-chat"]
+    finally:
+        db.dispose()
