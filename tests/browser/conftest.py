@@ -5,8 +5,9 @@
   worker would (`.url`, `.settings`, `.db`).
 - `live_server`: a fresh `tests.live_server.LiveServer` per test, which can be SIGKILLed and
   restarted (`.kill()` / `.start()`); `server_db` is its database.
-- `page`: a fresh page; `dialogs` lists every alert/confirm/prompt it opened (each dismissed) and
-  `page.js_errors` every uncaught script error.
+- `page`: a fresh page; `dialogs` lists every alert/confirm/prompt it opened (each dismissed, or
+  accepted once a test sets `page.accept_dialogs = True`) and `page.js_errors` every uncaught
+  script error.
 """
 
 from __future__ import annotations
@@ -155,17 +156,22 @@ def dialogs() -> list[str]:
 
 @pytest.fixture
 def page(browser, dialogs: list[str]) -> Iterator:
-    """A fresh page in its own context; dialogs are recorded and dismissed, script errors kept."""
+    """A fresh page in its own context; dialogs are recorded and dismissed (accepted while
+    `page.accept_dialogs` is true), script errors kept in `page.js_errors`."""
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     tab = context.new_page()
     tab.set_default_timeout(15_000)
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
     tab.js_errors = errors
+    tab.accept_dialogs = False
 
     def on_dialog(dialog) -> None:
         dialogs.append(f"{dialog.type}: {dialog.message}")
-        dialog.dismiss()
+        if tab.accept_dialogs:
+            dialog.accept()
+        else:
+            dialog.dismiss()
 
     tab.on("dialog", on_dialog)
     yield tab
