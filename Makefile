@@ -6,6 +6,8 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # A pinned torch: on a machine with a local CPU wheel (CI) it takes that; elsewhere PyPI's build.
 TORCH_SPEC ?= torch==2.13.0
 DATA_DIR ?= data
+# Empty: TUNEBOARD_PORT, else 8000. `make run PORT=8001` when 8000 is taken.
+PORT ?=
 PYTEST_ARGS ?=
 
 .PHONY: run setup setup-dev test test-fast lint gpu-test clean chromium
@@ -28,7 +30,7 @@ setup-dev: $(VENV)/.installed-dev
 run: setup
 	TUNEBOARD_DATA_DIR=$(DATA_DIR) $(VENV)/bin/tuneboard migrate
 	TUNEBOARD_DATA_DIR=$(DATA_DIR) $(VENV)/bin/tuneboard demo --if-missing
-	TUNEBOARD_DATA_DIR=$(DATA_DIR) $(VENV)/bin/tuneboard serve
+	TUNEBOARD_DATA_DIR=$(DATA_DIR) $(VENV)/bin/tuneboard serve $(if $(PORT),--port $(PORT))
 
 # Browser tests drive the system Chromium; install it when we may (root on Debian), else they skip.
 chromium:

@@ -482,9 +482,8 @@ class SFTRecipe:
 
     def cleanup(self) -> None:
         if self.trainer is not None:
-            # Drop the references so the memory is freed (the Trainer's attributes are not Optional).
-            self.trainer.model = None  # type: ignore[assignment]
-            self.trainer.model_wrapped = None  # type: ignore[assignment]
+            self.trainer.model = None
+            self.trainer.model_wrapped = None  # type: ignore[assignment]  # typed as non-Optional
             self.trainer.optimizer = None
             self.trainer.lr_scheduler = None
         self.trainer = None
