@@ -12,7 +12,7 @@ from app.db import Database
 from app.models import BaseModelEntry, Dataset, DatasetStatus, JobStatus, Worker
 from app.train_config import TrainConfig
 from tests.live_server import ROOT
-from tests.simulated_run import write_metrics
+from tests.simulated_run import metric_row
 
 pytestmark = pytest.mark.browser
 
@@ -25,6 +25,15 @@ PAGES = {
     "Models": "Base models",
     "System": "System",
 }
+
+
+def record(db: Database, claim: queue.Claim, *, steps: int, total: int) -> None:
+    """The metric rows and progress of `steps` training steps, in two writes."""
+    rows = [metric_row(step) for step in range(1, steps + 1)]
+    assert queue.record_metrics(db, claim.job_id, claim.attempt, rows)
+    queue.update_progress(
+        db, claim.job_id, claim.attempt, progress_step=steps, progress_total=total
+    )
 
 
 def arrange_a_busy_day(db: Database) -> None:
@@ -61,15 +70,13 @@ def arrange_a_busy_day(db: Database) -> None:
     job("kettle facts, quick test")
     first = queue.claim_next_job(db, "localhost-worker", lease_seconds=3600)
     assert first is not None
-    queue.update_progress(db, first.job_id, first.attempt, progress_total=120)
-    write_metrics(db, first, 1, 120)
+    record(db, first, steps=120, total=120)
     assert queue.finish(db, first.job_id, first.attempt, JobStatus.succeeded)
 
     job("kettle facts, 3 epochs")
     running = queue.claim_next_job(db, "localhost-worker", lease_seconds=3600)
     assert running is not None
-    queue.update_progress(db, running.job_id, running.attempt, progress_total=360)
-    write_metrics(db, running, 1, 140)
+    record(db, running, steps=140, total=360)
     job("kettle facts, rank 32")
     job("kettle facts, lr 1e-4")
 
