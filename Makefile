@@ -10,7 +10,7 @@ DATA_DIR ?= data
 PORT ?=
 PYTEST_ARGS ?=
 
-.PHONY: run setup setup-dev test test-fast lint gpu-test clean chromium
+.PHONY: run setup setup-dev test test-fast lint gpu-test screenshots clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ lint: setup-dev
 # On a CUDA machine: the GPU tests.
 gpu-test: setup-dev
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+# The README's screenshots (docs/*.png), taken by the browser tests.
+screenshots: setup-dev chromium
+	TUNEBOARD_UPDATE_SCREENSHOTS=1 $(PY) -m pytest tests/browser/test_navigation.py \
+	  tests/browser/test_live_job_page.py -k "nav_page or gains_points" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

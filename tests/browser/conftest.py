@@ -5,6 +5,7 @@
   worker would (`.url`, `.settings`, `.db`).
 - `live_server`: a fresh `tests.live_server.LiveServer` per test, which can be SIGKILLed and
   restarted (`.kill()` / `.start()`); `server_db` is its database.
+- `screenshots`: the folder a test saves screenshots in (docs/ under `make screenshots`).
 - `page`: a fresh page; `dialogs` lists every alert/confirm/prompt it opened (each dismissed, or
   accepted once a test sets `page.accept_dialogs = True`) and `page.js_errors` every uncaught
   script error.
@@ -146,6 +147,16 @@ def server_db(live_server: LiveServer) -> Iterator[Database]:
     database = Database(live_server.database_url)
     yield database
     database.dispose()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where a test saves its screenshots: docs/, which the README shows, when
+    TUNEBOARD_UPDATE_SCREENSHOTS=1 (`make screenshots`); else a temporary folder, so that a test
+    run leaves the checkout clean."""
+    if os.environ.get("TUNEBOARD_UPDATE_SCREENSHOTS") == "1":
+        return REPO_ROOT / "docs"
+    return tmp_path
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,6 @@ from tests.live_server import ROOT
 from tests.simulated_run import finish, start_running_job, write_metrics
 
 pytestmark = pytest.mark.browser
-
-SCREENSHOT = ROOT / "docs" / "job-page.png"
 
 
 def writer(server, claim, first: int, rows: int, interval: float, *, end: bool = False):
@@ -65,7 +62,7 @@ def db_rows(db, job_id: int) -> int:
     return len(queue.metrics_after(db, job_id, 0, limit=1_000_000))
 
 
-def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, page):
+def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, page, screenshots):
     claim = start_running_job(server_db, "live loss", total=400)
     write_metrics(server_db, claim, 1, 5)
     page.goto(f"{live_server.url}/jobs/{claim.job_id}")
@@ -77,9 +74,8 @@ def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, p
         wait_points(page, lambda n: n >= 40)
         # The header follows `status` events: its step moves without a reload.
         wait_until(lambda: int(page.text_content("#job-header .step") or 0) >= 30)
-        SCREENSHOT.parent.mkdir(exist_ok=True)
         page.wait_for_timeout(300)  # let uPlot paint the last frame
-        page.screenshot(path=str(SCREENSHOT))  # the viewport: header and charts
+        page.screenshot(path=str(screenshots / "job-page.png"))  # the viewport: header and charts
     finally:
         proc.wait(30)
     assert wait_points(page, lambda n: n == 125) == 125
@@ -149,8 +145,3 @@ def test_compare_page_overlays_two_finished_jobs(live_server, server_db, page):
     assert page.locator(f"{loss} .u-legend .u-series").count() == 3  # x + two runs
     assert page.locator(".compare-config tr.differs").count() >= 2
     assert page.js_errors == []
-
-
-def test_screenshot_exists_for_the_readme():
-    # Written by the first test of this module; README.md shows it.
-    assert Path(SCREENSHOT).is_file() or pytest.skip("the live-chart test did not run")

@@ -11,12 +11,10 @@ from app import queue
 from app.db import Database
 from app.models import BaseModelEntry, Dataset, DatasetStatus, JobStatus, Worker
 from app.train_config import TrainConfig
-from tests.live_server import ROOT
 from tests.simulated_run import metric_row
 
 pytestmark = pytest.mark.browser
 
-DOCS = ROOT / "docs"
 # nav link -> the page's heading
 PAGES = {
     "Datasets": "Datasets",
@@ -81,13 +79,14 @@ def arrange_a_busy_day(db: Database) -> None:
     job("kettle facts, lr 1e-4")
 
 
-def test_every_nav_page_opens_from_the_dashboard(live_server, server_db, page, dialogs):
+def test_every_nav_page_opens_from_the_dashboard(
+    live_server, server_db, page, dialogs, screenshots
+):
     arrange_a_busy_day(server_db)
     page.goto(live_server.url + "/")
     assert page.text_content("h1") == "Dashboard"
     assert "demo-tiny-llama" in page.text_content("main")
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / "dashboard.png"))
+    page.screenshot(path=str(screenshots / "dashboard.png"))
 
     for link, heading in PAGES.items():
         page.click("a.brand")
@@ -98,7 +97,7 @@ def test_every_nav_page_opens_from_the_dashboard(live_server, server_db, page, d
         assert page.get_attribute(f"nav a:text-is('{link}')", "aria-current") == "page"
         if link == "Jobs":
             page.wait_for_selector("#job-queue tr[data-status=running]")
-            page.screenshot(path=str(DOCS / "jobs-page.png"))
+            page.screenshot(path=str(screenshots / "jobs-page.png"))
 
     assert page.js_errors == []
     assert dialogs == []
