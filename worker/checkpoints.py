@@ -48,7 +48,7 @@ def checkpoint_step(path: Path) -> int | None:
 
 def complete_checkpoints(folder: Path) -> list[tuple[int, Path, float | None]]:
     """(step, path, eval loss) of every complete checkpoint, oldest first."""
-    found = []
+    found: list[tuple[int, Path, float | None]] = []
     if not folder.is_dir():
         return found
     for path in folder.iterdir():

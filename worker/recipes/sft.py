@@ -333,7 +333,7 @@ class SFTRecipe:
         if self.config.packing:
             batch = self._collator()([max(self.train_batches, key=lambda b: sum(map(len, b)))])
         else:
-            longest = sorted(self.train_examples, key=len)[-self.config.micro_batch_size :]
+            longest = sorted(self.train_examples or [], key=len)[-self.config.micro_batch_size :]
             batch = self._collator()(longest)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -481,8 +481,8 @@ class SFTRecipe:
 
     def cleanup(self) -> None:
         if self.trainer is not None:
-            self.trainer.model = None
-            self.trainer.model_wrapped = None
+            self.trainer.model = None  # type: ignore[assignment]
+            self.trainer.model_wrapped = None  # type: ignore[assignment]
             self.trainer.optimizer = None
             self.trainer.lr_scheduler = None
         self.trainer = None

@@ -1,5 +1,7 @@
 """The System page (GPUs, workers, disk) and /healthz."""
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
@@ -33,7 +35,7 @@ def system_facts(db: DbDep, settings: SettingsDep, streams: JobStreamsDep) -> di
     }
 
 
-def _context(db: DbDep, settings: SettingsDep) -> dict[str, object]:
+def _context(db: DbDep, settings: SettingsDep) -> dict[str, Any]:
     return {
         "workers": system.workers(db, settings),
         "disk": system.disk(settings),
