@@ -35,7 +35,7 @@ def install_demo(db: Database, settings: Settings) -> DemoInstall:
             "-m",
             "worker.demo",
             "--models-dir",
-            str(model_dir),
+            str(settings.models_dir),  # worker.demo writes <models-dir>/demo-tiny-llama
             "--dataset-out",
             str(dataset_file),
         ],
