@@ -132,6 +132,9 @@ def worker(
     data_dir: DataDirOption = None,
 ) -> None:
     """Run a worker: claim queued jobs one at a time and train them on this machine's GPU."""
+    if gpu is not None and gpus:
+        typer.secho("Give --gpu N (one GPU) or --gpus 0,1 (several), not both.", fg="red", err=True)
+        raise typer.Exit(2)
     load_settings(data_dir=data_dir)
     chosen = str(gpu) if gpu is not None else gpus
     command = worker_command(chosen)

@@ -39,6 +39,19 @@ FREQUENT_FIELDS = frozenset(
 )
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (0: not watched, True)."""
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def attempt_log_path(runs_dir: Path, job_id: int, attempt: int) -> Path:
     return runs_dir / str(job_id) / f"attempt-{attempt}.log"
 
@@ -88,6 +101,8 @@ class DatabaseControl:
         self._reason: str | None = None  # "cancel" or "lease_lost": sticky once seen
         self._shutdown = False
         self._parent_pid = os.getppid()
+        # Under torchrun the parent is the launcher; the worker loop names itself instead.
+        self._worker_pid = int(os.environ.get("TUNEBOARD_WORKER_PID") or 0)
         self._last_poll = -math.inf
         self._last_update = -math.inf
         self._pending: dict[str, Any] = {}
@@ -112,7 +127,7 @@ class DatabaseControl:
         if now - self._last_poll < self.poll_seconds:
             return None
         self._last_poll = now
-        if os.getppid() != self._parent_pid:
+        if os.getppid() != self._parent_pid or not _alive(self._worker_pid):
             # The worker died (we were re-parented): nobody renews the lease any more. Checkpoint
             # and exit, so the GPU is free when the job is requeued.
             self._shutdown = True
@@ -194,3 +209,51 @@ class DatabaseSink:
         self.stale = True
         if self.on_stale is not None:
             self.on_stale()
+
+
+class OtherRankControl:
+    """The RunControl of ranks 1..N-1 of a multi-GPU job: it reads and writes nothing.
+
+    Rank 0 talks to the queue; the recipe shares its stop decision with every rank each step.
+    This control only reports SIGTERM (and a dead worker) as "shutdown".
+    """
+
+    def __init__(self) -> None:
+        self._shutdown = False
+        self._worker_pid = int(os.environ.get("TUNEBOARD_WORKER_PID") or 0)
+        self._last_poll = -math.inf
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.request_shutdown())
+
+    def request_shutdown(self) -> None:
+        self._shutdown = True
+
+    def lose_lease(self) -> None:
+        pass
+
+    def should_stop(self) -> str | None:
+        now = time.monotonic()
+        if not self._shutdown and now - self._last_poll >= 1.0:
+            self._last_poll = now
+            self._shutdown = not _alive(self._worker_pid)
+        return "shutdown" if self._shutdown else None
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class OtherRankSink:
+    """The MetricsSink of ranks 1..N-1: rank 0 writes the (already averaged) rows."""
+
+    last_eval_loss: float | None = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass

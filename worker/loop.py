@@ -7,7 +7,9 @@ OOM or a leak dies with it and the memory is returned. The loop:
 - requeues jobs whose lease expired (any worker does this for every other worker);
 - claims the next job, starts the child with `CUDA_VISIBLE_DEVICES` set, its output in
   `runs/<job>/attempt-<A>.log`, and renews the job's lease while it runs; a refused renewal means
-  another attempt owns the job now, so the child is killed and nothing more is written;
+  another attempt owns the job now, so the child is killed and nothing more is written. A job with
+  `gpus: N > 1` runs under `torchrun --standalone --nproc_per_node N` (one child per GPU; rank 0
+  reports, see worker/run.py); the kill reaches every rank through the child's process group;
 - records how the attempt ended, from the child's result file (see worker/run.py) or, when there is
   none, from its exit: SIGKILL fails the job as "killed" (most often the host ran out of RAM; a
   retry would likely die the same way, so the user decides), anything else as "unknown" with the
@@ -18,6 +20,7 @@ OOM or a leak dies with it and the memory is returned. The loop:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,6 +62,34 @@ def default_child_command() -> list[str]:
     return [sys.executable, "-m", "worker.run"]
 
 
+def distributed_command(child_command: list[str], nproc: int) -> list[str]:
+    """The child command under PyTorch's launcher for a job on `nproc` GPUs (unchanged for one).
+
+    `[python, -m, worker.run, ...]` becomes `[python, -m, torch.distributed.run, --standalone,
+    --nproc_per_node, N, -m, worker.run, ...]`: the same interpreter, one process per GPU,
+    rendezvous on a free local port (several workers on one host do not collide).
+    """
+    if nproc <= 1:
+        return list(child_command)
+    if len(child_command) < 3 or child_command[1] != "-m":
+        raise ValueError(f"a multi-GPU child must be `python -m module`, not {child_command}")
+    python, _, *module_and_args = child_command
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        *module_and_args,
+    ]
+
+
+def job_gpus(config: dict[str, Any]) -> int:
+    return int(config.get("gpus") or 1)
+
+
 def child_environment(settings: Settings, gpus: str) -> dict[str, str]:
     """The child reads Settings from the environment: hand it this worker's, resolved."""
     env = dict(os.environ)
@@ -82,6 +113,25 @@ def child_environment(settings: Settings, gpus: str) -> dict[str, str]:
     if settings.hf_offline:
         env["HF_HUB_OFFLINE"] = "1"
     return env
+
+
+def kill_tree(child: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child and what it started in its session (torchrun's ranks start their own
+    sessions too, so those are named one by one)."""
+    for pid in [*_descendants(child.pid), child.pid]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for child in map(int, children):
+        found += [child, *_descendants(child)]
+    return found
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -232,7 +282,20 @@ class WorkerLoop:
         if vram_before is not None:
             queue.update_progress(self.db, job_id, attempt, vram_before_mib=vram_before)
 
-        command = [*self.child_command, "--job-id", str(job_id), "--attempt", str(attempt)]
+        nproc = job_gpus(claim.config)
+        command = [
+            *distributed_command(self.child_command, nproc),
+            "--job-id",
+            str(job_id),
+            "--attempt",
+            str(attempt),
+        ]
+        env = child_environment(self.settings, self.gpus)
+        if nproc > 1:
+            # The job's own GPUs only; the ranks watch this worker's pid (their parent is
+            # torchrun, which outlives a killed worker).
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_indices[:nproc]))
+            env["TUNEBOARD_WORKER_PID"] = str(os.getpid())
         with log_path.open("ab") as log_file:
             log_file.write(f"=== attempt {attempt} on worker {self.id}: {command}\n".encode())
             log_file.flush()
@@ -241,7 +304,7 @@ class WorkerLoop:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=child_environment(self.settings, self.gpus),
+                env=env,
                 # Its own session: a Ctrl-C in the terminal reaches the worker only, which
                 # forwards SIGTERM so the child can checkpoint.
                 start_new_session=True,
@@ -333,11 +396,17 @@ class WorkerLoop:
             if self.stopping.is_set() and not lost:
                 if term_sent_at is None:
                     log.info("job %s: stopping, asking the child to checkpoint", claim.job_id)
-                    child.terminate()
+                    if job_gpus(claim.config) > 1:
+                        # The ranks themselves: torchrun would give them only 30 s before SIGKILL.
+                        for pid in _descendants(child.pid):
+                            with contextlib.suppress(ProcessLookupError, PermissionError):
+                                os.kill(pid, signal.SIGTERM)
+                    else:
+                        child.terminate()
                     term_sent_at = now
                 elif now - term_sent_at > SHUTDOWN_GRACE_SECONDS:
                     log.warning("job %s: child ignored SIGTERM; killing it", claim.job_id)
-                    child.kill()
+                    kill_tree(child)
             if now >= next_renewal and not lost:
                 next_renewal = now + self.settings.heartbeat_seconds
                 try:
@@ -349,7 +418,7 @@ class WorkerLoop:
                     continue
                 if not renewed:
                     lost = True
-                    child.kill()
+                    kill_tree(child)
 
     def _result_from_exit(self, returncode: int, log_path: Path) -> dict[str, Any]:
         if self.stopping.is_set():

@@ -11,6 +11,11 @@ files, runs the recipe with a `DatabaseControl` and a `DatabaseSink`, and writes
      "adapter": {"size_bytes", "eval_loss"}             (succeeded only)
      "retry_config": {...}                              (optional: the config to retry with)}
 
+Under torchrun (a job with `gpus: N > 1`) every rank runs this module. Rank 0 alone talks to the
+queue and writes the result file; the other ranks get a control and a sink that stay silent
+(`OtherRankControl`, `OtherRankSink`), and the recipe shares rank 0's stop decision with them.
+A rank that fails writes its failure (first one wins) and exits 1, so torchrun stops the others.
+
 "released" means "put the job back in the queue" (SIGTERM, the worker died, or the lease was lost:
 the loop's release is fenced, so a stale release is refused). Full tracebacks go to the log (this
 process's stderr), never into the message users see.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -32,7 +38,14 @@ from app.models import BaseModelEntry, Dataset
 from app.settings import Settings
 from app.train_config import TrainConfig
 from worker.failures import hint_for
-from worker.job_io import DatabaseControl, DatabaseSink, result_path, write_result
+from worker.job_io import (
+    DatabaseControl,
+    DatabaseSink,
+    OtherRankControl,
+    OtherRankSink,
+    result_path,
+    write_result,
+)
 
 log = logging.getLogger("worker.run")
 
@@ -114,10 +127,15 @@ def directory_size(path: Path) -> int:
 
 def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_class: Any) -> dict:
     """Run one attempt to its end and say how it ended (the result file's content)."""
-    control = DatabaseControl(db, job_id, attempt)
+    control: Any
+    sink: Any
+    if rank() == 0:
+        control = DatabaseControl(db, job_id, attempt)
+        sink = DatabaseSink(db, job_id, attempt, on_stale=control.lose_lease)
+    else:
+        control, sink = OtherRankControl(), OtherRankSink()
     control.install_signal_handlers()
-    sink = DatabaseSink(db, job_id, attempt, on_stale=control.lose_lease)
-    if control.should_stop() == "lease_lost":
+    if world_size() == 1 and control.should_stop() == "lease_lost":
         return {"status": "released", "error_message": "The attempt was stale when it started."}
 
     job = queue.get_job(db, job_id)
@@ -146,6 +164,8 @@ def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_cl
         sink.flush()
         control.flush()
         reason = control.should_stop()
+        if world_size() > 1:
+            reason = recipe.shared_stop_reason(reason)  # every rank saves, or none does
         if reason is not None:
             log.info("attempt %s of job %s stopped early: %s", attempt, job_id, reason)
         if reason == "cancel":
@@ -167,6 +187,15 @@ def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_cl
         sink.flush()
         control.flush()
         recipe.cleanup()
+
+
+def rank() -> int:
+    """This process's rank under torchrun; 0 when it runs alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def failure_result(exc: BaseException) -> dict[str, Any]:
@@ -216,9 +245,16 @@ def main(argv: list[str] | None = None, *, recipe_class: Any = None) -> int:
         traceback.print_exc()
         result = failure_result(exc)
     log.info("attempt %s of job %s: %s", args.attempt, args.job_id, result["status"])
-    write_result(path, result)
+    if world_size() == 1:
+        write_result(path, result)
+        db.dispose()
+        return 0
+    # Several ranks: rank 0 reports; a failing rank reports too when nobody has yet (its OOM is
+    # the job's), and a non-zero exit makes torchrun stop ranks that wait for it in a collective.
+    if rank() == 0 or (result["status"] == "failed" and not path.exists()):
+        write_result(path, result)
     db.dispose()
-    return 0
+    return 0 if result["status"] == "succeeded" else 1
 
 
 if __name__ == "__main__":

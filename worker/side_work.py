@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func
 from sqlmodel import select
@@ -25,13 +26,13 @@ log = logging.getLogger("tuneboard.worker.side")
 SIDE_TASK_TIMEOUT_SECONDS = 30 * 60
 
 # (what, how to tell there is some, the child that does it)
-TASKS: list[tuple[str, type[DatasetReport] | type[MergeRequest], list[str]]] = [
+TASKS: list[tuple[str, Any, list[str]]] = [
     ("dataset reports", DatasetReport, ["-m", "worker.dataset_report", "--pending"]),
     ("adapter merges", MergeRequest, ["-m", "worker.merge", "--pending"]),
 ]
 
 
-def pending(db: Database, table: type[DatasetReport] | type[MergeRequest]) -> int:
+def pending(db: Database, table: Any) -> int:
     with db.read() as s:
         return int(
             s.exec(select(func.count()).select_from(table).where(table.status == "pending")).one()

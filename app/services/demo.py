@@ -34,8 +34,8 @@ def install_demo(db: Database, settings: Settings) -> DemoInstall:
             sys.executable,
             "-m",
             "worker.demo",
-            "--models-dir",  # it writes the model to <models-dir>/demo-tiny-llama
-            str(settings.models_dir),
+            "--models-dir",
+            str(settings.models_dir),  # worker.demo writes <models-dir>/demo-tiny-llama
             "--dataset-out",
             str(dataset_file),
         ],

@@ -130,7 +130,8 @@ def form_fields(values: dict[str, Any]) -> list[FormField]:
             if isinstance(meta, Le | Lt):
                 maximum = float(meta.le if isinstance(meta, Le) else meta.lt)  # type: ignore[arg-type]
         value = values.get(name, None if info.is_required() else info.default)
-        value = getattr(value, "value", value)  # an enum default shows as its value
+        if isinstance(value, Enum):
+            value = value.value
         if isinstance(value, list):
             value = ", ".join(value)
         fields.append(

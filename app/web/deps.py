@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from app.db import Database
 from app.settings import Settings
@@ -26,3 +26,8 @@ def get_job_streams(request: Request) -> JobStreams:
 DbDep = Annotated[Database, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobStreamsDep = Annotated[JobStreams, Depends(get_job_streams)]
+
+
+SQL_INT_MAX = 2**63 - 1
+# A database row id in a path: bounded, so a huge number is a 422 and never overflows the driver.
+RowId = Annotated[int, Path(ge=1, le=SQL_INT_MAX)]

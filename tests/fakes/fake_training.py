@@ -24,6 +24,8 @@ from app.train_config import TrainConfig
 from worker import run
 
 CHECKPOINT = "fake-checkpoint.json"
+# Under torchrun every rank runs the stand-in; each keeps its own checkpoint.
+RANK = int(os.environ.get("RANK", "0"))
 
 
 class FakeOutOfMemory(Exception):
@@ -60,7 +62,7 @@ class FakeRecipe:
         self.control.update(compute_mode="fake on CPU", progress_total=self.steps)
 
     def train(self) -> None:
-        checkpoint = self.output_dir / CHECKPOINT
+        checkpoint = self.output_dir / (CHECKPOINT if RANK == 0 else f"rank{RANK}-{CHECKPOINT}")
         start = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
         started = time.monotonic()
         for step in range(start + 1, self.steps + 1):
@@ -92,6 +94,9 @@ class FakeRecipe:
 
     def cleanup(self) -> None:
         pass
+
+    def shared_stop_reason(self, reason: str | None) -> str | None:
+        return reason  # the stand-in's ranks share nothing
 
 
 if __name__ == "__main__":

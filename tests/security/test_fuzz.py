@@ -19,7 +19,7 @@ from tests.security.conftest import ALPACA_ROWS, make_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "fuzzing-token-0123456789"
-MAX_EXAMPLES = int(os.environ.get("TUNEBOARD_FUZZ_EXAMPLES", "50"))
+MAX_EXAMPLES = int(os.environ.get("TUNEBOARD_FUZZ_EXAMPLES", "25"))
 
 
 def free_port() -> int:
@@ -99,6 +99,10 @@ def test_fuzzing_the_api_finds_no_server_errors(server, tmp_path):
             "1",
             "--request-timeout",
             "30",
+            # The SSE stream of a job that is still queued stays open by design (it ends when the
+            # job does); the SSE tests cover it, a fuzzer would only wait out its timeout.
+            "--exclude-path-regex",
+            "/events$",
             "--header",
             f"Authorization: Bearer {TOKEN}",
             "--no-color",
@@ -111,7 +115,7 @@ def test_fuzzing_the_api_finds_no_server_errors(server, tmp_path):
         },
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, (

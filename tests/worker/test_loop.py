@@ -42,7 +42,7 @@ class Workers:
         self.settings, self.folder = settings, folder
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, gpus: str = "") -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
             "TUNEBOARD_DATA_DIR": str(self.settings.resolved_data_dir),
@@ -53,7 +53,7 @@ class Workers:
         }
         out = (self.folder / f"worker-{len(self.processes)}.out").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.fake_worker"],
+            [sys.executable, "-m", "tests.fakes.fake_worker", "--gpus", gpus],
             cwd=REPO,
             env=env,
             stdout=out,

@@ -6,6 +6,13 @@ it (resuming from the newest complete checkpoint); `save()` writes the PEFT adap
 gives the memory back. The Trainer does the loop, gradient accumulation, the scheduler, eval and
 checkpoint/resume (optimizer, scheduler, RNG, data position); `_RecipeCallback` does what is ours:
 metric rows, stop requests, the non-finite-loss guard and atomic checkpoints.
+
+Several GPUs (a job with `gpus: N`, started by torchrun, one process per GPU): the same recipe on
+every rank, with the Trainer's FSDP (FSDP1: full shard, one unit per decoder layer) over 4-bit
+weights stored as bf16 so FSDP can shard them (FSDP-QLoRA). Each rank loads the model onto its own
+GPU; rank 0 writes metric rows, progress and the completion markers (after a barrier); each step
+the ranks agree on the token count, the finiteness flag and whether to stop. Checkpoints are the
+Trainer's FSDP checkpoints: they resume on the same number of GPUs.
 """
 
 from __future__ import annotations
@@ -95,7 +102,14 @@ class SFTRecipe:
         self.rows_path = rows_path
         self.eval_rows_path = eval_rows_path
         self.chat_template = chat_template  # e.g. data.CHATML_TEMPLATE for a base model
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # torchrun sets these; alone they are 1 and 0 and nothing below changes.
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.distributed = self.world_size > 1
+        if self.distributed:
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model: Any = None
         self.trainer: _SFTTrainer | None = None
         self.offload_by_hand = False
@@ -103,6 +117,13 @@ class SFTRecipe:
     # --- setup ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        if self.distributed:
+            if not torch.cuda.is_available():
+                raise ModelNotFound(
+                    f"A job on {self.world_size} GPUs needs CUDA; this machine has none.",
+                    "Set gpus to 1, or run the job on a worker started with --gpus 0,1.",
+                )
+            torch.cuda.set_device(self.local_rank)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = self._load_tokenizer()
         self._prepare_data()
@@ -184,12 +205,17 @@ class SFTRecipe:
         if on_cuda and self.config.quantization == "nf4" and _bitsandbytes_available():
             from transformers import BitsAndBytesConfig
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            )
+            quantization: dict[str, Any] = {
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_use_double_quant": True,
+                "bnb_4bit_compute_dtype": torch.bfloat16,
+            }
+            if self.distributed:
+                # FSDP flattens parameters of one dtype: packed 4-bit weights stored as bf16
+                # shard alongside the bf16 norms and embeddings.
+                quantization["bnb_4bit_quant_storage"] = torch.bfloat16
+            kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
             kwargs.update(dtype=torch.bfloat16, device_map={"": self.device.index or 0})
             self.compute_mode = "4-bit NF4 QLoRA, bf16 compute"
         elif on_cuda:
@@ -201,6 +227,8 @@ class SFTRecipe:
             # fp32: bf16 matmuls on most CPUs are slower and less accurate than fp32.
             kwargs.update(dtype=torch.float32)
             self.compute_mode = "fp32 LoRA on the CPU (no CUDA device)"
+        if self.distributed:
+            self.compute_mode += f", FSDP over {self.world_size} GPUs"
         try:
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
         except OSError as error:
@@ -216,7 +244,8 @@ class SFTRecipe:
     def _apply_liger_kernels(self) -> None:
         """Fused RoPE / RMSNorm / SwiGLU / linear cross-entropy where liger has the architecture."""
         self.liger = False
-        if self.device.type != "cuda":
+        # Liger's fused loss reads lm_head's weight directly; under FSDP that is a shard.
+        if self.device.type != "cuda" or self.distributed:
             return
         try:
             from liger_kernel.transformers.monkey_patch import (
@@ -266,6 +295,10 @@ class SFTRecipe:
             policy, reason = requested, "set in the job config"
         elif self.device.type != "cuda":
             policy, reason = "off", "CPU run: activations live in host memory"
+        elif self.distributed:
+            # A trial step here would run the unsharded model on one GPU and measure the wrong
+            # thing; checkpointing is the safe default for a model big enough to need FSDP.
+            policy, reason = "on", f"FSDP over {self.world_size} GPUs: checkpointing by default"
         else:
             policy, reason = self._measure_memory_policy()
         self._set_memory_policy(policy)
@@ -333,8 +366,7 @@ class SFTRecipe:
         if self.config.packing:
             batch = self._collator()([max(self.train_batches, key=lambda b: sum(map(len, b)))])
         else:
-            assert self.train_examples is not None  # set by setup()
-            longest = sorted(self.train_examples, key=len)[-self.config.micro_batch_size :]
+            longest = sorted(self.train_examples or [], key=len)[-self.config.micro_batch_size :]
             batch = self._collator()(longest)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -397,6 +429,7 @@ class SFTRecipe:
             dataloader_pin_memory=on_cuda,
             report_to=[] if str(cfg.report_to) == "none" else [str(cfg.report_to)],
             disable_tqdm=True,
+            **self._fsdp_arguments(),
         )
         trainer = _SFTTrainer(
             model=self.model,
@@ -411,6 +444,57 @@ class SFTRecipe:
         trainer.add_callback(self.callback)
         return trainer
 
+    def _fsdp_arguments(self) -> dict[str, Any]:
+        """TrainingArguments for FSDP-QLoRA on several GPUs; nothing on one.
+
+        FSDP1 (`version: 1`): bitsandbytes' 4-bit parameters shard as flat bf16 storage; FSDP2
+        (transformers' default from 5.16) does not handle them. The Trainer wraps the LoRA layers
+        in units of their own (peft's policy) and sets mixed precision to the storage dtype.
+        """
+        if not self.distributed:
+            return {}
+        return {
+            "fsdp": "full_shard auto_wrap",
+            "fsdp_config": {
+                "version": 1,
+                "transformer_layer_cls_to_wrap": [self._decoder_layer_class()],
+                "use_orig_params": "false",
+                "sync_module_states": "true",  # one LoRA initialisation on every rank
+                "cpu_ram_efficient_loading": "false",
+                "activation_checkpointing": "false",  # ours (_set_memory_policy) is on the model
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+            "ddp_timeout": 1800,
+        }
+
+    def _decoder_layer_class(self) -> str:
+        base = self.model.get_base_model()
+        names = list(getattr(base, "_no_split_modules", None) or [])
+        if names:
+            return str(names[0])
+        layers = getattr(getattr(base, "model", base), "layers", None)
+        if layers is None or len(layers) == 0:
+            raise DatasetError(
+                "This model's decoder layers could not be found for FSDP.",
+                "Train it on one GPU (gpus: 1).",
+            )
+        return type(layers[0]).__name__
+
+    def _is_main_rank(self) -> bool:
+        return not self.distributed or torch.distributed.get_rank() == 0
+
+    def _barrier(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def shared_stop_reason(self, reason: str | None) -> str | None:
+        """Rank 0's stop decision on every rank (after training: whether all ranks save)."""
+        if not self.distributed:
+            return reason
+        box = [reason]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     # --- train -----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
@@ -419,7 +503,9 @@ class SFTRecipe:
         resumed_from = checkpoints.checkpoint_step(resume) if resume else None
         if resume is not None:
             self.control.update(notice=f"Resuming from the checkpoint at step {resumed_from}.")
-        checkpoints.remove_incomplete(self.checkpoint_dir)
+        if self._is_main_rank():
+            checkpoints.remove_incomplete(self.checkpoint_dir)
+        self._barrier()
         oom: OutOfMemory | None = None
         try:
             self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -457,6 +543,8 @@ class SFTRecipe:
         """The PEFT adapter, the tokenizer (its chat template) and the job config, in `adapter/`."""
         final = self.output_dir / "adapter"
         staging = self.output_dir / ".adapter.partial"
+        if self.distributed:
+            return self._save_distributed(final, staging)
         shutil.rmtree(staging, ignore_errors=True)
         try:
             self.model.save_pretrained(staging, safe_serialization=True)
@@ -480,10 +568,30 @@ class SFTRecipe:
         os.replace(staging, final)
         return final
 
+    def _save_distributed(self, final: Path, staging: Path) -> Path:
+        """Every rank takes part in gathering the sharded adapter; rank 0 writes it."""
+        assert self.trainer is not None
+        main = self._is_main_rank()
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._barrier()
+        self.trainer.save_model(str(staging))  # FSDP full state dict, gathered to rank 0
+        self._barrier()
+        if main:
+            self.tokenizer.save_pretrained(staging)
+            (staging / "train_config.json").write_text(
+                self.config.model_dump_json(indent=2), encoding="utf-8"
+            )
+            (staging / "training_args.bin").unlink(missing_ok=True)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+        self._barrier()
+        return final
+
     def cleanup(self) -> None:
         if self.trainer is not None:
-            self.trainer.model = None
-            self.trainer.model_wrapped = None  # type: ignore[assignment]  # typed as non-Optional
+            self.trainer.model = None  # type: ignore[assignment]
+            self.trainer.model_wrapped = None  # type: ignore[assignment]
             self.trainer.optimizer = None
             self.trainer.lr_scheduler = None
         self.trainer = None
@@ -531,9 +639,24 @@ class _SFTTrainer(Trainer):
         return loss
 
     def take_step_counters(self) -> tuple[int, bool]:
+        if self.recipe.distributed:
+            return self._take_step_counters_of_all_ranks()
         tokens, finite = int(self.step_tokens), bool(self.step_finite)
         self.step_tokens, self.step_finite = 0, True
         return tokens, finite
+
+    def _take_step_counters_of_all_ranks(self) -> tuple[int, bool]:
+        """Tokens summed over ranks, finite only if finite on every rank (one all-reduce)."""
+        device = self.recipe.device
+        counts = torch.stack(
+            [
+                torch.as_tensor(self.step_tokens, device=device, dtype=torch.float64),
+                (~torch.as_tensor(self.step_finite, device=device)).to(torch.float64),
+            ]
+        )
+        torch.distributed.all_reduce(counts)
+        self.step_tokens, self.step_finite = 0, True
+        return int(counts[0].item()), bool(counts[1].item() == 0)
 
 
 class _RecipeCallback(TrainerCallback):
@@ -577,6 +700,8 @@ class _RecipeCallback(TrainerCallback):
             progress_step=state.global_step, progress_total=state.max_steps, epoch=state.epoch
         )
         reason = recipe.control.should_stop()
+        if recipe.distributed:
+            reason = _agreed_stop_reason(reason, recipe.device)
         if reason:
             self.stop_reason = reason
             control.should_training_stop = True
@@ -617,12 +742,27 @@ class _RecipeCallback(TrainerCallback):
         self.recipe.sink.flush()
 
     def on_save(self, args, state, control, **kwargs):
+        if self.recipe.distributed:
+            self.recipe._barrier()  # every rank's part of the checkpoint is written
+            if not state.is_world_process_zero:
+                return
         folder = self.recipe.checkpoint_dir / f"checkpoint-{state.global_step}"
         eval_loss = None
         if self.last_eval is not None and self.last_eval[0] == state.global_step:
             eval_loss = self.last_eval[1]
         checkpoints.mark_complete(folder, state.global_step, eval_loss)
         checkpoints.prune_checkpoints(self.recipe.checkpoint_dir, KEEP_LAST_CHECKPOINTS)
+
+
+_STOP_REASONS = (None, "shutdown", "cancel", "lease_lost")  # later ones win
+
+
+def _agreed_stop_reason(reason: str | None, device: torch.device) -> str | None:
+    """The strongest stop reason any rank saw (rank 0 reads the queue; every rank sees SIGTERM),
+    so all ranks stop at the same step and checkpoint together."""
+    code = torch.tensor([_STOP_REASONS.index(reason)], device=device)
+    torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+    return _STOP_REASONS[int(code.item())]
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -7,7 +7,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from app.models import MergeRequest
 from app.services import exports
-from app.web.deps import DbDep, SettingsDep
+from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
 
 router = APIRouter()
@@ -46,7 +46,7 @@ def merge_status(adapter_id: str, db: DbDep) -> MergeRequest | None:
 
 
 @router.get("/api/merges/{merge_id}/download")
-def download_merged(merge_id: int, db: DbDep, settings: SettingsDep) -> StreamingResponse:
+def download_merged(merge_id: RowId, db: DbDep, settings: SettingsDep) -> StreamingResponse:
     name, body = exports.merged_zip(db, settings, merge_id)
     return _zip_response(name, body)
 

@@ -18,7 +18,7 @@ from app.services import dataset_reports, datasets, models, system
 from app.services.dataset_errors import DatasetError
 from app.services.dataset_formats import FORMAT_FIELDS
 from app.services.datasets import DatasetServiceError
-from app.web.deps import DbDep, SettingsDep
+from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
 
 router = APIRouter(tags=["datasets"])
@@ -158,7 +158,7 @@ def request_report(request: Request, dataset_id: str, body: ReportRequest, db: D
 
 
 @router.get("/api/datasets/{dataset_id}/reports/{report_id}")
-def get_report(dataset_id: str, report_id: int, db: DbDep) -> Any:
+def get_report(dataset_id: str, report_id: RowId, db: DbDep) -> Any:
     return dataset_reports.report_public(dataset_reports.get_report(db, dataset_id, report_id))
 
 

@@ -6,7 +6,6 @@ from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Body, Header, Query, Request
-from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -14,14 +13,13 @@ from app import queue
 from app.models import Dataset, DatasetStatus, Job, Metric
 from app.services import job_events, job_views, jobs, models
 from app.train_config import PRESETS, TrainConfig
-from app.web.deps import DbDep, JobStreamsDep, SettingsDep
+from app.web.deps import SQL_INT_MAX, DbDep, JobStreamsDep, RowId, SettingsDep
 from app.web.templating import render
 
 router = APIRouter()
 
 # Ids are 64-bit database integers: a larger number is a 422, not an OverflowError in the driver.
-SQL_INT_MAX = 2**63 - 1
-JobId = Annotated[int, PathParam(ge=1, le=SQL_INT_MAX)]
+JobId = RowId
 
 
 class MoveRequest(BaseModel):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.errors import UserError
 from app.services import inference_client as inference
 from app.services import playground
-from app.web.deps import DbDep, SettingsDep
+from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
 
 router = APIRouter()
@@ -73,7 +73,7 @@ def create_session(
 @router.get(
     "/playground/sessions/{session_id}", response_class=HTMLResponse, include_in_schema=False
 )
-def session_page(request: Request, db: DbDep, session_id: int) -> HTMLResponse:
+def session_page(request: Request, db: DbDep, session_id: RowId) -> HTMLResponse:
     session = playground.get_session(db, session_id)
     panes = [(0, session.model_a)] + ([(1, session.model_b)] if session.model_b else [])
     history = {pane: playground.messages(db, session_id, pane) for pane, _ in panes}
@@ -81,7 +81,7 @@ def session_page(request: Request, db: DbDep, session_id: int) -> HTMLResponse:
 
 
 @router.get("/api/playground/sessions/{session_id}")
-def session_json(db: DbDep, session_id: int) -> dict[str, Any]:
+def session_json(db: DbDep, session_id: RowId) -> dict[str, Any]:
     return {
         "session": playground.get_session(db, session_id),
         "messages": playground.messages(db, session_id),
@@ -89,7 +89,7 @@ def session_json(db: DbDep, session_id: int) -> dict[str, Any]:
 
 
 @router.post("/playground/sessions/{session_id}/delete", include_in_schema=False)
-def delete_session(db: DbDep, session_id: int) -> RedirectResponse:
+def delete_session(db: DbDep, session_id: RowId) -> RedirectResponse:
     playground.delete_session(db, session_id)
     return RedirectResponse("/playground", status_code=303)
 
@@ -98,7 +98,7 @@ def delete_session(db: DbDep, session_id: int) -> RedirectResponse:
 async def chat(
     db: DbDep,
     settings: SettingsDep,
-    session_id: int,
+    session_id: RowId,
     body: PlaygroundTurn,
     pane: Annotated[int, Query(ge=0, le=1)] = 0,
 ) -> Response:

@@ -1,0 +1,26 @@
+# Tuneboard: the web server and the GPU worker, one image. CUDA comes with torch's PyPI wheel
+# (Linux x86_64); the host needs the NVIDIA driver and the NVIDIA Container Toolkit.
+FROM python:3.12-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TUNEBOARD_DATA_DIR=/data
+
+WORKDIR /app
+# The dependencies first, so a code change does not reinstall torch.
+COPY pyproject.toml README.md ./
+RUN mkdir -p app worker && touch app/__init__.py worker/__init__.py \
+    && pip install ".[worker]" && pip uninstall -y tuneboard
+# templates/, static/ and migrations/ are read from beside the code: install in place.
+COPY app ./app
+COPY worker ./worker
+COPY templates ./templates
+COPY static ./static
+COPY migrations ./migrations
+RUN pip install --no-deps -e .
+
+VOLUME /data
+EXPOSE 8000
+ENTRYPOINT ["tuneboard"]
+CMD ["serve", "--no-worker", "--host", "0.0.0.0"]
