@@ -1,0 +1,192 @@
+"""Fault tests with the real training child (`python -m worker.run` driving worker/recipes/sft.py)
+on the tiny demo model, on the CPU, through a real worker loop and the database queue.
+
+Faults that need a hook inside training use `tests.fakes.hooked_training`: the real child and
+recipe with one injected fault (see its docstring), passed as the worker's child command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app import queue
+from app.db import Database
+from app.models import BaseModelEntry, Dataset, DatasetStatus, Job, JobStatus
+from app.settings import Settings
+from app.train_config import TrainConfig
+from tests.worker.test_loop import alive, children_of, finished, metrics, wait_for
+from worker.checkpoints import COMPLETE_MARKER, complete_checkpoints
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "demo-tiny-llama"
+# Long enough for a cold child on two shared cores: imports, the model load, the steps.
+JOB_TIMEOUT = 120.0
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    s = Settings(
+        data_dir=tmp_path / "data", lease_seconds=2.0, heartbeat_seconds=0.3, poll_seconds=0.1
+    )
+    s.ensure_dirs()
+    return s
+
+
+class RealWorkers:
+    """`python -m tests.fakes.real_worker` processes over the test's data dir and database."""
+
+    def __init__(self, settings: Settings, folder: Path) -> None:
+        self.settings, self.folder = settings, folder
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, **env: str) -> subprocess.Popen[bytes]:
+        full_env = {
+            **os.environ,
+            "TUNEBOARD_DATA_DIR": str(self.settings.resolved_data_dir),
+            "TUNEBOARD_DATABASE_URL": self.settings.resolved_database_url,
+            "TUNEBOARD_LEASE_SECONDS": str(self.settings.lease_seconds),
+            "TUNEBOARD_HEARTBEAT_SECONDS": str(self.settings.heartbeat_seconds),
+            "TUNEBOARD_POLL_SECONDS": str(self.settings.poll_seconds),
+            "HF_HUB_OFFLINE": "1",
+            **env,
+        }
+        out = (self.folder / f"worker-{len(self.processes)}.out").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.fakes.real_worker"],
+            cwd=REPO,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            for child in children_of(process.pid):
+                _kill(child)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def workers(settings: Settings, tmp_path: Path) -> Iterator[RealWorkers]:
+    w = RealWorkers(settings, tmp_path)
+    yield w
+    w.stop_all()
+
+
+def add_demo(db: Database, settings: Settings, demo_build: dict[str, Path]) -> str:
+    """The demo model (a copy in the data dir, which a test may delete) and the demo dataset as
+    the upload side leaves it: normalised rows with their line numbers, status ready."""
+    model_dir = settings.models_dir / MODEL
+    if not model_dir.exists():
+        shutil.copytree(demo_build["model_dir"], model_dir)
+    dataset_id = "d" * 32
+    folder = settings.datasets_dir / dataset_id
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = demo_build["dataset"].read_text(encoding="utf-8").splitlines()
+    with (folder / "normalized.jsonl").open("w", encoding="utf-8") as out:
+        for number, line in enumerate(lines, start=1):
+            out.write(json.dumps({"line": number, **json.loads(line)}) + "\n")
+    with db.write() as s:
+        if s.get(Dataset, dataset_id) is None:
+            n = len(lines)
+            s.add(Dataset(id=dataset_id, name="demo", status=DatasetStatus.ready, rows=n))
+        if s.get(BaseModelEntry, MODEL) is None:
+            s.add(BaseModelEntry(name=MODEL, source=str(model_dir), is_local=True, is_demo=True))
+    return dataset_id
+
+
+def real_job(db: Database, dataset_id: str, base_model: str = MODEL, **overrides) -> Job:
+    fields = dict(
+        name="fault test",
+        base_model=base_model,
+        dataset_id=dataset_id,
+        max_steps=8,
+        micro_batch_size=1,
+        grad_accum_steps=2,
+        max_seq_len=64,
+        learning_rate=3e-3,
+        warmup_ratio=0.0,
+        lora_r=8,
+        lora_alpha=16,
+        eval_fraction=0.0,
+        save_every=1000,
+        seed=7,
+    )
+    fields.update(overrides)
+    return queue.enqueue(db, TrainConfig(**fields), max_attempts=3)
+
+
+def checkpoints_of(settings: Settings, job_id: int) -> Path:
+    return settings.runs_dir / str(job_id) / "checkpoints"
+
+
+def complete_steps(settings: Settings, job_id: int) -> list[int]:
+    return [step for step, _, _ in complete_checkpoints(checkpoints_of(settings, job_id))]
+
+
+def all_steps(settings: Settings, job_id: int) -> list[int]:
+    folder = checkpoints_of(settings, job_id)
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*"))
+
+
+def train_steps(db: Database, job_id: int, attempt: int) -> list[int]:
+    return [m.step for m in metrics(db, job_id) if m.attempt == attempt and m.loss is not None]
+
+
+# --- SIGKILL mid-checkpoint ------------------------------------------------------------------
+
+
+def test_sigkill_mid_checkpoint_the_partial_is_ignored_and_the_next_attempt_resumes(
+    db, settings, workers, demo_build
+):
+    dataset_id = add_demo(db, settings, demo_build)
+    job = real_job(db, dataset_id, max_steps=8, save_every=2)
+    hooked = {
+        "TUNEBOARD_TEST_CHILD": "tests.fakes.hooked_training",
+        "TUNEBOARD_TEST_HOOK": "stall_checkpoint:4",
+    }
+    first = workers.start(**hooked)
+    stalled = settings.runs_dir / str(job.id) / "stalled"
+    wait_for(stalled.exists, timeout=JOB_TIMEOUT, what="the child to stall inside checkpoint 4")
+    (child,) = children_of(first.pid)
+
+    # The host dies mid-write: worker and child SIGKILLed together, checkpoint-4 half written.
+    first.kill()
+    _kill(child)
+    wait_for(lambda: not alive(child), timeout=5, what="the child to die")
+    assert complete_steps(settings, job.id) == [2]
+    partial = checkpoints_of(settings, job.id) / "checkpoint-4"
+    assert partial.is_dir() and not (partial / COMPLETE_MARKER).exists()
+    assert (partial / "adapter_model.safetensors").is_file()
+    assert not (partial / "trainer_state.json").exists()
+
+    workers.start(**hooked)  # the hook stalls attempt 1 only
+    done = wait_for(lambda: finished(db, job.id), timeout=JOB_TIMEOUT, what="attempt 2")
+
+    assert (done.status, done.attempt) == (JobStatus.succeeded, 2), done.error_message
+    assert train_steps(db, job.id, 1) == [1, 2, 3, 4]
+    # Resumed from the complete checkpoint at step 2, not from the partial one at step 4.
+    assert train_steps(db, job.id, 2) == [3, 4, 5, 6, 7, 8]
+    assert complete_steps(settings, job.id)[-2:] == [6, 8]
+    assert (settings.runs_dir / str(job.id) / "adapter" / "adapter_model.safetensors").is_file()
