@@ -7,6 +7,10 @@ else is the unchanged recipe on the demo model:
 - `stall_checkpoint:K` (attempt 1 only): while the Trainer writes checkpoint-K, after the adapter
   weights and half of `optimizer.pt` are on disk, write `runs/<job>/stalled` and sleep, so the
   test can SIGKILL the process mid-checkpoint.
+- `fill_disk_after:K` (attempt 1 only): once checkpoint-K is complete, fill the file system that
+  holds the run folder (a small tmpfs the test mounted) with `runs/<job>/filler`, leaving
+  FILL_LEAVE_BYTES free: the next checkpoint meets a real ENOSPC from the kernel. The test frees
+  the space by deleting the filler.
 - `nan_from:S`: from optimizer step S on, the embedding output is multiplied by NaN in the forward
   pass: a real NaN loss and NaN gradients, as an overflowing layer produces.
 """
@@ -25,6 +29,7 @@ from worker import run
 from worker.recipes.sft import SFTRecipe
 
 HOOK = os.environ.get("TUNEBOARD_TEST_HOOK", "")
+FILL_LEAVE_BYTES = 96 * 1024  # room for the log and the result file, not for a checkpoint
 
 
 def _attempt(argv: list[str]) -> int:
@@ -39,6 +44,8 @@ class HookedRecipe(SFTRecipe):
         name, _, value = HOOK.partition(":")
         if name == "stall_checkpoint" and self.attempt == 1:
             self._stall_at(trainer, int(value))
+        elif name == "fill_disk_after" and self.attempt == 1:
+            self._fill_disk_after(int(value))
         elif name == "nan_from":
             self._nan_from(trainer, int(value))
         return trainer
@@ -61,6 +68,26 @@ class HookedRecipe(SFTRecipe):
                 time.sleep(1)
 
         trainer._save_optimizer_and_scheduler = stalling
+
+    def _fill_disk_after(self, step: int) -> None:
+        on_save = self.callback.on_save
+
+        def filling(args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            result = on_save(args, state, control, **kwargs)
+            if state.global_step == step:
+                stat = os.statvfs(self.output_dir)
+                free = stat.f_bavail * stat.f_frsize
+                with open(self.output_dir / "filler", "wb") as handle:
+                    handle.truncate(0)
+                    chunk = b"\0" * (1024 * 1024)
+                    left = free - FILL_LEAVE_BYTES
+                    while left > 0:
+                        left -= handle.write(chunk[: min(len(chunk), left)])
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            return result
+
+        self.callback.on_save = filling
 
     def _nan_from(self, trainer: Any, step: int) -> None:
         def poison(module: Any, inputs: Any, output: Any) -> Any:

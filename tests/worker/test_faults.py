@@ -190,3 +190,55 @@ def test_sigkill_mid_checkpoint_the_partial_is_ignored_and_the_next_attempt_resu
     assert train_steps(db, job.id, 2) == [3, 4, 5, 6, 7, 8]
     assert complete_steps(settings, job.id)[-2:] == [6, 8]
     assert (settings.runs_dir / str(job.id) / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# --- disk full during a checkpoint -----------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(settings: Settings) -> Iterator[Path]:
+    """The runs folder on its own 32 MiB tmpfs (the database stays on the big disk)."""
+    runs = settings.runs_dir
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0755", "tmpfs", str(runs)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield runs
+    finally:
+        subprocess.run(["umount", "-l", str(runs)], check=False)
+
+
+def test_disk_full_during_a_checkpoint_fails_clearly_and_the_previous_one_resumes(
+    db, settings, small_disk, workers, demo_build
+):
+    dataset_id = add_demo(db, settings, demo_build)
+    job = real_job(db, dataset_id, max_steps=8, save_every=2)
+    workers.start(
+        TUNEBOARD_TEST_CHILD="tests.fakes.hooked_training",
+        TUNEBOARD_TEST_HOOK="fill_disk_after:2",
+    )
+    failed = wait_for(lambda: finished(db, job.id), timeout=JOB_TIMEOUT, what="the disk to fill")
+
+    assert (failed.status, failed.error_kind) == (JobStatus.failed, "disk_full"), (
+        failed.error_kind,
+        failed.error_message,
+    )
+    assert "disk full" in (failed.error_message or "").lower()
+    assert "step 4" in (failed.error_message or "")
+    assert "Traceback" not in (failed.error_message or "")
+    assert "free space" in (failed.error_hint or "").lower()
+    # The previous checkpoint is kept, whole; the half-written one is gone.
+    assert all_steps(settings, job.id) == [2]
+    assert complete_steps(settings, job.id) == [2]
+
+    (small_disk / str(job.id) / "filler").unlink()  # the user frees space, then retries
+    queue.retry(db, job.id)
+    done = wait_for(lambda: finished(db, job.id), timeout=JOB_TIMEOUT, what="the retry")
+
+    assert (done.status, done.attempt) == (JobStatus.succeeded, 2), done.error_message
+    assert train_steps(db, job.id, 1) == [1, 2, 3, 4]
+    assert train_steps(db, job.id, 2) == [3, 4, 5, 6, 7, 8]  # resumed from the checkpoint at 2
