@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -242,3 +243,116 @@ def test_disk_full_during_a_checkpoint_fails_clearly_and_the_previous_one_resume
     assert (done.status, done.attempt) == (JobStatus.succeeded, 2), done.error_message
     assert train_steps(db, job.id, 1) == [1, 2, 3, 4]
     assert train_steps(db, job.id, 2) == [3, 4, 5, 6, 7, 8]  # resumed from the checkpoint at 2
+
+
+# --- NaN loss, cancel ------------------------------------------------------------------------
+
+
+def test_injected_nan_through_the_queue_stops_after_three_steps_without_a_checkpoint(
+    db, settings, workers, demo_build
+):
+    dataset_id = add_demo(db, settings, demo_build)
+    job = real_job(db, dataset_id, max_steps=20, save_every=1)
+    workers.start(
+        TUNEBOARD_TEST_CHILD="tests.fakes.hooked_training", TUNEBOARD_TEST_HOOK="nan_from:3"
+    )
+    done = wait_for(lambda: finished(db, job.id), timeout=JOB_TIMEOUT, what="the NaN stop")
+
+    assert (done.status, done.error_kind, done.attempt) == (
+        JobStatus.failed,
+        "non_finite_loss",
+        1,
+    ), done.error_message
+    message = done.error_message or ""
+    assert "NaN or infinite for 3 steps in a row (up to step 5)" in message
+    assert "Traceback" not in message
+    assert "learning rate" in (done.error_hint or "")
+    # Steps 3, 4, 5 were NaN: checkpoints 1 and 2 only, both complete.
+    assert all_steps(settings, job.id) == [1, 2] == complete_steps(settings, job.id)
+    rows = [m for m in metrics(db, job.id) if m.attempt == 1]
+    # Step 5 raises before the Trainer logs it: the rows end at step 4 (3 and 4 without a loss).
+    assert [m.step for m in rows] == [1, 2, 3, 4]
+    assert all(m.loss is not None for m in rows[:2]) and all(m.loss is None for m in rows[2:])
+    assert not (settings.runs_dir / str(job.id) / "adapter").exists()
+
+
+def test_cancel_running_writes_a_checkpoint_then_cancels_and_cancel_queued_never_starts(
+    db, settings, workers, demo_build
+):
+    dataset_id = add_demo(db, settings, demo_build)
+    never = real_job(db, dataset_id, name="cancelled while queued")
+    queue.request_cancel(db, never.id)
+    running = real_job(db, dataset_id, name="cancelled while running", max_steps=2000)
+    workers.start()
+    wait_for(
+        lambda: queue.get_job(db, running.id).progress_step >= 2,
+        timeout=JOB_TIMEOUT,
+        what="the job to train",
+    )
+    queue.request_cancel(db, running.id)
+    done = wait_for(lambda: finished(db, running.id), timeout=20, what="the cancel")
+
+    assert done.status == JobStatus.cancelled and done.error_kind is None
+    assert 2 <= done.progress_step < 2000
+    # save_every is 1000: the one checkpoint is the one the cancel wrote, at the last step.
+    assert complete_steps(settings, running.id) == [done.progress_step]
+    assert max(train_steps(db, running.id, 1)) == done.progress_step
+    assert not (settings.runs_dir / str(running.id) / "adapter").exists()
+    untouched = queue.get_job(db, never.id)
+    assert (untouched.status, untouched.attempt, untouched.started_at) == (
+        JobStatus.cancelled,
+        0,
+        None,
+    )
+    assert not (settings.runs_dir / str(never.id)).exists()
+
+
+# --- missing model, unreachable hub ----------------------------------------------------------
+
+
+def _idle_worker(workers: RealWorkers, db: Database, **env: str) -> None:
+    from sqlmodel import select
+
+    from app.models import Worker
+
+    process = workers.start(**env)
+    wait_for(lambda: _registered(db, process.pid, select, Worker), timeout=30, what="the worker up")
+
+
+def _registered(db, pid, select, worker_model) -> bool:
+    with db.read() as s:
+        return s.exec(select(worker_model).where(worker_model.pid == pid)).first() is not None
+
+
+def test_a_deleted_model_folder_fails_within_30_s_with_a_hint(db, settings, workers, demo_build):
+    dataset_id = add_demo(db, settings, demo_build)
+    shutil.rmtree(settings.models_dir / MODEL)
+    _idle_worker(workers, db)
+    started = time.monotonic()
+    job = real_job(db, dataset_id)
+    done = wait_for(lambda: finished(db, job.id), timeout=30, what="the failure")
+
+    assert time.monotonic() - started < 30
+    assert (done.status, done.error_kind) == (JobStatus.failed, "model_not_found")
+    assert str(settings.models_dir / MODEL) in (done.error_message or "")
+    assert "Models page" in (done.error_hint or "")
+
+
+def test_an_uncached_hub_model_with_the_hub_unreachable_fails_within_30_s(
+    db, settings, workers, demo_build
+):
+    dataset_id = add_demo(db, settings, demo_build)
+    with db.write() as s:
+        s.add(BaseModelEntry(name="hub-model", source="tuneboard-test/not-cached-anywhere"))
+    # Online mode, but the hub endpoint is a closed local port: every request is refused.
+    _idle_worker(workers, db, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
+    started = time.monotonic()
+    job = real_job(db, dataset_id, base_model="hub-model")
+    done = wait_for(lambda: finished(db, job.id), timeout=30, what="the failure")
+
+    assert time.monotonic() - started < 30
+    assert (done.status, done.error_kind) == (JobStatus.failed, "model_not_found"), (
+        done.error_message
+    )
+    assert "tuneboard-test/not-cached-anywhere" in (done.error_message or "")
+    assert "network" in (done.error_hint or "")
