@@ -201,7 +201,10 @@ class SFTRecipe:
             kwargs.update(dtype=torch.float32)
             self.compute_mode = "fp32 LoRA on the CPU (no CUDA device)"
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+            # safetensors only: never unpickle weights a user's folder or the hub supplied.
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, use_safetensors=True, **kwargs
+            )
         except OSError as error:
             raise ModelNotFound(
                 f"Could not load model weights from {self.model_path}: {error}",
