@@ -19,7 +19,10 @@ def add_dataset(db: Database, settings: Settings) -> str:
     dataset_id = uuid4().hex
     folder = settings.datasets_dir / dataset_id
     folder.mkdir(parents=True)
-    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    row = {
+        "line": 1,
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+    }
     (folder / "normalized.jsonl").write_text(json.dumps(row) + "\n")
     model_dir = settings.models_dir / MODEL
     model_dir.mkdir(parents=True, exist_ok=True)
