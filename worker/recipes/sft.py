@@ -659,7 +659,7 @@ class _SFTTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as error:
-            if checkpoints.is_disk_full(error, Path(self.args.output_dir)):
+            if checkpoints.is_disk_full(error, Path(self.args.output_dir or ".")):
                 raise _CheckpointDiskFull(self.state.global_step) from error
             raise
 
