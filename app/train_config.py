@@ -148,10 +148,20 @@ class TrainConfig(BaseModel):
         return self.micro_batch_size * self.grad_accum_steps
 
 
-Preset = Literal["quick test", "balanced", "best quality"]
+Preset = Literal["quick test", "balanced", "best quality", "demo"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick test": {"max_steps": 30, "max_seq_len": 512, "eval_every": 10, "save_every": 10},
     "balanced": {},
     "best quality": {"num_epochs": 3.0, "lora_r": 64, "lora_alpha": 128, "learning_rate": 1e-4},
+    "demo": {
+        "max_steps": 120,
+        "max_seq_len": 128,
+        "micro_batch_size": 2,
+        "grad_accum_steps": 1,
+        "learning_rate": 2e-2,
+        "warmup_ratio": 0.05,
+        "eval_every": 40,
+        "save_every": 120,
+    },
 }
