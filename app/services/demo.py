@@ -34,8 +34,8 @@ def install_demo(db: Database, settings: Settings) -> DemoInstall:
             sys.executable,
             "-m",
             "worker.demo",
-            "--models-dir",
-            str(model_dir),
+            "--models-dir",  # worker.demo writes the model to <models-dir>/demo-tiny-llama
+            str(settings.models_dir),
             "--dataset-out",
             str(dataset_file),
         ],
