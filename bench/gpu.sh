@@ -5,7 +5,7 @@
 #   bash bench/gpu.sh tests 1b          # carry: site-tuneboard.tgz site-unsloth.tgz
 #
 # Stages:
-#   tests        pytest -m gpu -x -q (the product's GPU tests)
+#   tests        pytest -m gpu on the GPU test modules (GPU_TESTS; they need no web stack)
 #   1b           throughput, Llama-3.2-1B shape, fixed + variable data, all arms
 #   8b           throughput, Llama-3.1-8B shape, fixed + variable data, all arms
 #   8b-fixed     the same, fixed-length data only (8b-variable: variable only)
@@ -70,7 +70,7 @@ for stage in "$@"; do
   echo "== stage $stage ($left s left)"
   case $stage in
     tests)
-      timeout "$(( left > 30 ? left - 20 : 10 ))" python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests/worker}
+      timeout "$(( left > 30 ? left - 20 : 10 ))" python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py}
       rc=$?; [ $rc -eq 5 ] && echo "(no GPU tests collected)" && rc=0
       [ $rc -ne 0 ] && status=$rc ;;
     1b) bench throughput-1b --shapes 1b --min-arm-s 30 || status=$? ;;

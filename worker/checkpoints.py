@@ -7,6 +7,7 @@ crash or a full disk mid-save can never hand a half-written checkpoint to the ne
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,6 +16,10 @@ import shutil
 from pathlib import Path
 
 COMPLETE_MARKER = "tuneboard_complete.json"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# safetensors (Rust) keeps only the text of the OS error; torch.save's writer not even that.
+DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+MIN_CHECKPOINT_BYTES = 1024 * 1024
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -95,3 +100,31 @@ def remove_incomplete(folder: Path) -> None:
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a save into `folder` failed because its file system is full.
+
+    An OSError carries ENOSPC/EDQUOT; safetensors raises its own error with only the OS message;
+    torch.save's zip writer raises a RuntimeError with neither ("unexpected pos", "file write
+    failed"), so for anything else ask the disk: full when less is free than one more checkpoint
+    (the size of the newest complete one) needs.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(seen).lower() for text in DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    newest = newest_complete_checkpoint(folder)
+    needed = max(folder_size(newest) if newest else 0, MIN_CHECKPOINT_BYTES)
+    probe = folder if folder.exists() else folder.parent
+    try:
+        return shutil.disk_usage(probe).free < needed
+    except OSError:
+        return False

@@ -161,6 +161,9 @@ def _held_back(text: str, stops: list[str]) -> int:
     return keep
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the only adapter weights ever loaded
+
+
 class Engine:
     """One loaded base model with its adapters; generation under one lock."""
 
@@ -220,6 +223,15 @@ class Engine:
                 "adapter_missing",
                 f"The files of adapter {adapter.id} are missing.",
                 "The run folder was moved or deleted; train the job again.",
+            )
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            # PEFT would fall back to adapter_model.bin, a pickle: never load one.
+            raise InferenceError(
+                422,
+                "adapter_refused",
+                f"Adapter {adapter.id} has no {ADAPTER_WEIGHTS}; only safetensors weights are "
+                "loaded, never pickle files (.bin, .pt).",
+                "Train the job again: Tuneboard saves adapters as safetensors.",
             )
         return path
 
@@ -300,7 +312,9 @@ class Engine:
             kwargs.update(dtype=torch.float32)
             mode = "fp32 on the CPU"
         try:
-            model = AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                base.source, use_safetensors=True, **kwargs
+            )
         except torch.cuda.OutOfMemoryError as exc:
             self.unload()
             raise InferenceError(

@@ -80,11 +80,19 @@ def merge_adapter(settings: Settings, db: Database, merge: MergeRequest) -> Path
     adapter_dir = run / "adapter"
     if not run.is_relative_to(runs) or not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"the files of adapter {adapter.id} are missing")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        # PEFT would fall back to adapter_model.bin, a pickle: never load one.
+        raise FileNotFoundError(
+            f"adapter {adapter.id} has no adapter_model.safetensors; pickle weights are never loaded"
+        )
 
     _update(db, merge.id, stage="loading the base model in bf16")
     merge_id = merge.id
     base_model: Any = AutoModelForCausalLM.from_pretrained(
-        base.source, dtype=torch.bfloat16, trust_remote_code=base.trust_remote_code
+        base.source,
+        dtype=torch.bfloat16,
+        trust_remote_code=base.trust_remote_code,
+        use_safetensors=True,
     )
     _update(db, merge_id, stage="applying the adapter")
     model: Any = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from sqlmodel import col, select
 
 from app.db import Database
+from app.errors import UserError
 from app.models import Dataset, DatasetReport, Job, JobStatus
 from app.services.dataset_errors import DatasetError
 from app.services.dataset_ingest import NORMALIZED_FILENAME, ingest_dataset
@@ -32,16 +33,8 @@ _DATASET_ID = re.compile(r"[0-9a-f]{32}")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class DatasetServiceError(Exception):
+class DatasetServiceError(UserError):
     """A request about datasets that cannot be served; carries its HTTP status."""
-
-    status_code = 400
-    code = "bad_request"
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
 
 
 class UploadTooLarge(DatasetServiceError):
@@ -350,4 +343,4 @@ def error_body(error: DatasetServiceError | DatasetError) -> dict[str, Any]:
     """The API's error shape: {"error": {"code", "message", "hint", ...}}."""
     if isinstance(error, DatasetError):
         return {"error": error.to_dict()}
-    return {"error": {"code": error.code, "message": error.message, "hint": error.hint}}
+    return error.to_json()

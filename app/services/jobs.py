@@ -17,6 +17,7 @@ from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import Dataset, DatasetStatus, Job
 from app.services import models
+from app.services.demo import DEMO_MODEL
 from app.settings import Settings
 from app.train_config import PRESETS, TrainConfig
 
@@ -153,6 +154,23 @@ def form_fields(values: dict[str, Any]) -> list[FormField]:
 
 def preset_values(preset: str | None) -> dict[str, Any]:
     return dict(PRESETS.get(preset or "balanced", {}))
+
+
+def suggested_preset(
+    db: Database, preset: str | None, dataset_id: str | None, base_model: str | None
+) -> str | None:
+    """The preset the New Job page starts from: the one asked for; else "demo" when the demo
+    model (the form's default) and the demo dataset are chosen, so the newcomer's first job
+    learns the demo in a couple of CPU minutes; else none (the defaults, "balanced")."""
+    if preset in PRESETS:
+        return preset
+    if dataset_id is None or (base_model or TrainConfig.model_fields["base_model"].default) != (
+        DEMO_MODEL
+    ):
+        return None
+    with db.read() as s:
+        dataset = s.get(Dataset, dataset_id)
+    return "demo" if dataset is not None and dataset.is_demo else None
 
 
 def config_from_form(form: dict[str, str]) -> TrainConfig:

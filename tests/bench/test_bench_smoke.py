@@ -24,7 +24,7 @@ def test_smoke_run_prints_one_row_per_arm(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "bench/train.py", "--smoke", "--data", "fixed",
          "--cache", str(tmp_path / "cache")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -114,7 +114,15 @@ def fill_path(path: str, seeded: Seeded | None = None) -> str:
         "dataset_id": seeded.dataset_id if seeded else "0" * 32,
         "name": seeded.model if seeded else "org/some-model",
         "action": "cancel",
+        "report_id": "1",
+        "merge_id": "1",
+        "session_id": "1",
+        "adapter_id": "job-1",
     }
+    if path.endswith("/events"):
+        # The event stream of a live job stays open until the job ends (the SSE tests cover it);
+        # here a job that does not exist gives the route's answer without an endless body.
+        values["job_id"] = "999999"
     return PLACEHOLDER.sub(lambda m: values.get(m.group(1), "x"), path)
 
 

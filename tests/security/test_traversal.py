@@ -134,6 +134,10 @@ def _valid(param: str, seeded) -> str:
         "dataset_id": seeded.dataset_id,
         "name": seeded.model,
         "action": "cancel",
+        "report_id": "1",
+        "merge_id": "1",
+        "session_id": "1",
+        "adapter_id": "job-1",
     }[param]
 
 

@@ -123,3 +123,30 @@ def test_system_page_shows_each_workers_gpu_readings(client, db):
     text = " ".join(page(client, "/system").text.split())
     for fact in ("NVIDIA H200", "5120 / 143771 MiB", "97 %", "61 °C", "job 3", "s ago", "free of"):
         assert fact in text
+
+
+def test_new_job_page_starts_from_the_demo_preset_for_the_demo_model_and_dataset(client, db):
+    from app.models import Dataset, DatasetStatus
+    from app.train_config import PRESETS
+
+    with db.write() as s:
+        s.add(Dataset(id="d" * 32, name="demo-chat", status=DatasetStatus.ready, is_demo=True))
+        s.add(Dataset(id="e" * 32, name="mine", status=DatasetStatus.ready))
+
+    def form_value(soup: BeautifulSoup, name: str) -> str:
+        return soup.find("input", attrs={"name": name})["value"]
+
+    demo = page(client, f"/jobs/new?dataset_id={'d' * 32}")
+    assert demo.find("a", class_="primary", string="demo") is not None
+    assert form_value(demo, "max_steps") == str(PRESETS["demo"]["max_steps"])
+    assert float(form_value(demo, "learning_rate")) == PRESETS["demo"]["learning_rate"]
+    # The preset buttons keep the chosen dataset, so "quick test" is one click away.
+    quick = demo.find("a", string="quick test")["href"]
+    assert f"dataset_id={'d' * 32}" in quick and "preset=quick+test" in quick
+    assert form_value(page(client, quick), "max_steps") == str(PRESETS["quick test"]["max_steps"])
+
+    mine = page(client, f"/jobs/new?dataset_id={'e' * 32}")
+    assert mine.find("a", class_="primary", string="demo") is None
+    assert form_value(mine, "max_steps") == ""
+    other_model = page(client, f"/jobs/new?dataset_id={'d' * 32}&base_model=other-model")
+    assert other_model.find("a", class_="primary", string="demo") is None

@@ -18,7 +18,6 @@ Trainer's FSDP checkpoints: they resume on the same number of GPUs.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import json
 import math
@@ -230,7 +229,10 @@ class SFTRecipe:
         if self.distributed:
             self.compute_mode += f", FSDP over {self.world_size} GPUs"
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+            # safetensors only: never unpickle weights a user's folder or the hub supplied.
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, use_safetensors=True, **kwargs
+            )
         except OSError as error:
             raise ModelNotFound(
                 f"Could not load model weights from {self.model_path}: {error}",
@@ -515,16 +517,20 @@ class SFTRecipe:
                 micro_batch_size=self.config.micro_batch_size,
                 seq_len=self.trainer.last_seq_len,
             )
-        except OSError as error:
-            if error.errno != errno.ENOSPC:
-                raise
+        except _CheckpointDiskFull as error:
             checkpoints.remove_incomplete(self.checkpoint_dir)
+            kept = checkpoints.newest_complete_checkpoint(self.checkpoint_dir)
+            previous = (
+                f"the previous checkpoint (step {checkpoints.checkpoint_step(kept)}) is kept"
+                if kept is not None
+                else "there is no earlier checkpoint"
+            )
             raise DiskFull(
-                f"The disk filled up while writing a checkpoint at step "
-                f"{self.trainer.state.global_step}; the previous checkpoint is kept.",
+                f"Disk full: no space left while writing the checkpoint at step {error.step}; "
+                f"{previous}.",
                 "Free space in the data dir (old runs, the HF cache) and retry: the job resumes "
                 "from the last complete checkpoint.",
-            ) from error
+            ) from error.__cause__
         if oom is not None:
             # Raised outside the except block: the CUDA error's traceback (and the activations
             # its frames hold) is gone, so cleanup() can give the memory back.
@@ -555,12 +561,15 @@ class SFTRecipe:
             checkpoints.mark_complete(
                 staging, self.trainer.state.global_step if self.trainer else 0, None
             )
-        except OSError as error:
+        except Exception as error:
+            full = checkpoints.is_disk_full(error, self.checkpoint_dir)
             shutil.rmtree(staging, ignore_errors=True)
-            if error.errno == errno.ENOSPC:
+            if full:
                 raise DiskFull(
-                    "The disk filled up while saving the adapter.",
-                    "Free space in the data dir and retry.",
+                    "Disk full: no space left while saving the adapter; the last checkpoint is "
+                    "kept.",
+                    "Free space in the data dir and retry: the job resumes from the last "
+                    "complete checkpoint.",
                 ) from error
             raise
         (staging / checkpoints.COMPLETE_MARKER).unlink()
@@ -597,6 +606,14 @@ class SFTRecipe:
         self.trainer = None
         self.model = None
         self._free_cuda()
+
+
+class _CheckpointDiskFull(Exception):
+    """Raised out of the Trainer when a checkpoint could not be written for lack of space."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"disk full while writing the checkpoint at step {step}")
+        self.step = step
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -637,6 +654,14 @@ class _SFTTrainer(Trainer):
             finite if self.step_finite is True else torch.logical_and(self.step_finite, finite)
         )
         return loss
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if checkpoints.is_disk_full(error, Path(self.args.output_dir or ".")):
+                raise _CheckpointDiskFull(self.state.global_step) from error
+            raise
 
     def take_step_counters(self) -> tuple[int, bool]:
         if self.recipe.distributed:

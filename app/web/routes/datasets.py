@@ -35,7 +35,7 @@ def _error(error: DatasetServiceError | DatasetError) -> JSONResponse:
     return JSONResponse(datasets.error_body(error), status_code=status)
 
 
-def _bad_request(message: str, hint: str | None = None) -> JSONResponse:
+def _bad_request(message: str, hint: str = "") -> JSONResponse:
     return _error(DatasetServiceError(message, hint))
 
 

@@ -175,6 +175,7 @@ def _form_context(db: DbDep, values: dict[str, Any], preset: str | None) -> dict
         "datasets": ready,
         "presets": list(PRESETS),
         "preset": preset,
+        "preset_query": {},
     }
 
 
@@ -186,9 +187,13 @@ def new_job_page(
     dataset_id: str | None = None,
     base_model: str | None = None,
 ) -> HTMLResponse:
+    preset = jobs.suggested_preset(db, preset, dataset_id, base_model)
     values = jobs.preset_values(preset)
-    values.update({k: v for k, v in (("dataset_id", dataset_id), ("base_model", base_model)) if v})
-    return render(request, "jobs/new.html", errors={}, **_form_context(db, values, preset))
+    chosen = {k: v for k, v in (("dataset_id", dataset_id), ("base_model", base_model)) if v}
+    values.update(chosen)
+    context = _form_context(db, values, preset)
+    context["preset_query"] = chosen  # a preset button keeps the chosen model and dataset
+    return render(request, "jobs/new.html", errors={}, **context)
 
 
 @router.post("/jobs/new", include_in_schema=False, response_model=None)
