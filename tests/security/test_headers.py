@@ -116,14 +116,9 @@ def test_no_response_ever_allows_cross_origin_reads(token_app, authed, anon, see
     for client in (authed, anon):
         for method in ("GET", "OPTIONS"):
             for _, template in all_routes(token_app):
-                path = fill_path(template, seeded)
-                if template.endswith("/events"):
-                    # A live job's stream never ends and the test client reads whole bodies: ask
-                    # for a job that does not exist (same middleware, an answer at once).
-                    path = fill_path(template).replace("/1/", "/999999/")
                 response = client.request(
                     method,
-                    path,
+                    fill_path(template, seeded),
                     headers={"origin": "http://evil.com", "access-control-request-method": "POST"},
                 )
                 assert "access-control-allow-origin" not in response.headers, template
