@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,35 @@ def dataset_files(dataset_dir: Path, run_dir: Path, use_eval: bool) -> tuple[Pat
     return train, (evaluation if eval_lines else None)
 
 
-def model_location(db: Database, settings: Settings, name: str) -> Path:
-    """A local folder holding the base model: its registered path, or a hub download."""
+def download_progress(control: Any) -> type:
+    """A progress-bar class for the hub download that reports bytes to the job page (at most once
+    a second). huggingface_hub creates its byte bars with this class; counting happens here even
+    when the bars themselves are disabled."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class JobDownloadProgress(hub_tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # A disabled bar keeps none of its arguments: keep what the report needs here.
+            self.counts_bytes = kwargs.get("unit") == "B"
+            self.total = kwargs.get("total")  # the hub client grows it as files are found
+            self.done = int(kwargs.get("initial") or 0)
+            self.reported_at = 0.0
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.done += int(n or 0)
+            now = time.monotonic()
+            if self.counts_bytes and self.total and now - self.reported_at >= 1.0:
+                self.reported_at = now
+                control.update(download_done_bytes=self.done, download_total_bytes=int(self.total))
+            return super().update(n)
+
+    return JobDownloadProgress
+
+
+def model_location(db: Database, settings: Settings, name: str, control: Any = None) -> Path:
+    """A local folder holding the base model: its registered path, or a hub download (with its
+    bytes shown on the job page)."""
     with db.read() as s:
         entry = s.get(BaseModelEntry, name)
     if entry is None:
@@ -110,6 +138,7 @@ def model_location(db: Database, settings: Settings, name: str) -> Path:
                 cache_dir=settings.hf_home,
                 local_files_only=settings.hf_offline,
                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+                tqdm_class=download_progress(control) if control is not None else None,
             )
         )
     except Exception as exc:
@@ -148,7 +177,7 @@ def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_cl
     rows_path, eval_rows_path = dataset_files(
         settings.datasets_dir / job.dataset_id, output_dir, use_eval=config.eval_fraction > 0
     )
-    model_path = model_location(db, settings, job.base_model)
+    model_path = model_location(db, settings, job.base_model, control)
     recipe = recipe_class(
         config,
         model_path,

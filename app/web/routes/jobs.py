@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from pydantic import BaseModel, ConfigDict
 
 from app import queue
+from app.errors import NotFound
 from app.models import Dataset, DatasetStatus, Job, Metric
 from app.services import job_events, job_views, jobs, models
 from app.train_config import PRESETS, TrainConfig
@@ -89,6 +90,17 @@ def job_metrics(
     job = queue.get_job(db, job_id)
     rows: list[Metric] = queue.metrics_after(db, job_id, after)
     return {"status": job.status.value, "metrics": rows}
+
+
+@router.get("/api/jobs/{job_id}/adapter", response_class=RedirectResponse)
+def job_adapter(job_id: JobId, db: DbDep) -> RedirectResponse:
+    """The job's trained adapter as a zip (PEFT files, chat template, config, Modelfile)."""
+    adapter = job_views.adapter_for(db, job_id)
+    if adapter is None:
+        raise NotFound(
+            f"Job {job_id} has no adapter yet.", "An adapter is saved when a job succeeds."
+        )
+    return RedirectResponse(f"/api/adapters/{adapter.id}/download", status_code=307)
 
 
 @router.get("/api/jobs/{job_id}/events", response_class=StreamingResponse)
