@@ -19,6 +19,7 @@ from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
 from app.web.routes import (
     adapters,
+    api_docs,
     auth,
     dashboard,
     datasets,
@@ -48,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         title="Tuneboard",
         version="0.1.0",
-        docs_url="/api/docs",
+        docs_url=None,  # served by routes/api_docs.py from vendored Swagger UI (no CDN, CSP-safe)
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (
         adapters.router,
+        api_docs.router,
         auth.router,
         dashboard.router,
         datasets.router,

@@ -24,7 +24,7 @@ def protected_routes(app) -> list[tuple[str, str]]:
 
 def test_the_docs_and_the_schema_are_among_the_protected_routes(token_app):
     paths = {path for _, path in protected_routes(token_app)}
-    assert {"/api/docs", "/api/openapi.json", "/docs/oauth2-redirect", "/healthz"} <= paths
+    assert {"/api/docs", "/api/openapi.json", "/healthz"} <= paths
 
 
 def test_every_route_answers_401_without_the_token(token_app, anon):
