@@ -1,39 +1,13 @@
 """Registering base models reads only config files; what cannot be trained is refused, with why."""
 
-import json
 import time
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from app.errors import Conflict
 from app.services import models
 from app.services.models import ModelRegistrationError
-
-LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "vocab_size": 1000,
-    "max_position_embeddings": 4096,
-}
-
-
-def make_model_dir(root, config=LLAMA_CONFIG, *, chat_template=True, weights=True):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(config))
-    if chat_template:
-        (root / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
-    if weights:
-        save_file(
-            {"embed": np.zeros((1000, 64), np.float32), "norm": np.zeros(64, np.float32)},
-            str(root / "model.safetensors"),
-        )
-    return root
+from tests.fakes.models import LLAMA_CONFIG, make_model_dir
 
 
 def test_a_local_folder_registers_with_facts_from_its_config(db, settings, tmp_path):

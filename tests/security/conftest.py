@@ -9,41 +9,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from safetensors.numpy import save_file
 from starlette.routing import Mount
 
 from app.settings import Settings
+from tests.fakes.models import LLAMA_CONFIG, make_model_dir  # noqa: F401 (re-exported)
 
 TOKEN = "correct-horse-battery-staple-42"
 ORIGIN = "http://127.0.0.1"
 BEARER = {"authorization": f"Bearer {TOKEN}"}
 
-LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "vocab_size": 1000,
-    "max_position_embeddings": 4096,
-}
 ALPACA_ROWS = b"".join(
     json.dumps({"instruction": f"say {i}", "input": "", "output": f"{i}"}).encode() + b"\n"
     for i in range(12)
 )
-
-
-def make_model_dir(root: Path, config: dict | None = None, *, weights: bool = True) -> Path:
-    """A folder that looks like save_pretrained output: config.json and a tiny safetensors file."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(config or LLAMA_CONFIG))
-    if weights:
-        save_file({"norm": np.zeros(64, np.float32)}, str(root / "model.safetensors"))
-    return root
 
 
 @pytest.fixture
