@@ -74,6 +74,15 @@ class TokenizeStats:
     dropped_lines: list[int] = field(default_factory=list)
 
 
+def read_eval_lines(dataset_dir: Path) -> set[int]:
+    """The `line` numbers of a dataset's held-out rows, from the split recorded at upload
+    (`split.json`, written by app/services/dataset_ingest.py); empty when it has no split."""
+    split = Path(dataset_dir) / "split.json"
+    if not split.is_file():
+        return set()
+    return set(json.loads(split.read_text(encoding="utf-8")).get("eval_lines", []))
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Read normalised rows (JSONL)."""
     rows = []

@@ -60,6 +60,7 @@ from worker.data import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     has_generation_markers,
+    read_eval_lines,
     template_of,
     tokenize_row,
     trained_segments,
@@ -361,10 +362,7 @@ def _training_rows(dataset_dir: Path) -> tuple[list[dict[str, Any]], int]:
             "The dataset's normalised rows are missing from the data dir.",
             "Upload the file again.",
         )
-    split_path = dataset_dir / "split.json"
-    eval_lines: set[int] = set()
-    if split_path.is_file():
-        eval_lines = set(json.loads(split_path.read_text(encoding="utf-8"))["eval_lines"])
+    eval_lines = read_eval_lines(dataset_dir)
     rows = []
     with normalized.open(encoding="utf-8") as handle:
         for text in handle:

@@ -38,6 +38,7 @@ from app.db import Database
 from app.models import BaseModelEntry, Dataset
 from app.settings import Settings
 from app.train_config import TrainConfig
+from worker.data import read_eval_lines
 from worker.failures import hint_for
 from worker.job_io import (
     DatabaseControl,
@@ -75,10 +76,7 @@ def dataset_files(dataset_dir: Path, run_dir: Path, use_eval: bool) -> tuple[Pat
             "The dataset's normalised rows are missing from the data dir.",
             "Upload the dataset again; if the data dir was moved, move its datasets/ folder too.",
         )
-    split_file = dataset_dir / "split.json"
-    eval_lines: set[int] = set()
-    if use_eval and split_file.is_file():
-        eval_lines = set(json.loads(split_file.read_text(encoding="utf-8")).get("eval_lines", []))
+    eval_lines = read_eval_lines(dataset_dir) if use_eval else set()
     train, evaluation = run_dir / "train.jsonl", run_dir / "eval.jsonl"
     with (
         normalized.open("rb") as source,
