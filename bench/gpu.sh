@@ -11,7 +11,7 @@
 #   8b-fixed     the same, fixed-length data only (8b-variable: variable only)
 #   longest      longest single sequence, 8B shape, under a 22.5 GiB cap, all arms
 #   smoke        the CPU smoke run (checks the harness itself)
-# Env: BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too
+# Env: GPU_TESTS_S: at most this long for the tests stage. BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too
 # late are listed as skipped. BENCH_ARMS (default standard,unsloth,tuneboard). BENCH_ARGS: extra
 # arguments for every bench/train.py call (e.g. "--steps 5 --warmup 2").
 # The model cache (/tmp/tuneboard-bench-cache) survives between calls only while the machine
@@ -70,7 +70,8 @@ for stage in "$@"; do
   echo "== stage $stage ($left s left)"
   case $stage in
     tests)
-      timeout "$(( left > 30 ? left - 20 : 10 ))" python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py}
+      limit=$(( left > 30 ? left - 20 : 10 )); limit=$(( limit < ${GPU_TESTS_S:-$limit} ? limit : ${GPU_TESTS_S:-$limit} ))
+      timeout "$limit" python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py}
       rc=$?; [ $rc -eq 5 ] && echo "(no GPU tests collected)" && rc=0
       [ $rc -ne 0 ] && status=$rc ;;
     1b) bench throughput-1b --shapes 1b --min-arm-s 30 || status=$? ;;

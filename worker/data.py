@@ -327,13 +327,16 @@ def pack_examples(
 class FlattenedBatchCollator:
     """One packed micro-batch -> one row: `position_ids` restart at 0 for every example and each
     example's first label is ignored, so no token learns from another example. No attention mask
-    is returned: transformers then builds the block-diagonal mask from the position ids (sdpa,
-    eager and flex; verified in tests/worker/test_data.py)."""
+    is returned. The examples' bounds go along as `cu_seq_lens_q/k` and `max_length_q/k`: the
+    recipe's attention (worker.attention) reads them; with sdpa, eager or flex transformers builds
+    the block-diagonal mask from the position ids instead (both verified in tests/worker)."""
 
     def __init__(self) -> None:
         from transformers import DataCollatorWithFlattening
 
-        self._flatten = DataCollatorWithFlattening(return_tensors="pt")
+        self._flatten = DataCollatorWithFlattening(
+            return_tensors="pt", return_flash_attn_kwargs=True
+        )
 
     def __call__(self, features: list[Any]) -> dict[str, Any]:
         examples = [ex for item in features for ex in (item if isinstance(item, list) else [item])]

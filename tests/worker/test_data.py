@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from worker import attention
 from worker.data import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
@@ -114,11 +115,15 @@ def test_packing_respects_the_budget_and_keeps_every_example(tokenizer, demo_row
     assert [[id(e) for e in b] for b in again] == [[id(e) for e in b] for b in batches]
 
 
-def test_packed_loss_equals_unpacked_loss(demo_model, tokenizer, demo_rows):
+@pytest.mark.parametrize("implementation", ["sdpa", attention.register()])
+def test_packed_loss_equals_unpacked_loss(demo_model, tokenizer, demo_rows, implementation):
     """No attention across packed examples: the packed row gives the same loss as each example
-    run alone (transformers builds the block-diagonal mask from the restarting position_ids)."""
+    run alone, with sdpa (transformers builds the block-diagonal mask from the restarting
+    position_ids) and with the recipe's own attention (the collator's sequence bounds)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        demo_model, dtype=torch.float32, attn_implementation=implementation
+    )
     model.eval()
     examples, _ = tokenize_rows(tokenizer, _rows(demo_rows, 6), "all", 256)
     with torch.no_grad():

@@ -3,14 +3,17 @@ tokenizer). Run on the GPU machine with `pytest -m gpu tests/worker/test_gpu_rec
 
 import gc
 import json
+import time
 
 import pytest
 import torch
 
 from app.train_config import TrainConfig
+from worker.data import FlattenedBatchCollator, TokenizedExample
 from worker.demo import build_demo_tokenizer
 from worker.errors import OutOfMemory
 from worker.metrics import ListSink
+from worker.recipes import sft as recipe_module
 from worker.recipes.sft import LocalControl, SFTRecipe
 
 pytestmark = [
@@ -119,3 +122,82 @@ def test_oom_is_typed_and_vram_comes_back(llama_1b, tmp_path):
     gc.collect()
     torch.cuda.empty_cache()
     assert torch.cuda.memory_allocated() - start < 64 * 1024**2
+
+
+def test_packed_attention_on_the_gpu_matches_sdpa_and_says_how_fast(llama_1b):
+    """The recipe's varlen flash attention against sdpa's dense block mask on one packed row of
+    mixed lengths (grouped-query heads, bf16): the same loss and gradients. Prints both times."""
+    from transformers import AutoModelForCausalLM
+
+    from worker import attention
+
+    model = AutoModelForCausalLM.from_pretrained(
+        llama_1b, dtype=torch.bfloat16, attn_implementation="sdpa", use_safetensors=True
+    ).cuda()
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    lengths = [1900, 37, 2048, 5, 700, 1500, 1]
+    examples = [
+        TokenizedExample(ids, ids)
+        for n in lengths
+        for ids in [torch.randint(10, model.config.vocab_size, (n,), generator=generator).tolist()]
+    ]
+    batch = {
+        k: v.cuda() if torch.is_tensor(v) else v
+        for k, v in FlattenedBatchCollator()([examples]).items()
+    }
+    probe = model.model.layers[3].self_attn.q_proj.weight
+
+    def step(implementation: str) -> tuple[float, torch.Tensor, float]:
+        model.set_attn_implementation(implementation)
+        times = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = model(**batch).loss
+            loss.backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return loss.item(), probe.grad.float().clone(), min(times)
+
+    sdpa_loss, sdpa_grad, sdpa_s = step("sdpa")
+    varlen_loss, varlen_grad, varlen_s = step(attention.register())
+    assert attention._parameters.cache_info().currsize == 1  # the flash kernel ran
+    assert varlen_loss == pytest.approx(sdpa_loss, rel=1e-2)
+    cosine = torch.nn.functional.cosine_similarity(sdpa_grad.flatten(), varlen_grad.flatten(), 0)
+    assert cosine > 0.99
+    print(
+        f"\npacked row of {sum(lengths)} tokens in {len(lengths)} examples, forward+backward: "
+        f"sdpa dense mask {sdpa_s * 1000:.1f} ms, varlen flash {varlen_s * 1000:.1f} ms"
+    )
+
+
+def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
+    llama_1b, demo_rows, tmp_path
+):
+    """Capped between the peak of no checkpointing and the peak of full checkpointing (a smaller
+    card's stand-in), `auto` checkpoints only as many layers as it must, and then trains."""
+    config = _config(max_steps=2, save_every=100, eval_every=100, micro_batch_size=8)
+    recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
+    recipe.setup()
+    batch = recipe._longest_batch()
+    peak_off = recipe._try_policy(batch, "off")
+    peak_on = recipe._try_policy(batch, "on")
+    assert peak_off is not None and peak_on is not None and peak_off > peak_on
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = (peak_on + peak_off) / 2 / recipe_module.TRIAL_HEADROOM
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        policy, reason, kept = recipe._measure_memory_policy()
+        layers = len(recipe._decoder_layers())
+        assert policy == "partial" and 0 < kept < layers, (policy, reason)
+        assert f"{layers - kept} of {layers} layers checkpointed" in reason
+        recipe._set_memory_policy(policy, kept)
+        checkpointed = [layer.gradient_checkpointing for layer in recipe._decoder_layers()]
+        assert checkpointed == [True] * (layers - kept) + [False] * kept
+        assert recipe.train().global_step == 2
+        print(f"\n{reason}")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        recipe.cleanup()

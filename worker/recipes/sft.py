@@ -45,7 +45,7 @@ from transformers import (
 )
 
 from app.train_config import TrainConfig
-from worker import checkpoints
+from worker import attention, checkpoints
 from worker.control import LocalControl, RunControl
 from worker.data import (
     FlattenedBatchCollator,
@@ -55,7 +55,14 @@ from worker.data import (
     read_rows,
     tokenize_rows,
 )
-from worker.errors import DatasetError, DiskFull, ModelNotFound, NonFiniteLoss, OutOfMemory
+from worker.errors import (
+    DatasetError,
+    DiskFull,
+    ModelNotFound,
+    NonFiniteLoss,
+    OutOfMemory,
+    TrainingError,
+)
 from worker.metrics import MetricsSink, vram_readings
 
 __all__ = ["LocalControl", "RunControl", "SFTRecipe", "TrainResult"]
@@ -200,7 +207,7 @@ class SFTRecipe:
 
     def _load_base_model(self) -> Any:
         on_cuda = self.device.type == "cuda"
-        kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+        kwargs: dict[str, Any] = {"attn_implementation": self._attention()}
         if on_cuda and self.config.quantization == "nf4" and _bitsandbytes_available():
             from transformers import BitsAndBytesConfig
 
@@ -242,6 +249,18 @@ class SFTRecipe:
         # the largest single cost in memory and speed. Only the LoRA weights are fp32 (peft).
         model.config.use_cache = False
         return model
+
+    def _attention(self) -> str:
+        """Packed rows attend per example (worker.attention); otherwise transformers' sdpa."""
+        if not self.config.packing:
+            return "sdpa"
+        from transformers import AutoConfig
+
+        reason = attention.unsupported_reason(AutoConfig.from_pretrained(self.model_dir))
+        if reason:
+            self.control.update(notice=f"Packed attention uses sdpa's dense mask: {reason}.")
+            return "sdpa"
+        return attention.register()
 
     def _apply_liger_kernels(self) -> None:
         """Fused RoPE / RMSNorm / SwiGLU / linear cross-entropy where liger has the architecture."""
@@ -291,6 +310,7 @@ class SFTRecipe:
 
     def _choose_memory_policy(self) -> None:
         requested = str(self.config.gradient_checkpointing)
+        kept = 0
         if requested == "offload" and self.device.type != "cuda":
             policy, reason = "on", "offload asked for, but a CPU run has no device memory to free"
         elif requested != "auto":
@@ -302,15 +322,16 @@ class SFTRecipe:
             # thing; checkpointing is the safe default for a model big enough to need FSDP.
             policy, reason = "on", f"FSDP over {self.world_size} GPUs: checkpointing by default"
         else:
-            policy, reason = self._measure_memory_policy()
-        self._set_memory_policy(policy)
+            policy, reason, kept = self._measure_memory_policy()
+        self._set_memory_policy(policy, kept)
         self.control.update(
             memory_policy=policy, memory_policy_reason=reason, compute_mode=self.compute_mode
         )
 
-    def _set_memory_policy(self, policy: str) -> None:
+    def _set_memory_policy(self, policy: str, kept_layers: int = 0) -> None:
         """Non-reentrant checkpointing of every decoder layer; "offload" also keeps the saved layer
-        inputs in pinned host memory."""
+        inputs in pinned host memory; "partial" checkpoints all but the last `kept_layers`, which
+        keep their activations (no recompute) in memory the card has to spare."""
         self.memory_policy = policy
         base = self.model.get_base_model()
         offload = policy == "offload"
@@ -327,6 +348,17 @@ class SFTRecipe:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             self.offload_by_hand = offload
+        if policy == "partial":
+            layers = self._decoder_layers()
+            for index, layer in enumerate(layers):
+                layer.gradient_checkpointing = index < len(layers) - kept_layers
+
+    def _decoder_layers(self) -> list[Any]:
+        """The decoder layers that checkpointing wraps (transformers' GradientCheckpointingLayer)."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        base = self.model.get_base_model()
+        return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     def activation_offload(self) -> Any:
         """The context a training step runs in: activations to pinned CPU memory, or nothing."""
@@ -334,35 +366,108 @@ class SFTRecipe:
             return torch.autograd.graph.save_on_cpu(pin_memory=True)
         return contextlib.nullcontext()
 
-    def _measure_memory_policy(self) -> tuple[str, str]:
-        """One forward+backward on the longest micro-batch under each policy, cheapest first."""
+    def _measure_memory_policy(self) -> tuple[str, str, int]:
+        """Trial forward+backward steps on the longest micro-batch, cheapest policy first: no
+        checkpointing; else checkpointing of as few layers as the card needs (the rest keep their
+        activations); else every layer; else every layer offloaded to host memory."""
         batch = self._longest_batch()
         tokens = int(batch["input_ids"].numel())
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        for policy in ("off", "on", "offload"):
-            self._set_memory_policy(policy)
-            try:
-                peak = self._trial_step(batch)
-            except torch.OutOfMemoryError:
-                self._free_cuda()
-                continue
-            if peak <= TRIAL_HEADROOM * total or policy == "offload":
-                gib = peak / 1024**3
-                word = {
-                    "off": "without checkpointing",
-                    "on": "with checkpointing",
-                    "offload": "with activations offloaded to CPU memory",
-                }[policy]
-                return policy, (
-                    f"a trial step on the longest micro-batch ({tokens} tokens) fits {word}: "
-                    f"peak {gib:.1f} GiB of {total / 1024**3:.1f} GiB"
+        limit = TRIAL_HEADROOM * self._usable_memory()
+        where = f"the longest micro-batch ({tokens} tokens)"
+        gib = 1024**3
+        peak_off = self._try_policy(batch, "off")
+        if peak_off is not None and peak_off <= limit:
+            return (
+                "off",
+                (
+                    f"a trial step on {where} fits without checkpointing: peak "
+                    f"{peak_off / gib:.1f} GiB of {limit / gib:.1f} GiB usable"
+                ),
+                0,
+            )
+        peak_on = self._try_policy(batch, "on")
+        if peak_on is not None and peak_on <= limit:
+            partial = self._most_layers_kept(batch, peak_on, peak_off, limit)
+            if partial is not None:
+                kept, peak = partial
+                total = len(self._decoder_layers())
+                return (
+                    "partial",
+                    (
+                        f"a trial step on {where} fits with {total - kept} of {total} layers "
+                        f"checkpointed (the other {kept} keep their activations: less recompute): "
+                        f"peak {peak / gib:.1f} GiB of {limit / gib:.1f} GiB usable"
+                    ),
+                    kept,
                 )
+            return (
+                "on",
+                (
+                    f"a trial step on {where} fits with checkpointing: peak {peak_on / gib:.1f} GiB "
+                    f"of {limit / gib:.1f} GiB usable"
+                ),
+                0,
+            )
+        peak_offload = self._try_policy(batch, "offload")
+        if peak_offload is not None:
+            return (
+                "offload",
+                (
+                    f"a trial step on {where} fits with activations offloaded to CPU memory: peak "
+                    f"{peak_offload / gib:.1f} GiB of {limit / gib:.1f} GiB usable"
+                ),
+                0,
+            )
         raise OutOfMemory(
             step=0,
             micro_batch_size=self.config.micro_batch_size,
             seq_len=tokens,
             detail="Even offloaded gradient checkpointing does not fit one micro-batch.",
         )
+
+    def _most_layers_kept(
+        self, batch: dict[str, torch.Tensor], peak_on: int, peak_off: int | None, limit: float
+    ) -> tuple[int, int] | None:
+        """How many layers can keep their activations: each kept layer adds about the same
+        memory, measured from two trial steps; the guess is then checked by one more."""
+        total = len(self._decoder_layers())
+        if total < 2:
+            return None
+        probe_kept, probe_peak = total, peak_off
+        while probe_peak is None and probe_kept > 1:  # "off" ran out of memory: fewer layers
+            probe_kept //= 2
+            probe_peak = self._try_policy(batch, "partial", probe_kept)
+        if probe_peak is None:
+            return None
+        per_layer = max(1.0, (probe_peak - peak_on) / probe_kept)
+        kept = min(total - 1, int((limit - peak_on) / per_layer))
+        for _ in range(3):
+            if kept < 1:
+                return None
+            peak = self._try_policy(batch, "partial", kept)
+            if peak is not None and peak <= limit:
+                return kept, peak
+            kept = kept * 3 // 4
+        return None
+
+    def _try_policy(self, batch: dict[str, torch.Tensor], policy: str, kept: int = 0) -> int | None:
+        """Peak memory of one trial step under a policy, or None when it ran out of memory."""
+        self._set_memory_policy(policy, kept)
+        try:
+            return self._trial_step(batch)
+        except torch.OutOfMemoryError:
+            self.model.zero_grad(set_to_none=True)
+            self._free_cuda()
+            return None
+
+    def _usable_memory(self) -> int:
+        """The card's memory, or the share this process is capped at (a small card's stand-in)."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        try:
+            fraction = torch.cuda.get_per_process_memory_fraction(self.device)
+        except (AttributeError, RuntimeError):
+            fraction = 1.0
+        return int(total * min(1.0, fraction))
 
     def _longest_batch(self) -> dict[str, torch.Tensor]:
         if self.config.packing:
@@ -433,6 +538,11 @@ class SFTRecipe:
             disable_tqdm=True,
             **self._fsdp_arguments(),
         )
+        if not self.distributed:
+            # One process, one GPU: with several visible the Trainer would wrap the model in
+            # DataParallel, hand it two packed rows at once and scale the loss by the GPU count.
+            _ = args.n_gpu  # sets up the devices, which also sets _n_gpu
+            args._n_gpu = min(args._n_gpu, 1)
         trainer = _SFTTrainer(
             model=self.model,
             args=args,
@@ -497,6 +607,26 @@ class SFTRecipe:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def _load_adapter_weights(self, checkpoint: Path) -> None:
+        """A checkpoint's LoRA weights into the (not yet wrapped) model, on every rank."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = checkpoint / "adapter_model.safetensors"
+        if not path.is_file():
+            raise TrainingError(
+                f"The checkpoint {checkpoint.name} has no adapter weights to resume from.",
+                "Delete the job's checkpoints folder to start over, or retry from a newer one.",
+            )
+        loaded = set_peft_model_state_dict(self.model, load_file(path, device=str(self.device)))
+        missing = [key for key in getattr(loaded, "missing_keys", []) if "lora_" in key]
+        if missing:
+            raise TrainingError(
+                f"The checkpoint {checkpoint.name} does not match this job's LoRA layers "
+                f"({len(missing)} missing, e.g. {missing[0]}).",
+                "Resume with the same config it was started with, or delete its checkpoints.",
+            )
+
     # --- train -----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
@@ -505,6 +635,10 @@ class SFTRecipe:
         resumed_from = checkpoints.checkpoint_step(resume) if resume else None
         if resume is not None:
             self.control.update(notice=f"Resuming from the checkpoint at step {resumed_from}.")
+            if self.distributed:
+                # The Trainer's FSDP resume restores optimizer, scheduler and data position,
+                # but not a PEFT adapter (it looks for a PeftModel and finds the FSDP wrapper).
+                self._load_adapter_weights(resume)
         if self._is_main_rank():
             checkpoints.remove_incomplete(self.checkpoint_dir)
         self._barrier()

@@ -1,0 +1,142 @@
+"""Attention over packed micro-batches: each example attends to itself only, at the cost of its
+own length.
+
+A packed micro-batch is one row holding several examples (worker.data.FlattenedBatchCollator).
+transformers' `sdpa` path turns such a row into a dense [T, T] block-diagonal mask, and the kernel
+then computes every (query, key) pair of the whole row: a row of 23 examples of ~350 tokens pays
+for 8192^2 pairs instead of 23 x 350^2, and the mask itself is a T^2 tensor. Here the collator's
+cumulative sequence lengths (`cu_seq_lens_q`, the names transformers' flash path uses) go to
+PyTorch's own variable-length flash kernel (`torch.nn.attention.varlen`), with no mask at all:
+
+* CUDA, bf16/fp16 (training): `varlen_attn`, causal inside each example;
+* elsewhere (CPU, fp32): one causal `scaled_dot_product_attention` per example;
+* rows without `cu_seq_lens_q` (padded batches, generation): the stock `sdpa` path, unchanged.
+
+Registered under NAME through transformers' AttentionInterface / AttentionMaskInterface, so a model
+loaded with `attn_implementation=NAME` uses it in every decoder layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tuneboard_varlen"
+
+
+def register() -> str:
+    """Make NAME a valid `attn_implementation` in this process (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, varlen_attention)
+    AttentionMaskInterface.register(NAME, packed_or_padded_mask)
+    return NAME
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why a model cannot use NAME (then the recipe keeps `sdpa`), or None."""
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping has no varlen kernel"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention dropout has no varlen kernel"
+    return None
+
+
+def packed_or_padded_mask(**kwargs: Any) -> Any:
+    """No mask for packed or unpadded rows (the kernel reads the sequence bounds); padded rows keep
+    sdpa's mask and take the sdpa path below."""
+    if kwargs.get("attention_mask") is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(**kwargs)
+
+
+def varlen_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None)."""
+    if attention_mask is not None or cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if dropout:
+        raise ValueError(f"{NAME} has no attention dropout; load the model with sdpa")
+    if query.shape[0] != 1:
+        raise ValueError(f"{NAME} takes one packed row, got a batch of {query.shape[0]}")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    window = getattr(module, "sliding_window", None)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out = _flash_varlen(
+            q, k, v, cu_seq_lens_q, int(max_length_q or q.shape[0]), scaling, window
+        )
+    else:
+        out = _per_example(q, k, v, cu_seq_lens_q, scaling, window)
+    return out[None], None
+
+
+def _flash_varlen(q, k, v, cu_seq_lens, max_length, scale, window):
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    params = _parameters(varlen_attn)
+    extra: dict[str, Any] = {"scale": scale}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:  # older API: give every query head its own copy of its key/value head
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    if "window_size" in params:
+        extra["window_size"] = (window - 1 if window else -1, 0)  # (-1, 0): causal
+    else:  # torch 2.10: is_causal, no windows
+        if window and window < max_length:
+            raise ValueError(f"{NAME}: sliding-window attention needs torch >= 2.11")
+        extra["is_causal"] = True
+    return varlen_attn(q, k, v, cu, cu, max_length, max_length, **extra)
+
+
+@functools.cache
+def _parameters(function: Any) -> frozenset[str]:
+    """The keyword arguments this torch's varlen_attn takes (it changed between 2.10 and 2.12)."""
+    return frozenset(inspect.signature(function).parameters)
+
+
+def _per_example(q, k, v, cu_seq_lens, scale, window):
+    bounds = cu_seq_lens.tolist()
+    pieces = []
+    for start, end in itertools.pairwise(bounds):
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, L, D]
+        mask = None
+        if window and end - start > window:
+            n = end - start
+            i = torch.arange(n, device=q.device)
+            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+        out = F.scaled_dot_product_attention(
+            qs,
+            ks,
+            vs,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=ks.shape[1] != qs.shape[1],
+        )
+        pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces)
