@@ -2,7 +2,8 @@
 
 The child is `python -m worker.run` (the real recipe), or the module named by
 `TUNEBOARD_TEST_CHILD` (e.g. `tests.fakes.hooked_training`: the real recipe with a fault hook).
-No GPU (`gpus=""`: the child trains on the CPU) and no inference server.
+The worker's GPUs are `TUNEBOARD_TEST_GPUS` (e.g. "0"); unset, none (the child trains on the
+CPU). No inference server.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if __name__ == "__main__":
     child = os.environ.get("TUNEBOARD_TEST_CHILD", "worker.run")
     run_worker(
         Settings(),
-        gpus="",
+        gpus=os.environ.get("TUNEBOARD_TEST_GPUS", ""),
         child_command=[sys.executable, "-m", child],
         inference=False,
     )

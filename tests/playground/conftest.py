@@ -3,6 +3,8 @@ server (a subprocess, as in production) and the web app on a live port. Built on
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import socket
@@ -10,8 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -123,19 +128,39 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def inference_server(pg_settings: Settings, pg_db: Database, trained) -> Iterator[str]:
-    """`python -m worker.inference` as the worker starts it; its URL written to the worker row."""
-    with pg_db.write() as s:
-        s.add(Worker(id=WORKER_ID, host="localhost", pid=os.getpid()))
+@contextlib.contextmanager
+def running_inference_server(
+    settings: Settings,
+    db: Database,
+    worker_id: str,
+    *,
+    cuda: bool = False,
+    quantization: str = "auto",
+) -> Iterator[str]:
+    """`python -m worker.inference` as the worker starts it, on the CPU unless `cuda`; its URL
+    written to the worker row `worker_id`."""
+    with db.write() as s:
+        if s.get(Worker, worker_id) is None:
+            s.add(Worker(id=worker_id, host="localhost", pid=os.getpid()))
     env = {
         **os.environ,
-        "TUNEBOARD_DATA_DIR": str(pg_settings.resolved_data_dir),
+        "TUNEBOARD_DATA_DIR": str(settings.resolved_data_dir),
         "TUNEBOARD_LOG_LEVEL": "WARNING",
-        "CUDA_VISIBLE_DEVICES": "",
     }
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.inference", "--port", "0", "--worker-id", WORKER_ID],
+        [
+            sys.executable,
+            "-m",
+            "worker.inference",
+            "--port",
+            "0",
+            "--worker-id",
+            worker_id,
+            "--quantization",
+            quantization,
+        ],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -145,13 +170,85 @@ def inference_server(pg_settings: Settings, pg_db: Database, trained) -> Iterato
         line = proc.stdout.readline()
         assert "listening on" in line, line
         url = line.rsplit(" ", 1)[-1].strip()
-        with pg_db.read() as s:
-            worker = s.get(Worker, WORKER_ID)
+        with db.read() as s:
+            worker = s.get(Worker, worker_id)
             assert worker is not None and worker.inference_url == url
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def inference_server(pg_settings: Settings, pg_db: Database, trained) -> Iterator[str]:
+    """The worker's inference server on the CPU."""
+    with running_inference_server(pg_settings, pg_db, WORKER_ID) as url:
+        yield url
+
+
+# --- the streaming protocol over the stdlib (the GPU machine has no httpx) --------------------
+
+
+def inference_status(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/status", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def stream_generation(url: str, body: dict[str, Any]) -> tuple[str, dict[str, Any], int]:
+    """POST /generate and read the whole stream: (text, the closing summary, token events)."""
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=300)
+    try:
+        connection.request(
+            "POST", "/generate", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        text, summary, events = "", {}, 0
+        for raw in response:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event.get("done"):
+                    summary = event
+                elif "token" in event:
+                    text += event["token"]
+                    events += 1
+                else:
+                    raise AssertionError(f"an error in the stream: {event}")
+        return text, summary, events
+    finally:
+        connection.close()
+
+
+def hang_up_after(url: str, body: dict[str, Any], events: int) -> None:
+    """POST /generate over a raw socket, read `events` events, and close the connection."""
+    data = json.dumps(body).encode()
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=120) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        received = b""
+        while received.count(b"data: ") < events:
+            chunk = sock.recv(4096)
+            assert chunk, f"the stream ended after {received!r}"
+            received += chunk
+        assert b'"done"' not in received, received
+
+
+def wait_for_generation_end(url: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The last generation's summary, once it has finished and nothing generates."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = inference_status(url)
+        last = status["last_generation"]
+        if last and last.get("finished") and not status["generating"]:
+            return last
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import time
-from urllib.parse import urlsplit
-
 import httpx
 import pytest
 
-from tests.playground.conftest import ADAPTER_ID, BASE, QUESTION, TRAINED_ANSWER
+from tests.playground.conftest import (
+    ADAPTER_ID,
+    BASE,
+    QUESTION,
+    TRAINED_ANSWER,
+    hang_up_after,
+    stream_generation,
+    wait_for_generation_end,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +26,7 @@ def _generate(url: str, model: str, **fields) -> tuple[str, dict]:
         "max_new_tokens": 40,
         **fields,
     }
-    text, summary = "", {}
-    with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as response:
-        assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                event = json.loads(line[6:])
-                if event.get("done"):
-                    summary = event
-                else:
-                    text += event["token"]
+    text, summary, _ = stream_generation(url, body)
     return text, summary
 
 
@@ -71,33 +65,14 @@ def test_unknown_model_and_bad_requests_are_json_errors(inference_server):
 def test_a_client_that_disconnects_stops_the_generation(inference_server):
     """Read a few tokens over a raw socket, hang up, and see the server stop early."""
     limit = 1500
-    body = json.dumps(
-        {
-            "model": BASE,
-            "messages": [{"role": "user", "content": QUESTION}],
-            "temperature": 0,
-            "max_new_tokens": limit,
-        }
-    ).encode()
-    address = urlsplit(inference_server)
-    sock = socket.create_connection((address.hostname, address.port))
-    sock.sendall(
-        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    received = b""
-    while received.count(b"data: ") < 5:
-        received += sock.recv(4096)
-    sock.close()
+    body = {
+        "model": BASE,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_new_tokens": limit,
+    }
+    hang_up_after(inference_server, body, events=5)
 
-    deadline = time.monotonic() + 30
-    while True:
-        status = httpx.get(f"{inference_server}/status").json()
-        last = status["last_generation"]
-        if last and last.get("finished") and not status["generating"]:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(0.1)
+    last = wait_for_generation_end(inference_server)
     assert last["disconnected"] is True and last["finish_reason"] == "disconnect"
     assert last["completion_tokens"] < limit / 4

@@ -1,8 +1,10 @@
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fakes.real_workers import RealWorkers
 from worker.demo import build_demo_model, write_demo_dataset
 
 
@@ -31,3 +33,11 @@ def tokenizer(demo_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(demo_model)
+
+
+@pytest.fixture
+def real_workers(settings, tmp_path: Path) -> Iterator[RealWorkers]:
+    """Real worker loops over the test's settings; killed, with their children, at the end."""
+    workers = RealWorkers(settings, tmp_path)
+    yield workers
+    workers.stop_all()

@@ -7,13 +7,8 @@ recipe with one injected fault (see its docstring), passed as the worker's child
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,144 +17,40 @@ import pytest
 
 from app import queue
 from app.db import Database
-from app.models import BaseModelEntry, Dataset, DatasetStatus, Job, JobStatus
+from app.models import BaseModelEntry, JobStatus
 from app.settings import Settings
-from app.train_config import TrainConfig
-from tests.worker.test_loop import alive, children_of, finished, metrics, wait_for
-from worker.checkpoints import COMPLETE_MARKER, complete_checkpoints
+from tests.fakes.real_workers import (
+    MODEL,
+    RealWorkers,
+    add_demo,
+    all_steps,
+    checkpoints_of,
+    children_of,
+    complete_steps,
+    kill,
+    real_job,
+    short_lease_settings,
+    train_steps,
+)
+from tests.worker.test_loop import alive, finished, metrics, wait_for
+from worker.checkpoints import COMPLETE_MARKER
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = "demo-tiny-llama"
 # Generous: a cold child on two cores shared with other work (imports, model load, the steps).
 JOB_TIMEOUT = 300.0
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    s = Settings(
-        data_dir=tmp_path / "data", lease_seconds=2.0, heartbeat_seconds=0.3, poll_seconds=0.1
-    )
-    s.ensure_dirs()
-    return s
-
-
-class RealWorkers:
-    """`python -m tests.fakes.real_worker` processes over the test's data dir and database."""
-
-    def __init__(self, settings: Settings, folder: Path) -> None:
-        self.settings, self.folder = settings, folder
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self, **env: str) -> subprocess.Popen[bytes]:
-        full_env = {
-            **os.environ,
-            "TUNEBOARD_DATA_DIR": str(self.settings.resolved_data_dir),
-            "TUNEBOARD_DATABASE_URL": self.settings.resolved_database_url,
-            "TUNEBOARD_LEASE_SECONDS": str(self.settings.lease_seconds),
-            "TUNEBOARD_HEARTBEAT_SECONDS": str(self.settings.heartbeat_seconds),
-            "TUNEBOARD_POLL_SECONDS": str(self.settings.poll_seconds),
-            "HF_HUB_OFFLINE": "1",
-            **env,
-        }
-        out = (self.folder / f"worker-{len(self.processes)}.out").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.real_worker"],
-            cwd=REPO,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        self.processes.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            for child in children_of(process.pid):
-                _kill(child)
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def workers(settings: Settings, tmp_path: Path) -> Iterator[RealWorkers]:
-    w = RealWorkers(settings, tmp_path)
-    yield w
-    w.stop_all()
-
-
-def add_demo(db: Database, settings: Settings, demo_build: dict[str, Path]) -> str:
-    """The demo model (a copy in the data dir, which a test may delete) and the demo dataset as
-    the upload side leaves it: normalised rows with their line numbers, status ready."""
-    model_dir = settings.models_dir / MODEL
-    if not model_dir.exists():
-        shutil.copytree(demo_build["model_dir"], model_dir)
-    dataset_id = "d" * 32
-    folder = settings.datasets_dir / dataset_id
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = demo_build["dataset"].read_text(encoding="utf-8").splitlines()
-    with (folder / "normalized.jsonl").open("w", encoding="utf-8") as out:
-        for number, line in enumerate(lines, start=1):
-            out.write(json.dumps({"line": number, **json.loads(line)}) + "\n")
-    with db.write() as s:
-        if s.get(Dataset, dataset_id) is None:
-            n = len(lines)
-            s.add(Dataset(id=dataset_id, name="demo", status=DatasetStatus.ready, rows=n))
-        if s.get(BaseModelEntry, MODEL) is None:
-            s.add(BaseModelEntry(name=MODEL, source=str(model_dir), is_local=True, is_demo=True))
-    return dataset_id
-
-
-def real_job(db: Database, dataset_id: str, base_model: str = MODEL, **overrides) -> Job:
-    fields = dict(
-        name="fault test",
-        base_model=base_model,
-        dataset_id=dataset_id,
-        max_steps=8,
-        micro_batch_size=1,
-        grad_accum_steps=2,
-        max_seq_len=64,
-        learning_rate=3e-3,
-        warmup_ratio=0.0,
-        lora_r=8,
-        lora_alpha=16,
-        eval_fraction=0.0,
-        save_every=1000,
-        seed=7,
-    )
-    fields.update(overrides)
-    return queue.enqueue(db, TrainConfig(**fields), max_attempts=3)
-
-
-def checkpoints_of(settings: Settings, job_id: int) -> Path:
-    return settings.runs_dir / str(job_id) / "checkpoints"
-
-
-def complete_steps(settings: Settings, job_id: int) -> list[int]:
-    return [step for step, _, _ in complete_checkpoints(checkpoints_of(settings, job_id))]
-
-
-def all_steps(settings: Settings, job_id: int) -> list[int]:
-    folder = checkpoints_of(settings, job_id)
-    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*"))
-
-
-def train_steps(db: Database, job_id: int, attempt: int) -> list[int]:
-    return [m.step for m in metrics(db, job_id) if m.attempt == attempt and m.loss is not None]
+    return short_lease_settings(tmp_path / "data")
 
 
 # --- SIGKILL mid-checkpoint ------------------------------------------------------------------
 
 
 def test_sigkill_mid_checkpoint_the_partial_is_ignored_and_the_next_attempt_resumes(
-    db, settings, workers, demo_build
+    db, settings, real_workers, demo_build
 ):
     dataset_id = add_demo(db, settings, demo_build)
     job = real_job(db, dataset_id, max_steps=8, save_every=2)
@@ -167,14 +58,14 @@ def test_sigkill_mid_checkpoint_the_partial_is_ignored_and_the_next_attempt_resu
         "TUNEBOARD_TEST_CHILD": "tests.fakes.hooked_training",
         "TUNEBOARD_TEST_HOOK": "stall_checkpoint:4",
     }
-    first = workers.start(**hooked)
+    first = real_workers.start(**hooked)
     stalled = settings.runs_dir / str(job.id) / "stalled"
     wait_for(stalled.exists, timeout=JOB_TIMEOUT, what="the child to stall inside checkpoint 4")
     (child,) = children_of(first.pid)
 
     # The host dies mid-write: worker and child SIGKILLed together, checkpoint-4 half written.
     first.kill()
-    _kill(child)
+    kill(child)
     wait_for(lambda: not alive(child), timeout=5, what="the child to die")
     assert complete_steps(settings, job.id) == [2]
     partial = checkpoints_of(settings, job.id) / "checkpoint-4"
@@ -182,7 +73,7 @@ def test_sigkill_mid_checkpoint_the_partial_is_ignored_and_the_next_attempt_resu
     assert (partial / "adapter_model.safetensors").is_file()
     assert not (partial / "trainer_state.json").exists()
 
-    workers.start(**hooked)  # the hook stalls attempt 1 only
+    real_workers.start(**hooked)  # the hook stalls attempt 1 only
     done = wait_for(lambda: finished(db, job.id), timeout=JOB_TIMEOUT, what="attempt 2")
 
     assert (done.status, done.attempt) == (JobStatus.succeeded, 2), done.error_message
@@ -214,11 +105,11 @@ def small_disk(settings: Settings) -> Iterator[Path]:
 
 
 def test_disk_full_during_a_checkpoint_fails_clearly_and_the_previous_one_resumes(
-    db, settings, small_disk, workers, demo_build
+    db, settings, small_disk, real_workers, demo_build
 ):
     dataset_id = add_demo(db, settings, demo_build)
     job = real_job(db, dataset_id, max_steps=8, save_every=2)
-    workers.start(
+    real_workers.start(
         TUNEBOARD_TEST_CHILD="tests.fakes.hooked_training",
         TUNEBOARD_TEST_HOOK="fill_disk_after:2",
     )
@@ -249,11 +140,11 @@ def test_disk_full_during_a_checkpoint_fails_clearly_and_the_previous_one_resume
 
 
 def test_injected_nan_through_the_queue_stops_after_three_steps_without_a_checkpoint(
-    db, settings, workers, demo_build
+    db, settings, real_workers, demo_build
 ):
     dataset_id = add_demo(db, settings, demo_build)
     job = real_job(db, dataset_id, max_steps=20, save_every=1)
-    workers.start(
+    real_workers.start(
         TUNEBOARD_TEST_CHILD="tests.fakes.hooked_training", TUNEBOARD_TEST_HOOK="nan_from:3"
     )
     done = wait_for(lambda: finished(db, job.id), timeout=JOB_TIMEOUT, what="the NaN stop")
@@ -277,13 +168,13 @@ def test_injected_nan_through_the_queue_stops_after_three_steps_without_a_checkp
 
 
 def test_cancel_running_writes_a_checkpoint_then_cancels_and_cancel_queued_never_starts(
-    db, settings, workers, demo_build
+    db, settings, real_workers, demo_build
 ):
     dataset_id = add_demo(db, settings, demo_build)
     never = real_job(db, dataset_id, name="cancelled while queued")
     queue.request_cancel(db, never.id)
     running = real_job(db, dataset_id, name="cancelled while running", max_steps=2000)
-    workers.start()
+    real_workers.start()
     wait_for(
         lambda: queue.get_job(db, running.id).progress_step >= 2,
         timeout=JOB_TIMEOUT,
@@ -310,12 +201,12 @@ def test_cancel_running_writes_a_checkpoint_then_cancels_and_cancel_queued_never
 # --- missing model, unreachable hub ----------------------------------------------------------
 
 
-def _idle_worker(workers: RealWorkers, db: Database, **env: str) -> None:
+def _idle_worker(real_workers: RealWorkers, db: Database, **env: str) -> None:
     from sqlmodel import select
 
     from app.models import Worker
 
-    process = workers.start(**env)
+    process = real_workers.start(**env)
     wait_for(lambda: _registered(db, process.pid, select, Worker), timeout=30, what="the worker up")
 
 
@@ -324,10 +215,12 @@ def _registered(db, pid, select, worker_model) -> bool:
         return s.exec(select(worker_model).where(worker_model.pid == pid)).first() is not None
 
 
-def test_a_deleted_model_folder_fails_within_30_s_with_a_hint(db, settings, workers, demo_build):
+def test_a_deleted_model_folder_fails_within_30_s_with_a_hint(
+    db, settings, real_workers, demo_build
+):
     dataset_id = add_demo(db, settings, demo_build)
     shutil.rmtree(settings.models_dir / MODEL)
-    _idle_worker(workers, db)
+    _idle_worker(real_workers, db)
     started = time.monotonic()
     job = real_job(db, dataset_id)
     done = wait_for(lambda: finished(db, job.id), timeout=30, what="the failure")
@@ -339,13 +232,13 @@ def test_a_deleted_model_folder_fails_within_30_s_with_a_hint(db, settings, work
 
 
 def test_an_uncached_hub_model_with_the_hub_unreachable_fails_within_30_s(
-    db, settings, workers, demo_build
+    db, settings, real_workers, demo_build
 ):
     dataset_id = add_demo(db, settings, demo_build)
     with db.write() as s:
         s.add(BaseModelEntry(name="hub-model", source="tuneboard-test/not-cached-anywhere"))
     # Online mode, but the hub endpoint is a closed local port: every request is refused.
-    _idle_worker(workers, db, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
+    _idle_worker(real_workers, db, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
     started = time.monotonic()
     job = real_job(db, dataset_id, base_model="hub-model")
     done = wait_for(lambda: finished(db, job.id), timeout=30, what="the failure")

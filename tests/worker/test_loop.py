@@ -21,6 +21,7 @@ from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric, Worke
 from app.settings import Settings
 from tests.conftest import POSTGRES_URL
 from tests.fakes.jobs import add_job
+from tests.fakes.real_workers import children_of, short_lease_settings
 from worker.job_io import attempt_log_path, read_result, result_path
 from worker.loop import RELEASED_NOTICE
 
@@ -30,11 +31,7 @@ SLOW_STEPS = 60
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    s = Settings(
-        data_dir=tmp_path / "data", lease_seconds=2.0, heartbeat_seconds=0.3, poll_seconds=0.1
-    )
-    s.ensure_dirs()
-    return s
+    return short_lease_settings(tmp_path / "data")
 
 
 class Workers:
@@ -98,11 +95,6 @@ def finished(db, job_id: int) -> Job | None:
 def running_at_step(db, job_id: int, step: int) -> Job | None:
     job = queue.get_job(db, job_id)
     return job if job.status == JobStatus.running and job.progress_step >= step else None
-
-
-def children_of(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 def alive(pid: int) -> bool:

@@ -18,7 +18,8 @@ from app.models import Job, JobStatus, Metric
 from app.settings import Settings
 from tests.conftest import POSTGRES_URL
 from tests.fakes.jobs import add_dataset, add_job
-from tests.worker.test_loop import Workers, alive, children_of, finished, wait_for
+from tests.fakes.real_workers import children_of
+from tests.worker.test_loop import Workers, alive, finished, wait_for
 from worker.loop import distributed_command
 
 
