@@ -33,6 +33,15 @@
  *     data-status mirrors the job status the charts know about.
  *   - Charts follow their container's width; height is data-height (default 240).
  *
+ * Job progress (the live job page's header)
+ *   <div data-progress-events="/api/jobs/7/events"> ... <progress> ... <span class="step">
+ *     <span class="total"> <span class="epoch"> <span class="eta"> ... </div>
+ *   - SSE `progress` events (data: {progress_step, progress_total, epoch, eta}) are sent
+ *     when only the step moved: they set the <progress> in .job-progress and the spans'
+ *     text, with no request. Any other change is a `status` event, on which htmx fetches
+ *     the whole header partial (hx-trigger="sse:status"), so this stays small.
+ *   - Stops listening at `done` or a terminal status (shares the charts' EventSource).
+ *
  * Compare charts (several jobs overlaid, not live)
  *   <div class="chart" data-chart="compare" data-series="loss|eval_loss"
  *        data-compare-url="/api/jobs/compare?ids=1,2"></div>
@@ -291,6 +300,36 @@
 
   if (window.htmx) {
     window.htmx.createEventSource = acquireEventSource;
+  }
+
+  // ------------------------------------------------------------ job progress
+
+  function wireProgress(el) {
+    var source = acquireEventSource(el.getAttribute("data-progress-events"));
+    var text = function (selector, value) {
+      var node = el.querySelector(selector);
+      if (node) node.textContent = String(value);
+    };
+    source.addEventListener("progress", function (evt) {
+      var data = parseJSON(evt.data, null);
+      if (!data || typeof data !== "object") return;
+      var bar = el.querySelector(".job-progress progress");
+      if (bar && isFinite(data.progress_total) && isFinite(data.progress_step)) {
+        bar.max = Number(data.progress_total);
+        bar.value = Number(data.progress_step);
+      }
+      text(".job-progress .step", Number(data.progress_step));
+      text(".job-progress .total", Number(data.progress_total));
+      if (isFinite(data.epoch)) text(".job-progress .epoch", Number(data.epoch).toFixed(2));
+      if (typeof data.eta === "string") text(".job-progress .eta", data.eta);
+    });
+    var stop = function (evt) {
+      var data = parseJSON(evt.data, evt.data);
+      var status = data && typeof data === "object" ? data.status : data;
+      if (evt.type === "done" || TERMINAL[status]) source.close();
+    };
+    source.addEventListener("status", stop);
+    source.addEventListener("done", stop);
   }
 
   // ------------------------------------------------------------------ charts
@@ -1387,6 +1426,9 @@
     });
     each(root, ".histogram[data-bins]", function (node) {
       once(node, wireHistogram);
+    });
+    each(root, "[data-progress-events]", function (node) {
+      once(node, wireProgress);
     });
     each(root, "form.upload", function (node) {
       once(node, wireUpload);

@@ -22,11 +22,22 @@ def _aware(when: datetime) -> datetime:
 
 def eta_seconds(db: Database, job: Job) -> float | None:
     """Seconds left for a running job, from the step rate of its current attempt (None: unknown)."""
-    if job.status != JobStatus.running or not job.progress_total:
+    if job.status != JobStatus.running:
+        return None
+    return eta_of_attempt(db, job.id or 0, job.attempt, job.progress_step, job.progress_total)
+
+
+def eta_of_attempt(
+    db: Database, job_id: int, attempt: int, progress_step: int, progress_total: int
+) -> float | None:
+    """Seconds left at `progress_step` of `progress_total`, from the step rate of the attempt's
+    metric rows so far (None: unknown). Two indexed reads; the job page's header and the live
+    stream's `progress` events both use it."""
+    if not progress_total:
         return None
     with db.read() as s:
         base = select(Metric.step, Metric.created_at).where(
-            Metric.job_id == job.id, Metric.attempt == job.attempt
+            Metric.job_id == job_id, Metric.attempt == attempt
         )
         first = s.exec(base.order_by(col(Metric.id)).limit(1)).first()
         last = s.exec(base.order_by(col(Metric.id).desc()).limit(1)).first()
@@ -36,7 +47,7 @@ def eta_seconds(db: Database, job: Job) -> float | None:
     if seconds <= 0:
         return None
     rate = (last[0] - first[0]) / seconds
-    remaining = max(0, job.progress_total - max(job.progress_step, last[0]))
+    remaining = max(0, progress_total - max(progress_step, last[0]))
     return remaining / rate
 
 

@@ -5,6 +5,7 @@ Wire format of `GET /api/jobs/{id}/events` (text/event-stream):
     retry: 1000                          once, first: reconnect after 1 s
     event: metric / id: <row id> / data: <the row as JSON, same fields as /api/jobs/{id}/metrics>
     event: status / data: {"status", "progress_step", "progress_total", "epoch", ...}
+    event: progress / data: {"progress_step", "progress_total", "epoch", "eta"}   only the step moved
     event: done / data: {"status": "succeeded"}   the job finished and everything was sent
     : keepalive                          after `sse_keepalive_seconds` without an event
 
@@ -13,8 +14,11 @@ job's current status, then live events. No row is skipped or sent twice: a subsc
 job's feed before it reads the backlog, and drops live rows whose id it already sent.
 
 The feed polls while anyone watches (`JobFeed`): one state query and one metrics query per
-`sse_poll_seconds`, however many pages are open, and encodes each row once. Progress-only status
-changes are sent at most every 5 s (each one makes every open page fetch its header).
+`sse_poll_seconds`, however many pages are open, and encodes each row once. A `status` event makes
+every open page fetch its header partial (htmx), so it is sent only when something besides the
+step moved; a step that moved is a `progress` event (at most one a second, with the ETA computed
+once for all readers), which the page applies itself without a request. Each reader writes what
+queued up since its last wakeup as one chunk: one send per poll, not one per row.
 """
 
 from __future__ import annotations
@@ -31,14 +35,20 @@ from anyio import to_thread
 from fastapi import Request
 
 from app.db import Database
-from app.services import job_events
+from app.services import job_events, job_views
+from app.web.templating import duration
 
 log = logging.getLogger("tuneboard.sse")
 
 BATCH = 1000
-PROGRESS_EVENT_INTERVAL = 5.0  # seconds between status events that only move progress
+PROGRESS_EVENT_INTERVAL = 1.0  # seconds between `progress` events (the step moved, nothing else)
+PROGRESS_FIELDS = ("progress_step", "epoch")
 MAX_QUEUED = 20_000  # a reader this far behind is cut off; it reconnects with Last-Event-ID
 RECONNECT_MS = 1000
+# Starlette's is_disconnected() costs about a millisecond (anyio formats the task's repr on each
+# cancel): once a second per reader, not once per event. StreamingResponse also ends the stream
+# as soon as the server reports the disconnect.
+DISCONNECT_CHECK_SECONDS = 1.0
 
 Item = tuple[str, int, str]  # (event, id or 0, data)
 
@@ -108,14 +118,23 @@ class JobFeed:
         if state != self.state:
             now = time.monotonic()
             moved_only = self.state is not None and all(
-                state[k] == self.state[k]
-                for k in state
-                if k not in ("progress_step", "progress_total", "epoch")
+                state[k] == self.state[k] for k in state if k not in PROGRESS_FIELDS
             )
-            if not moved_only or now - self._last_progress_event >= PROGRESS_EVENT_INTERVAL:
+            if not moved_only:
+                self.state = state
+                self._broadcast(("status", 0, status_data(state)))
+            elif now - self._last_progress_event >= PROGRESS_EVENT_INTERVAL:
                 self.state = state
                 self._last_progress_event = now
-                self._broadcast(("status", 0, status_data(state)))
+                eta = await to_thread.run_sync(
+                    job_views.eta_of_attempt,
+                    self.db,
+                    self.job_id,
+                    state["attempt"],
+                    state["progress_step"],
+                    state["progress_total"],
+                )
+                self._broadcast(("progress", 0, progress_data(state, eta)))
         if state["finished"]:
             self.finished = True
             self._broadcast(("done", 0, json.dumps({"status": state["status"]})))
@@ -131,6 +150,13 @@ class JobFeed:
 
 def status_data(state: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in state.items() if k != "finished"}, separators=(",", ":"))
+
+
+def progress_data(state: dict[str, Any], eta_seconds: float | None) -> str:
+    """What the page's header needs when only the step moved (`eta` as the header shows it)."""
+    eta = f"ETA {duration(eta_seconds)}" if eta_seconds is not None else "ETA estimating…"
+    data = {k: state[k] for k in ("progress_step", "progress_total", "epoch")}
+    return json.dumps({**data, "eta": eta}, separators=(",", ":"), ensure_ascii=False)
 
 
 class JobStreams:
@@ -175,9 +201,9 @@ class JobStreams:
                 rows = await to_thread.run_sync(
                     job_events.metric_events_after, self.db, job_id, sent, BATCH
                 )
-                for row_id, data in rows:
-                    yield encode("metric", data, row_id)
-                    sent = row_id
+                if rows:
+                    yield b"".join(encode("metric", data, row_id) for row_id, data in rows)
+                    sent = rows[-1][0]
                 if len(rows) < BATCH:
                     break
             if feed.state is not None:
@@ -186,32 +212,27 @@ class JobStreams:
                 status = feed.state["status"] if feed.state else "deleted"
                 yield encode("done", json.dumps({"status": status}))
                 return
-            idle_since = time.monotonic()
+            idle_since = checked = time.monotonic()
             while True:
-                wait = min(1.0, self.keepalive_seconds)
+                wait = min(DISCONNECT_CHECK_SECONDS, self.keepalive_seconds)
                 try:
-                    kind, row_id, data = await asyncio.wait_for(queue.get(), timeout=wait)
+                    item = await asyncio.wait_for(queue.get(), timeout=wait)
                 except TimeoutError:
+                    item = None
+                if item is not None:
+                    chunk, sent, end = drain(queue, item, sent)
+                    if chunk:
+                        yield chunk
+                    if end:
+                        return
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= self.keepalive_seconds:
+                    idle_since = time.monotonic()
+                    yield KEEPALIVE
+                if time.monotonic() - checked >= DISCONNECT_CHECK_SECONDS:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                    if time.monotonic() - idle_since >= self.keepalive_seconds:
-                        idle_since = time.monotonic()
-                        yield KEEPALIVE
-                    continue
-                if kind == "cutoff":
-                    return
-                if kind == "metric":
-                    if row_id <= sent:
-                        continue
-                    sent = row_id
-                    yield encode("metric", data, row_id)
-                else:
-                    yield encode(kind, data)
-                    if kind == "done":
-                        return
-                idle_since = time.monotonic()
-                if queue.empty() and await request.is_disconnected():
-                    return
         finally:
             self.unsubscribe(feed, queue)
 
@@ -222,3 +243,24 @@ class JobStreams:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await feed.task
         self.feeds.clear()
+
+
+def drain(queue: asyncio.Queue[Item], item: Item, sent: int) -> tuple[bytes, int, bool]:
+    """`item` and everything queued behind it as one chunk of events: (chunk, last row id sent,
+    whether the stream ends). Rows at or below `sent` (already in the backlog) are dropped."""
+    parts: list[bytes] = []
+    while True:
+        kind, row_id, data = item
+        if kind == "cutoff":
+            return b"".join(parts), sent, True
+        if kind == "metric":
+            if row_id > sent:
+                sent = row_id
+                parts.append(encode("metric", data, row_id))
+        else:
+            parts.append(encode(kind, data))
+            if kind == "done":
+                return b"".join(parts), sent, True
+        if queue.empty():
+            return b"".join(parts), sent, False
+        item = queue.get_nowait()

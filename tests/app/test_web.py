@@ -31,3 +31,10 @@ def test_unknown_api_route_gives_the_json_error_shape(client):
     assert response.status_code == 404
     error = response.json()["error"]
     assert set(error) == {"code", "message", "hint"}
+
+
+def test_serving_app_freezes_its_startup_objects(client) -> None:
+    """The long-lived heap stays out of full garbage collections (page-latency tail)."""
+    import gc
+
+    assert gc.get_freeze_count() > 0

@@ -65,6 +65,8 @@ def db_rows(db, job_id: int) -> int:
 def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, page, screenshots):
     claim = start_running_job(server_db, "live loss", total=400)
     write_metrics(server_db, claim, 1, 5)
+    header_fetches: list[str] = []
+    page.on("request", lambda r: header_fetches.append(r.url) if "/header" in r.url else None)
     page.goto(f"{live_server.url}/jobs/{claim.job_id}")
     wait_points(page, lambda n: n == 5)
     page.evaluate("window.__same_page = true")
@@ -72,8 +74,11 @@ def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, p
     proc = writer(live_server, claim, 6, 120, 0.04)
     try:
         wait_points(page, lambda n: n >= 40)
-        # The header follows `status` events: its step moves without a reload.
+        # The header follows `progress` events: its step moves without a reload, and without
+        # refetching the header partial (only `status` events, on connect and on a real change,
+        # do that: one fetch per open page per step would be 50 requests a step for 50 pages).
         wait_until(lambda: int(page.text_content("#job-header .step") or 0) >= 30)
+        assert len(header_fetches) <= 2, header_fetches
         page.wait_for_timeout(300)  # let uPlot paint the last frame
         page.screenshot(path=str(screenshots / "job-page.png"))  # the viewport: header and charts
     finally:

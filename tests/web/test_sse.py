@@ -196,3 +196,61 @@ def test_events_of_an_unknown_job_is_a_json_404(server):
     response = httpx.get(f"{server.url}/api/jobs/999/events")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+def test_a_moving_step_is_a_progress_event_and_other_changes_a_status_event(server, sim_db):
+    """Only `status` makes an open page refetch its header (htmx); a step that moved is a
+    `progress` event the page applies itself, carrying the header's ETA text."""
+    claim = start_running_job(sim_db)
+    write_metrics(sim_db, claim, 1, 3)
+    seen: list[Event] = []
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("GET", f"{server.url}/api/jobs/{claim.job_id}/events") as response,
+    ):
+        reader = events(response)
+        assert next(e for e in reader if e.event == "status")  # the state on connect
+        threading.Timer(0.2, write_metrics, args=(sim_db, claim, 4, 5, 0.05)).start()
+        for e in reader:
+            if e.event != "comment":
+                seen.append(e)
+            if e.event == "progress":
+                break
+        threading.Timer(0.2, queue.request_cancel, args=(sim_db, claim.job_id)).start()
+        for e in reader:
+            if e.event not in ("comment", "metric", "progress"):
+                seen.append(e)
+                break
+    kinds = [e.event for e in seen]
+    assert "status" not in kinds[:-1]  # moving steps alone never made a status event
+    progress = json.loads(next(e for e in seen if e.event == "progress").data)
+    assert set(progress) == {"progress_step", "progress_total", "epoch", "eta"}
+    assert 4 <= progress["progress_step"] <= 8 and progress["progress_total"] == 1000
+    assert progress["eta"].startswith("ETA ")
+    assert seen[-1].event == "status"
+    assert json.loads(seen[-1].data)["cancel_requested"] is True
+
+
+def test_rows_queued_together_go_out_as_one_chunk_without_repeats() -> None:
+    import asyncio
+
+    from app.web.sse import drain
+
+    async def run() -> list[tuple[bytes, int, bool]]:
+        q: asyncio.Queue = asyncio.Queue()
+        for item in [("metric", 5, "{}"), ("metric", 6, "{}"), ("progress", 0, "{}")]:
+            q.put_nowait(item)
+        first = drain(q, ("metric", 4, "{}"), 4)  # 4 came with the backlog: not again
+        q.put_nowait(("metric", 8, "{}"))
+        q.put_nowait(("done", 0, "{}"))
+        q.put_nowait(("metric", 9, "{}"))  # never after done
+        return [first, drain(q, ("metric", 7, "{}"), first[1])]
+
+    (chunk, sent, end), (chunk2, sent2, end2) = asyncio.run(run())
+    assert chunk == (
+        b"event: metric\nid: 5\ndata: {}\n\nevent: metric\nid: 6\ndata: {}\n\n"
+        b"event: progress\ndata: {}\n\n"
+    )
+    assert (sent, end) == (6, False)
+    assert chunk2.count(b"event: metric") == 2 and chunk2.endswith(b"event: done\ndata: {}\n\n")
+    assert (sent2, end2) == (8, True)
