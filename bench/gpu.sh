@@ -9,11 +9,15 @@
 #   1b           throughput, Llama-3.2-1B shape, fixed + variable data, all arms
 #   8b           throughput, Llama-3.1-8B shape, fixed + variable data, all arms
 #   8b-fixed     the same, fixed-length data only (8b-variable: variable only)
+#   8b-capped    8B shape, fixed-length data, the process capped at 22.5 GiB (a 24 GB card)
 #   longest      longest single sequence, 8B shape, under a 22.5 GiB cap, all arms
 #   smoke        the CPU smoke run (checks the harness itself)
 # Env: GPU_TESTS_S: at most this long for the tests stage. BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too
 # late are listed as skipped. BENCH_ARMS (default standard,unsloth,tuneboard). BENCH_ARGS: extra
-# arguments for every bench/train.py call (e.g. "--steps 5 --warmup 2").
+# arguments for every bench/train.py call (e.g. "--steps 5 --warmup 2"). BENCH_DEADLINE: an
+# absolute end (epoch seconds) instead of BENCH_BUDGET_S, for several calls in one command.
+# STREAM: a name for this run's log/work files, so that two runs (one per GPU, with
+# CUDA_VISIBLE_DEVICES) can share one command; see bench/README.md.
 # The model cache (/tmp/tuneboard-bench-cache) survives between calls only while the machine
 # stays warm; a fresh machine rebuilds it (8B: about a minute on the GPU).
 # $OUT gets at most 8 files: gpu.log, work.tgz (every arm's JSON and log) and <stage>.md/.json.
@@ -21,12 +25,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
-DEADLINE=$(( $(date +%s) + ${BENCH_BUDGET_S:-560} ))
-WORK=/tmp/tuneboard-bench-work
+DEADLINE=${BENCH_DEADLINE:-$(( $(date +%s) + ${BENCH_BUDGET_S:-560} ))}
+STREAM=${STREAM:-}  # a name: this run's log, work dir and work.tgz get it (two runs at once)
+WORK=/tmp/tuneboard-bench-work${STREAM:+-$STREAM}
 CACHE=/tmp/tuneboard-bench-cache
 ARMS=${BENCH_ARMS:-standard,unsloth,tuneboard}
 mkdir -p "$WORK" "$CACHE"
-exec > >(tee -a "$OUT/gpu.log") 2>&1
+exec > >(tee -a "$OUT/gpu${STREAM:+-$STREAM}.log") 2>&1
 
 unpack() {  # tarball, target dir: unpack once per machine (the stamp names the tarball's size)
   local stamp
@@ -71,12 +76,15 @@ for stage in "$@"; do
   case $stage in
     tests)
       limit=$(( left > 30 ? left - 20 : 10 )); limit=$(( limit < ${GPU_TESTS_S:-$limit} ? limit : ${GPU_TESTS_S:-$limit} ))
-      timeout "$limit" python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py}
+      # SIGINT: pytest stops and still prints its summary of what ran.
+      timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py}
       rc=$?; [ $rc -eq 5 ] && echo "(no GPU tests collected)" && rc=0
       [ $rc -ne 0 ] && status=$rc ;;
     1b) bench throughput-1b --shapes 1b --min-arm-s 30 || status=$? ;;
     8b) bench throughput-8b --shapes 8b --min-arm-s 90 || status=$? ;;
     8b-fixed) bench throughput-8b-fixed --shapes 8b --data fixed --min-arm-s 90 || status=$? ;;
+    8b-capped) bench throughput-8b-capped --shapes 8b --data fixed --cap-gib 22.5 --min-arm-s 60 \
+      || status=$? ;;
     8b-variable) bench throughput-8b-variable --shapes 8b --data variable --min-arm-s 90 \
       || status=$? ;;
     longest) bench longest-8b --shapes 8b --cap-gib 22.5 --longest --reuse --min-arm-s 60 || status=$? ;;
@@ -86,6 +94,6 @@ for stage in "$@"; do
   esac
 done
 # Per-arm JSON and child logs, one file (adapters and checkpoints under *.run are left out).
-tar czf "$OUT/work.tgz" -C "$WORK" --exclude='*.run' . 2>/dev/null
+tar czf "$OUT/work${STREAM:+-$STREAM}.tgz" -C "$WORK" --exclude='*.run' . 2>/dev/null
 echo "== done, status $status, $(( DEADLINE - $(date +%s) )) s to spare"
 exit $status

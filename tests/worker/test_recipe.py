@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from app.train_config import TrainConfig
 from worker.checkpoints import COMPLETE_MARKER
-from worker.errors import NonFiniteLoss
+from worker.errors import NonFiniteLoss, TrainingError
 from worker.metrics import ListSink
 from worker.recipes.sft import LocalControl, SFTRecipe
 
@@ -182,3 +182,84 @@ def test_packed_examples_from_the_benchmark_train(demo_model, tokenizer, demo_ro
         recipe.cleanup()
     assert [row["step"] for row in sink.train_rows] == [1, 2]
     assert all(row["tokens"] > 0 for row in sink.train_rows)
+
+
+@pytest.mark.parametrize(
+    ("usable", "policy", "kept"),
+    [
+        (10_000, "off", 0),  # everything fits: no layer is checkpointed
+        (2_000, "partial", 2),  # limit 1,800: 1,000 + 2 x 350 = 1,700
+        (1_300, "on", 0),  # limit 1,170: not one layer more than full checkpointing
+        (1_000, "offload", 0),  # full checkpointing runs out of memory
+    ],
+)
+def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
+    demo_model, demo_rows, tmp_path, monkeypatch, usable, policy, kept
+):
+    """The trial-step arithmetic with a stand-in for a card's memory: full checkpointing peaks at
+    1,000, each layer that keeps its activations adds 350, offloading needs 500."""
+    from worker.recipes import sft
+
+    recipe = SFTRecipe(
+        _config(), demo_model, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows
+    )
+    recipe.setup()
+    layers = recipe._decoder_layers()
+    assert len(layers) == 4
+
+    def trial_step(batch):
+        if recipe.memory_policy == "offload":
+            return 500
+        peak = 1_000 + 350 * sum(not layer.gradient_checkpointing for layer in layers)
+        if peak > usable:
+            raise torch.OutOfMemoryError("stand-in card is full")
+        return peak
+
+    monkeypatch.setattr(recipe, "_trial_step", trial_step)
+    monkeypatch.setattr(recipe, "_usable_memory", lambda: usable)
+    monkeypatch.setattr(sft, "TRIAL_HEADROOM", 0.9)
+    chosen, reason, layers_kept = recipe._measure_memory_policy()
+    assert (chosen, layers_kept) == (policy, kept), reason
+    recipe._set_memory_policy(chosen, layers_kept)
+    assert [not layer.gradient_checkpointing for layer in layers].count(True) == (
+        4 if policy == "off" else kept
+    )
+    recipe.cleanup()
+
+
+def test_a_checkpoints_lora_weights_load_into_a_fresh_model_and_a_mismatch_is_refused(
+    demo_model, demo_rows, tmp_path
+):
+    """What a multi-GPU resume does before FSDP wraps the model (the Trainer's own FSDP resume
+    skips PEFT adapters): the checkpoint's LoRA weights, by name, into the new model."""
+    _run(_config(max_steps=2, save_every=2), demo_model, demo_rows, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+
+    fresh = SFTRecipe(
+        _config(), demo_model, tmp_path / "fresh", ListSink(), LocalControl(), rows_path=demo_rows
+    )
+    fresh.setup()
+    lora = {k: v for k, v in fresh.model.state_dict().items() if "lora_B" in k}
+    assert all(not v.any() for v in lora.values())  # a new adapter starts at zero
+    fresh._load_adapter_weights(checkpoint)
+    state = fresh.model.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(state[key.replace(".weight", ".default.weight")], value), key
+    assert any(state[k].any() for k in lora)
+    # A checkpoint from another LoRA layout (here: without the q_proj weights) is refused.
+    with pytest.raises(TrainingError, match=r"does not match this job's LoRA layers \(8 missing"):
+        fresh._load_adapter_weights(_without(checkpoint, "q_proj", tmp_path / "partial"))
+    fresh.cleanup()
+
+
+def _without(checkpoint, name, folder):
+    """A copy of the checkpoint's adapter without one projection's LoRA weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    weights = load_file(checkpoint / "adapter_model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if name not in k}, folder / "adapter_model.safetensors"
+    )
+    return folder

@@ -462,10 +462,11 @@ class SFTRecipe:
 
     def _usable_memory(self) -> int:
         """The card's memory, or the share this process is capped at (a small card's stand-in)."""
-        total = torch.cuda.get_device_properties(self.device).total_memory
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
         try:
-            fraction = torch.cuda.get_per_process_memory_fraction(self.device)
-        except (AttributeError, RuntimeError):
+            fraction = torch.cuda.get_per_process_memory_fraction(index)
+        except (AttributeError, RuntimeError, ValueError):  # an older torch without the getter
             fraction = 1.0
         return int(total * min(1.0, fraction))
 
@@ -618,12 +619,21 @@ class SFTRecipe:
                 f"The checkpoint {checkpoint.name} has no adapter weights to resume from.",
                 "Delete the job's checkpoints folder to start over, or retry from a newer one.",
             )
-        loaded = set_peft_model_state_dict(self.model, load_file(path, device=str(self.device)))
+        weights = {
+            # Names as a wrapped model may write them: the wrappers' own path parts dropped.
+            key.replace("_fsdp_wrapped_module.", "").replace(
+                "_checkpoint_wrapped_module.", ""
+            ): value
+            for key, value in load_file(path, device=str(self.device)).items()
+        }
+        loaded = set_peft_model_state_dict(self.model, weights)
         missing = [key for key in getattr(loaded, "missing_keys", []) if "lora_" in key]
         if missing:
+            found = next(iter(weights), "nothing")
             raise TrainingError(
                 f"The checkpoint {checkpoint.name} does not match this job's LoRA layers "
-                f"({len(missing)} missing, e.g. {missing[0]}).",
+                f"({len(missing)} missing, e.g. {missing[0]}; it holds {len(weights)} tensors, "
+                f"e.g. {found}).",
                 "Resume with the same config it was started with, or delete its checkpoints.",
             )
 
