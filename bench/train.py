@@ -439,12 +439,21 @@ def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
         t0 = time.perf_counter()
         recipe.setup()
         load_s = time.perf_counter() - t0
-        recipe.train()
+        result = recipe.train()
     finally:
         recipe.cleanup()
-    losses, times, tokens = rows_to_steps(sink_rows(sink))
+    rows = sink_rows(sink)
+    losses, times, tokens = rows_to_steps(rows)
     fields = getattr(control, "fields", {})
-    return summarize(args, load_s, losses, times, tokens) | {
+    try:
+        summary = summarize(args, load_s, losses, times, tokens)
+    except RuntimeError as error:  # say what the recipe did, so a short run can be diagnosed
+        raise RuntimeError(
+            f"{error}; the recipe ended at step {result.global_step} "
+            f"(stop reason {result.stop_reason}); its rows: {json.dumps(rows)[:3000]}; "
+            f"its fields: {json.dumps(fields, default=str)[:1500]}"
+        ) from error
+    return summary | {
         "memory_policy": fields.get("memory_policy"),
         "memory_policy_reason": fields.get("memory_policy_reason"),
         "compute_mode": fields.get("compute_mode"),
@@ -733,7 +742,7 @@ def run_throughput(args) -> None:
             n = pool_size(data, args.seq, [spec["batch"], padded_batch], args.warmup + args.steps)
             for arm in args.arms:
                 batch = spec["batch"] if arm.startswith("tuneboard") else padded_batch
-                tag = f"{shape}-{data}-{arm}"
+                tag = f"{shape}-{data}-{arm}" + (f"-cap{args.cap_gib:g}" if args.cap_gib else "")
                 results.append(
                     launch(args, arm, shape, data, args.seq, batch, args.steps, args.warmup,
                            model_path, tag, n_examples=n)
