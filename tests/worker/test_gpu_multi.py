@@ -8,7 +8,6 @@ It prints the tokens/s of the 1-GPU and the 2-GPU run of the same effective batc
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import statistics
@@ -20,7 +19,6 @@ import pytest
 import torch
 
 from worker import checkpoints
-from worker.demo import build_demo_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,32 +26,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
 ]
-
-
-@pytest.fixture(scope="module")
-def llama_1b(tmp_path_factory, demo_dataset):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("models") / "llama-1b-shape"
-    tokenizer = build_demo_tokenizer(demo_dataset)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    del model
-    gc.collect()
-    return folder
 
 
 def _config(**overrides) -> dict:

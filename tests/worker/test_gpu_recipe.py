@@ -10,7 +10,6 @@ import torch
 
 from app.train_config import TrainConfig
 from worker.data import FlattenedBatchCollator, TokenizedExample
-from worker.demo import build_demo_tokenizer
 from worker.errors import OutOfMemory
 from worker.metrics import ListSink
 from worker.recipes import sft as recipe_module
@@ -20,33 +19,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-@pytest.fixture(scope="module")
-def llama_1b(tmp_path_factory, demo_dataset):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("models") / "llama-1b-shape"
-    tokenizer = build_demo_tokenizer(demo_dataset)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    del model
-    gc.collect()
-    return folder
 
 
 def _config(**overrides):
