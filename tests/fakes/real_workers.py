@@ -28,9 +28,11 @@ MODEL = "demo-tiny-llama"
 DEMO_DATASET_ID = "d" * 32
 
 
-def short_lease_settings(data_dir: Path) -> Settings:
-    """A 2 s lease renewed every 0.3 s: a dead worker's job is requeued within seconds."""
-    s = Settings(data_dir=data_dir, lease_seconds=2.0, heartbeat_seconds=0.3, poll_seconds=0.1)
+def short_lease_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """A 2 s lease renewed every 0.3 s: a dead worker's job is requeued within seconds.
+    `overrides`: other settings, e.g. `database_url`."""
+    fields: dict[str, Any] = dict(lease_seconds=2.0, heartbeat_seconds=0.3, poll_seconds=0.1)
+    s = Settings(data_dir=data_dir, **{**fields, **overrides})
     s.ensure_dirs()
     return s
 

@@ -262,14 +262,7 @@ def test_the_server_killed_mid_job_the_job_goes_on_and_the_restarted_server_show
     from tests.live_server import LiveServer
 
     server = LiveServer(tmp_path / "data").start()
-    s = Settings(
-        data_dir=tmp_path / "data",
-        database_url="",
-        lease_seconds=2.0,
-        heartbeat_seconds=0.3,
-        poll_seconds=0.1,
-    )
-    s.ensure_dirs()
+    s = short_lease_settings(tmp_path / "data", database_url="")
     db = Database(s.resolved_database_url)
     pool = RealWorkers(s, tmp_path)
     try:

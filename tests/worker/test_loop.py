@@ -261,14 +261,7 @@ def test_crashes_are_reported_without_tracebacks(db, settings, workers):
 
 @pytest.mark.postgres
 def test_a_worker_runs_a_job_against_postgresql(pg_db: Database, tmp_path: Path):
-    pg_settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=POSTGRES_URL,
-        lease_seconds=2.0,
-        heartbeat_seconds=0.3,
-        poll_seconds=0.1,
-    )
-    pg_settings.ensure_dirs()
+    pg_settings = short_lease_settings(tmp_path / "data", database_url=POSTGRES_URL)
     pg_workers = Workers(pg_settings, tmp_path)
     try:
         job = add_job(pg_db, pg_settings)

@@ -18,7 +18,7 @@ from app.models import Job, JobStatus, Metric
 from app.settings import Settings
 from tests.conftest import POSTGRES_URL
 from tests.fakes.jobs import add_dataset, add_job
-from tests.fakes.real_workers import children_of
+from tests.fakes.real_workers import children_of, short_lease_settings
 from tests.worker.test_loop import Workers, alive, finished, wait_for
 from worker.loop import distributed_command
 
@@ -60,11 +60,7 @@ def test_the_claim_gives_a_two_gpu_job_only_to_a_worker_with_two_gpus(
 
 @pytest.fixture
 def fast(tmp_path: Path) -> Settings:
-    s = Settings(
-        data_dir=tmp_path / "data", lease_seconds=2.0, heartbeat_seconds=0.3, poll_seconds=0.1
-    )
-    s.ensure_dirs()
-    return s
+    return short_lease_settings(tmp_path / "data")
 
 
 def test_a_two_gpu_job_waits_for_a_worker_started_with_two_gpus(fast, tmp_path):
@@ -104,14 +100,7 @@ def test_three_workers_run_six_jobs_once_each_and_cover_a_killed_worker(
     """The issue's test: three workers, one PostgreSQL queue, six jobs. Each job runs exactly
     once and succeeds, except that the job of a worker killed with SIGKILL mid-job gets one
     more attempt, on another worker, which resumes it."""
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=POSTGRES_URL,
-        lease_seconds=2.0,
-        heartbeat_seconds=0.3,
-        poll_seconds=0.1,
-    )
-    settings.ensure_dirs()
+    settings = short_lease_settings(tmp_path / "data", database_url=POSTGRES_URL)
     dataset = add_dataset(pg_db, settings)
     slow = add_job(pg_db, settings, name="fake slow", dataset_id=dataset)
     quick = [add_job(pg_db, settings, dataset_id=dataset) for _ in range(5)]
