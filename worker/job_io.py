@@ -83,7 +83,25 @@ def read_result(path: Path) -> dict[str, Any] | None:
     return result
 
 
-class DatabaseControl:
+class _ShutdownWatch:
+    """SIGTERM (the worker is stopping), SIGINT or a dead worker: finish the step, checkpoint,
+    exit. The part of a RunControl that every rank of a job has."""
+
+    def __init__(self) -> None:
+        self._shutdown = False
+        # Under torchrun the parent is the launcher; the worker loop names itself instead.
+        self._worker_pid = int(os.environ.get("TUNEBOARD_WORKER_PID") or 0)
+        self._last_poll = -math.inf
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.request_shutdown())
+
+    def request_shutdown(self) -> None:
+        self._shutdown = True
+
+
+class DatabaseControl(_ShutdownWatch):
     """RunControl backed by the queue: cancel and lease checks, progress fields, SIGTERM."""
 
     def __init__(
@@ -95,25 +113,14 @@ class DatabaseControl:
         poll_seconds: float = 1.0,
         progress_seconds: float = 1.0,
     ) -> None:
+        super().__init__()
         self.db, self.job_id, self.attempt = db, job_id, attempt
         self.poll_seconds = poll_seconds
         self.progress_seconds = progress_seconds
         self._reason: str | None = None  # "cancel" or "lease_lost": sticky once seen
-        self._shutdown = False
         self._parent_pid = os.getppid()
-        # Under torchrun the parent is the launcher; the worker loop names itself instead.
-        self._worker_pid = int(os.environ.get("TUNEBOARD_WORKER_PID") or 0)
-        self._last_poll = -math.inf
         self._last_update = -math.inf
         self._pending: dict[str, Any] = {}
-
-    def install_signal_handlers(self) -> None:
-        """SIGTERM (the worker is stopping) and SIGINT: finish the step, checkpoint, exit."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.request_shutdown())
-
-    def request_shutdown(self) -> None:
-        self._shutdown = True
 
     def lose_lease(self) -> None:
         self._reason = "lease_lost"
@@ -211,24 +218,12 @@ class DatabaseSink:
             self.on_stale()
 
 
-class OtherRankControl:
+class OtherRankControl(_ShutdownWatch):
     """The RunControl of ranks 1..N-1 of a multi-GPU job: it reads and writes nothing.
 
     Rank 0 talks to the queue; the recipe shares its stop decision with every rank each step.
     This control only reports SIGTERM (and a dead worker) as "shutdown".
     """
-
-    def __init__(self) -> None:
-        self._shutdown = False
-        self._worker_pid = int(os.environ.get("TUNEBOARD_WORKER_PID") or 0)
-        self._last_poll = -math.inf
-
-    def install_signal_handlers(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.request_shutdown())
-
-    def request_shutdown(self) -> None:
-        self._shutdown = True
 
     def lose_lease(self) -> None:
         pass
