@@ -373,51 +373,32 @@ class SFTRecipe:
         batch = self._longest_batch()
         tokens = int(batch["input_ids"].numel())
         limit = TRIAL_HEADROOM * self._usable_memory()
-        where = f"the longest micro-batch ({tokens} tokens)"
         gib = 1024**3
+
+        def fits(how: str, peak: int) -> str:
+            return (
+                f"a trial step on the longest micro-batch ({tokens} tokens) fits {how}: peak "
+                f"{peak / gib:.1f} GiB of {limit / gib:.1f} GiB usable"
+            )
+
         peak_off = self._try_policy(batch, "off")
         if peak_off is not None and peak_off <= limit:
-            return (
-                "off",
-                (
-                    f"a trial step on {where} fits without checkpointing: peak "
-                    f"{peak_off / gib:.1f} GiB of {limit / gib:.1f} GiB usable"
-                ),
-                0,
-            )
+            return "off", fits("without checkpointing", peak_off), 0
         peak_on = self._try_policy(batch, "on")
         if peak_on is not None and peak_on <= limit:
             partial = self._most_layers_kept(batch, peak_on, peak_off, limit)
-            if partial is not None:
-                kept, peak = partial
-                total = len(self._decoder_layers())
-                return (
-                    "partial",
-                    (
-                        f"a trial step on {where} fits with {total - kept} of {total} layers "
-                        f"checkpointed (the other {kept} keep their activations: less recompute): "
-                        f"peak {peak / gib:.1f} GiB of {limit / gib:.1f} GiB usable"
-                    ),
-                    kept,
-                )
-            return (
-                "on",
-                (
-                    f"a trial step on {where} fits with checkpointing: peak {peak_on / gib:.1f} GiB "
-                    f"of {limit / gib:.1f} GiB usable"
-                ),
-                0,
+            if partial is None:
+                return "on", fits("with checkpointing", peak_on), 0
+            kept, peak = partial
+            total = len(self._decoder_layers())
+            how = (
+                f"with {total - kept} of {total} layers checkpointed "
+                f"(the other {kept} keep their activations: less recompute)"
             )
+            return "partial", fits(how, peak), kept
         peak_offload = self._try_policy(batch, "offload")
         if peak_offload is not None:
-            return (
-                "offload",
-                (
-                    f"a trial step on {where} fits with activations offloaded to CPU memory: peak "
-                    f"{peak_offload / gib:.1f} GiB of {limit / gib:.1f} GiB usable"
-                ),
-                0,
-            )
+            return "offload", fits("with activations offloaded to CPU memory", peak_offload), 0
         raise OutOfMemory(
             step=0,
             micro_batch_size=self.config.micro_batch_size,
