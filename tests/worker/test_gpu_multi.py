@@ -67,6 +67,16 @@ def losses(result: dict) -> list[float]:
     return [r["loss"] for r in result["rows"] if r.get("loss") is not None]
 
 
+def adapter_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's name and shape in the folder's adapter_model.safetensors."""
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in folder.iterdir())
+    path = folder / "adapter_model.safetensors"
+    assert path.is_file(), f"no adapter in {folder}: {files}"
+    return {key: tuple(tensor.shape) for key, tensor in load_file(path).items()}
+
+
 def throughput(result: dict) -> float:
     # The first logged step includes compilation and allocator warm-up.
     values = [r["tokens_per_second"] for r in result["rows"] if r.get("tokens_per_second")]
@@ -83,9 +93,13 @@ def test_a_two_gpu_job_trains_checkpoints_resumes_and_matches_one_gpu(
     assert stopped["stop_reason"] == "shutdown"
     assert "FSDP over 2 GPUs" in stopped["compute_mode"]
     assert (two_dir / "checkpoints" / "checkpoint-3" / checkpoints.COMPLETE_MARKER).is_file()
+    # Every LoRA tensor, whole (gathered from both GPUs), as the 1-GPU job saves them.
+    lora = adapter_tensors(tmp_path / "one" / "adapter")
+    assert lora and all(".lora_" in key for key in lora)
+    assert adapter_tensors(two_dir / "checkpoints" / "checkpoint-3") == lora
     resumed = run(2, llama_1b, demo_rows, two_dir, _config(grad_accum_steps=1))
     assert (resumed["resumed_from_step"], resumed["global_step"]) == (3, 6)
-    assert (two_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert adapter_tensors(two_dir / "adapter") == lora
 
     one_gpu, two_gpus = losses(one), losses(stopped) + losses(resumed)
     assert len(one_gpu) == len(two_gpus) == 6

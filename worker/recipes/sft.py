@@ -601,10 +601,7 @@ class SFTRecipe:
                 "Delete the job's checkpoints folder to start over, or retry from a newer one.",
             )
         weights = {
-            # Names as a wrapped model may write them: the wrappers' own path parts dropped.
-            key.replace("_fsdp_wrapped_module.", "").replace(
-                "_checkpoint_wrapped_module.", ""
-            ): value
+            _without_wrapper_parts(key): value
             for key, value in load_file(path, device=str(self.device)).items()
         }
         loaded = set_peft_model_state_dict(self.model, weights)
@@ -617,6 +614,41 @@ class SFTRecipe:
                 f"e.g. {found}).",
                 "Resume with the same config it was started with, or delete its checkpoints.",
             )
+
+    def save_sharded_adapter(self, directory: Path) -> None:
+        """Every rank joins in gathering the FSDP-sharded LoRA weights; rank 0 writes the adapter
+        (the same files as `save_pretrained` on one GPU).
+
+        Ours, not the Trainer's: its FSDP save of a PEFT model, through peft's state-dict filter,
+        wrote an adapter file with no tensors in it (transformers 5.17, peft 0.21, FSDP1).
+        """
+        from safetensors.torch import save_file
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        assert self.trainer is not None
+        wrapped, main = self.trainer.model_wrapped, self._is_main_rank()
+        adapter = ".default."  # peft's name for the one adapter; not in the saved names
+        with FSDP.summon_full_params(
+            wrapped, writeback=False, rank0_only=True, offload_to_cpu=True
+        ):
+            weights = {
+                _without_wrapper_parts(name).replace(adapter, "."): parameter.detach().clone()
+                for name, parameter in wrapped.named_parameters()
+                if main and "lora_" in name
+            }
+        if not main:
+            return
+        odd = [f"{k} {tuple(v.shape)}" for k, v in weights.items() if v.dim() != 2 or not v.numel()]
+        if not weights or odd:
+            raise TrainingError(
+                "The LoRA weights could not be gathered whole from the GPUs "
+                f"({len(weights)} found{', e.g. ' + odd[0] if odd else ''}).",
+                "Train this model on one GPU (gpus: 1) and report the job's log.",
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        self.model.peft_config["default"].save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(directory)
 
     # --- train -----------------------------------------------------------------------------
 
@@ -709,14 +741,12 @@ class SFTRecipe:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
         self._barrier()
-        self.trainer.save_model(str(staging))  # FSDP full state dict, gathered to rank 0
+        self.save_sharded_adapter(staging)
         self._barrier()
         if main:
-            self.tokenizer.save_pretrained(staging)
             (staging / "train_config.json").write_text(
                 self.config.model_dump_json(indent=2), encoding="utf-8"
             )
-            (staging / "training_args.bin").unlink(missing_ok=True)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
         self._barrier()
@@ -731,6 +761,12 @@ class SFTRecipe:
         self.trainer = None
         self.model = None
         self._free_cuda()
+
+
+def _without_wrapper_parts(name: str) -> str:
+    """A parameter's name as the bare PEFT model has it: FSDP's and checkpointing's wrapper
+    modules dropped from the path."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 class _CheckpointDiskFull(Exception):
@@ -779,6 +815,12 @@ class _SFTTrainer(Trainer):
             finite if self.step_finite is True else torch.logical_and(self.step_finite, finite)
         )
         return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Under FSDP the callback's on_save writes a checkpoint's adapter (save_sharded_adapter);
+        # the Trainer's own save would gather the whole model to write an empty adapter.
+        if not self.recipe.distributed:
+            super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         try:
@@ -892,11 +934,12 @@ class _RecipeCallback(TrainerCallback):
         self.recipe.sink.flush()
 
     def on_save(self, args, state, control, **kwargs):
+        folder = self.recipe.checkpoint_dir / f"checkpoint-{state.global_step}"
         if self.recipe.distributed:
+            self.recipe.save_sharded_adapter(folder)
             self.recipe._barrier()  # every rank's part of the checkpoint is written
             if not state.is_world_process_zero:
                 return
-        folder = self.recipe.checkpoint_dir / f"checkpoint-{state.global_step}"
         eval_loss = None
         if self.last_eval is not None and self.last_eval[0] == state.global_step:
             eval_loss = self.last_eval[1]
