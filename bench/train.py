@@ -240,6 +240,8 @@ def child_main(args: argparse.Namespace) -> None:
             result["skipped"] = f"import unsloth failed: {type(exc).__name__}: {exc}"[:300]
             Path(args.result).write_text(json.dumps(result))
             return
+    if args.arm.startswith("tuneboard"):
+        import worker  # noqa: F401  (its GPU-process settings, before CUDA starts, as in the worker)
     import torch
 
     if torch.cuda.is_available():
@@ -261,6 +263,9 @@ def child_main(args: argparse.Namespace) -> None:
     if torch.cuda.is_available():
         result["peak_alloc_gib"] = max(_PEAK["alloc"], torch.cuda.max_memory_allocated()) / GIB
         result["peak_reserved_gib"] = max(_PEAK["reserved"], torch.cuda.max_memory_reserved()) / GIB
+        # Allocations that had to free the cache and retry: a sign of a fragmented, full card.
+        result["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+        result["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     Path(args.result).write_text(json.dumps(result))
 
 

@@ -1,7 +1,10 @@
 """The SFT recipe on the real tiny demo model, on the CPU."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,20 +187,25 @@ def test_packed_examples_from_the_benchmark_train(demo_model, tokenizer, demo_ro
     assert all(row["tokens"] > 0 for row in sink.train_rows)
 
 
+LINEAR = (1_000, 1_350, 1_700, 2_050, 2_400)  # peak by layers kept: 350 more for each
+UNEVEN = (1_000, 1_500, 1_800, 1_900, 2_500)  # the estimate from 2 kept (400 each) says 2
+
+
 @pytest.mark.parametrize(
-    ("usable", "policy", "kept"),
+    ("peaks", "usable", "policy", "kept"),
     [
-        (10_000, "off", 0),  # everything fits: no layer is checkpointed
-        (2_000, "partial", 2),  # limit 1,800: 1,000 + 2 x 350 = 1,700
-        (1_300, "on", 0),  # limit 1,170: not one layer more than full checkpointing
-        (1_000, "offload", 0),  # full checkpointing runs out of memory
+        (LINEAR, 10_000, "off", 0),  # everything fits: no layer is checkpointed
+        (LINEAR, 2_000, "partial", 2),  # limit 1,800: 1,000 + 2 x 350 = 1,700
+        (LINEAR, 1_300, "on", 0),  # limit 1,170: not one layer more than full checkpointing
+        (LINEAR, 1_000, "offload", 0),  # full checkpointing runs out of memory
+        (UNEVEN, 2_200, "partial", 3),  # limit 1,980: a trial past the estimate finds 3 fit
     ],
 )
 def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
-    demo_model, demo_rows, tmp_path, monkeypatch, usable, policy, kept
+    demo_model, demo_rows, tmp_path, monkeypatch, peaks, usable, policy, kept
 ):
     """The trial-step arithmetic with a stand-in for a card's memory: full checkpointing peaks at
-    1,000, each layer that keeps its activations adds 350, offloading needs 500."""
+    1,000, each layer that keeps its activations adds to it (`peaks`), offloading needs 500."""
     from worker.recipes import sft
 
     recipe = SFTRecipe(
@@ -210,7 +218,7 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
     def trial_step(batch):
         if recipe.memory_policy == "offload":
             return 500
-        peak = 1_000 + 350 * sum(not layer.gradient_checkpointing for layer in layers)
+        peak = peaks[sum(not layer.gradient_checkpointing for layer in layers)]
         if peak > usable:
             raise torch.OutOfMemoryError("stand-in card is full")
         return peak
@@ -263,3 +271,21 @@ def _without(checkpoint, name, folder):
         {k: v for k, v in weights.items() if name not in k}, folder / "adapter_model.safetensors"
     )
     return folder
+
+
+@pytest.mark.parametrize(
+    ("operator_value", "expected"),
+    [(None, "expandable_segments:True"), ("max_split_size_mb:256", "max_split_size_mb:256")],
+)
+def test_gpu_processes_get_growable_allocator_segments_unless_the_operator_chose(
+    operator_value, expected
+):
+    """A training child imports `worker` (python -m worker.run) before CUDA starts."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    if operator_value is not None:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = operator_value
+    code = "import os, worker; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == expected

@@ -409,27 +409,37 @@ class SFTRecipe:
     def _most_layers_kept(
         self, batch: dict[str, torch.Tensor], peak_on: int, peak_off: int | None, limit: float
     ) -> tuple[int, int] | None:
-        """How many layers can keep their activations: each kept layer adds about the same
-        memory, measured from two trial steps; the guess is then checked by one more."""
+        """The most layers that can keep their activations (the rest are checkpointed) with a
+        trial step within `limit`, and that step's peak. A first guess from the memory a kept
+        layer adds (two trial steps), then bisection between a count that fits and one that
+        does not: each layer kept is recompute saved."""
         total = len(self._decoder_layers())
         if total < 2:
             return None
-        probe_kept, probe_peak = total, peak_off
-        while probe_peak is None and probe_kept > 1:  # "off" ran out of memory: fewer layers
-            probe_kept //= 2
-            probe_peak = self._try_policy(batch, "partial", probe_kept)
+        good, good_peak, bad = 0, peak_on, total  # none kept is "on" (fits), all is "off" (not)
+        probe, probe_peak = total, peak_off
+        while probe_peak is None and probe > 1:  # "off" ran out of memory: measure fewer layers
+            bad, probe = probe, probe // 2
+            probe_peak = self._try_policy(batch, "partial", probe)
         if probe_peak is None:
             return None
-        per_layer = max(1.0, (probe_peak - peak_on) / probe_kept)
-        kept = min(total - 1, int((limit - peak_on) / per_layer))
-        for _ in range(3):
-            if kept < 1:
-                return None
-            peak = self._try_policy(batch, "partial", kept)
+        if probe_peak <= limit:
+            good, good_peak = probe, probe_peak
+        else:
+            bad = probe
+        per_layer = max(1.0, (probe_peak - peak_on) / probe)
+        guess: int | None = int((limit - peak_on) / per_layer)
+        for _ in range(6):
+            if bad - good <= 1:
+                break
+            middle = (good + bad) // 2 if guess is None else min(max(guess, good + 1), bad - 1)
+            guess = None
+            peak = self._try_policy(batch, "partial", middle)
             if peak is not None and peak <= limit:
-                return kept, peak
-            kept = kept * 3 // 4
-        return None
+                good, good_peak = middle, peak
+            else:
+                bad = middle
+        return (good, good_peak) if good else None
 
     def _try_policy(self, batch: dict[str, torch.Tensor], policy: str, kept: int = 0) -> int | None:
         """Peak memory of one trial step under a policy, or None when it ran out of memory."""
