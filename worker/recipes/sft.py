@@ -64,6 +64,7 @@ from worker.errors import (
     TrainingError,
 )
 from worker.metrics import MetricsSink, vram_readings
+from worker.offload import ActivationOffload
 
 __all__ = ["LocalControl", "RunControl", "SFTRecipe", "TrainResult"]
 
@@ -118,7 +119,8 @@ class SFTRecipe:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model: Any = None
         self.trainer: _SFTTrainer | None = None
-        self.offload_by_hand = False
+        self.memory_policy = "off"
+        self.offload_stream: Any = None  # set by the "offload" memory policy
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -329,25 +331,25 @@ class SFTRecipe:
         )
 
     def _set_memory_policy(self, policy: str, kept_layers: int = 0) -> None:
-        """Non-reentrant checkpointing of every decoder layer; "offload" also keeps the saved layer
-        inputs in pinned host memory; "partial" checkpoints all but the last `kept_layers`, which
-        keep their activations (no recompute) in memory the card has to spare."""
+        """Non-reentrant checkpointing of every decoder layer; "offload" also moves what a step
+        saves outside the layers (their inputs) to pinned host memory (worker.offload);
+        "partial" checkpoints all but the last `kept_layers`, which keep their activations (no
+        recompute) in memory the card has to spare."""
         self.memory_policy = policy
         base = self.model.get_base_model()
-        offload = policy == "offload"
-        self.offload_by_hand = False
         if policy == "off":
             if hasattr(base, "activation_checkpointing_disable"):
                 base.activation_checkpointing_disable()
             else:
                 base.gradient_checkpointing_disable()
         elif hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.20
-            base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
-        else:  # older transformers 5: no offload option, so wrap each step in save_on_cpu
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-            self.offload_by_hand = offload
+        if policy == "offload" and self.offload_stream is None:
+            self.offload_stream = torch.cuda.Stream(self.device)
         if policy == "partial":
             layers = self._decoder_layers()
             for index, layer in enumerate(layers):
@@ -361,9 +363,9 @@ class SFTRecipe:
         return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     def activation_offload(self) -> Any:
-        """The context a training step runs in: activations to pinned CPU memory, or nothing."""
-        if self.offload_by_hand:
-            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        """The context a training step runs in: activations to pinned host memory, or nothing."""
+        if self.memory_policy == "offload":
+            return ActivationOffload(self.offload_stream)
         return contextlib.nullcontext()
 
     def _measure_memory_policy(self) -> tuple[str, str, int]:
