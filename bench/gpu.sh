@@ -37,8 +37,12 @@ unpack() {  # tarball, target dir: unpack once per machine (the stamp names the 
   local stamp
   [ -f "$1" ] || { echo "missing $1 (carry it)"; return 1; }
   stamp="$2/.unpacked-$(stat -c %s "$1")"
-  [ -f "$stamp" ] && return 0
-  rm -rf "$2" && mkdir -p "$2" && tar xzf "$1" -C "$2" && touch "$stamp"
+  # One stream unpacks, the other waits for it (two at once broke Unsloth's site on 2026-11-30).
+  (
+    flock 9
+    [ -f "$stamp" ] && exit 0
+    rm -rf "$2" && mkdir -p "$2" && tar xzf "$1" -C "$2" && touch "$stamp"
+  ) 9>"$2.lock"
 }
 unpack site-tuneboard.tgz /tmp/site-tuneboard || exit 1
 unpack site-unsloth.tgz /tmp/site-unsloth || echo "no Unsloth site: its arm will be skipped"
