@@ -348,8 +348,6 @@ class SFTRecipe:
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        if policy == "offload" and self.offload_stream is None:
-            self.offload_stream = torch.cuda.Stream(self.device)
         if policy == "partial":
             layers = self._decoder_layers()
             for index, layer in enumerate(layers):
@@ -364,9 +362,11 @@ class SFTRecipe:
 
     def activation_offload(self) -> Any:
         """The context a training step runs in: activations to pinned host memory, or nothing."""
-        if self.memory_policy == "offload":
-            return ActivationOffload(self.offload_stream)
-        return contextlib.nullcontext()
+        if self.memory_policy != "offload" or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self.offload_stream is None:
+            self.offload_stream = torch.cuda.Stream(self.device)
+        return ActivationOffload(self.offload_stream)
 
     def _measure_memory_policy(self) -> tuple[str, str, int]:
         """Trial forward+backward steps on the longest micro-batch, cheapest policy first: no
