@@ -703,12 +703,24 @@ def serve(
     return server
 
 
+def _stop_when_orphaned(server: InferenceServer, worker_pid: int) -> None:
+    """The worker that started this server died (SIGKILL, OOM killer): we were re-parented. Stop
+    serving, so that the model this server holds gives its GPU memory back."""
+    while os.getppid() == worker_pid:
+        time.sleep(1.0)
+    log.warning("the worker (pid %d) is gone; the inference server stops", worker_pid)
+    server.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Tuneboard's playground inference server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     parser.add_argument("--worker-id", help="write the URL into this worker's row")
     parser.add_argument("--quantization", choices=["auto", "bf16", "nf4"], default="auto")
+    parser.add_argument(
+        "--worker-pid", type=int, default=0, help="stop when this parent (the worker) is gone"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("TUNEBOARD_LOG_LEVEL", "INFO"))
     settings = Settings()
@@ -716,6 +728,11 @@ def main(argv: list[str] | None = None) -> None:
         settings, args.host, args.port, worker_id=args.worker_id, quantization=args.quantization
     )
     print(f"inference server listening on {server.url}", flush=True)
+    if args.worker_pid:
+        watch = threading.Thread(
+            target=_stop_when_orphaned, args=(server, args.worker_pid), daemon=True
+        )
+        watch.start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -343,6 +343,8 @@ class WorkerLoop:
                     "0",
                     "--worker-id",
                     self.id,
+                    "--worker-pid",
+                    str(os.getpid()),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -150,6 +150,49 @@ def test_serve_supervises_a_worker_and_sigterm_stops_it_with_no_orphans(tmp_path
         db.dispose()
 
 
+def test_a_sigkilled_worker_leaves_no_inference_server_behind(tmp_path):
+    """The worker's playground inference server can hold a model in GPU memory: when the worker
+    is SIGKILLed (OOM killer, kill -9) the server stops too instead of keeping that memory."""
+    data_dir = tmp_path / "data"
+    assert tuneboard(data_dir, "migrate").returncode == 0
+    log = tmp_path / "worker.out"
+    with log.open("w") as sink:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", "--gpu", "0"],
+            cwd=ROOT,
+            env=cli_env(data_dir),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    servers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not servers:
+            assert worker.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the worker started no inference server"
+            time.sleep(0.3)
+            servers = {pid for pid in descendants(worker.pid) if _runs(pid, "worker.inference")}
+        worker.kill()
+        worker.wait(10)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in servers):
+            assert time.monotonic() < deadline, "the inference server outlived its worker"
+            time.sleep(0.3)
+    finally:
+        for pid in servers | {worker.pid}:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        worker.wait(10)
+
+
+def _runs(pid: int, module: str) -> bool:
+    try:
+        return module in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
 def test_doctor_reports_each_check_with_a_hint_for_problems(tmp_path):
     result = tuneboard(tmp_path / "data", "doctor")
     assert result.returncode == 0, result.stderr
