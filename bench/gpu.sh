@@ -11,6 +11,7 @@
 #   8b-fixed     the same, fixed-length data only (8b-variable: variable only)
 #   8b-capped    8B shape, fixed-length data, the process capped at 22.5 GiB (a 24 GB card)
 #   longest      longest single sequence, 8B shape, under a 22.5 GiB cap, all arms
+#   profile      8B step time and top operators per memory policy (bench/profile_step.py)
 #   smoke        the CPU smoke run (checks the harness itself)
 # Env: GPU_TESTS_S: at most this long for the tests stage. BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too
 # late are listed as skipped. BENCH_ARMS (default standard,unsloth,tuneboard). BENCH_ARGS: extra
@@ -92,6 +93,8 @@ for stage in "$@"; do
     8b-variable) bench throughput-8b-variable --shapes 8b --data variable --min-arm-s 90 \
       || status=$? ;;
     longest) bench longest-8b --shapes 8b --cap-gib 22.5 --longest --reuse --min-arm-s 60 || status=$? ;;
+    profile) timeout -k 20 $(( left > 30 ? left - 20 : 10 )) python3 bench/profile_step.py \
+      --shape 8b --cache "$CACHE" --out "$OUT" ${PROFILE_ARGS:-} || status=$? ;;
     smoke) python3 bench/train.py --smoke --name smoke --out "$OUT" --work "$WORK" \
       --cache "$CACHE" || status=$? ;;
     *) echo "unknown stage $stage"; status=2 ;;

@@ -386,10 +386,20 @@ def run_plain_loop(args: argparse.Namespace, examples: list[list[int]]) -> dict:
     return summarize(args, load_s, losses, times, tokens)
 
 
-def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
-    """The product's own recipe, the code the worker runs, fed pre-tokenized examples."""
-    import torch
-
+def tuneboard_recipe(
+    model_path: Path,
+    out_dir: Path,
+    examples: list[list[int]],
+    *,
+    seq: int,
+    batch: int,
+    steps: int,
+    checkpointing: str,
+    seed: int,
+    quantize: bool,
+):
+    """The product's recipe (worker.recipes.sft, the code the worker runs) as the benchmark
+    configures it, fed pre-tokenized examples: (recipe, sink, control), not yet set up."""
     from app.train_config import TrainConfig
     from worker.data import TokenizedExample
     from worker.metrics import ListSink
@@ -400,14 +410,13 @@ def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
     except ImportError:
         from worker.control import LocalControl
 
-    cuda = torch.cuda.is_available()
-    fields = dict(
+    config = TrainConfig(
         name="bench",
         base_model="bench",
         dataset_id="0" * 32,
-        max_seq_len=args.seq,
-        max_steps=args.warmup + args.steps,
-        micro_batch_size=args.batch,
+        max_seq_len=seq,
+        max_steps=steps,
+        micro_batch_size=batch,
         grad_accum_steps=1,
         learning_rate=2e-4,
         lr_scheduler="constant",
@@ -416,29 +425,38 @@ def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
         lora_alpha=32,
         lora_dropout=0.0,
         lora_targets=LORA_TARGETS,
-        quantization="nf4" if cuda and not args.smoke else "none",
+        quantization="nf4" if quantize else "none",
         train_on="all",
         packing=True,
-        gradient_checkpointing=args.arm.partition("-")[2] or args.tb_checkpointing,
+        gradient_checkpointing=checkpointing,
         eval_fraction=0.0,
         eval_every=1_000_000,
         save_every=1_000_000,
         logging_every=1,
-        seed=args.seed,
+        seed=seed,
     )
-    config = TrainConfig(**fields)
     train = [TokenizedExample(input_ids=list(x), labels=list(x)) for x in examples]
-    out_dir = Path(args.result).with_suffix(".run")  # adapter/checkpoints: under the work dir
-    sink = ListSink()
-    control = LocalControl()
+    sink, control = ListSink(), LocalControl()
     recipe = SFTRecipe(
-        config,
+        config, model_path, out_dir, sink, control, train_examples=train, eval_examples=None
+    )
+    return recipe, sink, control
+
+
+def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
+    """The product's own recipe, the code the worker runs, fed pre-tokenized examples."""
+    import torch
+
+    recipe, sink, control = tuneboard_recipe(
         Path(args.model_path),
-        out_dir,
-        sink,
-        control,
-        train_examples=train,
-        eval_examples=None,
+        Path(args.result).with_suffix(".run"),  # adapter/checkpoints: under the work dir
+        examples,
+        seq=args.seq,
+        batch=args.batch,
+        steps=args.warmup + args.steps,
+        checkpointing=args.arm.partition("-")[2] or args.tb_checkpointing,
+        seed=args.seed,
+        quantize=torch.cuda.is_available() and not args.smoke,
     )
     try:
         t0 = time.perf_counter()

@@ -51,3 +51,26 @@ def test_smoke_run_prints_one_row_per_arm(tmp_path: Path) -> None:
         assert abs(tuneboard["step0_loss"] - standard["step0_loss"]) < 0.2
     else:
         assert "worker" in tuneboard.get("error", ""), tuneboard
+
+
+def test_the_step_profile_times_each_memory_policy_and_tables_its_operators(
+    tmp_path: Path,
+) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "bench/profile_step.py", "--shape", "smoke", "--policies", "off,on",
+         "--timed", "2", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "out" / "profile-smoke.md").read_text()
+    steps = {
+        cells[1]: float(cells[2])
+        for line in report.splitlines()
+        if line.startswith(("| off ", "| on "))
+        for cells in [[c.strip() for c in line.split("|")]]
+    }
+    assert set(steps) == {"off", "on"} and all(ms > 0 for ms in steps.values())
+    assert "ms more per layer than off" in report
+    assert "## on: top operators by self_cpu_time_total" in report
+    assert "aten::mm" in report  # the projections, in the operator table

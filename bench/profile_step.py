@@ -1,0 +1,134 @@
+"""Where a training step's time goes under each memory policy: the product's recipe (the code the
+worker runs) on the benchmark's model, one forward + backward per step, timed and then profiled
+with torch.profiler. Issue 9's open question is why a checkpointed 8B layer costs more than a
+whole layer without checkpointing; the tables say which operators grow.
+
+    python bench/profile_step.py --shape 8b --policies off,on,offload --out $OUT   # GPU machine
+    python bench/profile_step.py --shape smoke --policies off,on                   # CPU: checks it
+
+Writes profile-<shape>.md (step times, the per-layer cost of recompute, each policy's top
+operators by self device time and by self CPU time) to --out, and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import worker  # noqa: F401  (the GPU-process settings, before CUDA starts, as in the worker)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train as bench  # the benchmark's shapes, data and recipe setup
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="8b", choices=sorted(bench.SHAPES))
+    p.add_argument("--policies", default="off,on,offload", help="memory policies, comma list")
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048; smoke 128)")
+    p.add_argument("--timed", type=int, default=5, help="timed steps per policy")
+    p.add_argument("--rows", type=int, default=20, help="operators per table")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--cache", type=Path, default=Path("/tmp/tuneboard-bench-cache"))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
+    args = p.parse_args(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    smoke = args.shape == "smoke"
+    seq = args.seq or (128 if smoke else 2048)
+    shape = bench.SHAPES[args.shape]
+    model_path = bench.build_model_dir(args.shape, args.cache, args.seed)
+    examples = bench.make_examples("fixed", shape["batch"] * 2, seq, shape["vocab_size"], args.seed)
+    policies = args.policies.split(",")
+    recipe, _, _ = bench.tuneboard_recipe(
+        model_path,
+        args.out / "profile.run",
+        examples,
+        seq=seq,
+        batch=shape["batch"],
+        steps=1,
+        checkpointing=policies[0],
+        seed=args.seed,
+        quantize=cuda and not smoke,
+    )
+    recipe.setup()
+    batch = recipe._longest_batch()
+    layers = len(recipe._decoder_layers())
+    tokens = int(batch["input_ids"].numel())
+    lines = [
+        f"# Profile: {shape['label']}, {tokens} tokens a step, {layers} layers, "
+        f"{'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}, torch {torch.__version__}",
+        "",
+        "| policy | step ms (median of timed) | peak alloc GiB |",
+        "|---|---|---|",
+    ]
+    tables: list[str] = []
+    times: dict[str, float] = {}
+    try:
+        for policy in policies:
+            recipe._set_memory_policy(policy)
+
+            def step() -> None:
+                with recipe.activation_offload():
+                    with torch.autocast(recipe.device.type, dtype=torch.bfloat16, enabled=cuda):
+                        loss = recipe.model(**batch).loss
+                    loss.backward()
+                recipe.model.zero_grad(set_to_none=True)
+
+            for _ in range(2):  # warm-up: kernels chosen, allocator filled
+                step()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            samples = []
+            for _ in range(args.timed):
+                bench.sync(recipe.device)
+                start = time.perf_counter()
+                step()
+                bench.sync(recipe.device)
+                samples.append(time.perf_counter() - start)
+            times[policy] = sorted(samples)[len(samples) // 2]
+            peak = torch.cuda.max_memory_allocated() / bench.GIB if cuda else float("nan")
+            lines.append(f"| {policy} | {times[policy] * 1000:.1f} | {peak:.2f} |")
+            tables += profile_tables(torch, step, policy, cuda, args.rows)
+    finally:
+        recipe.cleanup()
+    if "off" in times:
+        for policy in ("on", "offload"):
+            if policy in times:
+                extra = (times[policy] - times["off"]) / layers * 1000
+                lines.append(
+                    f"\n{policy}: {extra:.2f} ms more per layer than off; a whole layer without "
+                    f"checkpointing is {times['off'] / layers * 1000:.2f} ms (step / layers)."
+                )
+    text = "\n".join([*lines, "", *tables]) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"profile-{args.shape}.md").write_text(text)
+    print(text, flush=True)
+
+
+def profile_tables(torch, step, policy: str, cuda: bool, rows: int) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    out = []
+    sorts = (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]
+    for sort in sorts:
+        with contextlib.suppress(Exception):  # a sort key this torch's profiler lacks
+            table = averages.table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+            out += [f"## {policy}: top operators by {sort} (2 steps)", "", "```", table, "```", ""]
+    return out
+
+
+if __name__ == "__main__":
+    main()
