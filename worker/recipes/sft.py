@@ -120,7 +120,7 @@ class SFTRecipe:
         self.model: Any = None
         self.trainer: _SFTTrainer | None = None
         self.memory_policy = "off"
-        self.offload_stream: Any = None  # set by the "offload" memory policy
+        self.offload_stream: Any = None  # made by the first offloaded step (activation_offload)
 
     # --- setup ---------------------------------------------------------------------------------
 
