@@ -78,9 +78,10 @@ status=0
 for stage in "$@"; do
   left=$(( DEADLINE - $(date +%s) ))
   echo "== stage $stage ($left s left)"
+  limit=$(( left > 30 ? left - 20 : 10 ))  # for the stages that run one long process
   case $stage in
     tests)
-      limit=$(( left > 30 ? left - 20 : 10 )); limit=$(( limit < ${GPU_TESTS_S:-$limit} ? limit : ${GPU_TESTS_S:-$limit} ))
+      limit=$(( limit < ${GPU_TESTS_S:-$limit} ? limit : ${GPU_TESTS_S:-$limit} ))
       # SIGINT: pytest stops and still prints its summary of what ran.
       timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py}
       rc=$?; [ $rc -eq 5 ] && echo "(no GPU tests collected)" && rc=0
@@ -93,7 +94,7 @@ for stage in "$@"; do
     8b-variable) bench throughput-8b-variable --shapes 8b --data variable --min-arm-s 90 \
       || status=$? ;;
     longest) bench longest-8b --shapes 8b --cap-gib 22.5 --longest --reuse --min-arm-s 60 || status=$? ;;
-    profile) timeout -k 20 $(( left > 30 ? left - 20 : 10 )) python3 bench/profile_step.py \
+    profile) timeout -k 20 "$limit" python3 bench/profile_step.py \
       --shape 8b --cache "$CACHE" --out "$OUT" ${PROFILE_ARGS:-} || status=$? ;;
     smoke) python3 bench/train.py --smoke --name smoke --out "$OUT" --work "$WORK" \
       --cache "$CACHE" || status=$? ;;

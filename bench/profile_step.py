@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             recipe._set_memory_policy(policy)
 
             def step() -> None:
-                with recipe.activation_offload():
-                    with torch.autocast(recipe.device.type, dtype=torch.bfloat16, enabled=cuda):
-                        loss = recipe.model(**batch).loss
-                    loss.backward()
+                recipe.forward_backward(batch)
                 recipe.model.zero_grad(set_to_none=True)
 
             for _ in range(2):  # warm-up: kernels chosen, allocator filled

@@ -199,10 +199,7 @@ def test_offloaded_checkpointing_matches_checkpointing_in_less_memory_and_trains
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            with recipe.activation_offload():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = recipe.model(**batch).loss
-                loss.backward()
+            loss = recipe.forward_backward(batch)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated()

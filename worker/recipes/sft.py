@@ -474,15 +474,22 @@ class SFTRecipe:
     def _trial_step(self, batch: dict[str, torch.Tensor]) -> int:
         self._free_cuda()
         torch.cuda.reset_peak_memory_stats(self.device)
-        with self.activation_offload():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = self.model(**batch).loss
-            loss.backward()
+        self.forward_backward(batch)
         peak = torch.cuda.max_memory_allocated(self.device)
         self.model.zero_grad(set_to_none=True)
-        del loss
         self._free_cuda()
         return peak
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch's forward and backward pass under the memory policy (bf16 autocast on
+        the GPU), outside the Trainer: for trial steps and measurements. The gradients stay on
+        the model; the detached loss is returned."""
+        cuda = self.device.type == "cuda"
+        with self.activation_offload():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = self.model(**batch).loss
+            loss.backward()
+        return loss.detach()
 
     def _free_cuda(self) -> None:
         gc.collect()
@@ -612,10 +619,7 @@ class SFTRecipe:
                 f"The checkpoint {checkpoint.name} has no adapter weights to resume from.",
                 "Delete the job's checkpoints folder to start over, or retry from a newer one.",
             )
-        weights = {
-            _without_wrapper_parts(key): value
-            for key, value in load_file(path, device=str(self.device)).items()
-        }
+        weights = load_file(path, device=str(self.device))  # as save_sharded_adapter wrote it
         loaded = set_peft_model_state_dict(self.model, weights)
         missing = [key for key in getattr(loaded, "missing_keys", []) if "lora_" in key]
         if missing:
