@@ -35,6 +35,7 @@ class GradientCheckpointing(StrEnum):
     on = "on"
     off = "off"
     offload = "offload"
+    tiled = "tiled"
 
 
 class LrScheduler(StrEnum):
@@ -114,7 +115,8 @@ class TrainConfig(BaseModel):
     """Pack several examples into one sequence without padding (no attention between them)."""
 
     gradient_checkpointing: GradientCheckpointing = GradientCheckpointing.auto
-    """auto picks the fastest setting that fits the card; offload moves activations to CPU RAM."""
+    """auto picks the fastest setting that fits the card; offload moves activations to CPU RAM;
+    tiled also runs each MLP a slice of tokens at a time (the longest sequences, a bit slower)."""
 
     eval_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.05
     """Share of the dataset held out for evaluation (at most 1,000 rows)."""

@@ -6,6 +6,11 @@ whole layer without checkpointing; the tables say which operators grow.
     python bench/profile_step.py --shape 8b --policies off,on,offload --out $OUT   # GPU machine
     python bench/profile_step.py --shape smoke --policies off,on                   # CPU: checks it
 
+A policy may name a variant after a colon, to try a change before it goes into the recipe:
+`on:nonreentrant` (the non-reentrant kind the recipe used before), `on:norng` (non-reentrant without RNG stashing or the
+determinism check), `off:compiled` / `on:compiled` (each decoder layer under torch.compile). The
+step's CPU time (all threads) beside its wall time says whether the GPU waits for the CPU.
+
 Writes profile-<shape>.md (step times, the per-layer cost of recompute, each policy's top
 operators by self device time and by self CPU time) to --out, and prints it.
 """
@@ -32,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048; smoke 128)")
     p.add_argument("--timed", type=int, default=5, help="timed steps per policy")
     p.add_argument("--rows", type=int, default=20, help="operators per table")
+    p.add_argument("--tables", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--cache", type=Path, default=Path("/tmp/tuneboard-bench-cache"))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         seq=seq,
         batch=shape["batch"],
         steps=1,
-        checkpointing=policies[0],
+        checkpointing=policies[0].partition(":")[0],
         seed=args.seed,
         quantize=cuda and not smoke,
     )
@@ -64,39 +70,53 @@ def main(argv: list[str] | None = None) -> None:
         f"# Profile: {shape['label']}, {tokens} tokens a step, {layers} layers, "
         f"{'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}, torch {torch.__version__}",
         "",
-        "| policy | step ms (median of timed) | peak alloc GiB |",
-        "|---|---|---|",
+        "| policy | step ms (median of timed) | CPU ms a step (all threads) | peak alloc GiB |",
+        "|---|---|---|---|",
     ]
     tables: list[str] = []
     times: dict[str, float] = {}
     try:
         for policy in policies:
-            recipe._set_memory_policy(policy)
+            try:
+                set_policy(recipe, policy)
+            except Exception as error:  # a variant this stack cannot do: say so, go on
+                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | |")
+                continue
 
             def step() -> None:
                 recipe.forward_backward(batch)
                 recipe.model.zero_grad(set_to_none=True)
 
-            for _ in range(2):  # warm-up: kernels chosen, allocator filled
-                step()
+            try:
+                for _ in range(2):  # warm-up: kernels chosen, allocator filled, graphs compiled
+                    step()
+            except Exception as error:
+                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | |")
+                recipe.model.zero_grad(set_to_none=True)
+                continue
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            samples = []
+            samples, cpu = [], 0.0
             for _ in range(args.timed):
                 bench.sync(recipe.device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 step()
                 bench.sync(recipe.device)
                 samples.append(time.perf_counter() - start)
+                cpu += time.process_time() - cpu_start
             times[policy] = sorted(samples)[len(samples) // 2]
             peak = torch.cuda.max_memory_allocated() / bench.GIB if cuda else float("nan")
-            lines.append(f"| {policy} | {times[policy] * 1000:.1f} | {peak:.2f} |")
-            tables += profile_tables(torch, step, policy, cuda, args.rows)
+            lines.append(
+                f"| {policy} | {times[policy] * 1000:.1f} | {cpu / args.timed * 1000:.1f} "
+                f"| {peak:.2f} |"
+            )
+            if args.tables:
+                tables += profile_tables(torch, step, policy, cuda, args.rows)
     finally:
         recipe.cleanup()
     if "off" in times:
-        for policy in ("on", "offload"):
-            if policy in times:
+        for policy in times:
+            if policy.startswith(("on", "offload")):
                 extra = (times[policy] - times["off"]) / layers * 1000
                 lines.append(
                     f"\n{policy}: {extra:.2f} ms more per layer than off; a whole layer without "
@@ -106,6 +126,34 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"profile-{args.shape}.md").write_text(text)
     print(text, flush=True)
+
+
+def set_policy(recipe, spec: str) -> None:
+    """A memory policy as the recipe sets it, then the variant after the colon, if any."""
+    import torch
+
+    policy, _, variant = spec.partition(":")
+    recipe._set_memory_policy(policy)
+    base = recipe.model.get_base_model()
+    layers = recipe._decoder_layers()
+    for layer in layers:  # undo an earlier variant's compile
+        layer._compiled_call_impl = None
+    if variant == "nonreentrant":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif variant == "norng":
+        base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={
+                "use_reentrant": False,
+                "preserve_rng_state": False,
+                "determinism_check": "none",
+            }
+        )
+    elif variant == "compiled":
+        torch._dynamo.config.cache_size_limit = 64
+        for layer in layers:
+            layer.compile()
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}")
 
 
 def profile_tables(torch, step, policy: str, cuda: bool, rows: int) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("standard", "unsloth", "tuneboard")
 # Tuneboard with its memory policy forced instead of "auto" (e.g. to compare VRAM at equal policy).
-TUNEBOARD_VARIANTS = ("tuneboard-on", "tuneboard-off", "tuneboard-offload")
+TUNEBOARD_VARIANTS = ("tuneboard-on", "tuneboard-off", "tuneboard-offload", "tuneboard-tiled")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 H200_BF16_PEAK_FLOPS = 790e12  # measured 8192^3 bf16 matmul on this workplace's H200 (KINDS.md)
 GIB = 1024**3
@@ -794,7 +794,10 @@ def longest(args, arm, shape, model_path) -> dict:
         if res.get("skipped"):
             return {"arm": arm, "shape": shape, "skipped": res["skipped"], "probes": probes}
         if res.get("ok"):
-            lo, seq = seq, seq * 2
+            lo = seq
+            if seq >= args.longest_max:
+                break
+            seq = min(seq * 2, args.longest_max)  # the ceiling itself is probed
         else:
             hi = seq
             break

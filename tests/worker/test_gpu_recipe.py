@@ -175,12 +175,13 @@ def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
         recipe.cleanup()
 
 
-def test_offloaded_checkpointing_matches_checkpointing_in_less_memory_and_trains(
+def test_offloaded_and_tiled_checkpointing_match_checkpointing_in_less_memory_and_train(
     llama_1b, demo_rows, tmp_path
 ):
     """ "offload" moves the layers' saved inputs to host memory (worker.offload): the same loss
-    and gradients as plain checkpointing, a lower peak by about those inputs, and a job trains
-    with it. Prints both step times."""
+    and gradients as plain checkpointing, a lower peak by about those inputs; "tiled" also runs
+    the MLPs in slices of tokens (worker.tiled_mlp): the same again, lower still. A job trains
+    with it. Prints the step times."""
     config = _config(max_steps=2, save_every=100, eval_every=100, micro_batch_size=8)
     recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
     recipe.setup()
@@ -208,19 +209,29 @@ def test_offloaded_checkpointing_matches_checkpointing_in_less_memory_and_trains
     try:
         on_loss, on_grad, on_peak, on_s = step("on")
         off_loss, off_grad, off_peak, off_s = step("offload")
-        assert off_loss == pytest.approx(on_loss, rel=1e-3)
-        cosine = torch.nn.functional.cosine_similarity(on_grad.flatten(), off_grad.flatten(), 0)
-        assert cosine > 0.999
+        tiled_loss, tiled_grad, tiled_peak, tiled_s = step("tiled")
+        for loss, grad in ((off_loss, off_grad), (tiled_loss, tiled_grad)):
+            assert loss == pytest.approx(on_loss, rel=1e-3)
+            cosine = torch.nn.functional.cosine_similarity(on_grad.flatten(), grad.flatten(), 0)
+            assert cosine > 0.999
         layers = len(recipe._decoder_layers())
-        inputs = batch["input_ids"].numel() * recipe.model.config.hidden_size * 2 * layers
+        tokens = batch["input_ids"].numel()
+        inputs = tokens * recipe.model.config.hidden_size * 2 * layers
         assert off_peak < on_peak - inputs / 2, (off_peak, on_peak, inputs)
+        # Slices: one layer's MLP intermediates (gate, up, product, and their gradients) no longer
+        # all live at once. A quarter of them is the least it must save.
+        assert tokens > recipe._tile_tokens()
+        mlp = tokens * recipe.model.config.intermediate_size * 2 * 6
+        assert tiled_peak < off_peak - mlp / 4, (tiled_peak, off_peak, mlp)
         recipe.model.zero_grad(set_to_none=True)
-        recipe._set_memory_policy("offload")
+        recipe._set_memory_policy("tiled")
         assert recipe.train().global_step == 2
         print(
-            f"\n{batch['input_ids'].numel()} tokens, forward+backward: checkpointing {on_s * 1000:.0f}"
-            f" ms, peak {on_peak / 2**20:.0f} MiB; offloaded {off_s * 1000:.0f} ms, peak "
-            f"{off_peak / 2**20:.0f} MiB (layer inputs {inputs / 2**20:.0f} MiB)"
+            f"\n{tokens} tokens, forward+backward: checkpointing {on_s * 1000:.0f} ms, peak "
+            f"{on_peak / 2**20:.0f} MiB; offloaded {off_s * 1000:.0f} ms, peak "
+            f"{off_peak / 2**20:.0f} MiB (layer inputs {inputs / 2**20:.0f} MiB); tiled MLPs "
+            f"{tiled_s * 1000:.0f} ms, peak {tiled_peak / 2**20:.0f} MiB (MLP intermediates "
+            f"{mlp / 2**20:.0f} MiB)"
         )
     finally:
         recipe.cleanup()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from app.train_config import TrainConfig
 from worker.checkpoints import COMPLETE_MARKER
-from worker.errors import NonFiniteLoss, TrainingError
+from worker.errors import NonFiniteLoss, OutOfMemory, TrainingError
 from worker.metrics import ListSink
 from worker.recipes.sft import LocalControl, SFTRecipe
 
@@ -198,6 +198,8 @@ UNEVEN = (1_000, 1_500, 1_800, 1_900, 2_500)  # the estimate from 2 kept (400 ea
         (LINEAR, 2_000, "partial", 2),  # limit 1,800: 1,000 + 2 x 350 = 1,700
         (LINEAR, 1_300, "on", 0),  # limit 1,170: not one layer more than full checkpointing
         (LINEAR, 1_000, "offload", 0),  # full checkpointing runs out of memory
+        (LINEAR, 400, "tiled", 0),  # so does offloading: MLPs in slices
+        (LINEAR, 250, None, 0),  # nothing fits: a typed out-of-memory error, before training
         (UNEVEN, 2_200, "partial", 3),  # limit 1,980: a trial past the estimate finds 3 fit
     ],
 )
@@ -205,7 +207,8 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
     demo_model, demo_rows, tmp_path, monkeypatch, peaks, usable, policy, kept
 ):
     """The trial-step arithmetic with a stand-in for a card's memory: full checkpointing peaks at
-    1,000, each layer that keeps its activations adds to it (`peaks`), offloading needs 500."""
+    1,000, each layer that keeps its activations adds to it (`peaks`), offloading needs 500,
+    offloading with MLPs in slices 300."""
     from worker.recipes import sft
 
     recipe = SFTRecipe(
@@ -216,9 +219,9 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
     assert len(layers) == 4
 
     def trial_step(batch):
-        if recipe.memory_policy == "offload":
-            return 500
-        peak = peaks[sum(not layer.gradient_checkpointing for layer in layers)]
+        peak = {"offload": 500, "tiled": 300}.get(recipe.memory_policy) or peaks[
+            sum(not layer.gradient_checkpointing for layer in layers)
+        ]
         if peak > usable:
             raise torch.OutOfMemoryError("stand-in card is full")
         return peak
@@ -226,6 +229,10 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
     monkeypatch.setattr(recipe, "_trial_step", trial_step)
     monkeypatch.setattr(recipe, "_usable_memory", lambda: usable)
     monkeypatch.setattr(sft, "TRIAL_HEADROOM", 0.9)
+    if policy is None:
+        with pytest.raises(OutOfMemory, match="sliced MLPs does not fit"):
+            recipe._measure_memory_policy()
+        return recipe.cleanup()
     chosen, reason, layers_kept = recipe._measure_memory_policy()
     assert (chosen, layers_kept) == (policy, kept), reason
     recipe._set_memory_policy(chosen, layers_kept)
@@ -233,6 +240,46 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
         4 if policy == "off" else kept
     )
     recipe.cleanup()
+
+
+def test_every_memory_policy_gives_every_lora_weight_the_same_gradient(
+    demo_model, demo_rows, tmp_path
+):
+    """Checkpointing (all layers, or all but some) changes what is kept, never the result: the
+    same loss and the same gradient on every LoRA weight as no checkpointing. A checkpointed layer
+    whose backward never ran would leave its LoRA gradients empty."""
+    recipe = SFTRecipe(
+        _config(lora_dropout=0.0),
+        demo_model,
+        tmp_path,
+        ListSink(),
+        LocalControl(),
+        rows_path=demo_rows,
+    )
+    recipe.setup()
+    batch = recipe._longest_batch()
+    lora = {n: p for n, p in recipe.model.named_parameters() if p.requires_grad}
+    assert len(lora) == 4 * 7 * 2  # 4 layers, 7 projections, lora_A and lora_B
+
+    def gradients(policy: str, kept: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+        recipe._set_memory_policy(policy, kept)
+        recipe.model.zero_grad(set_to_none=True)
+        loss = recipe.forward_backward(batch)
+        missing = [n for n, p in lora.items() if p.grad is None]
+        assert not missing, f"{policy}: no gradient for {missing[:3]}"
+        return loss.item(), {n: p.grad.clone() for n, p in lora.items()}
+
+    try:
+        off_loss, off = gradients("off")
+        recipe._tile_tokens = lambda: 16  # MLP slices shorter than the batch: tiling happens
+        assert batch["input_ids"].shape[-1] > 2 * 16
+        for policy, kept in (("on", 0), ("partial", 2), ("offload", 0), ("tiled", 0)):
+            loss, grads = gradients(policy, kept)
+            assert loss == pytest.approx(off_loss, rel=1e-5), policy
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, off[name], rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        recipe.cleanup()
 
 
 def test_a_checkpoints_lora_weights_load_into_a_fresh_model_and_a_mismatch_is_refused(

@@ -65,6 +65,7 @@ from worker.errors import (
 )
 from worker.metrics import MetricsSink, vram_readings
 from worker.offload import ActivationOffload
+from worker.tiled_mlp import tile_mlps, untile_mlps
 
 __all__ = ["LocalControl", "RunControl", "SFTRecipe", "TrainResult"]
 
@@ -315,6 +316,8 @@ class SFTRecipe:
         kept = 0
         if requested == "offload" and self.device.type != "cuda":
             policy, reason = "on", "offload asked for, but a CPU run has no device memory to free"
+        elif requested == "tiled" and self.distributed:
+            policy, reason = "on", "tiled is for one GPU; FSDP checkpoints every layer"
         elif requested != "auto":
             policy, reason = requested, "set in the job config"
         elif self.device.type != "cuda":
@@ -334,24 +337,43 @@ class SFTRecipe:
         """Non-reentrant checkpointing of every decoder layer; "offload" also moves what a step
         saves outside the layers (their inputs) to pinned host memory (worker.offload);
         "partial" checkpoints all but the last `kept_layers`, which keep their activations (no
-        recompute) in memory the card has to spare."""
+        recompute) in memory the card has to spare; "tiled" is "offload" with every MLP run a
+        slice of tokens at a time (worker.tiled_mlp), for sequences "offload" cannot fit."""
         self.memory_policy = policy
         base = self.model.get_base_model()
+        if policy == "tiled":
+            tile_mlps(self._decoder_layers(), self._tile_tokens())
+        else:
+            untile_mlps(self._decoder_layers())
         if policy == "off":
             if hasattr(base, "activation_checkpointing_disable"):
                 base.activation_checkpointing_disable()
             else:
                 base.gradient_checkpointing_disable()
         elif hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.20
-            base.activation_checkpointing_enable({"use_reentrant": False})
+            base.activation_checkpointing_enable(self._checkpoint_kwargs())
         else:
             base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+                gradient_checkpointing_kwargs=self._checkpoint_kwargs()
             )
         if policy == "partial":
             layers = self._decoder_layers()
             for index, layer in enumerate(layers):
                 layer.gradient_checkpointing = index < len(layers) - kept_layers
+
+    def _tile_tokens(self) -> int:
+        """MLP slices as long as the model is wide (ALST's choice): at 8B, 4,096 tokens, whose
+        intermediates take about 0.7 GB."""
+        return int(getattr(self.model.config, "hidden_size", 0) or 4096)
+
+    def _checkpoint_kwargs(self) -> dict[str, Any]:
+        """Reentrant checkpointing on one GPU: a checkpointed layer's forward runs without
+        autograd, and its backward reruns it and backpropagates through it as one piece. The
+        non-reentrant kind runs Python hooks for every tensor each layer saves, twice, and that
+        left the GPU waiting for the CPU: 8B, 4,096 tokens, 889 vs 348 ms a step with every layer
+        checkpointed (bench/RESULTS.md). FSDP keeps the non-reentrant kind, which it documents.
+        Transformers makes the embeddings' output want a gradient, as reentrant needs."""
+        return {"use_reentrant": not self.distributed}
 
     def _decoder_layers(self) -> list[Any]:
         """The decoder layers that checkpointing wraps (transformers' GradientCheckpointingLayer)."""
@@ -362,7 +384,7 @@ class SFTRecipe:
 
     def activation_offload(self) -> Any:
         """The context a training step runs in: activations to pinned host memory, or nothing."""
-        if self.memory_policy != "offload" or self.device.type != "cuda":
+        if self.memory_policy not in ("offload", "tiled") or self.device.type != "cuda":
             return contextlib.nullcontext()
         if self.offload_stream is None:
             self.offload_stream = torch.cuda.Stream(self.device)
@@ -371,7 +393,8 @@ class SFTRecipe:
     def _measure_memory_policy(self) -> tuple[str, str, int]:
         """Trial forward+backward steps on the longest micro-batch, cheapest policy first: no
         checkpointing; else checkpointing of as few layers as the card needs (the rest keep their
-        activations); else every layer; else every layer offloaded to host memory."""
+        activations); else every layer; else every layer offloaded to host memory; else that with
+        the MLPs in slices."""
         batch = self._longest_batch()
         tokens = int(batch["input_ids"].numel())
         limit = TRIAL_HEADROOM * self._usable_memory()
@@ -401,11 +424,15 @@ class SFTRecipe:
         peak_offload = self._try_policy(batch, "offload")
         if peak_offload is not None:
             return "offload", fits("with activations offloaded to CPU memory", peak_offload), 0
+        peak_tiled = self._try_policy(batch, "tiled")
+        if peak_tiled is not None:
+            how = "with activations offloaded and each MLP run in slices of tokens"
+            return "tiled", fits(how, peak_tiled), 0
         raise OutOfMemory(
             step=0,
             micro_batch_size=self.config.micro_batch_size,
             seq_len=tokens,
-            detail="Even offloaded gradient checkpointing does not fit one micro-batch.",
+            detail="Even offloaded checkpointing with sliced MLPs does not fit one micro-batch.",
         )
 
     def _most_layers_kept(
@@ -485,10 +512,9 @@ class SFTRecipe:
         the GPU), outside the Trainer: for trial steps and measurements. The gradients stay on
         the model; the detached loss is returned."""
         cuda = self.device.type == "cuda"
-        with self.activation_offload():
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = self.model(**batch).loss
-            loss.backward()
+        with self.activation_offload(), torch.autocast(self.device.type, torch.bfloat16, cuda):
+            loss = self.model(**batch).loss
+        loss.backward()
         return loss.detach()
 
     def _free_cuda(self) -> None:
@@ -824,13 +850,18 @@ class _SFTTrainer(Trainer):
             mask.sum() if mask is not None else inputs["input_ids"].numel()
         )
         self.last_seq_len = int(inputs["input_ids"].shape[-1])
-        with self.recipe.activation_offload():
-            loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
         finite = loss.detach().isfinite()  # on the loss's device: no sync until the step ends
         self.step_finite = (
             finite if self.step_finite is True else torch.logical_and(self.step_finite, finite)
         )
         return loss
+
+    def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+        # The forward pass only: a checkpointed layer's rerun in the backward pass saves for
+        # itself and frees it layer by layer, in GPU memory.
+        with self.recipe.activation_offload():
+            return super().compute_loss(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Under FSDP the callback's on_save writes a checkpoint's adapter (save_sharded_adapter);
