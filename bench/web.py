@@ -12,7 +12,12 @@ Printed: the writer's steps/s and per-write time in both phases (its slowdown is
 open pages to training), the insert-to-client latency of every row at every client (p50/p95/max),
 whether every client got every row exactly once, and job-page GET latency (p50/p99) while streaming.
 
-    python bench/web.py [--clients 50] [--seconds 20] [--step-ms 20]
+    python bench/web.py [--clients 50] [--seconds 20] [--step-ms 20] [--pin]
+
+--pin gives the writer a CPU core of its own and the server and clients the rest, as on a host
+with a core to spare for the dashboard: the slowdown is then what the open pages cost the writer
+through the database, not a share of its core (without it, on a 2-core machine, the 50 clients
+and the server take turns with the writer on the same cores).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,6 +119,7 @@ def writer_phase(server: LiveServer, claim: Claim, first: int, args) -> dict:
         text=True,
         check=True,
         cwd=ROOT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, args.writer_cpus)) if args.pin else None,
     )
     return json.loads(out.stdout)
 
@@ -231,7 +238,14 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=20.0)
     parser.add_argument("--keepalive", type=float, default=1.0, help="server keepalive (s)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating no-clients/clients runs")
+    parser.add_argument("--pin", action="store_true", help="the writer on a core of its own")
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        parser.error("--pin needs at least 2 CPU cores")
+    args.writer_cpus, others = {cpus[-1]}, set(cpus[:-1])
+    if args.pin:
+        os.sched_setaffinity(0, others)  # the clients, and the server started below
     args.work_n = calibrate(args.step_ms)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -305,7 +319,9 @@ def main() -> None:
     ]
     print(
         f"\nbench/web.py: {args.clients} clients, {args.seconds:.0f} s per phase, "
-        f"{args.step_ms:.0f} ms CPU per simulated step, {args.rounds} rounds\n"
+        f"{args.step_ms:.0f} ms CPU per simulated step, {args.rounds} rounds"
+        + (f", writer pinned to CPU {cpus[-1]}, the rest to {sorted(others)}" if args.pin else "")
+        + "\n"
     )
     print("| measure | no clients | with clients |\n|---|---|---|")
     for name, a, b in rows:
