@@ -25,7 +25,8 @@ class OutOfMemory(TrainingError):
             f"The GPU ran out of memory at step {step} "
             f"(micro batch {micro_batch_size}, sequence of {seq_len} tokens). {detail}".strip(),
             "Lower the micro batch size (raise gradient accumulation to keep the effective batch), "
-            "lower max_seq_len, or set gradient checkpointing to 'offload' or, for the longest sequences, 'tiled'.",
+            "lower max_seq_len, or set gradient checkpointing to 'offload' or, for the longest "
+            "sequences, 'tiled'.",
         )
 
 

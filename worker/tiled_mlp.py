@@ -95,8 +95,9 @@ class _TiledMLP(torch.autograd.Function):
                     grad_x.narrow(-2, done, piece.shape[-2]).copy_(grads.pop(0))
                     done += piece.shape[-2]
                 for i, grad in enumerate(grads):
+                    total = grad_params[i]
                     if grad is not None:
-                        grad_params[i] = grad if grad_params[i] is None else grad_params[i] + grad
+                        grad_params[i] = grad if total is None else total + grad
         per_param = iter(grad_params)
         return (
             None,

@@ -334,11 +334,12 @@ class SFTRecipe:
         )
 
     def _set_memory_policy(self, policy: str, kept_layers: int = 0) -> None:
-        """Non-reentrant checkpointing of every decoder layer; "offload" also moves what a step
-        saves outside the layers (their inputs) to pinned host memory (worker.offload);
-        "partial" checkpoints all but the last `kept_layers`, which keep their activations (no
-        recompute) in memory the card has to spare; "tiled" is "offload" with every MLP run a
-        slice of tokens at a time (worker.tiled_mlp), for sequences "offload" cannot fit."""
+        """Checkpointing of every decoder layer (`_checkpoint_kwargs`); "offload" also moves
+        what a step saves outside the layers (their inputs) to pinned host memory
+        (worker.offload); "partial" checkpoints all but the last `kept_layers`, which keep their
+        activations (no recompute) in memory the card has to spare; "tiled" is "offload" with
+        every MLP run a slice of tokens at a time (worker.tiled_mlp), for sequences "offload"
+        cannot fit."""
         self.memory_policy = policy
         base = self.model.get_base_model()
         if policy == "tiled":
@@ -369,10 +370,11 @@ class SFTRecipe:
     def _checkpoint_kwargs(self) -> dict[str, Any]:
         """Reentrant checkpointing on one GPU: a checkpointed layer's forward runs without
         autograd, and its backward reruns it and backpropagates through it as one piece. The
-        non-reentrant kind runs Python hooks for every tensor each layer saves, twice, and that
-        left the GPU waiting for the CPU: 8B, 4,096 tokens, 889 vs 348 ms a step with every layer
-        checkpointed (bench/RESULTS.md). FSDP keeps the non-reentrant kind, which it documents.
-        Transformers makes the embeddings' output want a gradient, as reentrant needs."""
+        non-reentrant kind runs Python hooks for every tensor each layer saves, twice, and the
+        GPU waited for them: 8B, 4,096 tokens, every layer checkpointed, 779 ms a step against
+        486 ms reentrant (bench/RESULTS.md, session 4). FSDP keeps the non-reentrant kind, the one
+        the 2-GPU test verifies. Transformers makes the embeddings' output want a gradient, as
+        reentrant needs."""
         return {"use_reentrant": not self.distributed}
 
     def _decoder_layers(self) -> list[Any]:
