@@ -9,8 +9,9 @@ whole layer without checkpointing; the tables say which operators grow.
 A policy may name a variant after a colon, to try a change before it goes into the recipe:
 `on:nonreentrant` (the non-reentrant kind the recipe used before), `on:norng` (non-reentrant
 without RNG stashing or the determinism check), `off:compiled` / `on:compiled` (each decoder
-layer under torch.compile). The step's CPU time (all threads) beside its wall time says whether
-the GPU waits for the CPU.
+layer under torch.compile), `off:fusedlora` / `on:fusedlora` (each LoRA projection as one
+autograd function: bench/fused_lora.py). The step's CPU time (all threads) beside its wall time
+says whether the GPU waits for the CPU.
 
 Writes profile-<shape>.md (step times, the per-layer cost of recompute, each policy's top
 operators by self device time and by self CPU time) to --out, and prints it.
@@ -132,9 +133,11 @@ def main(argv: list[str] | None = None) -> None:
 def set_policy(recipe, spec: str) -> None:
     """A memory policy as the recipe sets it, then the variant after the colon, if any."""
     import torch
+    from fused_lora import fuse_lora, unfuse_lora
 
     policy, _, variant = spec.partition(":")
     recipe._set_memory_policy(policy)
+    unfuse_lora(recipe.model)  # an earlier variant's
     base = recipe.model.get_base_model()
     layers = recipe._decoder_layers()
     for layer in layers:  # undo an earlier variant's compile
@@ -153,6 +156,9 @@ def set_policy(recipe, spec: str) -> None:
         torch._dynamo.config.cache_size_limit = 64
         for layer in layers:
             layer.compile()
+    elif variant == "fusedlora":
+        if not fuse_lora(recipe.model):
+            raise ValueError("no LoRA projection could be fused")
     elif variant:
         raise ValueError(f"unknown variant {variant!r}")
 
