@@ -28,7 +28,8 @@ class _OnHost:
 
 
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
-    """The context one training step (forward and backward) runs in."""
+    """The context one forward pass runs in; what it saved comes back in the backward pass,
+    wherever that runs."""
 
     def __init__(self, stream: torch.cuda.Stream) -> None:
         self.stream = stream

@@ -342,10 +342,11 @@ class SFTRecipe:
         cannot fit."""
         self.memory_policy = policy
         base = self.model.get_base_model()
+        layers = self._decoder_layers()
         if policy == "tiled":
-            tile_mlps(self._decoder_layers(), self._tile_tokens())
+            tile_mlps(layers, self._tile_tokens())
         else:
-            untile_mlps(self._decoder_layers())
+            untile_mlps(layers)
         if policy == "off":
             if hasattr(base, "activation_checkpointing_disable"):
                 base.activation_checkpointing_disable()
@@ -358,7 +359,6 @@ class SFTRecipe:
                 gradient_checkpointing_kwargs=self._checkpoint_kwargs()
             )
         if policy == "partial":
-            layers = self._decoder_layers()
             for index, layer in enumerate(layers):
                 layer.gradient_checkpointing = index < len(layers) - kept_layers
 
@@ -385,7 +385,8 @@ class SFTRecipe:
         return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     def activation_offload(self) -> Any:
-        """The context a training step runs in: activations to pinned host memory, or nothing."""
+        """The context a forward pass runs in: what it saves for the backward pass goes to
+        pinned host memory, or nothing happens."""
         if self.memory_policy not in ("offload", "tiled") or self.device.type != "cuda":
             return contextlib.nullcontext()
         if self.offload_stream is None:
