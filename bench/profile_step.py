@@ -9,8 +9,9 @@ whole layer without checkpointing; the tables say which operators grow.
 A policy may name a variant after a colon, to try a change before it goes into the recipe:
 `on:nonreentrant` (the non-reentrant kind the recipe used before), `on:norng` (non-reentrant
 without RNG stashing or the determinism check), `off:compiled` / `on:compiled` (each decoder
-layer under torch.compile), `off:fusedlora` / `on:fusedlora` (each LoRA projection as one
-autograd function: bench/fused_lora.py). The step's CPU time (all threads) beside its wall time
+layer under torch.compile), `off:unfused` / `on:unfused` (peft's own path through the MLPs, as
+before worker/fused_mlp.py). The loss and LoRA gradient norm of one step on the same batch are
+printed per policy: a variant must not change them. The step's CPU time (all threads) beside its wall time
 says whether the GPU waits for the CPU.
 
 Writes profile-<shape>.md (step times, the per-layer cost of recompute, each policy's top
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         f"# Profile: {shape['label']}, {tokens} tokens a step, {layers} layers, "
         f"{'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}, torch {torch.__version__}",
         "",
-        "| policy | step ms (median of timed) | CPU ms a step (all threads) | peak alloc GiB |",
-        "|---|---|---|---|",
+        "| policy | step ms (median of timed) | CPU ms a step (all threads) | peak alloc GiB "
+        "| loss | LoRA grad norm |",
+        "|---|---|---|---|---|---|",
     ]
     tables: list[str] = []
     times: dict[str, float] = {}
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 set_policy(recipe, policy)
             except Exception as error:  # a variant this stack cannot do: say so, go on
-                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | |")
+                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | | | |")
                 continue
 
             def step() -> None:
@@ -93,9 +95,10 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(2):  # warm-up: kernels chosen, allocator filled, graphs compiled
                     step()
             except Exception as error:
-                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | |")
+                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | | | |")
                 recipe.model.zero_grad(set_to_none=True)
                 continue
+            loss, norm = check_step(recipe, batch)  # the same batch: every row should agree
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             samples, cpu = [], 0.0
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             peak = torch.cuda.max_memory_allocated() / bench.GIB if cuda else float("nan")
             lines.append(
                 f"| {policy} | {times[policy] * 1000:.1f} | {cpu / args.timed * 1000:.1f} "
-                f"| {peak:.2f} |"
+                f"| {peak:.2f} | {loss:.4f} | {norm:.4f} |"
             )
             if args.tables:
                 tables += profile_tables(torch, step, policy, cuda, args.rows)
@@ -130,14 +133,29 @@ def main(argv: list[str] | None = None) -> None:
     print(text, flush=True)
 
 
+def check_step(recipe, batch) -> tuple[float, float]:
+    """One step's loss and the norm of every LoRA gradient (a variant must not change them)."""
+    import torch
+
+    loss = recipe.forward_backward(batch).item()
+    grads = [p.grad.float() for p in recipe.model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    recipe.model.zero_grad(set_to_none=True)
+    return loss, norm.item()
+
+
 def set_policy(recipe, spec: str) -> None:
     """A memory policy as the recipe sets it, then the variant after the colon, if any."""
     import torch
-    from fused_lora import fuse_lora, unfuse_lora
+
+    from worker.fused_mlp import fuse_mlps, unfuse_mlps
 
     policy, _, variant = spec.partition(":")
+    recipe._set_memory_policy("off")  # untiled, so that the MLPs' forwards can be swapped
+    unfuse_mlps(recipe.model)
+    if variant != "unfused":
+        fuse_mlps(recipe.model)  # as the recipe does
     recipe._set_memory_policy(policy)
-    unfuse_lora(recipe.model)  # an earlier variant's
     base = recipe.model.get_base_model()
     layers = recipe._decoder_layers()
     for layer in layers:  # undo an earlier variant's compile
@@ -156,9 +174,8 @@ def set_policy(recipe, spec: str) -> None:
         torch._dynamo.config.cache_size_limit = 64
         for layer in layers:
             layer.compile()
-    elif variant == "fusedlora":
-        if not fuse_lora(recipe.model):
-            raise ValueError("no LoRA projection could be fused")
+    elif variant == "unfused":
+        pass
     elif variant:
         raise ValueError(f"unknown variant {variant!r}")
 

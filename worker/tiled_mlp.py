@@ -18,29 +18,27 @@ from typing import Any
 
 import torch
 
+from worker.forward_swap import replace_forward, restore_forward
+
+_KEY = "_untiled_forward"
+
 
 def tile_mlps(layers: list[Any], tokens: int) -> None:
     """Every layer's `mlp` runs slices of at most `tokens` tokens (shorter inputs run whole)."""
     for layer in layers:
-        mlp = layer.mlp
-        if not hasattr(mlp, "_untiled_forward"):
-            mlp._untiled_forward = mlp.forward  # the class's, or one a kernel library bound
-        mlp.forward = _TiledForward(mlp, tokens)
+        replace_forward(layer.mlp, _TiledForward(layer.mlp, tokens), _KEY)
 
 
 def untile_mlps(layers: list[Any]) -> None:
     for layer in layers:
-        mlp = layer.mlp
-        if hasattr(mlp, "_untiled_forward"):
-            mlp.forward = mlp._untiled_forward
-            del mlp._untiled_forward
+        restore_forward(layer.mlp, _KEY)
 
 
 class _TiledForward:
     """Stands in for `mlp.forward` (an instance attribute, so the module's hooks still run)."""
 
     def __init__(self, mlp: Any, tokens: int) -> None:
-        self.forward = mlp._untiled_forward
+        self.forward = vars(mlp).get(_KEY, mlp.forward)
         self.params = [p for p in mlp.parameters() if p.requires_grad]  # the LoRA weights
         self.tokens = tokens
 

@@ -1,0 +1,165 @@
+"""worker/fused_mlp.py on the CPU, through the recipe: every LoRA MLP of the demo model runs as one
+autograd function, with peft's loss and LoRA gradients under every memory policy, keeping less
+for the backward pass; MLPs it cannot do keep peft's path."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from app.train_config import TrainConfig
+from worker.fused_mlp import fuse_mlps, unfuse_mlps
+from worker.metrics import ListSink
+from worker.recipes.sft import LocalControl, SFTRecipe
+
+LAYERS = 4  # the demo model's
+
+
+def _recipe(demo_model, demo_rows, tmp_path, **overrides) -> SFTRecipe:
+    fields = dict(
+        dataset_id="0" * 32, max_steps=1, micro_batch_size=2, max_seq_len=64, lora_r=8,
+        lora_alpha=16, lora_dropout=0.0, quantization="none", eval_fraction=0.0, seed=3,
+    )  # fmt: skip
+    config = TrainConfig(**{**fields, **overrides})
+    recipe = SFTRecipe(
+        config, demo_model, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows
+    )
+    recipe.setup()
+    for name, param in recipe.model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; non-zero B makes every gradient non-zero
+            torch.nn.init.normal_(param, std=0.05)
+    return recipe
+
+
+def _fused(model) -> int:
+    return sum("_unfused_forward" in vars(m) for m in model.modules())
+
+
+def _gradients(recipe, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    recipe.model.zero_grad(set_to_none=True)
+    loss = recipe.forward_backward(batch).item()
+    return loss, {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def recipe(demo_model, demo_rows, tmp_path):
+    recipe = _recipe(demo_model, demo_rows, tmp_path)
+    yield recipe
+    recipe.cleanup()
+
+
+@pytest.mark.parametrize("policy", ["off", "on", "tiled"])
+def test_fused_mlps_give_peft_s_loss_and_gradients(recipe, policy):
+    assert _fused(recipe.model) == LAYERS
+    assert "fused LoRA MLPs" in recipe.control.fields["compute_mode"]
+    batch = recipe._longest_batch()
+    recipe._tile_tokens = lambda: 16  # slices shorter than the batch: tiling happens
+    assert batch["input_ids"].shape[-1] > 2 * 16
+    recipe._set_memory_policy(policy)
+    loss, grads = _gradients(recipe, batch)
+    recipe._set_memory_policy("off")  # untiled first: tiling wraps the forward it finds
+    unfuse_mlps(recipe.model)
+    assert _fused(recipe.model) == 0
+    recipe._set_memory_policy(policy)
+    peft_loss, peft_grads = _gradients(recipe, batch)
+    assert len(grads) == LAYERS * 7 * 2  # 7 projections, lora_A and lora_B
+    assert loss == pytest.approx(peft_loss, rel=1e-5)
+    for name, grad in peft_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_fused_mlp_keeps_less_for_the_backward_pass(recipe):
+    """peft keeps the SwiGLU product for down_proj's backward pass; the fused MLP recomputes it."""
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy("off")
+
+    def saved_bytes() -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            if not isinstance(tensor, torch.nn.Parameter):
+                total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            recipe.model(**batch).loss.backward()
+        recipe.model.zero_grad(set_to_none=True)
+        return total
+
+    fused = saved_bytes()
+    unfuse_mlps(recipe.model)
+    unfused = saved_bytes()
+    config = recipe.model.config
+    product = batch["input_ids"].numel() * config.intermediate_size * 4  # fp32 on the CPU
+    assert fused <= unfused - LAYERS * product, (fused, unfused)
+
+
+def test_a_disabled_adapter_answers_as_the_base_model(recipe):
+    """The playground's "base model" answer disables the adapter: the fused MLP steps aside."""
+    batch = {k: v for k, v in recipe._longest_batch().items() if k != "labels"}
+    model = recipe.model
+    model.eval()
+    with torch.no_grad():
+        tuned = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+        unfuse_mlps(model)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**batch).logits, base)
+        torch.testing.assert_close(model(**batch).logits, tuned, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(tuned, base, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"lora_dropout": 0.1}, {"lora_targets": ["q_proj", "gate_proj", "up_proj"]}],
+    ids=["lora dropout", "down_proj without LoRA"],
+)
+def test_an_mlp_the_function_cannot_do_keeps_peft_s_path(
+    demo_model, demo_rows, tmp_path, overrides
+):
+    recipe = _recipe(demo_model, demo_rows, tmp_path, **overrides)
+    try:
+        assert _fused(recipe.model) == 0
+        assert "fused" not in recipe.control.fields["compute_mode"]
+        assert fuse_mlps(recipe.model) == 0
+        assert recipe.forward_backward(recipe._longest_batch()).item() > 0
+    finally:
+        recipe.cleanup()
+
+
+@pytest.mark.parametrize("where", ["_swiglu", "_swiglu_back"], ids=["forward", "backward"])
+def test_out_of_memory_inside_a_fused_mlp_leaves_no_activation_alive(
+    demo_model, demo_rows, tmp_path, monkeypatch, where
+):
+    """The job's OutOfMemory is raised and every activation the step made is freed (the GPU gives
+    its memory back): an out-of-memory error in the fused function's forward or backward pass."""
+    from worker import fused_mlp
+    from worker.errors import OutOfMemory
+
+    recipe = _recipe(demo_model, demo_rows, tmp_path, max_steps=2, gradient_checkpointing="off")
+    made: list[weakref.ref] = []
+    original = getattr(fused_mlp, where)
+    calls = 0
+
+    def failing(gate, up, *rest):
+        nonlocal calls
+        made.append(weakref.ref(gate))
+        calls += 1
+        if calls == LAYERS - 1:  # some layers done, some not
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(gate, up, *rest)
+
+    monkeypatch.setattr(fused_mlp, where, failing)
+    try:
+        with pytest.raises(OutOfMemory):
+            recipe.train()
+    finally:
+        recipe.cleanup()
+    gc.collect()
+    assert made and not [ref for ref in made if ref() is not None]

@@ -1,0 +1,237 @@
+"""Each decoder layer's SwiGLU MLP, LoRA on all three projections, as one autograd function.
+
+Through peft, a LoRA MLP is some twenty autograd nodes: per projection bitsandbytes' 4-bit matmul,
+lora_A, lora_B, a scale, an add (and peft's defensive clone), then the SwiGLU. Each node runs
+Python on the host, and the 8B step is bound by the host (bench/RESULTS.md, session 4). Here one
+function computes
+
+    down(silu(gate(x)) * up(x)),  each projection  x W^T + s (x A^T) B^T
+
+(W dequantized on the fly, as bitsandbytes does) and its backward pass writes dx and every dA, dB
+directly. It keeps x, gate(x), up(x) and the three rank-r products; the SwiGLU product, the largest
+of peft's saved tensors (14,336 values a token at 8B), is recomputed in the backward pass. On the
+8B step at 4,096 tokens (bench/RESULTS.md, session 5): 3.4 GiB less without checkpointing (20.9
+against 24.4 GiB), which lets a 24 GB card skip checkpointing at 2,048 x 2, and 4-5% less time
+with every layer checkpointed. Fusing each projection on its own, without the SwiGLU, did not pay.
+
+The SwiGLU runs on Liger's Triton kernels on CUDA, on torch elsewhere. An MLP qualifies when it is
+SwiGLU (`config.hidden_act` silu) and its three projections carry one plain LoRA adapter each
+(no dropout, no DoRA); any other MLP keeps peft's path, as does an MLP whose adapter is disabled or
+merged (the playground's "base model" answers).
+
+    fuse_mlps(model)    # returns how many; unfuse_mlps(model) undoes it
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from worker.forward_swap import replace_forward, restore_forward
+
+_KEY = "_unfused_forward"
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class _Projection(NamedTuple):
+    """One LoRA projection: x W^T + scale (x A^T) B^T, W the base layer's (4-bit or not)."""
+
+    base: Any
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+
+
+def fuse_mlps(model: Any) -> int:
+    """Every qualifying MLP of `model` runs as one function; returns how many."""
+    count = 0
+    for module in model.modules():
+        if _qualifies(module):
+            replace_forward(module, _FusedForward(module), _KEY)
+            count += 1
+    return count
+
+
+def unfuse_mlps(model: Any) -> None:
+    for module in model.modules():
+        restore_forward(module, _KEY)
+
+
+def _qualifies(mlp: Any) -> bool:
+    act = getattr(getattr(mlp, "config", None), "hidden_act", None)
+    projections = [getattr(mlp, name, None) for name in PROJECTIONS]
+    return act in ("silu", "swish") and all(_plain_lora(p) for p in projections)
+
+
+def _plain_lora(module: Any) -> bool:
+    """One LoRA adapter on a linear (4-bit or not) layer, no dropout, no variant such as DoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer) or len(module.active_adapters) != 1:
+        return False
+    name = module.active_adapters[0]
+    base = module.get_base_layer()
+    return (
+        name in module.lora_A
+        and not getattr(module, "lora_variant", {}).get(name)
+        and isinstance(module.lora_dropout[name], torch.nn.Identity)
+        and (hasattr(getattr(base, "weight", None), "quant_state") or type(base) is torch.nn.Linear)
+    )
+
+
+class _FusedForward:
+    """Stands in for `mlp.forward` (an instance attribute, so the module's hooks still run)."""
+
+    def __init__(self, mlp: Any) -> None:
+        self.mlp = mlp
+        self.projections = [getattr(mlp, name) for name in PROJECTIONS]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if any(p.disable_adapters or p.merged for p in self.projections):
+            return getattr(self.mlp, _KEY)(x)
+        projections: list[_Projection] = []
+        lora: list[torch.Tensor] = []
+        for p in self.projections:
+            name = p.active_adapters[0]
+            a, b = p.lora_A[name].weight, p.lora_B[name].weight
+            projections.append(_Projection(p.get_base_layer(), a, b, p.scaling[name]))
+            lora += [a, b]
+        # The forward pass runs outside the autograd function: an out-of-memory error raised
+        # inside one (torch 2.11, Python 3.12, CUDA) left every activation of the step alive.
+        with torch.no_grad():
+            y, saved = _mlp_forward(x, projections)
+        if not torch.is_grad_enabled():  # evaluation, or a checkpointed layer's first pass
+            return y
+        return _LoraMLP.apply(x, y, projections, *saved, *lora)
+
+
+def _mlp_forward(
+    x: torch.Tensor, projections: list[_Projection]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """down(silu(gate(x)) * up(x)) and what its backward pass needs."""
+    dtype = _compute_dtype(x)
+    (gate_p, up_p, down_p) = projections
+    with torch.autocast(x.device.type, enabled=False):
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        gate, xa_gate = _project(flat, gate_p, dtype)
+        up, xa_up = _project(flat, up_p, dtype)
+        y, ha = _project(_swiglu(gate, up), down_p, dtype)
+    return y.view(*x.shape[:-1], y.shape[-1]), [flat, gate, up, xa_gate, xa_up, ha]
+
+
+class _LoraMLP(torch.autograd.Function):
+    """Gradients for `_mlp_forward`'s result `y`: the SwiGLU product is recomputed, gate and up
+    are overwritten by their gradients (they are not needed after)."""
+
+    @staticmethod
+    def forward(ctx: Any, x, y, projections, *saved_and_lora):  # type: ignore[override]
+        ctx.save_for_backward(*saved_and_lora[:6])
+        ctx.projections, ctx.dtype, ctx.x_shape, ctx.x_dtype = (
+            projections,
+            saved_and_lora[0].dtype,
+            x.shape,
+            x.dtype,
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        flat, gate, up, xa_gate, xa_up, ha = ctx.saved_tensors
+        gate_p, up_p, down_p = ctx.projections
+        dtype = ctx.dtype
+        dy = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        h = _swiglu(gate, up)
+        down_a, down_b, dh = _project_back(dy, h, ha, down_p, dtype, None)
+        del h
+        d_gate, d_up = _swiglu_back(gate, up, dh)  # written over gate and up
+        del dh
+        wants_x = bool(ctx.needs_input_grad[0])
+        grad_x = None if wants_x else False
+        gate_a, gate_b, grad_x = _project_back(d_gate, flat, xa_gate, gate_p, dtype, grad_x)
+        up_a, up_b, grad_x = _project_back(d_up, flat, xa_up, up_p, dtype, grad_x)
+        dx = grad_x.view(ctx.x_shape).to(ctx.x_dtype) if wants_x else None
+        return (dx, None, None, *[None] * 6, gate_a, gate_b, up_a, up_b, down_a, down_b)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight [out, in] in `dtype`: dequantized when it is 4-bit."""
+    weight = base.weight
+    if hasattr(weight, "quant_state"):
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+def _project(
+    flat: torch.Tensor, p: _Projection, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`flat W^T + s (flat A^T) B^T`, and `flat A^T` for the backward pass."""
+    xa = flat @ p.lora_a.to(dtype).t()
+    y = flat @ _weight(p.base, dtype).t()
+    y.addmm_(xa, p.lora_b.to(dtype).t(), alpha=p.scale)
+    if p.base.bias is not None:
+        y += p.base.bias.to(dtype)
+    return y, xa
+
+
+def _project_back(
+    dy: torch.Tensor,
+    flat: torch.Tensor,
+    xa: torch.Tensor,
+    p: _Projection,
+    dtype: torch.dtype,
+    grad_x: Any,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One projection's dA and dB; its dx is added into `grad_x` (None: a new one; False: none
+    is wanted)."""
+    a = p.lora_a.to(dtype)
+    dz = dy @ p.lora_b.to(dtype)  # the gradient at x A^T, before the scale
+    if grad_x is None:
+        grad_x = dy @ _weight(p.base, dtype)
+    elif grad_x is not False:
+        grad_x.addmm_(dy, _weight(p.base, dtype))
+    if grad_x is not False:
+        grad_x.addmm_(dz, a, alpha=p.scale)
+    grad_a = (dz.t() @ flat).mul_(p.scale).to(p.lora_a.dtype)
+    grad_b = (dy.t() @ xa).mul_(p.scale).to(p.lora_b.dtype)
+    return grad_a, grad_b, grad_x
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if gate.is_cuda and _liger_swiglu() is not None:
+        return _liger_swiglu().swiglu_forward(gate, up)[2]
+    return torch.nn.functional.silu(gate) * up
+
+
+def _swiglu_back(
+    gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """d gate and d up (on CUDA written over `gate` and `up`, which are not needed after)."""
+    if gate.is_cuda and _liger_swiglu() is not None:
+        return _liger_swiglu().swiglu_backward(gate, up, dh)
+    g, u, d = gate.float(), up.float(), dh.float()
+    sig = torch.sigmoid(g)
+    d_gate = d * u * sig * (1 + g * (1 - sig))
+    return d_gate.to(gate.dtype), (d * g * sig).to(up.dtype)
+
+
+_LIGER: Any = None
+
+
+def _liger_swiglu() -> Any:
+    global _LIGER
+    if _LIGER is None:
+        try:
+            from liger_kernel.ops import swiglu
+
+            _LIGER = swiglu
+        except Exception:  # not installed, or no triton for this device
+            _LIGER = False
+    return _LIGER or None
