@@ -10,7 +10,8 @@ A policy may name a variant after a colon, to try a change before it goes into t
 `on:nonreentrant` (the non-reentrant kind the recipe used before), `on:norng` (non-reentrant
 without RNG stashing or the determinism check), `off:compiled` / `on:compiled` (each decoder
 layer under torch.compile), `off:unfused` / `on:unfused` (peft's own path through the MLPs, as
-before worker/fused_mlp.py). The loss and LoRA gradient norm of one step on the same batch are
+before worker/fused_mlp.py), `off:fusedinside` (the fused MLP with its forward pass inside the
+autograd function, session 5's form A). The loss and LoRA gradient norm of one step on the same batch are
 printed per policy: a variant must not change them. The step's CPU time (all threads) beside its wall time
 says whether the GPU waits for the CPU.
 
@@ -133,6 +134,38 @@ def main(argv: list[str] | None = None) -> None:
     print(text, flush=True)
 
 
+def fuse_inside(model) -> int:
+    """Form A of worker/fused_mlp.py: the MLP's forward pass inside the autograd function (the
+    recipe runs it outside since session 5; bench/RESULTS.md compares the two)."""
+    import torch
+
+    from worker import fused_mlp
+    from worker.forward_swap import replace_forward
+
+    class Inside(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, projections, *lora):
+            y, saved = fused_mlp._mlp_forward(x, projections)
+            return fused_mlp._LoraMLP.forward(ctx, x, y, projections, *saved, *lora)
+
+        @staticmethod
+        def backward(ctx, grad):
+            grads = fused_mlp._LoraMLP.backward(ctx, grad)
+            return (grads[0], None, *grads[9:])  # x, projections, the six LoRA weights
+
+    class InsideForward(fused_mlp._FusedForward):
+        def __call__(self, x):
+            projections, lora = self.lora_projections()
+            return Inside.apply(x, projections, *lora)
+
+    count = 0
+    for module in model.modules():
+        if isinstance(vars(module).get("forward"), fused_mlp._FusedForward):
+            replace_forward(module, InsideForward(module), fused_mlp._KEY)
+            count += 1
+    return count
+
+
 def check_step(recipe, batch) -> tuple[float, float]:
     """One step's loss and the norm of every LoRA gradient (a variant must not change them)."""
     import torch
@@ -155,6 +188,8 @@ def set_policy(recipe, spec: str) -> None:
     unfuse_mlps(recipe.model)
     if variant != "unfused":
         fuse_mlps(recipe.model)  # as the recipe does
+    if variant == "fusedinside" and not fuse_inside(recipe.model):
+        raise ValueError("no fused MLP to run in form A")
     recipe._set_memory_policy(policy)
     base = recipe.model.get_base_model()
     layers = recipe._decoder_layers()
@@ -174,7 +209,7 @@ def set_policy(recipe, spec: str) -> None:
         torch._dynamo.config.cache_size_limit = 64
         for layer in layers:
             layer.compile()
-    elif variant == "unfused":
+    elif variant in ("unfused", "fusedinside"):
         pass
     elif variant:
         raise ValueError(f"unknown variant {variant!r}")

@@ -3,7 +3,8 @@
 The stand-in is an instance attribute, so `module(...)` still runs the module's hooks; the forward
 it replaces (the class's, or one a kernel library bound) is kept under a key of the caller's, and
 replacing again keeps the first one. worker.fused_mlp and worker.tiled_mlp use it; a tiled MLP
-that is also fused slices the fused forward.
+that is also fused slices the fused forward. Undo in the reverse order (untile, then unfuse):
+taking out the inner stand-in first drops the outer one and leaves its key behind.
 """
 
 from __future__ import annotations

@@ -90,13 +90,7 @@ class _FusedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if any(p.disable_adapters or p.merged for p in self.projections):
             return getattr(self.mlp, _KEY)(x)
-        projections: list[_Projection] = []
-        lora: list[torch.Tensor] = []
-        for p in self.projections:
-            name = p.active_adapters[0]
-            a, b = p.lora_A[name].weight, p.lora_B[name].weight
-            projections.append(_Projection(p.get_base_layer(), a, b, p.scaling[name]))
-            lora += [a, b]
+        projections, lora = self.lora_projections()
         # The forward pass runs outside the autograd function: an out-of-memory error raised
         # inside one (torch 2.11, Python 3.12, CUDA) left every activation of the step alive.
         with torch.no_grad():
@@ -104,6 +98,17 @@ class _FusedForward:
         if not torch.is_grad_enabled():  # evaluation, or a checkpointed layer's first pass
             return y
         return _LoraMLP.apply(x, y, projections, *saved, *lora)
+
+    def lora_projections(self) -> tuple[list[_Projection], list[torch.Tensor]]:
+        """Gate, up and down with their active adapter, and the six LoRA weights."""
+        projections: list[_Projection] = []
+        lora: list[torch.Tensor] = []
+        for p in self.projections:
+            name = p.active_adapters[0]
+            a, b = p.lora_A[name].weight, p.lora_B[name].weight
+            projections.append(_Projection(p.get_base_layer(), a, b, p.scaling[name]))
+            lora += [a, b]
+        return projections, lora
 
 
 def _mlp_forward(

@@ -58,19 +58,23 @@ def test_the_step_profile_times_each_memory_policy_and_tables_its_operators(
 ) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "bench/profile_step.py", "--shape", "smoke", "--policies", "off,on",
-         "--timed", "2", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+        [sys.executable, "bench/profile_step.py", "--shape", "smoke", "--policies",
+         "off,on,off:unfused,off:fusedinside", "--timed", "2", "--out", str(tmp_path / "out"),
+         "--cache", str(tmp_path / "cache")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "out" / "profile-smoke.md").read_text()
-    steps = {
-        cells[1]: float(cells[2])
+    rows = {
+        cells[1]: cells[2:]
         for line in report.splitlines()
-        if line.startswith(("| off ", "| on "))
+        if line.startswith(("| off", "| on "))
         for cells in [[c.strip() for c in line.split("|")]]
     }
-    assert set(steps) == {"off", "on"} and all(ms > 0 for ms in steps.values())
+    assert set(rows) == {"off", "on", "off:unfused", "off:fusedinside"}, report
+    assert all(float(cells[0]) > 0 for cells in rows.values())
+    # The same batch under every policy and variant: the same loss and LoRA gradient norm.
+    assert len({(cells[3], cells[4]) for cells in rows.values()}) == 1, rows
     assert "ms more per layer than off" in report
     assert "## on: top operators by self_cpu_time_total" in report
     assert "aten::mm" in report  # the projections, in the operator table

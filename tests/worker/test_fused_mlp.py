@@ -137,8 +137,10 @@ def test_an_mlp_the_function_cannot_do_keeps_peft_s_path(
 def test_out_of_memory_inside_a_fused_mlp_leaves_no_activation_alive(
     demo_model, demo_rows, tmp_path, monkeypatch, where
 ):
-    """The job's OutOfMemory is raised and every activation the step made is freed (the GPU gives
-    its memory back): an out-of-memory error in the fused function's forward or backward pass."""
+    """An out-of-memory error in the fused MLP's forward or backward pass: the job's typed
+    OutOfMemory is raised and every activation the step made is freed. On the CPU, with an error
+    raised by hand; the GPU side (a real error from the card) is test_gpu_recipe's 262,144-token
+    test and bench/RESULTS.md, session 5."""
     from worker import fused_mlp
     from worker.errors import OutOfMemory
 
