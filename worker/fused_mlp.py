@@ -65,7 +65,8 @@ def _qualifies(mlp: Any) -> bool:
 
 
 def _plain_lora(module: Any) -> bool:
-    """One LoRA adapter on a linear (4-bit or not) layer, no dropout, no variant such as DoRA."""
+    """One LoRA adapter on a linear (4-bit or not) layer: no dropout, no bias on lora_B, no
+    variant such as DoRA."""
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(module, LoraLayer) or len(module.active_adapters) != 1:
@@ -75,6 +76,8 @@ def _plain_lora(module: Any) -> bool:
     return (
         name in module.lora_A
         and not getattr(module, "lora_variant", {}).get(name)
+        and not getattr(module, "use_dora", {}).get(name)
+        and getattr(module.lora_B[name], "bias", None) is None
         and isinstance(module.lora_dropout[name], torch.nn.Identity)
         and (hasattr(getattr(base, "weight", None), "quant_state") or type(base) is torch.nn.Linear)
     )

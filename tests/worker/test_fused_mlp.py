@@ -133,6 +133,21 @@ def test_an_mlp_the_function_cannot_do_keeps_peft_s_path(
         recipe.cleanup()
 
 
+def test_a_lora_bias_or_dora_keeps_peft_s_path(recipe):
+    """Adapters the job config cannot ask for today, but peft can make: the function has no
+    term for them, so such an MLP is left to peft."""
+    mlp = recipe._decoder_layers()[0].mlp
+    down = mlp.down_proj
+    name = down.active_adapters[0]
+    unfuse_mlps(recipe.model)
+    down.lora_B[name].bias = torch.nn.Parameter(torch.zeros(down.lora_B[name].out_features))
+    assert fuse_mlps(recipe.model) == LAYERS - 1 and "_unfused_forward" not in vars(mlp)
+    unfuse_mlps(recipe.model)
+    down.lora_B[name].bias = None
+    down.use_dora[name] = True
+    assert fuse_mlps(recipe.model) == LAYERS - 1 and "_unfused_forward" not in vars(mlp)
+
+
 @pytest.mark.parametrize("where", ["_swiglu", "_swiglu_back"], ids=["forward", "backward"])
 def test_out_of_memory_inside_a_fused_mlp_leaves_no_activation_alive(
     demo_model, demo_rows, tmp_path, monkeypatch, where
