@@ -312,8 +312,9 @@ class SFTRecipe:
             ) from error
 
     def _fuse_mlps(self) -> None:
-        """Each LoRA SwiGLU MLP as one autograd function (worker.fused_mlp): faster, and it keeps
-        less. Not under FSDP, whose shards the function would read as whole weights."""
+        """Each LoRA SwiGLU MLP as one autograd function (worker.fused_mlp): it keeps less (8B,
+        4,096 tokens: 3.4 GiB) and is faster with checkpointing (bench/RESULTS.md, session 5).
+        Not under FSDP, whose shards the function would read as whole weights."""
         if not self.distributed and fuse_mlps(self.model):
             self.compute_mode += ", fused LoRA MLPs"
 
