@@ -213,8 +213,9 @@ def _project_back(
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if gate.is_cuda and _liger_swiglu() is not None:
-        return _liger_swiglu().swiglu_forward(gate, up)[2]
+    liger = _liger_swiglu() if gate.is_cuda else None
+    if liger is not None:
+        return liger.swiglu_forward(gate, up)[2]
     return torch.nn.functional.silu(gate) * up
 
 
@@ -222,8 +223,9 @@ def _swiglu_back(
     gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d gate and d up (on CUDA written over `gate` and `up`, which are not needed after)."""
-    if gate.is_cuda and _liger_swiglu() is not None:
-        return _liger_swiglu().swiglu_backward(gate, up, dh)
+    liger = _liger_swiglu() if gate.is_cuda else None
+    if liger is not None:
+        return liger.swiglu_backward(gate, up, dh)
     g, u, d = gate.float(), up.float(), dh.float()
     sig = torch.sigmoid(g)
     d_gate = d * u * sig * (1 + g * (1 - sig))
