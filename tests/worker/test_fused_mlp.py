@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from app.train_config import TrainConfig
+from tests.worker.test_recipe import lora_gradients
 from worker.fused_mlp import fuse_mlps, unfuse_mlps
 from worker.metrics import ListSink
 from worker.recipes.sft import LocalControl, SFTRecipe
@@ -38,12 +39,6 @@ def _fused(model) -> int:
     return sum("_unfused_forward" in vars(m) for m in model.modules())
 
 
-def _gradients(recipe, batch) -> tuple[float, dict[str, torch.Tensor]]:
-    recipe.model.zero_grad(set_to_none=True)
-    loss = recipe.forward_backward(batch).item()
-    return loss, {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
-
-
 @pytest.fixture
 def recipe(demo_model, demo_rows, tmp_path):
     recipe = _recipe(demo_model, demo_rows, tmp_path)
@@ -59,12 +54,12 @@ def test_fused_mlps_give_peft_s_loss_and_gradients(recipe, policy):
     recipe._tile_tokens = lambda: 16  # slices shorter than the batch: tiling happens
     assert batch["input_ids"].shape[-1] > 2 * 16
     recipe._set_memory_policy(policy)
-    loss, grads = _gradients(recipe, batch)
+    loss, grads = lora_gradients(recipe, batch)
     recipe._set_memory_policy("off")  # untiled first: tiling wraps the forward it finds
     unfuse_mlps(recipe.model)
     assert _fused(recipe.model) == 0
     recipe._set_memory_policy(policy)
-    peft_loss, peft_grads = _gradients(recipe, batch)
+    peft_loss, peft_grads = lora_gradients(recipe, batch)
     assert len(grads) == LAYERS * 7 * 2  # 7 projections, lora_A and lora_B
     assert loss == pytest.approx(peft_loss, rel=1e-5)
     for name, grad in peft_grads.items():

@@ -242,6 +242,17 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
     recipe.cleanup()
 
 
+def lora_gradients(recipe, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """One forward and backward pass from zeroed gradients: the loss, and a copy of every LoRA
+    weight's gradient (each must have one)."""
+    recipe.model.zero_grad(set_to_none=True)
+    loss = recipe.forward_backward(batch)
+    lora = {n: p for n, p in recipe.model.named_parameters() if p.requires_grad}
+    missing = [n for n, p in lora.items() if p.grad is None]
+    assert not missing, f"{recipe.memory_policy}: no gradient for {missing[:3]}"
+    return loss.item(), {n: p.grad.clone() for n, p in lora.items()}
+
+
 def test_every_memory_policy_gives_every_lora_weight_the_same_gradient(
     demo_model, demo_rows, tmp_path
 ):
@@ -263,11 +274,7 @@ def test_every_memory_policy_gives_every_lora_weight_the_same_gradient(
 
     def gradients(policy: str, kept: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
         recipe._set_memory_policy(policy, kept)
-        recipe.model.zero_grad(set_to_none=True)
-        loss = recipe.forward_backward(batch)
-        missing = [n for n, p in lora.items() if p.grad is None]
-        assert not missing, f"{policy}: no gradient for {missing[:3]}"
-        return loss.item(), {n: p.grad.clone() for n, p in lora.items()}
+        return lora_gradients(recipe, batch)
 
     try:
         off_loss, off = gradients("off")
