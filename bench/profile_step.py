@@ -11,8 +11,7 @@ A policy may name a variant after a colon, to try a change before it goes into t
 without RNG stashing or the determinism check), `off:compiled` / `on:compiled` (each decoder
 layer under torch.compile), `off:unfused` / `on:unfused` (peft's own path through the MLPs, as
 before worker/fused_mlp.py), `off:fusedinside` (the fused MLP with its forward pass inside the
-autograd function, session 5's form A), `offload:prefetch` (offloaded inputs copied back one
-layer ahead: bench/offload_prefetch.py). The loss and LoRA gradient norm of one step on the same batch are
+autograd function, session 5's form A). The loss and LoRA gradient norm of one step on the same batch are
 printed per policy: a variant must not change them. The step's CPU time (all threads) beside its wall time
 says whether the GPU waits for the CPU.
 
@@ -181,12 +180,10 @@ def check_step(recipe, batch) -> tuple[float, float]:
 def set_policy(recipe, spec: str) -> None:
     """A memory policy as the recipe sets it, then the variant after the colon, if any."""
     import torch
-    from offload_prefetch import plain_offload, prefetch_offload
 
     from worker.fused_mlp import fuse_mlps, unfuse_mlps
 
     policy, _, variant = spec.partition(":")
-    plain_offload(recipe)  # an earlier variant's
     recipe._set_memory_policy("off")  # untiled, so that the MLPs' forwards can be swapped
     unfuse_mlps(recipe.model)
     if variant != "unfused":
@@ -212,8 +209,6 @@ def set_policy(recipe, spec: str) -> None:
         torch._dynamo.config.cache_size_limit = 64
         for layer in layers:
             layer.compile()
-    elif variant == "prefetch":
-        prefetch_offload(recipe)
     elif variant in ("unfused", "fusedinside"):
         pass
     elif variant:
