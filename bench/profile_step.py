@@ -11,9 +11,9 @@ A policy may name a variant after a colon, to try a change before it goes into t
 without RNG stashing or the determinism check), `off:compiled` / `on:compiled` (each decoder
 layer under torch.compile), `off:unfused` / `on:unfused` (peft's own path through the MLPs, as
 before worker/fused_mlp.py), `off:fusedinside` (the fused MLP with its forward pass inside the
-autograd function, session 5's form A). The loss and LoRA gradient norm of one step on the same batch are
-printed per policy: a variant must not change them. The step's CPU time (all threads) beside its wall time
-says whether the GPU waits for the CPU.
+autograd function, session 5's form A). The loss and LoRA gradient norm of one step on the same
+batch are printed per policy: a variant must not change them. The step's CPU time (all threads)
+beside its wall time says whether the GPU waits for the CPU.
 
 Writes profile-<shape>.md (step times, the per-layer cost of recompute, each policy's top
 operators by self device time and by self CPU time) to --out, and prints it.
