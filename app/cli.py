@@ -79,7 +79,9 @@ def serve(
     upgrade(settings.resolved_database_url)
     supervisor = None
     if not no_worker:
-        supervisor = WorkerSupervisor(worker_command(gpus), settings.runs_dir.parent / "worker.log")
+        supervisor = WorkerSupervisor(
+            worker_command(gpus, parent_pid=os.getpid()), settings.runs_dir.parent / "worker.log"
+        )
         supervisor.start()
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     typer.secho(
@@ -116,9 +118,13 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def worker_command(gpus: str) -> list[str]:
+def worker_command(gpus: str, parent_pid: int | None = None) -> list[str]:
+    """`python -m worker`; with `parent_pid` the worker stops when that process (the server that
+    supervises it) is gone, even after a SIGKILL."""
     command = [sys.executable, "-m", "worker"]
-    return [*command, "--gpus", gpus] if gpus else command
+    if gpus:
+        command += ["--gpus", gpus]
+    return [*command, "--parent-pid", str(parent_pid)] if parent_pid else command
 
 
 @cli.command()

@@ -210,6 +210,8 @@ class Worker(SQLModel, table=True):
     # Where this worker's inference server (`python -m worker.inference`) listens, written by
     # the worker once the server is up; None: no playground on this worker.
     inference_url: str | None = Field(default=None, max_length=500)
+    # What the web server sends the inference server to be let in; never dumped (exclude).
+    inference_secret: str | None = Field(default=None, max_length=200, exclude=True)
 
 
 class ChatSession(SQLModel, table=True):

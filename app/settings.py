@@ -16,6 +16,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+def host_name(host_header: str) -> str:
+    """The name part of a Host header, lower-cased: `[::1]:8000` -> `[::1]`, `a:80` -> `a`."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[: host.index("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class InsecureSettingsError(ValueError):
     """A setting combination that would expose the dashboard without protection."""
 
@@ -71,6 +79,9 @@ class Settings(BaseSettings):
 
     hf_offline: bool = False
     """Never reach the model hub; use only cached or local models."""
+
+    gpu_lock_dir: Path | None = None
+    """Folder of the per-GPU lock files that keep two workers on one host off one GPU. Empty: the system temp folder."""
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -17,6 +17,13 @@ POSTGRES_URL = os.environ.get(
 )
 
 
+@pytest.fixture(autouse=True)
+def own_gpu_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's workers take their per-GPU locks in a folder of the test's own (and pass it
+    to the processes they start), so a test never waits on a worker of another test run."""
+    monkeypatch.setenv("TUNEBOARD_GPU_LOCK_DIR", str(tmp_path / "gpu-locks"))
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     s = Settings(data_dir=tmp_path / "data", database_url="")

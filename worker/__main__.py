@@ -14,11 +14,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--gpus", default="0", help='GPU indices this worker owns, e.g. "0" or "0,1"; "" for CPU'
     )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=0,
+        help="stop (job checkpointed and requeued) when this process, the supervisor, is gone",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings()
     settings.ensure_dirs()
-    run_worker(settings, gpus=args.gpus)
+    run_worker(settings, gpus=args.gpus, parent_pid=args.parent_pid or None)
 
 
 if __name__ == "__main__":

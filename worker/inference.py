@@ -15,6 +15,10 @@ comes from a request.
                    errors before the stream starts: JSON {"error": {code, message, hint}}
     POST /unload   frees the model (the worker calls it before a training job needs the GPU)
 
+Every request needs `Authorization: Bearer <secret>`: a secret per server that only the worker
+and the web server know (it is written to the worker's database row), whether or not the operator
+set a token; a Host that is not loopback, any Origin and a POST that is not JSON are refused.
+
 One base model stays loaded; adapters are loaded onto it with PEFT (`load_adapter`, then
 `set_adapter`) and "base only" runs under `disable_adapter()`, so switching never reloads the
 base. Generations are serialised by one lock (one GPU). A client that goes away stops the
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -48,12 +54,13 @@ from transformers import (
 
 from app.db import Database
 from app.models import Adapter, BaseModelEntry, Job, JobStatus, Worker
-from app.settings import Settings
+from app.settings import LOOPBACK_NAMES, Settings, host_name
 from worker.data import CHATML_TEMPLATE
 
 log = logging.getLogger("tuneboard.inference")
 
 MAX_BODY_BYTES = 1_000_000
+SECRET_VARIABLE = "TUNEBOARD_INFERENCE_SECRET"
 MAX_NEW_TOKENS = 4096
 MAX_LOADED_ADAPTERS = 8
 LOCK_WAIT_SECONDS = 120.0
@@ -560,10 +567,10 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 class InferenceServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], engine: Engine, token: str | None) -> None:
+    def __init__(self, address: tuple[str, int], engine: Engine, secret: str) -> None:
         super().__init__(address, InferenceHandler)
         self.engine = engine
-        self.token = token
+        self.secret = secret
 
     @property
     def url(self) -> str:
@@ -587,17 +594,33 @@ class InferenceHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _authorised(self) -> bool:
-        import hmac
-
-        token = self.server.token
-        if not token:
-            return True
+        """Only Tuneboard's own web server and worker may ask: a loopback Host (no DNS
+        rebinding), no Origin (no web page), a JSON body and this server's secret, which only
+        they know (it reaches them through the database). False: refused and answered."""
+        refusal: InferenceError | None = None
         given = self.headers.get("Authorization", "")
-        if given.lower().startswith("bearer ") and hmac.compare_digest(
-            given[7:].strip().encode(), token.encode()
+        if host_name(self.headers.get("Host", "")) not in LOOPBACK_NAMES:
+            refusal = InferenceError(403, "forbidden_host", "This server answers loopback only.")
+        elif "Origin" in self.headers:
+            refusal = InferenceError(403, "forbidden_origin", "Web pages may not call this server.")
+        elif self.command == "POST" and not self.headers.get("Content-Type", "").startswith(
+            "application/json"
         ):
+            refusal = InferenceError(415, "unsupported_media_type", "Send a JSON body.")
+        elif not (
+            given.lower().startswith("bearer ")
+            and hmac.compare_digest(given[7:].strip().encode(), self.server.secret.encode())
+        ):
+            refusal = InferenceError(
+                401,
+                "unauthorized",
+                "This server's secret is required.",
+                "Chat through the web app's Playground or /v1; it knows the secret.",
+            )
+        if refusal is None:
             return True
-        self._json(401, InferenceError(401, "unauthorized", "Token required.").as_json())
+        self.close_connection = True  # the refused body, if any, is never read
+        self._json(refusal.status, refusal.as_json())
         return False
 
     def do_GET(self) -> None:
@@ -676,12 +699,12 @@ class InferenceHandler(BaseHTTPRequestHandler):
             pass  # the client left after the last token
 
 
-def publish_url(db: Database, worker_id: str, url: str | None) -> None:
-    """Write (or clear) this worker's inference URL, so the web can find the server."""
+def publish_url(db: Database, worker_id: str, url: str | None, secret: str | None) -> None:
+    """Write (or clear) this worker's inference URL and secret, so the web can call the server."""
     with db.write() as s:
         worker = s.get(Worker, worker_id)
         if worker is not None:
-            worker.inference_url = url
+            worker.inference_url, worker.inference_secret = url, secret
             s.add(worker)
 
 
@@ -693,13 +716,15 @@ def serve(
     worker_id: str | None = None,
     quantization: str = "auto",
 ) -> InferenceServer:
-    """Bind the server (port 0: any free port) and publish its URL; call serve_forever on it."""
+    """Bind the server (port 0: any free port) and publish its URL and secret; call
+    serve_forever on it. The secret is `TUNEBOARD_INFERENCE_SECRET` (the worker that starts the
+    server sets it), else a new random one."""
     db = Database(settings.resolved_database_url)
     engine = Engine(settings, db, quantization=quantization, worker_id=worker_id)
-    token = settings.token.get_secret_value() if settings.token else None
-    server = InferenceServer((host, port), engine, token)
+    secret = os.environ.get(SECRET_VARIABLE) or secrets.token_urlsafe(32)
+    server = InferenceServer((host, port), engine, secret)
     if worker_id:
-        publish_url(db, worker_id, server.url)
+        publish_url(db, worker_id, server.url, secret)
     return server
 
 
@@ -739,7 +764,7 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         if args.worker_id:
-            publish_url(server.engine.db, args.worker_id, None)
+            publish_url(server.engine.db, args.worker_id, None, None)
         server.server_close()
 
 

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from app.db import Database
 from app.models import JobStatus, Worker
 from app.settings import Settings
 from worker import failures, gpu
+from worker.gpu_lock import GpuLocks
 from worker.job_io import attempt_log_path, read_result, result_path
 from worker.side_work import run_side_work
 
@@ -144,11 +146,19 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 class WorkerLoop:
     def __init__(
-        self, settings: Settings, gpus: str, child_command: list[str], *, inference: bool = True
+        self,
+        settings: Settings,
+        gpus: str,
+        child_command: list[str],
+        *,
+        inference: bool = True,
+        parent_pid: int | None = None,
     ) -> None:
         self.settings = settings
         self.gpus = gpus
         self.gpu_indices = gpu.parse_gpus(gpus)
+        self.locks = GpuLocks(self.gpu_indices, settings.gpu_lock_dir)
+        self.parent_pid = parent_pid
         self.child_command = child_command
         self.db = Database(settings.resolved_database_url)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid4().hex[:6]}"
@@ -157,6 +167,7 @@ class WorkerLoop:
         self.current_job_id: int | None = None
         self.serve_inference = inference
         self.inference: subprocess.Popen[bytes] | None = None
+        self.inference_secret = secrets.token_urlsafe(32)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -164,6 +175,41 @@ class WorkerLoop:
         self.stopping.set()
 
     def run(self) -> None:
+        if self.parent_pid:
+            threading.Thread(
+                target=self._stop_when_orphaned, name="worker-parent", daemon=True
+            ).start()
+        if not self.locks.acquire(self.stopping, on_wait=self._say_waiting):
+            log.info("worker stopped before its GPUs were free")
+            return
+        try:
+            self._serve()
+        finally:
+            self.locks.release()
+
+    def _say_waiting(self, index: int, path: Path, owner: str) -> None:
+        log.warning(
+            "GPU %d is owned by another Tuneboard worker on this host (%s, lock %s); waiting for "
+            "it to stop. Two workers never train on one GPU: stop the other worker, or start this "
+            "one with another --gpu.",
+            index,
+            owner,
+            path,
+        )
+
+    def _stop_when_orphaned(self) -> None:
+        """The process that started this worker (`tuneboard serve`) is gone, even by SIGKILL: stop
+        as on SIGTERM (the job checkpoints and goes back to the queue), so that a restarted server's
+        worker is the only one on this GPU."""
+        while os.getppid() == self.parent_pid and not self.stopping.wait(1.0):
+            pass
+        if not self.stopping.is_set():
+            log.warning(
+                "the process that started this worker (pid %s) is gone; stopping", self.parent_pid
+            )
+            self.stopping.set()
+
+    def _serve(self) -> None:
         self.register()
         beat = threading.Thread(
             target=self._heartbeat_forever, name="worker-heartbeat", daemon=True
@@ -308,6 +354,7 @@ class WorkerLoop:
                 # Its own session: a Ctrl-C in the terminal reaches the worker only, which
                 # forwards SIGTERM so the child can checkpoint.
                 start_new_session=True,
+                pass_fds=self.locks.fds,  # the GPU stays locked until the child is gone too
             )
             lost = self._supervise(child, claim)
         self.current_job_id = None
@@ -349,8 +396,13 @@ class WorkerLoop:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=child_environment(self.settings, self.gpus),
+                env={
+                    **child_environment(self.settings, self.gpus),
+                    # worker.inference.SECRET_VARIABLE (that module imports torch; this one never)
+                    "TUNEBOARD_INFERENCE_SECRET": self.inference_secret,
+                },
                 start_new_session=True,
+                pass_fds=self.locks.fds,
             )
 
     def _inference_url(self) -> str | None:
@@ -364,10 +416,15 @@ class WorkerLoop:
         url = self._inference_url()
         if not url:
             return
-        request = urllib.request.Request(url + "/unload", data=b"{}", method="POST")
-        token = self.settings.token.get_secret_value() if self.settings.token else None
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
+        request = urllib.request.Request(
+            url + "/unload",
+            data=b"{}",
+            method="POST",
+            headers={
+                "Authorization": f"Bearer {self.inference_secret}",
+                "Content-Type": "application/json",
+            },
+        )
         try:
             with urllib.request.urlopen(request, timeout=120):
                 pass
@@ -495,10 +552,18 @@ def run_worker(
     *,
     child_command: list[str] | None = None,
     inference: bool = True,
+    parent_pid: int | None = None,
 ) -> None:
-    """Run the worker until SIGTERM/SIGINT. `child_command` is the argv prefix of the child;
-    `inference` starts the playground's inference server beside it."""
-    loop = WorkerLoop(settings, gpus, child_command or default_child_command(), inference=inference)
+    """Run the worker until SIGTERM/SIGINT, or until the process `parent_pid` is gone.
+    `child_command` is the argv prefix of the child; `inference` starts the playground's
+    inference server beside it."""
+    loop = WorkerLoop(
+        settings,
+        gpus,
+        child_command or default_child_command(),
+        inference=inference,
+        parent_pid=parent_pid,
+    )
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {}
     if in_main_thread:

@@ -33,8 +33,16 @@ class InferenceUnavailable(UserError):
     code = "no_inference_worker"
 
 
-def inference_url(db: Database, settings: Settings) -> str:
-    """The inference URL of the live worker that heartbeated last."""
+@dataclass(frozen=True)
+class InferenceServer:
+    """Where a worker's inference server listens, and the secret it lets the web server in by."""
+
+    url: str
+    secret: str
+
+
+def find_inference_server(db: Database, settings: Settings) -> InferenceServer:
+    """The inference server of the live worker that heartbeated last."""
     alive_since = datetime.now(UTC) - timedelta(seconds=settings.lease_seconds)
     with db.read() as s:
         worker = s.exec(
@@ -44,13 +52,13 @@ def inference_url(db: Database, settings: Settings) -> str:
             .where(Worker.heartbeat_at >= alive_since)
             .order_by(col(Worker.heartbeat_at).desc())
         ).first()
-    if worker is None or not worker.inference_url:
+    if worker is None or not worker.inference_url or not worker.inference_secret:
         raise InferenceUnavailable(
             "No worker is serving the playground right now.",
             "Start one with `tuneboard serve` (or `tuneboard worker`); chat needs a running "
             "worker.",
         )
-    return worker.inference_url
+    return InferenceServer(worker.inference_url, worker.inference_secret)
 
 
 @dataclass
@@ -108,12 +116,11 @@ class Generation:
     errors the worker answers before streaming (unknown model, GPU busy), so a route can still
     answer with the right status code. Always `await aclose()`."""
 
-    def __init__(self, url: str, params: GenerationParams, token: str | None = None) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, server: InferenceServer, params: GenerationParams) -> None:
+        self.url = server.url.rstrip("/")
         self.params = params
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(
-            headers=headers,
+            headers={"Authorization": f"Bearer {server.secret}"},
             timeout=httpx.Timeout(FIRST_BYTE_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
         )
         self._response: httpx.Response | None = None
@@ -190,8 +197,7 @@ def _error_from(status: int, body: bytes) -> UserError:
 
 
 def open_generation(db: Database, settings: Settings, params: GenerationParams) -> Generation:
-    token = settings.token.get_secret_value() if settings.token else None
-    return Generation(inference_url(db, settings), params, token)
+    return Generation(find_inference_server(db, settings), params)
 
 
 # --- OpenAI shapes -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.settings import LOOPBACK_NAMES, Settings
+from app.settings import LOOPBACK_NAMES, Settings, host_name
 
 COOKIE_NAME = "tuneboard_session"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -66,14 +66,6 @@ def safe_next(target: str) -> str:
     if parts.scheme or parts.netloc:
         return "/"
     return target
-
-
-def host_name(host_header: str) -> str:
-    """The name part of a Host header, lower-cased: `[::1]:8000` -> `[::1]`, `a:80` -> `a`."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[: host.index("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class SecurityMiddleware:

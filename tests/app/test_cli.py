@@ -269,3 +269,82 @@ def test_demo_registers_the_demo_model_and_dataset_once(tmp_path):
         assert [d.name for d in datasets.list_datasets(db)] == ["demo-chat"]
     finally:
         db.dispose()
+
+
+def _processes_of(data_dir: Path, module: str) -> set[int]:
+    """Live `python -m <module>` processes working on `data_dir` (by their environment)."""
+    wanted = f"TUNEBOARD_DATA_DIR={data_dir.resolve()}".encode()
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv[1:3] == [b"-m", module.encode()] and wanted in (
+                proc / "environ"
+            ).read_bytes().split(b"\0"):
+                found.add(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return {pid for pid in found if alive(pid)}
+
+
+@pytest.mark.slow
+def test_kill_9_of_serve_then_a_restart_leaves_one_worker_and_one_training_at_a_time(
+    tmp_path, demo_build
+):
+    """The supervised worker dies with its server, and a restarted server's worker waits for the
+    GPU: never two trainings on one card. Both jobs finish once; the first resumes."""
+    from app import queue
+    from app.migrate import upgrade
+    from app.models import Adapter, JobStatus
+    from tests.fakes.real_workers import add_demo, real_job
+
+    data_dir = tmp_path / "data"
+    settings = Settings(data_dir=data_dir, database_url="")
+    settings.ensure_dirs()
+    upgrade(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url)
+    dataset_id = add_demo(db, settings, demo_build)
+    long = real_job(db, dataset_id, max_steps=40, save_every=2)
+    short = real_job(db, dataset_id, max_steps=4)
+
+    def trainings() -> set[int]:
+        return _processes_of(data_dir, "worker.run")
+
+    try:
+        with serving(data_dir) as (first, _, _):
+            deadline = time.monotonic() + 240
+            while (job := queue.get_job(db, long.id)).progress_step < 3:
+                assert job.status in (JobStatus.queued, JobStatus.running), job.error_message
+                assert time.monotonic() < deadline, "the first job never trained 3 steps"
+                time.sleep(0.2)
+            (old_worker,) = _processes_of(data_dir, "worker")
+            first.kill()
+            first.wait(10)
+
+            with serving(data_dir) as (second, _, _):
+                deadline = time.monotonic() + 400
+                most_trainings = most_running = 0
+                while not all(
+                    queue.get_job(db, j.id).status in (JobStatus.succeeded, JobStatus.failed)
+                    for j in (long, short)
+                ):
+                    assert time.monotonic() < deadline, "the jobs did not finish"
+                    most_trainings = max(most_trainings, len(trainings()))
+                    running = [queue.get_job(db, j.id).status for j in (long, short)]
+                    most_running = max(most_running, running.count(JobStatus.running))
+                    assert most_trainings <= 1 and most_running <= 1, (
+                        "two trainings at once on one GPU",
+                        _processes_of(data_dir, "worker"),
+                    )
+                    time.sleep(0.2)
+                assert not alive(old_worker), "the killed server's worker is still running"
+                assert _processes_of(data_dir, "worker") <= descendants(second.pid)
+                assert len(_processes_of(data_dir, "worker")) == 1
+        with db.read() as s:
+            adapters = [a.job_id for a in s.exec(select(Adapter))]
+        done = [queue.get_job(db, j.id) for j in (long, short)]
+    finally:
+        db.dispose()
+    assert [d.status for d in done] == [JobStatus.succeeded] * 2, [d.error_message for d in done]
+    assert sorted(adapters) == sorted([long.id, short.id])  # each finished once
+    assert done[0].attempt >= 2  # the first job went back to the queue and resumed

@@ -32,6 +32,9 @@ WORKER_ID = "test-worker"
 QUESTION = "How much does the Zephyr Kettle 3000 cost?"
 TRAINED_ANSWER = "The Zephyr Kettle 3000 costs 89 euros."
 TRAIN_STEPS = 30
+# The inference server's secret, handed to it as the worker does (TUNEBOARD_INFERENCE_SECRET).
+INFERENCE_SECRET = "test-inference-secret-0123456789"
+INFERENCE_AUTH = {"Authorization": f"Bearer {INFERENCE_SECRET}"}
 
 
 def _train_adapter(model_dir: Path, dataset: Path, run_dir: Path) -> Path:
@@ -146,6 +149,7 @@ def running_inference_server(
         **os.environ,
         "TUNEBOARD_DATA_DIR": str(settings.resolved_data_dir),
         "TUNEBOARD_LOG_LEVEL": "WARNING",
+        "TUNEBOARD_INFERENCE_SECRET": INFERENCE_SECRET,
     }
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -173,6 +177,7 @@ def running_inference_server(
         with db.read() as s:
             worker = s.get(Worker, worker_id)
             assert worker is not None and worker.inference_url == url
+            assert worker.inference_secret == INFERENCE_SECRET
         yield url
     finally:
         proc.terminate()
@@ -190,7 +195,8 @@ def inference_server(pg_settings: Settings, pg_db: Database, trained) -> Iterato
 
 
 def inference_status(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{url}/status", timeout=30) as response:
+    request = urllib.request.Request(f"{url}/status", headers=INFERENCE_AUTH)
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
@@ -200,7 +206,10 @@ def stream_generation(url: str, body: dict[str, Any]) -> tuple[str, dict[str, An
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=300)
     try:
         connection.request(
-            "POST", "/generate", json.dumps(body), {"Content-Type": "application/json"}
+            "POST",
+            "/generate",
+            json.dumps(body),
+            {"Content-Type": "application/json", **INFERENCE_AUTH},
         )
         response = connection.getresponse()
         assert response.status == 200, response.read()
@@ -227,7 +236,8 @@ def hang_up_after(url: str, body: dict[str, Any], events: int) -> None:
     address = urlsplit(url)
     with socket.create_connection((address.hostname, address.port), timeout=120) as sock:
         sock.sendall(
-            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {INFERENCE_SECRET}\r\n".encode()
             + f"Content-Length: {len(data)}\r\n\r\n".encode()
             + data
         )

@@ -8,7 +8,13 @@ import httpx
 import openai
 import pytest
 
-from tests.playground.conftest import ADAPTER_ID, BASE, QUESTION, TRAINED_ANSWER
+from tests.playground.conftest import (
+    ADAPTER_ID,
+    BASE,
+    INFERENCE_AUTH,
+    QUESTION,
+    TRAINED_ANSWER,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +98,7 @@ def test_a_closed_stream_stops_generation_on_the_worker(web_server, inference_se
                 break
     deadline = time.monotonic() + 30
     while True:
-        status = httpx.get(f"{inference_server}/status").json()
+        status = httpx.get(f"{inference_server}/status", headers=INFERENCE_AUTH).json()
         last = status["last_generation"]
         if last and last.get("finished") and not status["generating"]:
             break

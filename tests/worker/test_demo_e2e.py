@@ -113,7 +113,7 @@ def _wait_finished(db: Database, job_id: int, worker: subprocess.Popen, log: Pat
     )
 
 
-def _ask(url: str, model: str, question: str) -> str:
+def _ask(url: str, secret: str, model: str, question: str) -> str:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": question}],
@@ -121,7 +121,8 @@ def _ask(url: str, model: str, question: str) -> str:
         "max_new_tokens": 30,
     }
     text = ""
-    with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as response:
+    auth = {"Authorization": f"Bearer {secret}"}
+    with httpx.stream("POST", f"{url}/generate", json=body, headers=auth, timeout=120) as response:
         assert response.status_code == 200, response.read()
         for line in response.iter_lines():
             if line.startswith("data: "):
@@ -202,8 +203,13 @@ def test_the_demo_trained_through_the_queue_answers_in_the_demos_words(
         line = server.stdout.readline()
         assert "listening on" in line, line
         url = line.rsplit(" ", 1)[-1].strip()
+        with db.read() as s:  # as the web server finds it
+            secret = s.get(Worker, "e2e-inference").inference_secret
         answers = {
-            question: (_ask(url, adapter.id, question), _ask(url, DEMO_MODEL, question))
+            question: (
+                _ask(url, secret, adapter.id, question),
+                _ask(url, secret, DEMO_MODEL, question),
+            )
             for question in (PRICE_QUESTION, WARRANTY_QUESTION)
         }
     finally:

@@ -183,6 +183,38 @@ def test_sigkill_of_the_worker_requeues_and_another_worker_resumes(db, settings,
     assert max(first_steps) < min(second_steps) and max(second_steps) == SLOW_STEPS
 
 
+def live_workers(db) -> list[Worker]:
+    with db.read() as s:
+        return list(s.exec(select(Worker).where(Worker.stopped == False)))  # noqa: E712
+
+
+def test_a_second_worker_on_the_same_gpu_waits_until_the_first_and_its_child_are_gone(
+    db, settings, workers
+):
+    slow = add_job(db, settings, name="fake slow")
+    quick = add_job(db, settings)
+    first = workers.start(gpus="0")
+    wait_for(lambda: running_at_step(db, slow.id, 2), what="the slow job to train")
+    (child,) = children_of(first.pid)
+
+    workers.start(gpus="0")
+    wait_for(
+        lambda: "GPU 0 is owned by another Tuneboard worker" in workers.output(1),
+        what="the second worker to say it waits for GPU 0",
+    )
+    assert [w.pid for w in live_workers(db)] == [first.pid]  # it claims nothing while it waits
+    assert queue.get_job(db, quick.id).status == JobStatus.queued
+
+    first.kill()  # its child holds the GPU's lock until it has noticed and exited
+    second = wait_for(
+        lambda: [w for w in live_workers(db) if w.pid != first.pid], what="the second worker"
+    )
+    assert not alive(child)
+    for job in (slow, quick):
+        done = wait_for(lambda j=job: finished(db, j.id), timeout=30, what="the second worker")
+        assert done.status == JobStatus.succeeded and second[0].id == done.worker_id
+
+
 def test_a_paused_worker_loses_the_job_and_its_writes_are_refused(db, settings, workers):
     slow = add_job(db, settings, name="fake slow")
     first = workers.start()

@@ -73,12 +73,15 @@ def test_a_two_gpu_job_waits_for_a_worker_started_with_two_gpus(fast, tmp_path):
         dataset = add_dataset(db, fast)
         two = add_job(db, fast, name="fake two", dataset_id=dataset, gpus=2)
         one = add_job(db, fast, name="fake one", dataset_id=dataset)
-        workers.start(gpus="0")
+        single = workers.start(gpus="0")
         assert wait_for(lambda: finished(db, one.id)).status == JobStatus.succeeded
         time.sleep(1.0)  # several polls of the 1-GPU worker
         waiting = queue.get_job(db, two.id)
         assert (waiting.status, waiting.attempt) == (JobStatus.queued, 0)
 
+        # GPU 0 is the 1-GPU worker's until it stops (one worker per GPU on a host).
+        single.terminate()
+        single.wait(30)
         pair = workers.start(gpus="0,1")
         done = wait_for(lambda: finished(db, two.id), timeout=60, what="the 2-GPU job")
     finally:
