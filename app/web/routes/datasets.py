@@ -23,8 +23,6 @@ from app.web.templating import render
 
 router = APIRouter(tags=["datasets"])
 
-# Multipart framing and the small form fields around the file.
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # The upload form's column fields: `column_<field>` names the file's column for that field.
 MAPPABLE_FIELDS = tuple(f for fields in FORMAT_FIELDS.values() for f in fields)
 PREVIEW_ROWS = 20
@@ -55,9 +53,7 @@ class ReportRequest(BaseModel):
 @router.post("/api/datasets", status_code=201)
 async def upload_dataset(request: Request) -> Any:
     settings = request.app.state.settings
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.upload_max_bytes + MULTIPART_OVERHEAD_BYTES:
-        return _error(datasets.too_large(settings))
+    # The body's size is capped while it is read (app/web/body_limit.py), the file's just below.
     form = await request.form(max_files=1, max_fields=10 + len(MAPPABLE_FIELDS))
     try:
         upload = form.get("file")
