@@ -5,17 +5,23 @@ A declared Content-Length over the limit is answered 413 before anything is read
 doing with it (FastAPI's JSON parsing, the multipart parser's spooled files) is dropped, and the
 413 goes out instead. Dataset uploads get the upload cap; every other body gets the much smaller
 `request_body_max_bytes`, so a JSON request cannot hold gigabytes of the server's memory.
+
+A client that leaves while its body is being read is one line in the log, not a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import UserError
 from app.services import datasets
 from app.settings import Settings
+
+log = logging.getLogger("tuneboard.requests")
 
 # Multipart framing and the small form fields around the file.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -77,11 +83,18 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, counted_receive, guarded_send)
+        except ClientDisconnect:
+            log.warning("%s %s: the client disconnected before its request was read", *_what(scope))
+            return
         except Exception:
             if not over:
                 raise
         if over and not started:
             await _answer(send, error)
+
+
+def _what(scope: Scope) -> tuple[str, str]:
+    return scope["method"], scope["path"]
 
 
 def _content_length(scope: Scope) -> int | None:

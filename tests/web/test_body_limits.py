@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -108,3 +109,29 @@ def test_bodies_under_the_limit_are_served_as_before(server):
         server.url + "/api/datasets", files={"file": ("t.jsonl", ROW * (UPLOAD_CAP // len(ROW)))}
     )
     assert upload.status_code == 201, upload.text
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_client_that_leaves_mid_upload_is_one_line_in_the_log(server):
+    request_head = head(
+        "POST", "/api/datasets", "multipart/form-data; boundary=XyZ", content_length="9000"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
+        s.sendall(request_head + MULTIPART_HEAD + ROW * 2)
+    assert wait_for(lambda: server.log_path.read_text().strip() != "")  # the server noticed
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert list((server.data_dir / "tmp").iterdir()) == []
+    server.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert len(lines) == 1, log
+    assert "disconnected" in lines[0] and "/api/datasets" in lines[0]
