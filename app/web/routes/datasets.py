@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from app.errors import UserError
+from app.errors import UserError, whole_number
 from app.models import Dataset, DatasetReport, ReportStatus
 from app.services import dataset_reports, datasets, models, system
 from app.services.dataset_errors import DatasetError
@@ -252,19 +252,26 @@ async def request_report_from_form(
     """The report form: htmx swaps in the report partial; a plain post goes back to the page."""
     dataset = _dataset_or_404(db, dataset_id)
     form = await request.form()
-    max_len = str(form.get("max_seq_len") or "")
     try:
         dataset_reports.request_report(
             db,
             dataset,
             base_model=str(form.get("base_model") or ""),
-            max_seq_len=int(max_len) if max_len.isdigit() else -1,
+            max_seq_len=whole_number(
+                str(form.get("max_seq_len") or ""),
+                "max_seq_len",
+                "Use the max length you will train with, e.g. 2048.",
+            ),
             train_on=str(form.get("train_on") or "assistant"),
             chat_template=str(form.get("chat_template") or "") or None,
         )
     except UserError as exc:
         context = _report_context(db, settings, dataset)
-        return render(request, "datasets/_report.html", report_error=exc, **context)
+        # htmx swaps only a 2xx: the form shows the error in place; a plain post gets the 4xx.
+        status = 200 if request.headers.get("hx-request") == "true" else exc.status_code
+        return render(
+            request, "datasets/_report.html", status_code=status, report_error=exc, **context
+        )
     if request.headers.get("hx-request") == "true":
         return render(request, "datasets/_report.html", **_report_context(db, settings, dataset))
     return RedirectResponse(f"/datasets/{dataset.id}#report", status_code=303)
