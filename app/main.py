@@ -137,7 +137,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        hints = {404: "Check the address.", 405: "This address does not accept that method."}
+        hints = {
+            400: "Send the body as JSON of the documented shape (numbers under 4,300 digits).",
+            404: "Check the address.",
+            405: "This address does not accept that method.",
+        }
         return error_response(
             request,
             exc.status_code,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import annotated_types
+import httpx
 import pytest
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -103,8 +104,6 @@ def test_other_numbers_too_large_are_4xx_naming_the_field(server, path, field):
 
 @pytest.mark.parametrize("value", [ENORMOUS, HUGE, "\xb2"])
 def test_a_huge_max_seq_len_in_the_report_form_is_4xx_naming_the_field(server, value):
-    import httpx
-
     upload = httpx.post(
         server.url + "/api/datasets",
         files={"file": ("t.jsonl", b'{"text": "hello"}\n{"text": "again"}\n')},
@@ -118,6 +117,16 @@ def test_a_huge_max_seq_len_in_the_report_form_is_4xx_naming_the_field(server, v
     swapped = httpx.post(url, data=form, headers={"accept": "text/html", "hx-request": "true"})
     assert swapped.status_code == 200  # htmx swaps 2xx only: the form shows the error in place
     assert "max_seq_len" in swapped.text
+
+
+@pytest.mark.parametrize("path", ["/api/jobs", "/v1/chat/completions"])
+def test_a_5000_digit_number_in_a_json_body_is_a_4xx_with_a_hint(server, path):
+    body = '{"name": "a", "model": "a", "messages": [], "max_steps": ' + ENORMOUS + "}"
+    response = httpx.post(
+        server.url + path, content=body, headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500
+    assert response.json()["error"]["hint"]
 
 
 # --- every integer a route reads has a bound the database can hold --------------------------------
