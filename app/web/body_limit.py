@@ -84,17 +84,14 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, counted_receive, guarded_send)
         except ClientDisconnect:
-            log.warning("%s %s: the client disconnected before its request was read", *_what(scope))
+            method, path = scope["method"], scope["path"]
+            log.warning("%s %s: the client disconnected before its request was read", method, path)
             return
         except Exception:
             if not over:
                 raise
         if over and not started:
             await _answer(send, error)
-
-
-def _what(scope: Scope) -> tuple[str, str]:
-    return scope["method"], scope["path"]
 
 
 def _content_length(scope: Scope) -> int | None:
