@@ -37,3 +37,24 @@ class NotFound(UserError):
 class Conflict(UserError):
     status_code = 409
     code = "conflict"
+
+
+SQL_INT_MAX = 2**63 - 1  # the largest integer SQLite and PostgreSQL's BIGINT store
+
+
+class InvalidNumber(UserError):
+    status_code = 422
+    code = "invalid"
+
+
+def whole_number(text: str, field: str, hint: str, *, ge: int = 0, le: int = SQL_INT_MAX) -> int:
+    """`text` (a header, form or list value a route reads by hand) as an integer in [ge, le], else
+    InvalidNumber naming `field`: never a ValueError (int() refuses 4,300+ digits and takes '²'
+    for a digit) nor a number the database driver cannot store."""
+    digits = text.strip()
+    if digits.isascii() and digits.isdigit() and len(digits) <= len(str(le)):
+        number = int(digits)
+        if ge <= number <= le:
+            return number
+    shown = digits if len(digits) <= 40 else digits[:40] + "…"
+    raise InvalidNumber(f"{field} must be a whole number from {ge} to {le}, not {shown!r}.", hint)

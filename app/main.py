@@ -18,6 +18,7 @@ from app.errors import UserError
 from app.queue import QueueError
 from app.services.datasets import sweep_stale_uploads
 from app.settings import Settings
+from app.web.body_limit import BodyLimitMiddleware
 from app.web.routes import (
     adapters,
     api_docs,
@@ -76,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(SecurityMiddleware, settings=settings)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(SecurityMiddleware, settings=settings)  # outermost: refusals come first
     _install_error_handlers(app)
     return app
 
@@ -135,7 +137,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        hints = {404: "Check the address.", 405: "This address does not accept that method."}
+        hints = {
+            400: "Send the body as JSON of the documented shape (numbers under 4,300 digits).",
+            404: "Check the address.",
+            405: "This address does not accept that method.",
+        }
         return error_response(
             request,
             exc.status_code,

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
 
     gpu_lock_dir: Path | None = None
     """Folder of the per-GPU lock files that keep two workers on one host off one GPU. Empty: the system temp folder."""
+    request_body_max_bytes: int = Field(default=1024**2, ge=1024)
+    """Largest request body in bytes (JSON API, OpenAI API, forms); uploads have their own cap."""
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
@@ -145,5 +147,7 @@ def settings_table_markdown() -> str:
         shown = "(none)" if default in (None, "", []) else f"`{default}`"
         if name == "upload_max_bytes":
             shown = "`2147483648` (2 GiB)"
+        if name == "request_body_max_bytes":
+            shown = "`1048576` (1 MiB)"
         lines.append(f"| `TUNEBOARD_{name.upper()}` | {shown} | {field.description or ''} |")
     return "\n".join(lines)

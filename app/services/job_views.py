@@ -9,7 +9,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from app.db import Database
-from app.errors import UserError
+from app.errors import UserError, whole_number
 from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric
 
 SPARKLINE_POINTS = 60
@@ -108,10 +108,9 @@ def parse_ids(raw: list[str]) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if not part.isdigit():
-            raise InvalidComparison(f"{part!r} is not a job number.", "Use ?ids=1,2,3.")
-        if int(part) not in ids:
-            ids.append(int(part))
+        job_id = whole_number(part, "ids", "Use ?ids=1,2,3.", ge=1)
+        if job_id not in ids:
+            ids.append(job_id)
     if len(ids) > 12:
         raise InvalidComparison("Compare at most 12 jobs at a time.", "Pick fewer jobs.")
     return ids

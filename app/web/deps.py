@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 
 from app.db import Database
+from app.errors import SQL_INT_MAX
 from app.settings import Settings
 from app.web.sse import JobStreams
 
@@ -28,6 +29,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobStreamsDep = Annotated[JobStreams, Depends(get_job_streams)]
 
 
-SQL_INT_MAX = 2**63 - 1
 # A database row id in a path: bounded, so a huge number is a 422 and never overflows the driver.
 RowId = Annotated[int, Path(ge=1, le=SQL_INT_MAX)]

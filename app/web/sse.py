@@ -172,15 +172,24 @@ class JobStreams:
         feeds = list(self.feeds.values())  # read from a worker thread too
         return {"feeds": len(feeds), "subscribers": sum(len(f.subscribers) for f in feeds)}
 
-    async def subscribe(self, job_id: int) -> tuple[JobFeed, asyncio.Queue[Item]]:
+    @contextlib.asynccontextmanager
+    async def subscription(self, job_id: int) -> AsyncIterator[tuple[JobFeed, asyncio.Queue[Item]]]:
+        """Join the job's feed (started if nobody watches it yet) once it has read the job.
+
+        Left on every way out: a reader whose client disconnects while the feed makes its first
+        poll is cancelled inside this block, and would otherwise keep the feed polling forever.
+        """
         feed = self.feeds.get(job_id)
         if feed is None:
             feed = self.feeds[job_id] = JobFeed(self.db, job_id, self.poll_seconds)
             feed.start()
         queue: asyncio.Queue[Item] = asyncio.Queue()
         feed.subscribers.add(queue)  # before the backlog is read: nothing falls between
-        await feed.ready.wait()
-        return feed, queue
+        try:
+            await feed.ready.wait()
+            yield feed, queue
+        finally:
+            self.unsubscribe(feed, queue)
 
     def unsubscribe(self, feed: JobFeed, queue: asyncio.Queue[Item]) -> None:
         feed.subscribers.discard(queue)
@@ -193,8 +202,7 @@ class JobStreams:
 
     async def stream(self, request: Request, job_id: int, after: int) -> AsyncIterator[bytes]:
         """The event stream of one reader, from the row after `after` until the job is done."""
-        feed, queue = await self.subscribe(job_id)
-        try:
+        async with self.subscription(job_id) as (feed, queue):
             yield f"retry: {RECONNECT_MS}\n\n".encode()
             sent = after
             while True:  # the backlog, in batches
@@ -233,8 +241,6 @@ class JobStreams:
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         return
-        finally:
-            self.unsubscribe(feed, queue)
 
     async def close(self) -> None:
         for feed in list(self.feeds.values()):

@@ -101,7 +101,7 @@ def test_compare_overlays_jobs_and_highlights_differing_settings(client, db):
 def test_compare_with_a_bad_id_is_a_422(client):
     response = client.get("/api/jobs/compare?ids=1,x")
     assert response.status_code == 422
-    assert "not a job number" in response.json()["error"]["message"]
+    assert "ids must be a whole number" in response.json()["error"]["message"]
 
 
 def test_system_page_shows_each_workers_gpu_readings(client, db):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -254,3 +256,23 @@ def test_rows_queued_together_go_out_as_one_chunk_without_repeats() -> None:
     assert (sent, end) == (6, False)
     assert chunk2.count(b"event: metric") == 2 and chunk2.endswith(b"event: done\ndata: {}\n\n")
     assert (sent2, end2) == (8, True)
+
+
+def test_streams_dropped_while_their_feed_starts_leave_nothing_behind(server, sim_db):
+    """Hundreds of readers that leave before the first poll of their job's feed: every
+    subscription is released and no feed keeps polling the database."""
+    claims = [start_running_job(sim_db, f"run {n}") for n in range(10)]
+    sockets = []
+    for n in range(300):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        request = (
+            f"GET /api/jobs/{claims[n % 10].job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        s.sendall(request.encode())
+        sockets.append(s)
+    for s in sockets:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+        s.close()
+    assert wait_for(lambda: server.live_streams() == {"feeds": 0, "subscribers": 0}), (
+        server.live_streams()
+    )

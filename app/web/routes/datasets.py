@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from app.errors import UserError
+from app.errors import UserError, whole_number
 from app.models import Dataset, DatasetReport, ReportStatus
 from app.services import dataset_reports, datasets, models, system
 from app.services.dataset_errors import DatasetError
@@ -23,8 +23,6 @@ from app.web.templating import render
 
 router = APIRouter(tags=["datasets"])
 
-# Multipart framing and the small form fields around the file.
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # The upload form's column fields: `column_<field>` names the file's column for that field.
 MAPPABLE_FIELDS = tuple(f for fields in FORMAT_FIELDS.values() for f in fields)
 PREVIEW_ROWS = 20
@@ -55,9 +53,7 @@ class ReportRequest(BaseModel):
 @router.post("/api/datasets", status_code=201)
 async def upload_dataset(request: Request) -> Any:
     settings = request.app.state.settings
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.upload_max_bytes + MULTIPART_OVERHEAD_BYTES:
-        return _error(datasets.too_large(settings))
+    # The body's size is capped while it is read (app/web/body_limit.py), the file's just below.
     form = await request.form(max_files=1, max_fields=10 + len(MAPPABLE_FIELDS))
     try:
         upload = form.get("file")
@@ -256,19 +252,26 @@ async def request_report_from_form(
     """The report form: htmx swaps in the report partial; a plain post goes back to the page."""
     dataset = _dataset_or_404(db, dataset_id)
     form = await request.form()
-    max_len = str(form.get("max_seq_len") or "")
     try:
         dataset_reports.request_report(
             db,
             dataset,
             base_model=str(form.get("base_model") or ""),
-            max_seq_len=int(max_len) if max_len.isdigit() else -1,
+            max_seq_len=whole_number(
+                str(form.get("max_seq_len") or ""),
+                "max_seq_len",
+                "Use the max length you will train with, e.g. 2048.",
+            ),
             train_on=str(form.get("train_on") or "assistant"),
             chat_template=str(form.get("chat_template") or "") or None,
         )
     except UserError as exc:
         context = _report_context(db, settings, dataset)
-        return render(request, "datasets/_report.html", report_error=exc, **context)
+        # htmx swaps only a 2xx: the form shows the error in place; a plain post gets the 4xx.
+        status = 200 if request.headers.get("hx-request") == "true" else exc.status_code
+        return render(
+            request, "datasets/_report.html", status_code=status, report_error=exc, **context
+        )
     if request.headers.get("hx-request") == "true":
         return render(request, "datasets/_report.html", **_report_context(db, settings, dataset))
     return RedirectResponse(f"/datasets/{dataset.id}#report", status_code=303)

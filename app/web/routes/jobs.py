@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from pydantic import BaseModel, ConfigDict
 
 from app import queue
-from app.errors import NotFound
+from app.errors import NotFound, whole_number
 from app.models import Dataset, DatasetStatus, Job, Metric
 from app.services import job_events, job_views, jobs, models
 from app.train_config import PRESETS, TrainConfig
@@ -109,13 +109,17 @@ async def job_event_stream(
     job_id: JobId,
     db: DbDep,
     streams: JobStreamsDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=SQL_INT_MAX)] = 0,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-Sent Events: `metric` rows after Last-Event-ID (else `after`), `status`, `done`."""
     await to_thread.run_sync(queue.get_job, db, job_id)  # 404 before the stream starts
-    if last_event_id and last_event_id.strip().isdigit():
-        after = int(last_event_id.strip())
+    if last_event_id and last_event_id.strip():
+        after = whole_number(
+            last_event_id,
+            "Last-Event-ID",
+            "Send the id of the last event received (EventSource does), or leave it out.",
+        )
     return StreamingResponse(
         streams.stream(request, job_id, after),
         media_type="text/event-stream",
