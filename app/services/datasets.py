@@ -23,7 +23,7 @@ from app.errors import UserError
 from app.models import Dataset, DatasetReport, Job, JobStatus
 from app.services.dataset_errors import DatasetError
 from app.services.dataset_ingest import NORMALIZED_FILENAME, ingest_dataset
-from app.services.dataset_readers import ACCEPTED_FILE_TYPES
+from app.services.dataset_readers import ACCEPTED_FILE_TYPES, IngestLimits
 from app.settings import Settings
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -132,7 +132,11 @@ def create_dataset(
         stored = folder / f"original.{file_type}"
         os.replace(upload_path, stored)
         result = ingest_dataset(
-            stored, file_type, column_mapping=column_mapping, drop_bad_rows=drop_bad_rows
+            stored,
+            file_type,
+            column_mapping=column_mapping,
+            drop_bad_rows=drop_bad_rows,
+            limits=IngestLimits.from_settings(settings),
         )
         shown_name = display_filename(filename)
         dataset = Dataset(
@@ -277,6 +281,7 @@ def reimport_dataset(
         column_mapping=dataset.column_mapping or None,
         drop_bad_rows=drop_bad_rows,
         split_seed=dataset.split_seed,
+        limits=IngestLimits.from_settings(settings),
     )
     with db.write() as session:
         row = session.get(Dataset, dataset.id)
