@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -17,7 +18,11 @@ from sqlmodel import select
 
 from app.main import create_app
 from app.models import Dataset
-from app.services.datasets import sweep_stale_uploads
+from app.services.datasets import (
+    INGEST_LOCK_FILENAME,
+    sweep_orphan_datasets,
+    sweep_stale_uploads,
+)
 from app.settings import Settings
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
@@ -150,6 +155,42 @@ def test_sweep_removes_stale_upload_temp_files(settings):
     other.write_bytes(b"not ours")
     assert sweep_stale_uploads(settings) == 1
     assert not stale.exists() and other.exists()
+
+
+def test_sweep_removes_half_ingested_folders_only(settings, db):
+    """A folder with no row and no split.json goes, unless a live process holds its ingest lock;
+    a complete folder, a dataset with a row and anything not named like a dataset stay."""
+
+    def folder(name: str, *files: str) -> Path:
+        path = settings.datasets_dir / name
+        path.mkdir()
+        for file in files:
+            (path / file).write_text("x")
+        return path
+
+    half = folder("a" * 32, "original.jsonl", ".normalized.jsonl.123.tmp")
+    locked = folder("b" * 32, "original.jsonl", INGEST_LOCK_FILENAME)
+    complete = folder("c" * 32, "original.jsonl", "normalized.jsonl", "split.json")
+    other = folder("not-a-dataset", "notes.txt")
+    with db.write() as session:
+        session.add(
+            Dataset(
+                id="d" * 32,
+                name="kept",
+                original_filename="k.jsonl",
+                file_type="jsonl",
+                format="text",
+                size_bytes=1,
+            )
+        )
+    recorded = folder("d" * 32, "original.jsonl")
+    with (locked / INGEST_LOCK_FILENAME).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as an ingest in another live process holds it
+        assert sweep_orphan_datasets(db, settings) == 1
+    assert not half.exists()
+    assert all(p.exists() for p in (locked, complete, other, recorded))
+    assert sweep_orphan_datasets(db, settings) == 1  # the lock's holder died
+    assert not locked.exists()
 
 
 # --- what ingest produces is bounded, not only what is uploaded (issue 21, items 2 and 7) ---------
