@@ -145,7 +145,7 @@ def read_rows(path: Path, file_type: str, limits: IngestLimits | None = None) ->
 
 def _as_row(line: int, value: Any, limits: IngestLimits) -> RawRow:
     if isinstance(value, dict):
-        if nested_deeper_than(value, limits.max_nesting - 1):
+        if nested_deeper_than(value, limits.max_nesting):
             return RawRow(line, None, too_deeply_nested(line, limits.max_nesting))
         return RawRow(line, value)
     return RawRow(

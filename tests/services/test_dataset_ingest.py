@@ -533,3 +533,14 @@ def test_a_deeply_nested_json_document_that_is_not_an_array_is_a_file_error(tmp_
     path.write_text('{"data": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(DatasetFileError, match="nested"):
         ingest_dataset(path, "json")
+
+
+def test_rows_may_nest_up_to_the_limit(tmp_path):
+    path = tmp_path / "original.jsonl"
+    # The row object is level 1 and its "x" list level 2: 63 lists in all make 64 levels.
+    at_limit = '{"text": "a", "x": ' + "[" * 63 + "]" * 63 + "}"
+    over = '{"text": "b", "x": ' + "[" * 64 + "]" * 64 + "}"
+    path.write_text(at_limit + "\n" + over + "\n")
+    result = ingest_dataset(path, "jsonl", limits=IngestLimits(max_nesting=64))
+    error = only_error(result)
+    assert (error["line"], error["kind"], result.valid_rows) == (2, "too_deeply_nested", 1)
