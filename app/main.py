@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.db import Database
 from app.errors import UserError
 from app.queue import QueueError
-from app.services.datasets import sweep_stale_uploads
+from app.services.datasets import sweep_orphan_datasets, sweep_stale_uploads
 from app.settings import Settings
 from app.web.body_limit import BodyLimitMiddleware
 from app.web.routes import (
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db, settings.sse_poll_seconds, settings.sse_keepalive_seconds
     )
     sweep_stale_uploads(settings)  # temp files of uploads a killed server left behind
+    sweep_orphan_datasets(app.state.db, settings)  # and dataset folders it was ingesting
 
     for router in (
         adapters.router,

@@ -82,8 +82,18 @@ class Settings(BaseSettings):
 
     gpu_lock_dir: Path | None = None
     """Folder of the per-GPU lock files that keep two workers on one host off one GPU. Empty: the system temp folder."""
+
     request_body_max_bytes: int = Field(default=1024**2, ge=1024)
     """Largest request body in bytes (JSON API, OpenAI API, forms); uploads have their own cap."""
+
+    dataset_row_max_bytes: int = Field(default=32 * 1024**2, ge=1024)
+    """Largest dataset row, in bytes once decoded; bigger rows are reported as bad rows, by line."""
+
+    dataset_expansion_max: float = Field(default=4.0, gt=0)
+    """Normalised dataset rows may take at most this multiple of the upload cap (413 beyond it)."""
+
+    dataset_max_nesting: int = Field(default=64, ge=4, le=1000)
+    """Deepest nesting of arrays and objects in a dataset row; deeper rows are reported as bad rows."""
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -33,6 +33,7 @@ class DatasetError(Exception):
     """The file as a whole cannot be used. Shown to the user as-is, with its hint."""
 
     code = "dataset_invalid"
+    status_code = 422
 
     def __init__(
         self,
@@ -83,6 +84,14 @@ class DatasetFormatError(DatasetError):
     mapping does not fit the file)."""
 
     code = "dataset_format_invalid"
+
+
+class DatasetTooLarge(DatasetError):
+    """Reading the file would produce more than the operator allows (it decompresses or expands
+    past the limit): refused whole, like an upload over the cap."""
+
+    code = "dataset_too_large"
+    status_code = 413
 
 
 def describe_type(value: object) -> str:

@@ -10,7 +10,8 @@ sees half a file):
   A normalised row is an eval row when its `line` is in `eval_lines`; every other row trains.
   An index rather than two more copies of the data: the dataset is already stored twice.
 
-Problems that make the whole file unusable raise `DatasetError` and write nothing. Problems in
+Problems that make the whole file unusable raise `DatasetError` and write nothing; so does a file
+whose normalised rows would pass `limits.output_max_bytes` (DatasetTooLarge, 413). Problems in
 single rows are counted (all of them, by kind) and the first MAX_ERROR_DETAILS kept in detail;
 with `drop_bad_rows` those rows are left out and the dataset is ready, otherwise it is invalid and
 no job can use it.
@@ -34,7 +35,7 @@ from typing import IO, Any
 from app.models import DatasetStatus
 from app.services.dataset_errors import DatasetFileError, RowError
 from app.services.dataset_formats import FORMAT_NAMES, detect_format, normalize_row
-from app.services.dataset_readers import read_rows
+from app.services.dataset_readers import IngestLimits, read_rows, row_too_large
 
 NORMALIZED_FILENAME = "normalized.jsonl"
 SPLIT_FILENAME = "split.json"
@@ -89,12 +90,15 @@ def ingest_dataset(
     split_seed: int = DEFAULT_SPLIT_SEED,
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
     max_eval_rows: int = MAX_EVAL_ROWS,
+    limits: IngestLimits | None = None,
 ) -> IngestResult:
     """Read, validate and normalise `raw_path`; write `normalized.jsonl` and `split.json` beside it.
 
-    Raises DatasetFileError / DatasetFormatError when the file as a whole cannot be used.
+    Raises DatasetFileError / DatasetFormatError when the file as a whole cannot be used, and
+    DatasetTooLarge when its rows would take more than `limits.output_max_bytes`.
     """
-    rows_iter = read_rows(raw_path, file_type)
+    limits = limits or IngestLimits()
+    rows_iter = read_rows(raw_path, file_type, limits)
     sample = list(islice(rows_iter, DETECTION_SAMPLE_ROWS))
     if not sample:
         raise DatasetFileError("the file has no rows", hint="Upload a file with at least one row.")
@@ -110,7 +114,7 @@ def ingest_dataset(
         )
     dataset_format = detect_format(records, column_mapping)
 
-    rows = valid_rows = bad_rows = error_count = 0
+    rows = valid_rows = bad_rows = error_count = written = 0
     details: list[dict[str, Any]] = []
     counts: Counter[str] = Counter()
     valid_lines = array("Q")  # 8 bytes a row: enough to pick the eval rows by line afterwards
@@ -127,9 +131,17 @@ def ingest_dataset(
                 normalized, problems = normalize_row(dataset_format, raw.line, raw.record)
             if normalized is not None:
                 encoded = _encode(normalized, raw.line)
+                if not isinstance(encoded, RowError) and len(encoded) > limits.row_max_bytes:
+                    encoded = row_too_large(raw.line, len(encoded), limits.row_max_bytes)
                 if isinstance(encoded, RowError):
                     problems = [encoded]
                 else:
+                    written += len(encoded)
+                    if written > limits.output_max_bytes:
+                        raise limits.too_large(
+                            f"the rows up to line {raw.line} already take {written} bytes "
+                            "once normalised"
+                        )
                     out.write(encoded)
                     valid_lines.append(raw.line)
                     valid_rows += 1

@@ -3,11 +3,16 @@ list, show and delete the results.
 
 A dataset lives in `datasets_dir/<uuid hex>/`: `original.<type>` (the upload as sent),
 `normalized.jsonl` and `split.json` (see `dataset_ingest`). The user's file name is display text.
+While it is ingested the folder also holds `.ingest.lock`, locked (flock) by the ingesting process:
+a folder with no database row, no `split.json` and no live lock is what a killed server left, and
+the next start sweeps it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,10 +28,13 @@ from app.errors import UserError
 from app.models import Dataset, DatasetReport, Job, JobStatus
 from app.services.dataset_errors import DatasetError
 from app.services.dataset_ingest import NORMALIZED_FILENAME, ingest_dataset
-from app.services.dataset_readers import ACCEPTED_FILE_TYPES
+from app.services.dataset_readers import ACCEPTED_FILE_TYPES, IngestLimits
 from app.settings import Settings
 
+log = logging.getLogger(__name__)
+
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+INGEST_LOCK_FILENAME = ".ingest.lock"
 UPLOAD_PREFIX = "upload-"
 UPLOAD_SUFFIX = ".part"
 _DATASET_ID = re.compile(r"[0-9a-f]{32}")
@@ -128,11 +136,17 @@ def create_dataset(
     dataset_id = uuid.uuid4().hex
     folder = settings.datasets_dir / dataset_id
     folder.mkdir(parents=True)
+    lock = (folder / INGEST_LOCK_FILENAME).open("w")
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         stored = folder / f"original.{file_type}"
         os.replace(upload_path, stored)
         result = ingest_dataset(
-            stored, file_type, column_mapping=column_mapping, drop_bad_rows=drop_bad_rows
+            stored,
+            file_type,
+            column_mapping=column_mapping,
+            drop_bad_rows=drop_bad_rows,
+            limits=IngestLimits.from_settings(settings),
         )
         shown_name = display_filename(filename)
         dataset = Dataset(
@@ -157,10 +171,13 @@ def create_dataset(
         )
         with db.write() as session:
             session.add(dataset)
+        (folder / INGEST_LOCK_FILENAME).unlink()
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         upload_path.unlink(missing_ok=True)
         raise
+    finally:
+        lock.close()
     return dataset
 
 
@@ -277,6 +294,7 @@ def reimport_dataset(
         column_mapping=dataset.column_mapping or None,
         drop_bad_rows=drop_bad_rows,
         split_seed=dataset.split_seed,
+        limits=IngestLimits.from_settings(settings),
     )
     with db.write() as session:
         row = session.get(Dataset, dataset.id)
@@ -337,6 +355,44 @@ def sweep_stale_uploads(settings: Settings, older_than_seconds: float = 0.0) -> 
         except FileNotFoundError:
             continue
     return removed
+
+
+def sweep_orphan_datasets(db: Database, settings: Settings) -> int:
+    """Remove dataset folders that an ingest left half-written when its server was killed: no
+    database row, no `split.json` (ingest writes it last) and no process holding the ingest lock.
+    A complete folder without a row (another database's, say) is only logged. Run at start."""
+    if not settings.datasets_dir.is_dir():
+        return 0
+    folders = {p.name: p for p in settings.datasets_dir.iterdir() if _DATASET_ID.fullmatch(p.name)}
+    if not folders:
+        return 0
+    with db.read() as session:
+        known = set(session.exec(select(Dataset.id).where(col(Dataset.id).in_(list(folders)))))
+    removed = 0
+    for dataset_id, folder in sorted(folders.items()):
+        if dataset_id in known or not folder.is_dir():
+            continue
+        if (folder / "split.json").exists():
+            log.warning("dataset folder %s has no database row; left in place", folder)
+            continue
+        if _ingest_in_progress(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.warning("removed %d dataset folder(s) of ingests cut short by a killed server", removed)
+    return removed
+
+
+def _ingest_in_progress(folder: Path) -> bool:
+    try:
+        with (folder / INGEST_LOCK_FILENAME).open("r") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
 
 
 def error_body(error: DatasetServiceError | DatasetError) -> dict[str, Any]:

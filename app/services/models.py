@@ -16,6 +16,7 @@ from sqlmodel import col, select
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import BaseModelEntry
+from app.services.dataset_errors import describe_type
 from app.settings import Settings
 from app.train_config import MODEL_NAME_PATTERN
 
@@ -44,20 +45,48 @@ class ModelRegistrationError(UserError):
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as exc:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ModelRegistrationError(
-            f"Cannot read {path.name}: {exc}.",
+            f"Cannot read {path.name}: {reason}.",
             "The model folder must hold a Hugging Face config.json (save it with save_pretrained).",
         ) from exc
+    if not isinstance(value, dict):
+        raise ModelRegistrationError(
+            f"{path.name} must hold one JSON object, found {describe_type(value)}.",
+            "The model folder must hold a Hugging Face config.json (save it with save_pretrained).",
+        )
+    return value
 
 
 SAFETENSORS_HEADER_MAX_BYTES = 100 * 1024 * 1024  # the format's own limit
+# Far beyond any model that exists (the largest are ~2e12); above it a count is garbage, and it
+# must fit a 64-bit database integer.
+MAX_PARAMETERS = 10**15
+# Bounds on the config.json sizes we read: generous (several times the largest real models), but
+# small enough that no product of them overflows, and each is a whole number.
+CONFIG_INT_LIMITS = {
+    "vocab_size": 2**24,
+    "max_position_embeddings": 2**28,
+    "hidden_size": 2**20,
+    "intermediate_size": 2**22,
+    "num_hidden_layers": 2**14,
+    "num_attention_heads": 2**14,
+    "num_key_value_heads": 2**14,
+    "head_dim": 2**14,
+}
+_CONFIG_HINT = (
+    "Fix config.json (or save the model again with save_pretrained): its sizes are whole numbers "
+    "and architectures is a list of class names such as LlamaForCausalLM."
+)
+_SAFETENSORS_HINT = "Save the weights again with save_pretrained(safe_serialization=True)."
 
 
 def safetensors_parameters(model_dir: Path) -> int:
     """Count parameters from the safetensors headers alone (no tensor is read). A file that is not
-    safetensors (empty, a renamed pickle, a header longer than the file) is refused."""
+    safetensors (empty, a renamed pickle, a header longer than the file, shapes that are not lists
+    of whole numbers) is refused."""
     total = 0
     for file in sorted(model_dir.glob("*.safetensors")):
         try:
@@ -72,38 +101,94 @@ def safetensors_parameters(model_dir: Path) -> int:
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                count = 1
-                for dim in info["shape"]:
-                    count *= int(dim)
-                total += count
+                total += _tensor_size(name, info)
+                if total > MAX_PARAMETERS:
+                    raise ValueError(f"the tensors add up to more than {MAX_PARAMETERS} values")
+        except RecursionError as exc:
+            raise ModelRegistrationError(
+                f"{file.name} is not a valid safetensors file (its header is nested too deeply).",
+                _SAFETENSORS_HINT,
+            ) from exc
         except (OSError, ValueError, TypeError, KeyError, struct.error) as exc:
             raise ModelRegistrationError(
-                f"{file.name} is not a valid safetensors file ({type(exc).__name__}).",
-                "Save the weights again with save_pretrained(safe_serialization=True).",
+                f"{file.name} is not a valid safetensors file ({type(exc).__name__}: "
+                f"{str(exc)[:200]}).",
+                _SAFETENSORS_HINT,
             ) from exc
     return total
 
 
+def _tensor_size(name: str, info: object) -> int:
+    shape = info.get("shape") if isinstance(info, dict) else None
+    if not isinstance(shape, list):
+        raise ValueError(f"tensor {name[:100]!r} has no shape list")
+    count = 1
+    for dim in shape:
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= MAX_PARAMETERS:
+            raise ValueError(f"tensor {name[:100]!r} has a shape that is not whole sizes")
+        count *= dim
+        if count > MAX_PARAMETERS:
+            raise ValueError(f"tensor {name[:100]!r} has more than {MAX_PARAMETERS} values")
+    return count
+
+
+def config_int(config: dict[str, Any], field: str, default: int = 0) -> int:
+    """A size from config.json: absent or null gives `default`; anything but a whole number in
+    0..CONFIG_INT_LIMITS[field] is refused, naming the field."""
+    value = config.get(field)
+    if value is None:
+        return default
+    limit = CONFIG_INT_LIMITS[field]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        shown = repr(value)[:60] if isinstance(value, int | float) else describe_type(value)
+        raise ModelRegistrationError(
+            f'config.json field "{field}" must be a whole number from 0 to {limit}, found {shown}.',
+            _CONFIG_HINT,
+        )
+    return value
+
+
 def estimate_parameters(config: dict[str, Any]) -> int:
-    """Parameters of a Llama-like decoder from its config, when no weights are at hand."""
-    hidden = int(config.get("hidden_size", 0))
-    layers = int(config.get("num_hidden_layers", 0))
-    inter = int(config.get("intermediate_size", 0))
-    vocab = int(config.get("vocab_size", 0))
-    heads = int(config.get("num_attention_heads", 1)) or 1
-    kv_heads = int(config.get("num_key_value_heads", heads))
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    """Parameters of a Llama-like decoder from its config, when no weights are at hand. Refused
+    (naming the fields) when the sizes multiply out to more than any model has."""
+    hidden = config_int(config, "hidden_size")
+    layers = config_int(config, "num_hidden_layers")
+    inter = config_int(config, "intermediate_size")
+    vocab = config_int(config, "vocab_size")
+    heads = config_int(config, "num_attention_heads", 1) or 1
+    kv_heads = config_int(config, "num_key_value_heads", heads)
+    head_dim = config_int(config, "head_dim") or hidden // heads
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
     per_layer = attention + 3 * hidden * inter + 2 * hidden
     embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    return layers * per_layer + embeddings + hidden
+    total = layers * per_layer + embeddings + hidden
+    if total > MAX_PARAMETERS:
+        raise ModelRegistrationError(
+            f"config.json describes {total:.3g} parameters (from hidden_size, intermediate_size, "
+            f"num_hidden_layers and vocab_size), more than the {MAX_PARAMETERS:.0e} any model has.",
+            _CONFIG_HINT,
+        )
+    return total
 
 
 def describe_config(config: dict[str, Any], *, trust_remote_code: bool) -> dict[str, Any]:
     """Check a config.json is a trainable causal LM and pull out what the Models page shows."""
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ModelRegistrationError(
+            f'config.json field "architectures" must be a list of class names, found '
+            f"{describe_type(architectures)}"
+            + (" holding other values" if isinstance(architectures, list) else "")
+            + ".",
+            _CONFIG_HINT,
+        )
     architecture = architectures[0] if architectures else ""
-    family = str(config.get("model_type", ""))
+    family = config.get("model_type") or ""
+    if not isinstance(family, str):
+        raise ModelRegistrationError(
+            f'config.json field "model_type" must be a string, found {describe_type(family)}.',
+            _CONFIG_HINT,
+        )
     if "auto_map" in config and not trust_remote_code:
         raise ModelRegistrationError(
             f"This model ({architecture or family}) ships its own Python code (trust_remote_code).",
@@ -117,11 +202,17 @@ def describe_config(config: dict[str, Any], *, trust_remote_code: bool) -> dict[
             "ForCausalLM, e.g. LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM).",
         )
     text_config = config.get("text_config") or config
+    if not isinstance(text_config, dict):
+        raise ModelRegistrationError(
+            f'config.json field "text_config" must be an object, found '
+            f"{describe_type(text_config)}.",
+            _CONFIG_HINT,
+        )
     return {
         "architecture": architecture,
         "family": family,
-        "vocab_size": int(text_config.get("vocab_size", 0)),
-        "context_length": int(text_config.get("max_position_embeddings", 0)),
+        "vocab_size": config_int(text_config, "vocab_size"),
+        "context_length": config_int(text_config, "max_position_embeddings"),
     }
 
 
@@ -132,9 +223,10 @@ def has_chat_template(files: dict[str, Path | None]) -> bool:
     if tokenizer_config is None:
         return False
     try:
-        return bool(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"))
-    except (OSError, ValueError):
+        value = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(value, dict) and bool(value.get("chat_template"))
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:

@@ -16,13 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.models import DatasetStatus
-from app.services.dataset_errors import DatasetFileError, DatasetFormatError
+from app.services.dataset_errors import DatasetFileError, DatasetFormatError, DatasetTooLarge
 from app.services.dataset_ingest import (
     MAX_ERROR_DETAILS,
     IngestResult,
     eval_size,
     ingest_dataset,
 )
+from app.services.dataset_readers import IngestLimits
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
 
@@ -462,3 +463,84 @@ def test_no_temporary_files_are_left(tmp_path):
         "original.jsonl",
         "split.json",
     ]
+
+
+# --- limits on what ingest produces (issue 21, items 2 and 7) --------------------------------------
+
+SMALL_LIMITS = IngestLimits(row_max_bytes=1024 * 1024, output_max_bytes=64 * 1024 * 1024)
+
+
+def test_a_parquet_row_over_the_row_limit_is_a_row_error_and_is_not_decoded(tmp_path):
+    path = tmp_path / "original.parquet"
+    texts = ["small", "z" * (3 * 1024 * 1024), "also small"]
+    pq.write_table(pa.table({"text": texts}), path, compression="zstd")
+    result = ingest_dataset(path, "parquet", limits=SMALL_LIMITS)
+    assert (result.rows, result.valid_rows, result.status) == (3, 2, "invalid")
+    error = only_error(result)
+    assert (error["line"], error["kind"], error["field"]) == (2, "row_too_large", None)
+    assert "TUNEBOARD_DATASET_ROW_MAX_BYTES" in error["hint"]
+    assert [r["line"] for r in normalized_rows(result)] == [1, 3]
+
+
+def test_a_nested_parquet_row_over_the_row_limit_is_a_row_error(tmp_path):
+    path = tmp_path / "original.parquet"
+    big = "w" * (2 * 1024 * 1024)
+    conversations = [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": big}],
+    ]
+    pq.write_table(pa.table({"messages": conversations}), path)
+    result = ingest_dataset(path, "parquet", limits=SMALL_LIMITS)
+    assert (result.valid_rows, only_error(result)["line"]) == (1, 2)
+
+
+@pytest.mark.parametrize("file_type", ["jsonl", "csv"])
+def test_a_text_row_over_the_row_limit_is_a_row_error(tmp_path, file_type):
+    path = tmp_path / f"original.{file_type}"
+    big = "v" * (2 * 1024 * 1024)
+    if file_type == "jsonl":
+        path.write_text(f'{{"text": "a"}}\n{{"text": "{big}"}}\n{{"text": "c"}}\n')
+    else:
+        path.write_text(f"text\na\n{big}\nc\n")
+    result = ingest_dataset(path, file_type, limits=SMALL_LIMITS)
+    error = only_error(result)
+    line = 2 if file_type == "jsonl" else 3  # the CSV header is line 1
+    assert (error["line"], error["kind"], result.valid_rows) == (line, "row_too_large", 2)
+
+
+def test_the_normalised_size_limit_stops_ingest_and_leaves_no_file(tmp_path):
+    path = tmp_path / "original.jsonl"
+    path.write_text(('{"text": "' + "u" * 1000 + '"}\n') * 200)
+    with pytest.raises(DatasetTooLarge) as err:
+        ingest_dataset(path, "jsonl", limits=IngestLimits(output_max_bytes=100_000))
+    assert err.value.status_code == 413
+    assert "100000 bytes" in err.value.message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["original.jsonl"]
+
+
+def test_a_deeply_nested_element_of_a_json_array_is_a_row_error(tmp_path):
+    path = tmp_path / "original.json"
+    deep = "[" * 100_000 + "]" * 100_000
+    path.write_text(f'[{{"text": "a"}},\n{{"text": {deep}}},\n{{"text": "c"}}, {{"text": "d"}}]')
+    result = ingest_dataset(path, "json")
+    error = only_error(result)
+    assert (error["line"], error["kind"]) == (2, "too_deeply_nested")
+    assert [r["text"] for r in normalized_rows(result)] == ["a", "c", "d"]
+
+
+def test_a_deeply_nested_json_document_that_is_not_an_array_is_a_file_error(tmp_path):
+    path = tmp_path / "original.json"
+    path.write_text('{"data": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DatasetFileError, match="nested"):
+        ingest_dataset(path, "json")
+
+
+def test_rows_may_nest_up_to_the_limit(tmp_path):
+    path = tmp_path / "original.jsonl"
+    # The row object is level 1 and its "x" list level 2: 63 lists in all make 64 levels.
+    at_limit = '{"text": "a", "x": ' + "[" * 63 + "]" * 63 + "}"
+    over = '{"text": "b", "x": ' + "[" * 64 + "]" * 64 + "}"
+    path.write_text(at_limit + "\n" + over + "\n")
+    result = ingest_dataset(path, "jsonl", limits=IngestLimits(max_nesting=64))
+    error = only_error(result)
+    assert (error["line"], error["kind"], result.valid_rows) == (2, "too_deeply_nested", 1)

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fastapi import FastAPI
+from sqlmodel import select
 
 from app.main import create_app
-from app.services.datasets import sweep_stale_uploads
+from app.models import Dataset
+from app.services.datasets import (
+    INGEST_LOCK_FILENAME,
+    sweep_orphan_datasets,
+    sweep_stale_uploads,
+)
 from app.settings import Settings
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
@@ -143,3 +155,160 @@ def test_sweep_removes_stale_upload_temp_files(settings):
     other.write_bytes(b"not ours")
     assert sweep_stale_uploads(settings) == 1
     assert not stale.exists() and other.exists()
+
+
+def test_sweep_removes_half_ingested_folders_only(settings, db):
+    """A folder with no row and no split.json goes, unless a live process holds its ingest lock;
+    a complete folder, a dataset with a row and anything not named like a dataset stay."""
+
+    def folder(name: str, *files: str) -> Path:
+        path = settings.datasets_dir / name
+        path.mkdir()
+        for file in files:
+            (path / file).write_text("x")
+        return path
+
+    half = folder("a" * 32, "original.jsonl", ".normalized.jsonl.123.tmp")
+    locked = folder("b" * 32, "original.jsonl", INGEST_LOCK_FILENAME)
+    complete = folder("c" * 32, "original.jsonl", "normalized.jsonl", "split.json")
+    other = folder("not-a-dataset", "notes.txt")
+    with db.write() as session:
+        session.add(
+            Dataset(
+                id="d" * 32,
+                name="kept",
+                original_filename="k.jsonl",
+                file_type="jsonl",
+                format="text",
+                size_bytes=1,
+            )
+        )
+    recorded = folder("d" * 32, "original.jsonl")
+    with (locked / INGEST_LOCK_FILENAME).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as an ingest in another live process holds it
+        assert sweep_orphan_datasets(db, settings) == 1
+    assert not half.exists()
+    assert all(p.exists() for p in (locked, complete, other, recorded))
+    assert sweep_orphan_datasets(db, settings) == 1  # the lock's holder died
+    assert not locked.exists()
+
+
+# --- what ingest produces is bounded, not only what is uploaded (issue 21, items 2 and 7) ---------
+
+# Run in a child process so its peak memory (ru_maxrss) is the upload's, not the test session's.
+_UPLOAD_AND_MEASURE = """
+import asyncio, json, resource, sys
+import httpx
+from app.main import create_app
+from app.settings import Settings
+
+async def main():
+    settings = Settings(data_dir=sys.argv[1], upload_max_bytes=1024 * 1024)
+    transport = httpx.ASGITransport(app=create_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with open(sys.argv[2], "rb") as f:
+            response = await client.post(
+                "/api/datasets", files={"file": ("expands.parquet", f.read())}
+            )
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"status": response.status_code, "body": response.json(),
+                      "peak_growth_kib": after - before}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_tiny_parquet_that_expands_is_413_with_bounded_memory(settings, db, tmp_path):
+    """512 bytes of Parquet (one 2 MiB string, dictionary-encoded, 100 times) would decode to
+    200 MiB of rows; with a 1 MiB upload cap the normalised rows may take 4 MiB."""
+    path = tmp_path / "expands.parquet"
+    table = pa.table({"text": ["x" * (2 * 1024 * 1024)] * 100})
+    pq.write_table(table, path, compression="zstd", use_dictionary=True)
+    del table
+    assert path.stat().st_size < 4096
+    child = subprocess.run(
+        [sys.executable, "-c", _UPLOAD_AND_MEASURE, str(settings.data_dir), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["status"] == 413, result
+    error = result["body"]["error"]
+    assert error["code"] == "dataset_too_large"
+    assert "TUNEBOARD_DATASET_EXPANSION_MAX" in error["hint"]
+    assert list(settings.datasets_dir.iterdir()) == []
+    assert list(settings.tmp_dir.iterdir()) == []
+    with db.read() as session:
+        assert session.exec(select(Dataset)).first() is None
+    # Decoded whole it grew the peak by ~245 MiB (Arrow + Python strings); batches stay far below.
+    assert result["peak_growth_kib"] < 120 * 1024, result
+
+
+@pytest.mark.anyio
+async def test_a_parquet_that_decompresses_past_the_limit_is_413_before_decoding(
+    settings, db, tmp_path
+):
+    path = tmp_path / "plain.parquet"
+    pq.write_table(
+        pa.table({"text": ["y" * (1024 * 1024)] * 8}),
+        path,
+        compression="zstd",
+        use_dictionary=False,
+    )
+    small = Settings(data_dir=settings.data_dir, upload_max_bytes=1024 * 1024)
+    transport = httpx.ASGITransport(app=make_app(small, db))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        response = await upload(client, "plain.parquet", path.read_bytes())
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert "decompress" in error["message"] and "TUNEBOARD_DATASET_EXPANSION_MAX" in error["hint"]
+    assert list(small.datasets_dir.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_a_jsonl_upload_whose_rows_outgrow_the_limit_is_413(settings, db):
+    # ShareGPT rows grow when normalised (roles spelled out, keys added): 1 MiB becomes >4 MiB only
+    # with a small ratio, so the ratio is set low here.
+    small = Settings(
+        data_dir=settings.data_dir, upload_max_bytes=1024 * 1024, dataset_expansion_max=1.0
+    )
+    row = json.dumps(
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    )
+    content = (row + "\n").encode() * (1024 * 1024 // (len(row) + 1))
+    transport = httpx.ASGITransport(app=make_app(small, db))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        response = await upload(client, "grows.jsonl", content)
+    assert response.status_code == 413, response.text
+    assert list(small.datasets_dir.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_a_deeply_nested_column_mapping_is_400(client):
+    response = await upload(
+        client,
+        "qa.jsonl",
+        b'{"question": "q", "answer": "a"}\n',
+        column_mapping="[" * 100_000 + "]" * 100_000,
+    )
+    assert response.status_code == 400, response.text
+    assert "column_mapping" in response.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_a_deeply_nested_row_is_a_row_error_with_its_line(client):
+    deep = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    rows = ['{"text": "one"}', deep, '{"text": "three"}', '{"text": ' + "[" * 70 + "]" * 70 + "}"]
+    response = await upload(client, "deep.jsonl", "\n".join(rows).encode())
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["status"], body["valid_rows"], body["error_count"]) == ("invalid", 2, 2)
+    assert [(e["line"], e["kind"]) for e in body["errors"]] == [
+        (2, "too_deeply_nested"),
+        (4, "too_deeply_nested"),
+    ]
+    assert "TUNEBOARD_DATASET_MAX_NESTING" in body["errors"][0]["hint"]

@@ -4,6 +4,7 @@ and no dataset (row or folder) is left."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
@@ -108,6 +109,63 @@ def test_killed_mid_body_then_mid_copy_the_next_start_leaves_no_trace(tmp_path: 
         assert caught, "never caught the server while it held an upload temp file"
         temps, _, rows = _leftovers(settings, db)
         assert temps == [] and rows == 0
+    finally:
+        server.stop()
+        db.dispose()
+
+
+def _kill_on_dataset_folder(server: LiveServer, settings: Settings, done: threading.Event) -> None:
+    while not done.is_set():
+        if any(
+            not (p.parent / "split.json").exists()
+            for p in settings.datasets_dir.glob("*/original.jsonl")
+        ):
+            server.kill()
+            return
+        time.sleep(0.001)
+
+
+def test_killed_mid_ingest_the_next_start_sweeps_the_dataset_folder(tmp_path: Path):
+    server = LiveServer(tmp_path / "data").start()
+    settings = Settings(data_dir=tmp_path / "data", database_url="")
+    db = Database(server.database_url)
+    # A finished ingest whose row is not in this database (another database's, or killed between
+    # the last file and the commit): complete datasets are never swept, only half-written ones.
+    complete = settings.datasets_dir / ("c" * 32)
+    complete.mkdir(parents=True)
+    for name in ("original.jsonl", "normalized.jsonl", "split.json"):
+        (complete / name).write_text("{}\n")
+    try:
+        size = 48 * 1024 * 1024
+        before, after = _multipart(size)
+        payload = _rows(size)
+        caught = None
+        for _ in range(4):
+            done = threading.Event()
+            watcher = threading.Thread(
+                target=_kill_on_dataset_folder, args=(server, settings, done)
+            )
+            watcher.start()
+            try:
+                with socket.create_connection(("127.0.0.1", server.port)) as conn:
+                    conn.sendall(_head(server.port, len(before) + size + len(after)) + before)
+                    conn.sendall(payload + after)
+                    conn.settimeout(60)
+                    with contextlib.suppress(OSError):
+                        conn.recv(1024)
+            finally:
+                done.set()
+                watcher.join(timeout=5)
+            if server.process is not None and server.process.poll() is not None:
+                caught = sorted(p.name for p in settings.datasets_dir.iterdir())
+                server.start()
+                break
+            with db.write() as s:  # the ingest won the race: delete it, try again
+                for row in s.exec(select(Dataset)):
+                    s.delete(row)
+                    shutil.rmtree(settings.datasets_dir / row.id, ignore_errors=True)
+        assert caught and len(caught) == 2, "never caught the server while it ingested"
+        assert _leftovers(settings, db) == ([], [complete.name], 0)
     finally:
         server.stop()
         db.dispose()

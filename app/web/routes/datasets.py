@@ -29,8 +29,7 @@ PREVIEW_ROWS = 20
 
 
 def _error(error: DatasetServiceError | DatasetError) -> JSONResponse:
-    status = error.status_code if isinstance(error, DatasetServiceError) else 422
-    return JSONResponse(datasets.error_body(error), status_code=status)
+    return JSONResponse(datasets.error_body(error), status_code=error.status_code)
 
 
 def _bad_request(message: str, hint: str = "") -> JSONResponse:
@@ -110,6 +109,10 @@ def _column_mapping(raw: object) -> dict[str, str] | None:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"column_mapping is not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ValueError(
+            "column_mapping is nested too deeply; it is one flat JSON object"
+        ) from None
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
@@ -286,7 +289,7 @@ def reimport_from_page(
     try:
         dataset = datasets.reimport_dataset(db, settings, dataset.id, drop_bad_rows=True)
     except (DatasetServiceError, DatasetError) as exc:
-        status = exc.status_code if isinstance(exc, DatasetServiceError) else 422
+        status = exc.status_code
         context = _detail_context(db, settings, dataset)
         return render(request, "datasets/detail.html", status_code=status, error=exc, **context)
     dataset_reports.request_again(db, dataset, previous)
