@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     hf_offline: bool = False
     """Never reach the model hub; use only cached or local models."""
 
+    database_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """How long a SQLite write waits for another process's write lock before it fails as "locked"."""
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if not self.binds_loopback and self.token is None:
