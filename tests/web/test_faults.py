@@ -1,7 +1,8 @@
 """Faults a user can fix, made for real: a full disk (a small tmpfs), a database locked by another
 process (BEGIN IMMEDIATE held past the busy timeout), a read-only database (an immutable file, a
 read-only bind mount; root ignores permission bits, so chmod would prove nothing here). Each gives
-a typed error with a hint, and /healthz says the database cannot be written."""
+a typed error with a hint, /healthz says the database cannot be written, and deletes still free
+space on a full disk."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app import queue
 from app.db import Database
 from app.main import create_app
 from app.migrate import upgrade
+from app.models import JobStatus
 from app.settings import Settings
-from tests.fakes.jobs import add_dataset
+from tests.fakes.jobs import add_dataset, add_job
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
 
@@ -98,6 +101,41 @@ def test_health_and_the_system_page_say_a_full_disk_cannot_be_written(tiny_disk)
         assert health["database_problem"]["code"] == "disk_full"
         page = client.get("/system", headers={"accept": "text/html"})
         assert "(not writable)" in page.text and "is full" in page.text
+
+
+def test_a_dataset_can_be_deleted_on_a_full_disk(tiny_disk):
+    _, client = _serve(tiny_disk)
+    with client:
+        rows = b"".join(
+            b'{"instruction": "say %d", "output": "%s"}\n' % (i, b"y" * 1000) for i in range(300)
+        )
+        uploaded = client.post("/api/datasets", files={"file": ("big.jsonl", rows)})
+        assert uploaded.status_code == 201, uploaded.text
+        dataset_id = uploaded.json()["id"]
+        fill_disk(tiny_disk)
+
+        response = client.delete(f"/api/datasets/{dataset_id}")
+        assert response.status_code == 204, response.text
+        assert not (tiny_disk.datasets_dir / dataset_id).exists()
+        assert client.get(f"/api/datasets/{dataset_id}").status_code == 404
+
+
+def test_a_finished_job_can_be_deleted_on_a_full_disk(tiny_disk):
+    db, client = _serve(tiny_disk)
+    with client:
+        job = add_job(db, tiny_disk)
+        claim = queue.claim_next_job(db, "w1", 60)
+        assert claim is not None
+        queue.finish(db, job.id, claim.attempt, JobStatus.failed, error_kind="unknown")
+        run_dir = tiny_disk.runs_dir / str(job.id)
+        run_dir.mkdir()
+        (run_dir / "checkpoint.bin").write_bytes(b"\0" * 1_000_000)
+        fill_disk(tiny_disk)
+
+        response = client.delete(f"/api/jobs/{job.id}")
+        assert response.status_code == 204, response.text
+        assert not run_dir.exists()
+        assert client.get(f"/api/jobs/{job.id}").status_code == 404
 
 
 # --- locked -------------------------------------------------------------------------------------
