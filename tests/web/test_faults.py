@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from app import queue
 from app.db import Database
 from app.main import create_app
 from app.migrate import upgrade
-from app.models import JobStatus
+from app.models import JobStatus, utcnow
 from app.settings import Settings
 from tests.fakes.jobs import add_dataset, add_job
 
@@ -254,3 +255,23 @@ def test_a_database_on_a_read_only_mount_names_the_mount_on_pages_and_health(rea
         health = client.get("/healthz")
         assert health.status_code == 200
         assert health.json()["database_problem"]["code"] == "database_read_only"
+
+
+# --- a job whose end could not be recorded --------------------------------------------------------
+
+
+def test_a_running_job_whose_lease_expired_reads_as_lost_contact_not_running(settings, db, client):
+    job = add_job(db, settings)
+    claim = queue.claim_next_job(db, "gone-worker", 60)
+    assert claim is not None
+    with db.write() as s:  # the worker's last renewal was long ago, and nobody requeued the job
+        row = s.get(type(job), job.id)
+        assert row is not None
+        row.lease_expires_at = utcnow() - timedelta(minutes=10)
+        s.add(row)
+
+    page = client.get(f"/jobs/{job.id}", headers={"accept": "text/html"})
+    assert "lost contact" in page.text
+    assert ">running<" not in page.text
+    listed = client.get("/jobs", headers={"accept": "text/html"})
+    assert "lost contact" in listed.text
