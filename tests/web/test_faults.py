@@ -91,6 +91,17 @@ def test_disk_full_is_a_507_that_says_how_much_is_free_and_what_to_delete(tiny_d
         assert "free of 4.0 MB" in page.text and "delete datasets" in page.text
 
 
+def test_an_upload_onto_a_full_disk_is_a_507_and_leaves_no_temp_file(tiny_disk):
+    _, client = _serve(tiny_disk)
+    with client:
+        fill_disk(tiny_disk)
+        rows = b'{"instruction": "hi", "output": "yo"}\n' * 3000
+        response = client.post("/api/datasets", files={"file": ("chat.jsonl", rows)})
+        assert response.status_code == 507, response.text
+        assert response.json()["error"]["code"] == "disk_full"
+        assert list(tiny_disk.tmp_dir.iterdir()) == []
+
+
 def test_health_and_the_system_page_say_a_full_disk_cannot_be_written(tiny_disk):
     _, client = _serve(tiny_disk)
     with client:
