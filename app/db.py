@@ -15,33 +15,35 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlmodel import Session
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+# A health check must answer quickly, whatever the busy timeout: its write probe waits this long.
+PROBE_BUSY_TIMEOUT_SECONDS = 1.0
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, busy_timeout_seconds: float = SQLITE_BUSY_TIMEOUT_SECONDS) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            connect_args={"check_same_thread": False, "timeout": busy_timeout_seconds},
             # Pooled: a session reuses an open connection instead of opening the file and running
             # the PRAGMAs again (measured with bench/web.py: page p99 under 50 open streams).
             pool_size=8,
             max_overflow=32,
             pool_pre_ping=False,
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, round(busy_timeout_seconds * 1000))
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control from the driver so BEGIN is ours to write (see "begin" below).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -55,12 +57,13 @@ def _configure_sqlite(engine: Engine) -> None:
 class Database:
     """One engine and the two kinds of session the code uses."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout_seconds: float = SQLITE_BUSY_TIMEOUT_SECONDS) -> None:
         self.url = url
+        self.busy_timeout_seconds = busy_timeout_seconds
 
     @cached_property
     def engine(self) -> Engine:
-        return make_engine(self.url)
+        return make_engine(self.url, self.busy_timeout_seconds)
 
     @property
     def is_sqlite(self) -> bool:
@@ -86,6 +89,35 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    def probe_write(self) -> None:
+        """Raise what a real write would raise now (locked, read-only, disk full), else return.
+
+        SQLite: one committed write that changes nothing (the header's `user_version`, unused,
+        set to itself: one page appended to the WAL, so a disk with no room for it is found),
+        waiting at most PROBE_BUSY_TIMEOUT_SECONDS for the write lock. PostgreSQL: a round trip.
+        """
+        if not self.is_sqlite:
+            with self.read() as session:
+                session.connection().exec_driver_sql("SELECT 1")
+            return
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            wait_ms = round(min(PROBE_BUSY_TIMEOUT_SECONDS, self.busy_timeout_seconds) * 1000)
+            cursor.execute(f"PRAGMA busy_timeout={wait_ms}")
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                version = int(cursor.execute("PRAGMA user_version").fetchone()[0])
+                cursor.execute(f"PRAGMA user_version={version}")
+                cursor.execute("COMMIT")
+            finally:
+                if raw.driver_connection is not None and raw.driver_connection.in_transaction:
+                    cursor.execute("ROLLBACK")
+                cursor.execute(f"PRAGMA busy_timeout={round(self.busy_timeout_seconds * 1000)}")
+                cursor.close()
+        finally:
+            raw.close()
 
     def dispose(self) -> None:
         if "engine" in self.__dict__:

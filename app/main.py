@@ -11,8 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import faults
 from app.db import Database
 from app.errors import UserError
 from app.queue import QueueError
@@ -57,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/api/openapi.json",
     )
     app.state.settings = settings
-    app.state.db = Database(settings.resolved_database_url)
+    app.state.db = Database(settings.resolved_database_url, settings.database_busy_timeout_seconds)
     app.state.job_streams = JobStreams(
         app.state.db, settings.sse_poll_seconds, settings.sse_keepalive_seconds
     )
@@ -151,18 +153,31 @@ def _install_error_handlers(app: FastAPI) -> None:
             hints.get(exc.status_code, ""),
         )
 
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(OSError)
+    async def machine_fault(request: Request, exc: Exception) -> Response:
+        fault = faults.classify(exc, request.app.state.settings)
+        if fault is None:
+            return internal_error(request, exc)
+        log.warning("%s %s: %s", request.method, request.url.path, fault.message)
+        return error_response(request, fault.status_code, fault.code, fault.message, fault.hint)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        response = error_response(
-            request,
-            500,
-            "internal",
-            "Something went wrong on the server; it has been logged.",
-            "Try again; if it persists, look at the server's log.",
-        )
+        response = internal_error(request, exc)
         # Starlette runs this handler outside every middleware (ServerErrorMiddleware is the
         # outermost layer), so SecurityMiddleware never sees this response: add its headers here.
         for name, value in SECURITY_HEADERS:
             response.headers[name.decode()] = value.decode()
         return response
+
+
+def internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        request,
+        500,
+        "internal",
+        "Something went wrong on the server; it has been logged.",
+        "Try again; if it persists, look at the server's log.",
+    )

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     dataset_max_nesting: int = Field(default=64, ge=4, le=1000)
     """Deepest nesting of arrays and objects in a dataset row; deeper rows are reported as bad rows."""
 
+    database_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """How long a SQLite write waits for another process's write lock before it fails as "locked"."""
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if not self.binds_loopback and self.token is None:

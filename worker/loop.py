@@ -105,6 +105,7 @@ def child_environment(settings: Settings, gpus: str) -> dict[str, str]:
             "TUNEBOARD_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
             "TUNEBOARD_POLL_SECONDS": str(settings.poll_seconds),
             "TUNEBOARD_MAX_ATTEMPTS": str(settings.max_attempts),
+            "TUNEBOARD_DATABASE_BUSY_TIMEOUT_SECONDS": str(settings.database_busy_timeout_seconds),
             "TUNEBOARD_HF_OFFLINE": "true" if settings.hf_offline else "false",
             "TUNEBOARD_TRUST_REMOTE_CODE_MODELS": json.dumps(settings.trust_remote_code_models),
             "HF_HOME": str(settings.hf_home),
@@ -160,7 +161,7 @@ class WorkerLoop:
         self.locks = GpuLocks(self.gpu_indices, settings.gpu_lock_dir)
         self.parent_pid = parent_pid
         self.child_command = child_command
-        self.db = Database(settings.resolved_database_url)
+        self.db = Database(settings.resolved_database_url, settings.database_busy_timeout_seconds)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid4().hex[:6]}"
         self.stopping = threading.Event()
         self._heartbeat_done = threading.Event()

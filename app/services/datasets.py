@@ -21,8 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
+from app import faults
 from app.db import Database
 from app.errors import UserError
 from app.models import Dataset, DatasetReport, Job, JobStatus
@@ -251,21 +253,46 @@ def delete_refusal(jobs: list[Job]) -> DatasetInUse | None:
 
 def delete_dataset(db: Database, settings: Settings, dataset_id: str) -> None:
     """Delete the record, its reports and its folder; refused (409) while a job refers to it
-    (a finished job keeps its dataset for history and retry)."""
+    (a finished job keeps its dataset for history and retry).
+
+    On a full disk SQLite may have no room for the write-ahead log the delete needs: then the
+    folder goes first (which frees the room) and the delete is tried again, so a user can free
+    space through the app."""
     dataset = get_dataset(db, dataset_id)
+    try:
+        _delete_dataset_rows(db, dataset.id)
+    except SQLAlchemyError as error:
+        if not faults.is_disk_full(error):
+            raise
+        with db.read() as session:
+            refusal = delete_refusal(
+                list(session.exec(select(Job).where(Job.dataset_id == dataset.id)))
+            )
+        if refusal is not None:
+            raise refusal from None
+        _remove_folder(settings, dataset.id)
+        _delete_dataset_rows(db, dataset.id)
+        return
+    _remove_folder(settings, dataset.id)
+
+
+def _delete_dataset_rows(db: Database, dataset_id: str) -> None:
     with db.write() as session:
-        jobs = list(session.exec(select(Job).where(Job.dataset_id == dataset.id)))
+        jobs = list(session.exec(select(Job).where(Job.dataset_id == dataset_id)))
         refusal = delete_refusal(jobs)
         if refusal is not None:
             raise refusal
         for report in session.exec(
-            select(DatasetReport).where(DatasetReport.dataset_id == dataset.id)
+            select(DatasetReport).where(DatasetReport.dataset_id == dataset_id)
         ):
             session.delete(report)
-        row = session.get(Dataset, dataset.id)
+        row = session.get(Dataset, dataset_id)
         if row is not None:
             session.delete(row)
-    folder = _folder_of(settings, dataset.id)
+
+
+def _remove_folder(settings: Settings, dataset_id: str) -> None:
+    folder = _folder_of(settings, dataset_id)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -20,6 +20,17 @@ def _aware(when: datetime) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def lost_contact(job: Job) -> bool:
+    """A running job whose lease ran out and that no worker has requeued: its worker stopped, or
+    could not write to the database, so how the attempt ended was never recorded. Shown as "lost
+    contact", not "running" (any live worker requeues or fails such a job within a poll)."""
+    return (
+        job.status == JobStatus.running
+        and job.lease_expires_at is not None
+        and _aware(job.lease_expires_at) < datetime.now(UTC)
+    )
+
+
 def eta_seconds(db: Database, job: Job) -> float | None:
     """Seconds left for a running job, from the step rate of its current attempt (None: unknown)."""
     if job.status != JobStatus.running:

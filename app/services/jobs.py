@@ -11,11 +11,12 @@ from typing import Any, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
-from app import queue
+from app import faults, queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
-from app.models import Dataset, DatasetStatus, Job
+from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
 from app.services import models
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
@@ -42,8 +43,24 @@ def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
 
 
 def delete_job(db: Database, settings: Settings, job_id: int) -> None:
-    """Delete a finished job with its run folder (checkpoints, adapter, logs)."""
-    queue.delete_finished(db, job_id)
+    """Delete a finished job with its run folder (checkpoints, adapter, logs).
+
+    On a full disk SQLite may have no room for the write-ahead log the delete needs: then the
+    run folder goes first (which frees the room) and the delete is tried again."""
+    try:
+        queue.delete_finished(db, job_id)
+    except SQLAlchemyError as error:
+        if not faults.is_disk_full(error):
+            raise
+        if queue.get_job(db, job_id).status not in FINISHED_STATUSES:
+            raise
+        _remove_run_dir(settings, job_id)
+        queue.delete_finished(db, job_id)
+        return
+    _remove_run_dir(settings, job_id)
+
+
+def _remove_run_dir(settings: Settings, job_id: int) -> None:
     run_dir = (settings.runs_dir / str(int(job_id))).resolve()
     if run_dir.is_relative_to(settings.runs_dir.resolve()) and run_dir.exists():
         shutil.rmtree(run_dir)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 from sqlmodel import col, select
 
+from app import faults
 from app.db import Database
 from app.models import Worker
 from app.settings import Settings
@@ -46,12 +47,34 @@ def database_ok(db: Database) -> bool:
         return False
 
 
+def database_problem(db: Database, settings: Settings) -> dict[str, str] | None:
+    """Why the database cannot be written now (code, message, hint), or None when a write probe
+    commits. Run on every health check, so it waits at most a second for a busy write lock."""
+    try:
+        db.probe_write()
+    except Exception as exc:
+        fault = faults.classify(exc, settings)
+        if fault is None:
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            return {"code": "unreachable", "message": first_line, "hint": ""}
+        return fault.to_json()["error"]
+    return None
+
+
 def health(db: Database, settings: Settings) -> dict[str, object]:
-    live = [w for w in workers(db, settings) if w.alive]
-    db_ok = database_ok(db)
+    problem = database_problem(db, settings)
+    try:
+        live = [w for w in workers(db, settings) if w.alive]
+    except Exception:  # a database that cannot even be read: health still answers, degraded
+        live = []
+    state = "ok" if problem is None else "not writable"
+    if problem is not None and problem["code"] == "unreachable":
+        state = "unreachable"
     return {
-        "status": "ok" if db_ok else "degraded",
-        "database": "ok" if db_ok else "unreachable",
+        "status": "ok" if problem is None else "degraded",
+        "database": state,
+        "database_writable": problem is None,
+        "database_problem": problem,
         "workers": len(live),
         "worker_heartbeat_age_seconds": (
             round(min(w.heartbeat_age_seconds for w in live), 1) if live else None

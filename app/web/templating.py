@@ -12,6 +12,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
+from app.services.job_views import lost_contact
+
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 
@@ -62,6 +64,7 @@ def duration(seconds: float | None) -> str:
 
 
 templates.env.filters["bytes"] = human_bytes
+templates.env.tests["lost_contact"] = lost_contact
 templates.env.filters["count"] = human_count
 templates.env.filters["ago"] = time_ago
 templates.env.filters["duration"] = duration

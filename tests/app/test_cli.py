@@ -116,6 +116,8 @@ def test_serve_without_a_worker_answers_and_prints_its_url(tmp_path):
         assert health(url) == {
             "status": "ok",
             "database": "ok",
+            "database_writable": True,
+            "database_problem": None,
             "workers": 0,
             "worker_heartbeat_age_seconds": None,
         }
