@@ -139,10 +139,15 @@ def test_the_side_work_migration_downgrades(settings):
 
     url = settings.resolved_database_url
     _rows_before_side_work_leases(url)
-    upgrade(url)
-    command.downgrade(alembic_config(url), "0004")
     engine = create_engine(url)
-    with engine.connect() as conn:
-        statuses = conn.execute(text("SELECT status FROM dataset_reports ORDER BY id")).scalars()
-        assert list(statuses) == ["pending", "running", "done", "failed"]
+
+    def statuses() -> list[str]:
+        with engine.connect() as conn:
+            query = text("SELECT status FROM dataset_reports ORDER BY id")
+            return list(conn.execute(query).scalars())
+
+    upgrade(url)
+    assert statuses() == ["queued", "running", "succeeded", "failed"]
+    command.downgrade(alembic_config(url), "0004")
+    assert statuses() == ["pending", "running", "done", "failed"]
     engine.dispose()
