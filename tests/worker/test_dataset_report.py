@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 
 import pytest
 
@@ -58,6 +59,46 @@ def test_upload_requests_a_report_that_a_worker_computes(
     page = client.get(body["url"], headers=HTML).text
     assert 'class="histogram"' in page and 'hx-trigger="every 2s"' not in page
     assert '<mark class="trained">' in page
+
+
+def test_the_workers_side_loop_computes_a_report_in_a_claimed_child(
+    client, db, settings, demo_model, demo_build
+):
+    """The path `tuneboard worker` takes: claim, `python -m worker.dataset_report --task-id N
+    --attempt A` under a renewed lease, the child records the result."""
+    import time
+
+    from worker.loop import child_environment
+    from worker.side_work import run_side_work
+
+    body = upload(client, "demo.jsonl", demo_build["dataset"].read_bytes())
+    stopping = threading.Event()
+    loop_settings = settings.model_copy(update={"poll_seconds": 0.1})
+    side = threading.Thread(
+        target=run_side_work,
+        args=(
+            loop_settings,
+            db,
+            stopping,
+            child_environment(settings, ""),
+            settings.data_dir / "side.log",
+        ),
+        daemon=True,
+    )
+    side.start()
+    try:
+        deadline = time.monotonic() + 300  # a bound for a busy machine, not a timing assertion
+        while (report := dataset_reports.latest_report(db, body["id"])).status in (
+            "queued",
+            "running",
+        ):
+            assert time.monotonic() < deadline, report
+            time.sleep(0.1)
+    finally:
+        stopping.set()
+        side.join(timeout=300)
+    assert (report.status, report.attempt, report.lease_expires_at) == ("succeeded", 1, None)
+    assert client.get(f"/api/datasets/{body['id']}").json()["token_stats"]["rows"] > 0
 
 
 def test_numbers_match_the_training_tokenizer(db, settings, demo_model, demo_build):
