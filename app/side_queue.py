@@ -49,15 +49,6 @@ class SideClaim:
         return KINDS[self.kind]
 
 
-def has_queued(db: Database, kind: str) -> bool:
-    table: Any = KINDS[kind]
-    with db.read() as s:
-        return (
-            s.exec(select(table.id).where(table.status == SideWorkStatus.queued)).first()
-            is not None
-        )
-
-
 def claim_next(
     db: Database, kind: str, worker_id: str, lease_seconds: float, task_id: int | None = None
 ) -> SideClaim | None:
