@@ -1,6 +1,7 @@
 """Database tables: the contract between the web process and the workers.
 
-Only `app/queue.py` changes a job's status. Times are UTC.
+Only `app/queue.py` changes a job's status, and only `app/side_queue.py` a side task's. Times are
+UTC.
 """
 
 from __future__ import annotations
@@ -33,11 +34,32 @@ class DatasetStatus(StrEnum):
     invalid = "invalid"  # has unresolved errors: fix the file or drop bad rows
 
 
-class ReportStatus(StrEnum):
-    pending = "pending"  # waiting for a worker to claim it
+class SideWorkStatus(StrEnum):
+    """A side task's status: the training job's words (side work cannot be cancelled)."""
+
+    queued = "queued"  # waiting for a worker to claim it
     running = "running"
-    done = "done"
+    succeeded = "succeeded"
     failed = "failed"
+
+
+class SideWork(SQLModel):
+    """What every kind of side work (dataset reports, merges...) has: a place in the side-work
+    queue (`app/side_queue.py`), a lease while a worker runs it, and the job's error columns.
+    `attempt` counts claims and fences every write of a claimed task, as a job's does."""
+
+    status: SideWorkStatus = Field(default=SideWorkStatus.queued, index=True)
+    attempt: int = 0
+    max_attempts: int = 3
+    worker_id: str | None = Field(default=None, max_length=200)
+    lease_expires_at: datetime | None = None
+    notice: str | None = None  # e.g. "attempt 1 was killed; requeued"
+    error_kind: str | None = Field(default=None, max_length=50)  # e.g. chat_template_missing
+    error_message: str | None = None
+    error_hint: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 class BaseModelEntry(SQLModel, table=True):
@@ -84,7 +106,7 @@ class Dataset(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-class DatasetReport(SQLModel, table=True):
+class DatasetReport(SideWork, table=True):
     """A token report of one dataset for one (model, max length, train on, chat template).
 
     Computed by a worker (`worker/dataset_report.py`), never by the web process: it needs the
@@ -100,15 +122,7 @@ class DatasetReport(SQLModel, table=True):
     max_seq_len: int
     train_on: str = Field(default="assistant", max_length=20)  # assistant | all
     chat_template: str | None = Field(default=None, max_length=20)  # None: the model's; "chatml"
-    status: ReportStatus = Field(default=ReportStatus.pending, index=True)
     result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
-    error_kind: str | None = Field(default=None, max_length=50)  # e.g. chat_template_missing
-    error: str | None = None
-    error_hint: str | None = None
-    worker_id: str | None = Field(default=None, max_length=200)
-    created_at: datetime = Field(default_factory=utcnow)
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
 
 
 class Job(SQLModel, table=True):
@@ -250,29 +264,15 @@ class ChatMessage(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-class MergeStatus(StrEnum):
-    pending = "pending"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-
-
-class MergeRequest(SQLModel, table=True):
+class MergeRequest(SideWork, table=True):
     """A request to merge an adapter into its bf16 base; a worker claims and runs it."""
 
     __tablename__ = "merge_requests"
 
     id: int | None = Field(default=None, primary_key=True)
     adapter_id: str = Field(foreign_key="adapters.id", index=True, max_length=64)
-    status: MergeStatus = Field(default=MergeStatus.pending, index=True)
-    worker_id: str | None = Field(default=None, max_length=200)
     stage: str = ""  # e.g. "loading the base in bf16", "merging", "saving"
     progress_done: int = 0  # bytes written so far while saving
     progress_total: int = 0  # bytes expected
     output_dir: str | None = Field(default=None, max_length=500)  # relative to the data dir
     size_bytes: int = 0
-    error_message: str | None = None
-    error_hint: str | None = None
-    created_at: datetime = Field(default_factory=utcnow)
-    started_at: datetime | None = None
-    finished_at: datetime | None = None

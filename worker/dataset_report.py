@@ -1,7 +1,8 @@
 """Token reports of datasets, computed on the worker side with the model's tokenizer only.
 
-The web process asks for a report by adding a `pending` row to `dataset_reports`
-(`app/services/dataset_reports.py`). Here a worker claims it, loads the registered model's
+The web process asks for a report by adding a `queued` row to `dataset_reports`
+(`app/services/dataset_reports.py`). A worker claims it from `app.side_queue` and runs it here, in
+`python -m worker.dataset_report --task-id N --attempt A` (worker/side_work.py), which loads the registered model's
 tokenizer (never the weights), tokenises every training row with `worker.data.tokenize_row` (the
 function training uses, so the numbers are the ones training will meet) and stores `result`:
 
@@ -24,15 +25,9 @@ function training uses, so the numbers are the ones training will meet) and stor
       "seconds": 0.4
     }
 
-Who runs it: `run_pending_reports(settings)` claims and computes every pending report and
-returns how many it finished. The worker loop calls it from a side thread so a report never
-waits behind a training job, e.g.
-
-    threading.Thread(target=report_loop, args=(settings, stop_event), daemon=True).start()
-
-where `report_loop` calls `run_pending_reports(settings)` every `settings.poll_seconds` until
-the event is set. `python -m worker.dataset_report --report-id N` computes one report by hand
-(or `--pending` for all): the page tells a user without a running worker to do that.
+`run_pending_reports(settings)` claims and computes every queued report in this process and
+returns how many it finished. `python -m worker.dataset_report --report-id N` computes one report by
+hand (or `--pending` for all): the page tells a user without a running worker to do that.
 """
 
 from __future__ import annotations
@@ -46,15 +41,12 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, update
-from sqlmodel import col, select
-
+from app import side_queue
 from app.db import Database
-from app.models import BaseModelEntry, Dataset, DatasetReport, ReportStatus
+from app.models import BaseModelEntry, Dataset, DatasetReport, SideWorkStatus
 from app.settings import Settings
 from worker.data import (
     CHATML_TEMPLATE,
@@ -66,13 +58,12 @@ from worker.data import (
     trained_segments,
 )
 from worker.errors import ChatTemplateMissing, TrainingError
+from worker.side_work import lease_kept
 
 TRUNCATION_RULE = (
     "Rows longer than the max length are cut at the end (the start of the conversation is kept, "
     "so the first answers stay whole); a row left with no trained token after the cut is dropped."
 )
-# A report a worker claimed but never finished (the worker died) is claimed again after this.
-STALE_AFTER = timedelta(minutes=10)
 MAX_BINS = 40
 MAX_LINES_LISTED = 20
 UNLIMITED = 10**9
@@ -89,7 +80,7 @@ class ReportFailed(Exception):
 def run_pending_reports(
     settings: Settings, *, worker_id: str | None = None, db: Database | None = None
 ) -> int:
-    """Claim and compute pending reports until none is left; returns how many were finished.
+    """Claim and compute queued reports until none is left; returns how many were finished.
 
     Safe to call from several workers at once: each report is claimed by exactly one.
     """
@@ -98,8 +89,11 @@ def run_pending_reports(
     tokenizers: dict[tuple[str, str | None], Any] = {}
     finished = 0
     try:
-        while (report_id := claim_next_report(database, worker_id)) is not None:
-            compute_and_store(database, settings, report_id, tokenizers)
+        while claim := side_queue.claim_next(
+            database, "dataset_report", worker_id, settings.lease_seconds
+        ):
+            with lease_kept(database, claim, settings):
+                compute_and_store(database, settings, claim, tokenizers)
             finished += 1
     finally:
         if db is None:
@@ -107,43 +101,19 @@ def run_pending_reports(
     return finished
 
 
-def claim_next_report(db: Database, worker_id: str, report_id: int | None = None) -> int | None:
-    """Atomically take the oldest pending report (or `report_id`), or a stale running one."""
-    now = datetime.now(UTC)
-    claimable = or_(
-        col(DatasetReport.status) == ReportStatus.pending,
-        (col(DatasetReport.status) == ReportStatus.running)
-        & (col(DatasetReport.started_at) < now - STALE_AFTER),
-    )
-    with db.write() as session:  # BEGIN IMMEDIATE: no other writer between the read and update
-        query = select(DatasetReport.id).where(claimable).order_by(col(DatasetReport.id))
-        if report_id is not None:
-            query = query.where(DatasetReport.id == report_id)
-        candidate = session.exec(query.limit(1)).first()
-        if candidate is None:
-            return None
-        # The WHERE repeats the claimable test, so on PostgreSQL too a second claimer updates 0 rows.
-        claim = (
-            update(DatasetReport)
-            .where(col(DatasetReport.id) == candidate, claimable)
-            .values(status=ReportStatus.running, started_at=now, worker_id=worker_id)
-        )
-        return candidate if session.connection().execute(claim).rowcount == 1 else None
-
-
 def compute_and_store(
     db: Database,
     settings: Settings,
-    report_id: int,
+    claim: side_queue.SideClaim,
     tokenizers: dict[tuple[str, str | None], Any] | None = None,
-) -> DatasetReport:
-    """Compute a claimed report and store its result or its failure."""
+) -> bool:
+    """Compute a claimed report and store its result or its failure. False if the claim went
+    stale meanwhile (nothing stored)."""
     with db.read() as session:
-        report = session.get(DatasetReport, report_id)
+        report = session.get(DatasetReport, claim.task_id)
         assert report is not None
         dataset = session.get(Dataset, report.dataset_id)
         model = session.get(BaseModelEntry, report.base_model)
-    values: dict[str, Any]
     try:
         if dataset is None:
             raise ReportFailed("dataset_missing", "The dataset was deleted.")
@@ -164,25 +134,25 @@ def compute_and_store(
             train_on=report.train_on,
             chat_template=CHATML_TEMPLATE if report.chat_template == "chatml" else None,
         )
-        values = {"status": ReportStatus.done, "result": result}
-    except ReportFailed as exc:
-        values = {"status": ReportStatus.failed, "error_kind": exc.kind}
-        values |= {"error": exc.message, "error_hint": exc.hint}
-    except TrainingError as exc:
-        values = {"status": ReportStatus.failed, "error_kind": exc.kind}
-        values |= {"error": exc.message, "error_hint": exc.hint}
+    except (ReportFailed, TrainingError) as exc:
+        return side_queue.finish(
+            db,
+            claim,
+            SideWorkStatus.failed,
+            error_kind=exc.kind,
+            error_message=exc.message,
+            error_hint=exc.hint,
+        )
     except Exception as exc:  # a report must never take its worker down
-        values = {"status": ReportStatus.failed, "error_kind": "internal"}
-        values |= {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-        values |= {"error_hint": "Look at the worker's log; measure again to retry."}
-    with db.write() as session:
-        row = session.get(DatasetReport, report_id)
-        assert row is not None
-        for name, value in values.items():
-            setattr(row, name, value)
-        row.finished_at = datetime.now(UTC)
-        session.add(row)
-    return row
+        return side_queue.finish(
+            db,
+            claim,
+            SideWorkStatus.failed,
+            error_kind="internal",
+            error_message=f"{type(exc).__name__}: {exc}"[:2000],
+            error_hint="Look at the worker's log; measure again to retry.",
+        )
+    return side_queue.finish(db, claim, SideWorkStatus.succeeded, result=result)
 
 
 def load_tokenizer(settings: Settings, model: BaseModelEntry) -> Any:
@@ -423,8 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Compute dataset token reports (settings from TUNEBOARD_* variables)."
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--report-id", type=int, help="compute this pending report")
-    which.add_argument("--pending", action="store_true", help="compute every pending report")
+    which.add_argument("--report-id", type=int, help="compute this queued report")
+    which.add_argument("--pending", action="store_true", help="compute every queued report")
+    which.add_argument("--task-id", type=int, help="the report a worker claimed (with --attempt)")
+    parser.add_argument("--attempt", type=int)
     args = parser.parse_args(argv)
     settings = Settings()
     if args.pending:
@@ -432,19 +404,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     db = Database(settings.resolved_database_url)
     try:
+        if args.task_id is not None:
+            if args.attempt is None:
+                parser.error("--task-id needs --attempt")
+            claim = side_queue.SideClaim("dataset_report", args.task_id, args.attempt)
+            return 0 if compute_and_store(db, settings, claim) else 1
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        if claim_next_report(db, worker_id, report_id=args.report_id) is None:
+        claimed = side_queue.claim_next(
+            db, "dataset_report", worker_id, settings.lease_seconds, task_id=args.report_id
+        )
+        if claimed is None:
             print(
-                f"report {args.report_id} is not pending (done, failed, or taken)", file=sys.stderr
+                f"report {args.report_id} is not queued (done, failed, or taken)", file=sys.stderr
             )
             return 1
-        report = compute_and_store(db, settings, args.report_id)
+        with lease_kept(db, claimed, settings):
+            compute_and_store(db, settings, claimed)
+        with db.read() as session:
+            report = session.get(DatasetReport, args.report_id)
+        assert report is not None
     finally:
         db.dispose()
     print(
-        f"report {report.id}: {report.status.value}" + (f": {report.error}" if report.error else "")
+        f"report {report.id}: {report.status.value}"
+        + (f": {report.error_message}" if report.error_message else "")
     )
-    return 0 if report.status == ReportStatus.done else 1
+    return 0 if report.status == SideWorkStatus.succeeded else 1
 
 
 if __name__ == "__main__":

@@ -224,6 +224,7 @@ class WorkerLoop:
                 self.stopping,
                 child_environment(self.settings, self.gpus),
                 self.settings.resolved_data_dir / "worker-side.log",
+                f"{self.id}-side",
             ),
             name="worker-side-work",
             daemon=True,

@@ -1,10 +1,12 @@
 """Merge an adapter into its base model: the worker side of "Merge" on the adapter page.
 
-The worker loop calls `run_pending_merges(settings)` from a side thread. Each merge reloads the
+The worker's side-work thread (worker/side_work.py) claims a merge from `app.side_queue` and runs
+`python -m worker.merge --task-id N --attempt A`. Each merge reloads the
 base in bf16 on the CPU (never into 4-bit weights, and never taking GPU memory a training job
 needs), applies the adapter, `merge_and_unload`s it and saves a safetensors model folder with the
 adapter's tokenizer (its chat template) under the run folder: `runs/<job>/merged/`.
-Progress (stage, bytes written) is written to the `merge_requests` row the page polls.
+Progress (stage, bytes written) is written to the `merge_requests` row the page polls; every write
+is fenced by the claim's attempt, so a merge that lost its lease changes nothing.
 """
 
 from __future__ import annotations
@@ -18,59 +20,30 @@ from typing import Any
 
 import torch
 
+from app import side_queue
 from app.db import Database
-from app.models import Adapter, BaseModelEntry, MergeRequest, MergeStatus, utcnow
+from app.models import Adapter, BaseModelEntry, MergeRequest, SideWorkStatus
 from app.settings import Settings
+from worker.side_work import lease_kept
 
 log = logging.getLogger("tuneboard.merge")
 
 POLL_SECONDS = 0.5
 
 
-def _claim_merge(db: Database, worker_id: str | None) -> MergeRequest | None:
-    from sqlalchemy import update
-    from sqlmodel import col, select
-
-    while True:
-        with db.write() as s:
-            merge = s.exec(
-                select(MergeRequest)
-                .where(MergeRequest.status == MergeStatus.pending)
-                .order_by(col(MergeRequest.id))
-            ).first()
-            if merge is None:
-                return None
-            taken = s.execute(
-                update(MergeRequest)
-                .where(col(MergeRequest.id) == merge.id)
-                .where(col(MergeRequest.status) == MergeStatus.pending)
-                .values(status=MergeStatus.running, worker_id=worker_id, started_at=utcnow())
-            )
-            if taken.rowcount == 1:  # type: ignore[attr-defined]
-                s.refresh(merge)
-                return merge
-
-
-def _update(db: Database, merge_id: int, **fields: object) -> None:
-    with db.write() as s:
-        merge = s.get(MergeRequest, merge_id)
-        if merge is not None:
-            for name, value in fields.items():
-                setattr(merge, name, value)
-            s.add(merge)
-
-
 def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def merge_adapter(settings: Settings, db: Database, merge: MergeRequest) -> Path:
+def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim) -> Path:
     """Run one claimed merge; returns the merged model folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert merge.id is not None
     with db.read() as s:
+        merge = s.get(MergeRequest, claim.task_id)
+        if merge is None:
+            raise FileNotFoundError(f"there is no merge request {claim.task_id}")
         adapter = s.get(Adapter, merge.adapter_id)
         base = s.get(BaseModelEntry, adapter.base_model) if adapter else None
     if adapter is None or base is None:
@@ -86,18 +59,20 @@ def merge_adapter(settings: Settings, db: Database, merge: MergeRequest) -> Path
             f"adapter {adapter.id} has no adapter_model.safetensors; pickle weights are never loaded"
         )
 
-    _update(db, merge.id, stage="loading the base model in bf16")
-    merge_id = merge.id
+    def progress(**fields: object) -> None:
+        side_queue.update_progress(db, claim, **fields)
+
+    progress(stage="loading the base model in bf16")
     base_model: Any = AutoModelForCausalLM.from_pretrained(
         base.source,
         dtype=torch.bfloat16,
         trust_remote_code=base.trust_remote_code,
         use_safetensors=True,
     )
-    _update(db, merge_id, stage="applying the adapter")
+    progress(stage="applying the adapter")
     model: Any = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    _update(db, merge_id, stage="saving", progress_total=total, progress_done=0)
+    progress(stage="saving", progress_total=total, progress_done=0)
 
     final, staging = run / "merged", run / ".merged.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -105,7 +80,7 @@ def merge_adapter(settings: Settings, db: Database, merge: MergeRequest) -> Path
 
     def report_bytes() -> None:
         while not done.wait(POLL_SECONDS):
-            _update(db, merge_id, progress_done=min(_folder_bytes(staging), total))
+            progress(progress_done=min(_folder_bytes(staging), total))
 
     reporter = threading.Thread(target=report_bytes, daemon=True)
     reporter.start()
@@ -126,61 +101,76 @@ def merge_adapter(settings: Settings, db: Database, merge: MergeRequest) -> Path
     return final
 
 
+def run_claimed_merge(settings: Settings, db: Database, claim: side_queue.SideClaim) -> bool:
+    """Run a claimed merge and record how it ended. False if the claim went stale meanwhile."""
+    try:
+        final = merge_adapter(settings, db, claim)
+    except Exception as exc:
+        log.exception("merge %s failed", claim.task_id)
+        out_of_memory = isinstance(exc, MemoryError)
+        return side_queue.finish(
+            db,
+            claim,
+            SideWorkStatus.failed,
+            stage="failed",
+            error_kind="out_of_memory" if out_of_memory else "merge_failed",
+            error_message=f"The merge failed: {exc}",
+            error_hint="The machine ran out of memory: merging needs the whole base model in bf16 "
+            "in RAM."
+            if out_of_memory
+            else "Look at the worker's log; the adapter's files and base model must exist.",
+        )
+    size = _folder_bytes(final)
+    return side_queue.finish(
+        db,
+        claim,
+        SideWorkStatus.succeeded,
+        stage="done",
+        progress_done=size,
+        progress_total=size,
+        size_bytes=size,
+        output_dir=str(final.relative_to(settings.resolved_data_dir)),
+    )
+
+
 def run_pending_merges(settings: Settings, worker_id: str | None = None) -> int:
-    """Run every pending merge, one at a time; returns how many ran. Safe to call from several
-    workers at once: each merge is claimed by exactly one."""
+    """Claim and run every queued merge in this process, one at a time; returns how many ran.
+    Safe to call from several workers at once: each merge is claimed by exactly one."""
     db = Database(settings.resolved_database_url)
+    worker_id = worker_id or f"merge-{os.getpid()}"
     ran = 0
     try:
-        while (merge := _claim_merge(db, worker_id)) is not None:
-            assert merge.id is not None
+        while claim := side_queue.claim_next(db, "merge", worker_id, settings.lease_seconds):
+            with lease_kept(db, claim, settings):
+                run_claimed_merge(settings, db, claim)
             ran += 1
-            try:
-                final = merge_adapter(settings, db, merge)
-            except Exception as exc:
-                log.exception("merge %s failed", merge.id)
-                hint = (
-                    "The machine ran out of memory: merging needs the whole base model in bf16 "
-                    "in RAM."
-                    if isinstance(exc, MemoryError)
-                    else "Look at the worker's log; the adapter's files and base model must exist."
-                )
-                _update(
-                    db,
-                    merge.id,
-                    status=MergeStatus.failed,
-                    stage="failed",
-                    error_message=f"The merge failed: {exc}",
-                    error_hint=hint,
-                    finished_at=utcnow(),
-                )
-                continue
-            size = _folder_bytes(final)
-            _update(
-                db,
-                merge.id,
-                status=MergeStatus.succeeded,
-                stage="done",
-                progress_done=size,
-                progress_total=size,
-                size_bytes=size,
-                output_dir=str(final.relative_to(settings.resolved_data_dir)),
-                finished_at=utcnow(),
-            )
     finally:
         db.dispose()
     return ran
 
 
-def main() -> int:
-    """`python -m worker.merge --pending`: run every pending merge (settings from TUNEBOARD_*)."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m worker.merge --pending`: run every queued merge; `--task-id N --attempt A`: run
+    the merge the worker claimed (settings from TUNEBOARD_*)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Merge adapters into their base models.")
-    parser.add_argument("--pending", action="store_true", required=True)
-    parser.parse_args()
-    print(f"{run_pending_merges(Settings())} merge(s) done")
-    return 0
+    parser.add_argument("--pending", action="store_true", help="run every queued merge")
+    parser.add_argument("--task-id", type=int, help="the claimed merge (with --attempt)")
+    parser.add_argument("--attempt", type=int)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if args.pending:
+        print(f"{run_pending_merges(settings)} merge(s) done")
+        return 0
+    if args.task_id is None or args.attempt is None:
+        parser.error("give --pending, or --task-id and --attempt")
+    db = Database(settings.resolved_database_url)
+    try:
+        claim = side_queue.SideClaim("merge", args.task_id, args.attempt)
+        return 0 if run_claimed_merge(settings, db, claim) else 1
+    finally:
+        db.dispose()
 
 
 if __name__ == "__main__":

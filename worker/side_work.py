@@ -1,66 +1,160 @@
-"""Work a worker does beside training: dataset token reports and adapter merges.
+"""Work a worker does beside training: dataset token reports and adapter merges (and what comes).
 
-It runs in a thread of the worker loop but does the work in a child Python (`python -m
-worker.dataset_report --pending`), so the loop process never imports the ML stack and a report
-never waits behind the training job on the same worker. (Merges load the base on the CPU.)
+A thread of the worker loop takes side work from `app.side_queue`, the way the loop takes jobs:
+each round it requeues any worker's tasks whose lease expired, claims the oldest queued task of
+each kind, and runs it in a child Python (`python -m worker.merge --task-id N --attempt A`) while
+renewing the task's lease. So the loop process never imports the ML stack, a report never waits
+behind the training job on the same worker (merges load the base on the CPU), and a child that
+dies (the OOM killer, a crash) leaves a task that is requeued or, after its last attempt, failed
+with a reason: never one "running" forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import func
-from sqlmodel import select
+from sqlalchemy.exc import SQLAlchemyError
 
+from app import side_queue
 from app.db import Database
-from app.models import DatasetReport, MergeRequest
+from app.models import SideWorkStatus
 from app.settings import Settings
 
 log = logging.getLogger("tuneboard.worker.side")
 
 SIDE_TASK_TIMEOUT_SECONDS = 30 * 60
+TICK_SECONDS = 0.1
 
-# (what, how to tell there is some, the child that does it)
-TASKS: list[tuple[str, Any, list[str]]] = [
-    ("dataset reports", DatasetReport, ["-m", "worker.dataset_report", "--pending"]),
-    ("adapter merges", MergeRequest, ["-m", "worker.merge", "--pending"]),
-]
-
-
-def pending(db: Database, table: Any) -> int:
-    with db.read() as s:
-        return int(
-            s.exec(select(func.count()).select_from(table).where(table.status == "pending")).one()
-        )
+# kind -> the module whose `python -m ... --task-id N --attempt A` runs one claimed task
+CHILDREN = {"dataset_report": "worker.dataset_report", "merge": "worker.merge"}
 
 
 def run_side_work(
-    settings: Settings, db: Database, stopping: threading.Event, env: dict[str, str], log_path: Path
+    settings: Settings,
+    db: Database,
+    stopping: threading.Event,
+    env: dict[str, str],
+    log_path: Path,
+    worker_id: str | None = None,
 ) -> None:
-    """Until `stopping`: whenever a task has pending rows, run its child to completion."""
+    """Until `stopping`: recover expired tasks, then claim and run queued ones, one at a time."""
+    worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-side"
     while not stopping.is_set():
-        for what, table, args in TASKS:
+        ran = False
+        try:
+            recovered = side_queue.requeue_expired(db)
+            if recovered:
+                log.warning("requeued or failed side work whose lease expired: %s", recovered)
+        except SQLAlchemyError:
+            log.exception("could not recover expired side work")
+        for kind in CHILDREN:
+            if stopping.is_set():
+                break
             try:
-                if not pending(db, table):
-                    continue
-            except Exception:
-                log.exception("could not look for pending %s", what)
-                continue
-            with log_path.open("ab") as out:
-                try:
-                    subprocess.run(
-                        [sys.executable, *args],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        timeout=SIDE_TASK_TIMEOUT_SECONDS,
-                        check=False,
-                    )
-                except subprocess.TimeoutExpired:
-                    log.error("%s took longer than %s s; stopped", what, SIDE_TASK_TIMEOUT_SECONDS)
-        stopping.wait(settings.poll_seconds)
+                claim = side_queue.claim_next(db, kind, worker_id, settings.lease_seconds)
+                if claim is not None:
+                    ran = True
+                    run_in_child(settings, db, claim, env, log_path, stopping)
+            except SQLAlchemyError:
+                log.exception("side work (%s): could not reach the queue; will try again", kind)
+        if not ran:
+            stopping.wait(settings.poll_seconds)
+
+
+def run_in_child(
+    settings: Settings,
+    db: Database,
+    claim: side_queue.SideClaim,
+    env: dict[str, str],
+    log_path: Path,
+    stopping: threading.Event,
+) -> None:
+    """Run one claimed task in a child, renewing its lease; settle it if the child could not."""
+    command = [sys.executable, "-m", CHILDREN[claim.kind]]
+    command += ["--task-id", str(claim.task_id), "--attempt", str(claim.attempt)]
+    with log_path.open("ab") as out:
+        out.write(f"=== {claim}: {command}\n".encode())
+        out.flush()
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    name = side_queue.NAMES[claim.kind]
+    deadline = time.monotonic() + SIDE_TASK_TIMEOUT_SECONDS
+    next_renewal = time.monotonic() + settings.heartbeat_seconds
+    while child.poll() is None:
+        now = time.monotonic()
+        if now >= next_renewal:
+            next_renewal = now + settings.heartbeat_seconds
+            with contextlib.suppress(SQLAlchemyError):  # a blip: the next renewal tries again
+                if not side_queue.heartbeat(db, claim, settings.lease_seconds):
+                    log.warning("%s: lease lost to another worker; child killed", claim)
+                    child.kill()
+                    child.wait()
+                    return
+        if now >= deadline:
+            child.kill()
+            child.wait()
+            side_queue.finish(
+                db,
+                claim,
+                SideWorkStatus.failed,
+                error_kind="timeout",
+                error_message=f"The {name} ran longer than {SIDE_TASK_TIMEOUT_SECONDS // 60} "
+                "minutes and was stopped.",
+                error_hint="Look at worker-side.log in the data dir for what it was doing.",
+            )
+            return
+        if stopping.is_set():
+            child.terminate()
+            child.wait()
+            side_queue.release_lost(db, claim, "was stopped with its worker")
+            return
+        time.sleep(TICK_SECONDS)
+    # A child that recorded an end leaves nothing to settle (release_lost is fenced on that).
+    if child.returncode == -signal.SIGKILL:
+        what = "was killed (SIGKILL: most often the host ran out of memory)"
+    elif child.returncode < 0:
+        what = f"was stopped by {signal.Signals(-child.returncode).name}"
+    else:
+        what = f"ended (exit code {child.returncode}) without recording a result"
+    if side_queue.release_lost(db, claim, what):
+        log.warning("%s %s", claim, what)
+
+
+@contextlib.contextmanager
+def lease_kept(db: Database, claim: side_queue.SideClaim, settings: Settings) -> Iterator[None]:
+    """Renew a claim's lease while the block runs the task in this process (by hand, in tests)."""
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(settings.heartbeat_seconds):
+            try:
+                if not side_queue.heartbeat(db, claim, settings.lease_seconds):
+                    return
+            except SQLAlchemyError:
+                log.exception("could not renew the lease of %s; will try again", claim)
+
+    renewer = threading.Thread(
+        target=renew, name=f"lease-{claim.kind}-{claim.task_id}", daemon=True
+    )
+    renewer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        renewer.join()

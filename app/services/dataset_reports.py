@@ -1,6 +1,6 @@
 """Token reports of a dataset: ask for one, read the latest. A worker computes them.
 
-The web process cannot tokenise (it never imports the ML stack), so a request is a `pending` row
+The web process cannot tokenise (it never imports the ML stack), so a request is a `queued` row
 in `dataset_reports`; `worker/dataset_report.py` claims it, loads only the model's tokenizer,
 tokenises every training row with the function training uses, and stores the result. Until a
 worker does, the page says it is waiting for one.
@@ -12,9 +12,10 @@ from typing import Any
 
 from sqlmodel import col, select
 
+from app import side_queue
 from app.db import Database
 from app.errors import NotFound, UserError
-from app.models import Dataset, DatasetReport, ReportStatus
+from app.models import Dataset, DatasetReport, SideWorkStatus
 from app.services import models
 
 TRAIN_ON_CHOICES = ("assistant", "all")
@@ -36,7 +37,8 @@ def request_report(
     train_on: str = "assistant",
     chat_template: str | None = None,
 ) -> DatasetReport:
-    """A report for these choices: the existing one unless it failed, else a new pending one."""
+    """A report for these choices: the existing one unless it failed, else a new queued one.
+    A report whose worker died is requeued (or failed) first, never reused as "running"."""
     if train_on not in TRAIN_ON_CHOICES:
         raise ReportRequestError(
             f"train_on must be one of {', '.join(TRAIN_ON_CHOICES)}, not {train_on[:40]!r}",
@@ -62,6 +64,7 @@ def request_report(
             status_code=409,
         )
     models.get_model(db, base_model)  # NotFound (404) for a model that is not registered
+    side_queue.requeue_expired(db)
     with db.write() as session:
         existing = session.exec(
             select(DatasetReport)
@@ -73,7 +76,7 @@ def request_report(
                 DatasetReport.chat_template == chat_template
                 if chat_template is not None
                 else col(DatasetReport.chat_template).is_(None),
-                DatasetReport.status != ReportStatus.failed,
+                DatasetReport.status != SideWorkStatus.failed,
             )
             .order_by(col(DatasetReport.id).desc())
         ).first()
@@ -147,7 +150,7 @@ def latest_done_report(db: Database, dataset_id: str) -> DatasetReport | None:
             select(DatasetReport)
             .where(
                 DatasetReport.dataset_id == dataset_id,
-                DatasetReport.status == ReportStatus.done,
+                DatasetReport.status == SideWorkStatus.succeeded,
             )
             .order_by(col(DatasetReport.id).desc())
         ).first()

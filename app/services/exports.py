@@ -12,9 +12,10 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
+from app import side_queue
 from app.db import Database
 from app.errors import NotFound
-from app.models import Adapter, BaseModelEntry, MergeRequest, MergeStatus
+from app.models import Adapter, BaseModelEntry, MergeRequest, SideWorkStatus
 from app.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
@@ -202,13 +203,18 @@ def ollama_modelfile(db: Database, settings: Settings, adapter: Adapter) -> Mode
 
 
 def request_merge(db: Database, adapter_id: str) -> MergeRequest:
-    """Queue a merge of the adapter into its bf16 base; an unfinished request is reused."""
+    """Queue a merge of the adapter into its bf16 base; an unfinished request is reused.
+
+    A request whose worker died is requeued (or failed after its last attempt) first, so a merge
+    killed mid-way is never handed back as "running" forever.
+    """
     get_adapter(db, adapter_id)
+    side_queue.requeue_expired(db)
     with db.write() as s:
         existing = s.exec(
             select(MergeRequest)
             .where(MergeRequest.adapter_id == adapter_id)
-            .where(col(MergeRequest.status).in_([MergeStatus.pending, MergeStatus.running]))
+            .where(col(MergeRequest.status).in_([SideWorkStatus.queued, SideWorkStatus.running]))
         ).first()
         if existing is not None:
             return existing
@@ -231,7 +237,7 @@ def latest_merge(db: Database, adapter_id: str) -> MergeRequest | None:
 def merged_zip(db: Database, settings: Settings, merge_id: int) -> tuple[str, Iterator[bytes]]:
     with db.read() as s:
         merge = s.get(MergeRequest, merge_id)
-    if merge is None or merge.status != MergeStatus.succeeded or not merge.output_dir:
+    if merge is None or merge.status != SideWorkStatus.succeeded or not merge.output_dir:
         raise NotFound("That merged model is not ready.", "Start a merge on the adapter's page.")
     data = settings.resolved_data_dir
     folder = (data / merge.output_dir).resolve()

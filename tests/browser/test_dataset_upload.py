@@ -71,7 +71,7 @@ def test_upload_through_the_file_picker_shows_progress_then_the_report(
     canvas = page.wait_for_selector(".histogram canvas[aria-label]", timeout=30_000)
     label = canvas.get_attribute("aria-label") or ""
     assert label.startswith("Token length histogram of ") and "max length 2048" in label
-    assert page.get_attribute("#dataset-report", "data-report-status") == "done"
+    assert page.get_attribute("#dataset-report", "data-report-status") == "succeeded"
     assert page.locator("#dataset-report mark.trained").count() >= 1
 
     preview = page.inner_text("#preview")

@@ -61,3 +61,19 @@ def churn_jobs(url: str, dataset_id: str, seconds: float, results: Any) -> None:
             errors.append(repr(exc))
     results.put(("jobs", done, errors))
     db.dispose()
+
+
+def claim_side_work_each_round(
+    url: str, name: str, rounds: int, barrier: Any, results: Any
+) -> None:
+    """Each round: wait for the starting gun, try to claim one task of every kind, report."""
+    from app import side_queue
+
+    db = Database(url)
+    for _ in range(rounds):
+        barrier.wait()
+        for kind in side_queue.KINDS:
+            claim = side_queue.claim_next(db, kind, name, lease_seconds=60)
+            results.put((name, kind, claim.task_id if claim else None))
+        barrier.wait()
+    db.dispose()

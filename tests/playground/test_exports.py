@@ -69,8 +69,8 @@ def test_merge_runs_on_the_worker_and_the_merged_model_gives_the_adapters_answer
     from worker.merge import run_pending_merges
 
     queued = web.post(f"/api/adapters/{ADAPTER_ID}/merge")
-    assert queued.status_code == 202 and queued.json()["status"] == "pending"
-    # Asking twice while it is pending reuses the same request.
+    assert queued.status_code == 202 and queued.json()["status"] == "queued"
+    # Asking twice while it is queued reuses the same request.
     assert web.post(f"/api/adapters/{ADAPTER_ID}/merge").json()["id"] == queued.json()["id"]
     partial = web.get(f"/partials/adapters/{ADAPTER_ID}/merge")
     assert 'hx-trigger="every 1s"' in partial.text  # the page polls while it waits

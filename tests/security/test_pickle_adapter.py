@@ -53,16 +53,16 @@ def test_the_inference_engine_refuses_a_pickle_adapter(db, settings, pickle_adap
 
 
 def test_the_merge_refuses_a_pickle_adapter(db, settings, pickle_adapter):
+    from app import side_queue
     from worker.merge import merge_adapter
 
     adapter, sentinel = pickle_adapter
     with db.write() as s:
-        merge = MergeRequest(adapter_id=adapter.id)
-        s.add(merge)
-        s.flush()
-        s.refresh(merge)
+        s.add(MergeRequest(adapter_id=adapter.id))
+    claim = side_queue.claim_next(db, "merge", "test-worker", lease_seconds=60)
+    assert claim is not None
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        merge_adapter(settings, db, merge)
+        merge_adapter(settings, db, claim)
     assert not sentinel.exists()
 
 

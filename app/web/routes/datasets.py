@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.errors import UserError, whole_number
-from app.models import Dataset, DatasetReport, ReportStatus
+from app.models import Dataset, DatasetReport, SideWorkStatus
 from app.services import dataset_reports, datasets, models, system
 from app.services.dataset_errors import DatasetError
 from app.services.dataset_formats import FORMAT_FIELDS
@@ -146,13 +146,13 @@ def get_dataset(request: Request, dataset_id: str) -> Any:
 
 @router.post("/api/datasets/{dataset_id}/report")
 def request_report(request: Request, dataset_id: str, body: ReportRequest, db: DbDep) -> Any:
-    """Ask for a token report; a worker computes it. 202 while pending, 200 when already done."""
+    """Ask for a token report; a worker computes it. 202 while queued, 200 when already done."""
     try:
         dataset = datasets.get_dataset(db, dataset_id)
     except DatasetServiceError as exc:
         return _error(exc)
     report = dataset_reports.request_report(db, dataset, **body.model_dump())
-    status = 200 if report.status == ReportStatus.done else 202
+    status = 200 if report.status == SideWorkStatus.succeeded else 202
     return JSONResponse(dataset_reports.report_public(report), status_code=status)
 
 
