@@ -161,7 +161,7 @@ class SFTRecipe:
                 f"Model {self.model_path} is not on this machine and could not be downloaded "
                 f"({type(error).__name__}).",
                 "Register a local model folder, or download it once on a machine with access to "
-                "the model hub (`huggingface-cli download <id>`) and share the HF cache.",
+                "the model hub (`hf download <id>`) and share the HF cache.",
             ) from error
 
     def _load_tokenizer(self) -> Any:
