@@ -163,7 +163,7 @@ def _hub_files(repo_id: str, settings: Settings) -> dict[str, Path | None]:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    cache_dir = settings.hf_home / "hub"
+    cache_dir = settings.hf_hub_cache
     cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
     offline = settings.hf_offline
 
