@@ -16,15 +16,17 @@ from app import queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import Dataset, DatasetStatus, Job
-from app.services import models
+from app.services import models, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
 from app.train_config import PRESETS, TrainConfig
 
 
 def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
-    """Queue a job after checking that its model is registered and its dataset is usable."""
+    """Queue a job after checking that its model is registered, its dataset is usable and its
+    experiment tracker is installed."""
     models.get_model(db, config.base_model)
+    trackers.check_installed(config.report_to)
     with db.read() as s:
         dataset = s.get(Dataset, config.dataset_id)
     if dataset is None:
@@ -114,7 +116,9 @@ def form_fields(values: dict[str, Any]) -> list[FormField]:
         if get_origin(annotation) in (Union, types.UnionType):
             annotation = next(a for a in get_args(annotation) if a is not type(None))
         kind, options = "text", []
-        if isinstance(annotation, type) and issubclass(annotation, Enum):
+        if name == "report_to":
+            kind, options = "select", trackers.offered()
+        elif isinstance(annotation, type) and issubclass(annotation, Enum):
             kind, options = "select", [m.value for m in annotation]
         elif annotation is bool:
             kind = "checkbox"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 from bs4 import BeautifulSoup
 
 from app import queue
@@ -150,3 +153,32 @@ def test_new_job_page_starts_from_the_demo_preset_for_the_demo_model_and_dataset
     assert form_value(mine, "max_steps") == ""
     other_model = page(client, f"/jobs/new?dataset_id={'d' * 32}&base_model=other-model")
     assert other_model.find("a", class_="primary", string="demo") is None
+
+
+def test_a_tracker_that_is_not_installed_is_neither_offered_nor_accepted(
+    client, db, settings, tmp_path, monkeypatch
+):
+    from tests.fakes.jobs import add_dataset
+
+    dataset_id = add_dataset(db, settings)
+    for tracker in ("tensorboard", "wandb", "mlflow"):
+        if importlib.util.find_spec(tracker) is not None:
+            pytest.skip(f"{tracker} is installed here")
+    offered = page(client, "/jobs/new").select("select[name=report_to] option")
+    assert [o["value"] for o in offered] == ["none"]
+
+    response = client.post("/api/jobs", json={"dataset_id": dataset_id, "report_to": "tensorboard"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert "tensorboard is not installed" in error["message"]
+    assert "pip install 'tuneboard[trackers]'" in error["hint"]
+    assert queue.list_jobs(db) == []
+
+    # Installed (a package on the path is all find_spec looks for): offered and accepted.
+    (tmp_path / "site" / "tensorboard").mkdir(parents=True)
+    (tmp_path / "site" / "tensorboard" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    offered = page(client, "/jobs/new").select("select[name=report_to] option")
+    assert [o["value"] for o in offered] == ["none", "tensorboard"]
+    response = client.post("/api/jobs", json={"dataset_id": dataset_id, "report_to": "tensorboard"})
+    assert response.status_code == 201, response.text
