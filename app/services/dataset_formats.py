@@ -59,10 +59,8 @@ _SHAPES = (
     '[{"from", "value"}]}; OpenAI chat {"messages": [{"role", "content"}]}; '
     '{"prompt", "completion"}; plain {"text"}'
 )
-_TOOL_HINT = (
-    "Remove tool-call turns (and the rows that depend on them), or enable 'drop bad rows' to "
-    "train on the other rows."
-)
+# Leaving the row out ("drop bad rows") is offered by the page, only while the rows are still in.
+_TOOL_HINT = "Remove the tool-call turns, and the replies that depend on them, from the file."
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from app.models import Job, JobStatus
 from app.services import datasets
@@ -132,3 +133,17 @@ def test_unknown_dataset_pages_are_404(client):
     assert client.get("/datasets/" + "0" * 32, headers=HTML).status_code == 404
     assert client.get("/datasets/..%2f..%2fetc", headers=HTML).status_code == 404
     assert client.post("/datasets/" + "0" * 32 + "/reimport").status_code == 404
+
+
+def test_a_dataset_uploaded_with_drop_bad_rows_lists_them_as_left_out_without_suggesting_it(
+    client,
+):
+    tool_call = (
+        Path(__file__).parents[1] / "fixtures/datasets/sharegpt_tool_call.jsonl"
+    ).read_bytes()
+    body = upload(client, "tools.jsonl", tool_call, drop_bad_rows="on")
+    assert body["status"] == "ready" and body["dropped_rows"] == 2
+    page = client.get(body["url"], headers=HTML).text
+    assert "Rows left out" in page and "function_call" in page
+    assert "drop bad rows" not in page.lower()
+    assert "dropping the" not in page  # no re-import button either
