@@ -485,3 +485,16 @@ def test_no_temporary_files_are_left(tmp_path):
         "original.jsonl",
         "split.json",
     ]
+
+
+def test_a_multimodal_file_is_refused_instead_of_training_image_placeholders_as_text(tmp_path):
+    """LLaMA-Factory's mllm_demo.json: OpenAI-style messages with <image> and an "images" column."""
+    with pytest.raises(DatasetFormatError) as caught:
+        ingest(tmp_path, "mllm_demo.json")
+    assert caught.value.message.startswith(
+        'This is a multimodal dataset: its rows have an "images"'
+    )
+    assert "<image>" in caught.value.message and caught.value.field == "images"
+    assert "text-only" in (caught.value.hint or "")
+    with pytest.raises(DatasetFormatError, match="multimodal"):
+        ingest(tmp_path, "mllm_demo.json", column_mapping={"messages": "messages"})
