@@ -190,11 +190,8 @@ class SFTRecipe:
             args = (str(cfg.train_on), cfg.max_seq_len, self.chat_template)
             self.train_examples, stats = tokenize_rows(self.tokenizer, train_rows, *args)
             self.eval_examples, _ = tokenize_rows(self.tokenizer, eval_rows, *args)
-            if stats.truncated or stats.dropped_no_trained_tokens:
-                self.control.update(
-                    notice=f"{stats.truncated} rows cut to {cfg.max_seq_len} tokens; "
-                    f"{stats.dropped_no_trained_tokens} rows dropped (nothing left to train)."
-                )
+            if notice := stats.notice(cfg.max_seq_len):
+                self.control.update(notice=notice)
         if not self.train_examples:
             raise DatasetError(
                 "No training examples are left after tokenisation.",
