@@ -11,6 +11,7 @@ from typing import Any, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import ValidationError
+from sqlmodel import select
 
 from app import queue
 from app.db import Database
@@ -160,6 +161,27 @@ def preset_values(preset: str | None) -> dict[str, Any]:
     return dict(PRESETS.get(preset or "balanced", {}))
 
 
+def preset_forms() -> dict[str, dict[str, str]]:
+    """Each preset as the form values it sets: every field any preset touches (hyperparameters
+    only), at the preset's value or the default, so a click sets them all and nothing else."""
+    names = sorted({name for values in PRESETS.values() for name in values})
+    fields = TrainConfig.model_fields
+    return {
+        preset: {
+            name: "" if (v := values.get(name, fields[name].default)) is None else str(v)
+            for name in names
+        }
+        for preset, values in PRESETS.items()
+    }
+
+
+def ready_datasets(db: Database) -> list[Dataset]:
+    """The datasets a job can use, in the order the form lists them."""
+    with db.read() as s:
+        query = select(Dataset).where(Dataset.status == DatasetStatus.ready)
+        return list(s.exec(query.order_by(Dataset.created_at, Dataset.id)))
+
+
 def suggested_preset(
     db: Database, preset: str | None, dataset_id: str | None, base_model: str | None
 ) -> str | None:
@@ -168,6 +190,9 @@ def suggested_preset(
     learns the demo in a couple of CPU minutes; else none (the defaults, "balanced")."""
     if preset in PRESETS:
         return preset
+    if dataset_id is None:  # the form's dataset select starts on the first usable dataset
+        ready = ready_datasets(db)
+        dataset_id = ready[0].id if ready else None
     if dataset_id is None or (base_model or TrainConfig.model_fields["base_model"].default) != (
         DEMO_MODEL
     ):
