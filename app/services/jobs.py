@@ -11,7 +11,7 @@ from typing import Any, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import ValidationError
-from sqlmodel import select
+from sqlmodel import col, select
 
 from app import queue
 from app.db import Database
@@ -179,7 +179,7 @@ def ready_datasets(db: Database) -> list[Dataset]:
     """The datasets a job can use, in the order the form lists them."""
     with db.read() as s:
         query = select(Dataset).where(Dataset.status == DatasetStatus.ready)
-        return list(s.exec(query.order_by(Dataset.created_at, Dataset.id)))
+        return list(s.exec(query.order_by(col(Dataset.created_at), col(Dataset.id))))
 
 
 def suggested_preset(
