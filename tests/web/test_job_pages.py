@@ -182,3 +182,22 @@ def test_a_tracker_that_is_not_installed_is_neither_offered_nor_accepted(
     assert [o["value"] for o in offered] == ["none", "tensorboard"]
     response = client.post("/api/jobs", json={"dataset_id": dataset_id, "report_to": "tensorboard"})
     assert response.status_code == 201, response.text
+
+
+def test_run_card_shows_duration_final_losses_and_what_ran(client, db):
+    from tests.simulated_run import metric_row
+
+    claim = start_running_job(db, total=60)
+    write_metrics(db, claim, 1, 60)  # eval rows at steps 25 and 50
+    queue.update_progress(
+        db, claim.job_id, claim.attempt, compute_mode="fp32 LoRA on the CPU (no CUDA device)"
+    )
+    finish(db, claim)
+    soup = page(client, f"/jobs/{claim.job_id}")
+    run = " ".join(soup.select_one(".run-duration").text.split())
+    assert run.endswith("s") and "not started" not in run
+    assert soup.select_one(".run-loss").text == f"{metric_row(60)['loss']:.4f}"
+    assert soup.select_one(".run-eval-loss").text == f"{metric_row(50)['eval_loss']:.4f}"
+    # The job asked for nf4 (the default); the page says the CPU run did not use it.
+    note = soup.select_one(".quantization-ran").text
+    assert "not used: fp32 LoRA on the CPU" in note

@@ -264,6 +264,7 @@ def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) 
         request,
         "jobs/detail.html",
         dataset=dataset,
+        run=job_views.run_facts(db, job),
         log_lines=jobs.log_tail(settings, job),
         config=TrainConfig.model_validate(job.config),
         events_url=f"/api/jobs/{job_id}/events?after={after}",
