@@ -201,3 +201,17 @@ def test_run_card_shows_duration_final_losses_and_what_ran(client, db):
     # The job asked for nf4 (the default); the page says the CPU run did not use it.
     note = soup.select_one(".quantization-ran").text
     assert "not used: fp32 LoRA on the CPU" in note
+
+
+def test_system_page_says_cpu_only_for_a_worker_that_found_no_gpu(client, db):
+    with db.write() as s:
+        s.add(Worker(id="w1", host="laptop", pid=42, gpus="0", gpu_name=None))
+    text = " ".join(page(client, "/system").text.split())
+    assert "CPU only (no GPU 0 found)" in text and "GPU 0:" not in text
+
+
+def test_every_page_names_a_favicon_that_is_served(client):
+    icon = page(client, "/jobs").select_one("link[rel=icon]")["href"]
+    response = client.get(icon)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("image/svg+xml")
