@@ -29,8 +29,9 @@ cli = typer.Typer(
 DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Data directory.")]
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment plus command-line overrides; exits with the reason if unsafe."""
+def load_settings(create_dirs: bool = True, **overrides: Any) -> Settings:
+    """Settings from the environment plus command-line overrides; exits with the reason if unsafe.
+    Creates the data dir's folders unless `create_dirs` is false (doctor only looks)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         settings = Settings(**overrides)
@@ -44,18 +45,26 @@ def load_settings(**overrides: Any) -> Settings:
     os.environ["TUNEBOARD_DATA_DIR"] = str(settings.resolved_data_dir)
     if settings.database_url:
         os.environ["TUNEBOARD_DATABASE_URL"] = settings.database_url
-    settings.ensure_dirs()
+    if create_dirs:
+        settings.ensure_dirs()
     return settings
 
 
 @cli.command()
 def migrate(data_dir: DataDirOption = None) -> None:
     """Create or upgrade the database tables."""
-    from app.migrate import upgrade
+    from app.migrate import current_revision, head_revision, upgrade
 
     settings = load_settings(data_dir=data_dir)
-    upgrade(settings.resolved_database_url)
-    typer.echo(f"Database is up to date ({_shown_url(settings)}).")
+    url = settings.resolved_database_url
+    before = current_revision(url)
+    upgrade(url)
+    if before is None:
+        typer.echo(f"Created the database ({_shown_url(settings)}).")
+    elif before != head_revision():
+        typer.echo(f"Upgraded the database to {head_revision()} ({_shown_url(settings)}).")
+    else:
+        typer.echo(f"Database is up to date ({_shown_url(settings)}).")
 
 
 @cli.command()
@@ -173,52 +182,101 @@ def demo(
     )
 
 
+Check = tuple[str, str, str, str]  # name, verdict (OK, NOTE or PROBLEM), detail, hint
+
+
 @cli.command()
 def doctor(data_dir: DataDirOption = None) -> None:
-    """Check this machine: Python, torch, CUDA, GPU, bitsandbytes, disk, database."""
-    from app.db import Database
-    from app.services.system import database_ok
+    """Check this machine: data dir, database, hub token, GPUs, torch and the ML stack's versions.
 
-    settings = load_settings(data_dir=data_dir)
-    checks: list[tuple[str, bool, str, str]] = []
+    Only looks: creates no folder and no database. Exits 1 when a check finds a PROBLEM.
+    """
+    settings = load_settings(create_dirs=False, data_dir=data_dir)
     py = sys.version_info
-    checks.append(
+    checks: list[Check] = [
         (
             "Python",
-            py >= (3, 11),
+            "OK" if py >= (3, 11) else "PROBLEM",
             f"{py.major}.{py.minor}.{py.micro}",
             "Tuneboard needs Python 3.11 or newer.",
-        )
+        ),
+        *_data_dir_checks(settings),
+        _hub_token_check(),
+        *_gpu_checks(),
+    ]
+    width = max(len(c[0]) for c in checks)
+    colours = {"OK": "green", "NOTE": "cyan", "PROBLEM": "yellow"}
+    for name, verdict, detail, hint in checks:
+        mark = typer.style(verdict.ljust(7), fg=colours[verdict])
+        typer.echo(f"{mark} {name.ljust(width)}  {detail}")
+        if verdict != "OK" and hint:
+            typer.echo(f"        {' ' * width}  -> {hint}")
+    if any(verdict == "PROBLEM" for _, verdict, _, _ in checks):
+        raise typer.Exit(1)
+
+
+def _data_dir_checks(settings: Settings) -> list[Check]:
+    """The data dir, its free disk and its database, looked at without creating any of them."""
+    from sqlalchemy.engine import make_url
+
+    from app.migrate import current_revision, head_revision
+
+    folder = settings.resolved_data_dir
+    elsewhere = (
+        "Run doctor where you run `make run` (the data dir is ./data), or name yours with "
+        "--data-dir or TUNEBOARD_DATA_DIR."
     )
-    free = shutil.disk_usage(settings.resolved_data_dir).free
+    checks: list[Check] = [
+        ("Data dir", "OK", str(folder), "")
+        if folder.is_dir()
+        else ("Data dir", "PROBLEM", f"{folder} (does not exist)", elsewhere),
+    ]
+    existing = next(p for p in (folder, *folder.parents) if p.is_dir())
+    free = shutil.disk_usage(existing).free
     checks.append(
         (
             "Free disk in the data dir",
-            free > 10 * 1024**3,
-            f"{free / 1024**3:.1f} GiB in {settings.resolved_data_dir}",
+            "OK" if free > 10 * 1024**3 else "PROBLEM",
+            f"{free / 1024**3:.1f} GiB in {existing}",
             "Models and checkpoints need tens of GB; free space or set TUNEBOARD_DATA_DIR.",
         )
     )
-    db_ok = database_ok(Database(settings.resolved_database_url))
-    checks.append(
-        (
-            "Database",
-            db_ok,
-            _shown_url(settings),
-            "Check TUNEBOARD_DATABASE_URL, and that PostgreSQL is running if you use it.",
+    url = settings.resolved_database_url
+    database = make_url(url).database
+    if url.startswith("sqlite") and not (database and Path(database).is_file()):
+        detail, verdict = f"none at {database}", "PROBLEM"
+        hint = "`tuneboard migrate` creates it (`make run` does too)."
+    else:
+        try:
+            at, head = current_revision(url), head_revision()
+        except Exception as exc:
+            at, head = f"unreachable ({type(exc).__name__})", None
+        verdict = "OK" if at == head else "PROBLEM"
+        detail = _shown_url(settings) + ("" if at == head else f": tables at {at}, code at {head}")
+        hint = (
+            "Check TUNEBOARD_DATABASE_URL, and that PostgreSQL is running if you use it; "
+            "`tuneboard migrate` creates or upgrades the tables."
         )
-    )
-    for name, ok, detail, hint in _gpu_checks():
-        checks.append((name, ok, detail, hint))
-    width = max(len(c[0]) for c in checks)
-    for name, ok, detail, hint in checks:
-        mark = typer.style("OK     ", fg="green") if ok else typer.style("PROBLEM", fg="yellow")
-        typer.echo(f"{mark} {name.ljust(width)}  {detail}")
-        if not ok and hint:
-            typer.echo(f"        {' ' * width}  -> {hint}")
+    checks.append(("Database", verdict, detail, hint))
+    return checks
 
 
-def _gpu_checks() -> list[tuple[str, bool, str, str]]:
+def _hub_token_check() -> Check:
+    """Whether hub downloads go out with a token (never the token itself)."""
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        return (
+            "Hugging Face token",
+            "NOTE",
+            "none",
+            "Gated models (Llama, Gemma, ...) need one: run `hf auth login`, or set HF_TOKEN.",
+        )
+    source = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "saved by `hf auth login`"
+    return ("Hugging Face token", "OK", f"present ({source})", "")
+
+
+def _gpu_checks() -> list[Check]:
     """Ask a child Python with the ML stack what it sees (this process never imports torch)."""
     try:
         out = subprocess.run(
@@ -233,7 +291,7 @@ def _gpu_checks() -> list[tuple[str, bool, str, str]]:
         return [
             (
                 "ML stack",
-                False,
+                "PROBLEM",
                 "could not be inspected",
                 "Install the worker extras: pip install 'tuneboard[worker]'.",
             )

@@ -140,15 +140,23 @@ class Settings(BaseSettings):
         return self.resolved_data_dir / "models"
 
     @property
-    def hf_home(self) -> Path:
-        return self.resolved_data_dir / "hf"
+    def hf_hub_cache(self) -> Path:
+        """Where hub models are downloaded (HF_HUB_CACHE). Only the cache: the user's own HF_HOME,
+        and the token `hf auth login` saved there, stay where they are."""
+        return self.resolved_data_dir / "hf" / "hub"
 
     @property
     def tmp_dir(self) -> Path:
         return self.resolved_data_dir / "tmp"
 
     def ensure_dirs(self) -> None:
-        for path in (self.datasets_dir, self.runs_dir, self.models_dir, self.hf_home, self.tmp_dir):
+        for path in (
+            self.datasets_dir,
+            self.runs_dir,
+            self.models_dir,
+            self.hf_hub_cache,
+            self.tmp_dir,
+        ):
             path.mkdir(parents=True, exist_ok=True)
 
 

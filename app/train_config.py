@@ -134,7 +134,8 @@ class TrainConfig(BaseModel):
     """Random seed for the split, the LoRA init and the data order."""
 
     report_to: ReportTo = ReportTo.none
-    """Also log to an experiment tracker."""
+    """Also log to an experiment tracker. Only installed ones are offered: the common ones come
+    with `pip install 'tuneboard[trackers]'`."""
 
     gpus: Annotated[int, Field(ge=1, le=8)] = 1
     """GPUs for this one job (more than one runs under torchrun with FSDP)."""

@@ -1374,6 +1374,58 @@
     }
   }
 
+  // ------------------------------------------------------------ job form presets
+
+  // A preset button sets the hyperparameters it names and nothing else: the model, the dataset
+  // and the name the user picked stay. The demo model with the demo dataset takes "demo" (a
+  // random-initialised model learns nothing at the other presets' learning rates); leaving that
+  // pair while "demo" is on goes back to "balanced". Without script the buttons are links.
+  function wireJobForm(form) {
+    var presets = parseJSON(form.getAttribute("data-presets"), {});
+    var demoModel = form.getAttribute("data-demo-model");
+    var demoDatasets = parseJSON(form.getAttribute("data-demo-datasets"), []);
+    var buttons = document.querySelectorAll("a[data-preset]");
+    var current = null;
+    buttons.forEach(function (b) {
+      if (b.classList.contains("primary")) current = b.getAttribute("data-preset");
+    });
+
+    function apply(name) {
+      var values = presets[name];
+      if (!values) return;
+      Object.keys(values).forEach(function (field) {
+        var input = form.elements.namedItem(field);
+        if (input) input.value = values[field];
+      });
+      current = name;
+      buttons.forEach(function (b) {
+        b.classList.toggle("primary", b.getAttribute("data-preset") === name);
+      });
+    }
+
+    function demoChosen() {
+      var model = form.elements.namedItem("base_model");
+      var dataset = form.elements.namedItem("dataset_id");
+      return !!model && !!dataset && model.value === demoModel &&
+        demoDatasets.indexOf(dataset.value) >= 0;
+    }
+
+    buttons.forEach(function (b) {
+      b.addEventListener("click", function (evt) {
+        evt.preventDefault();
+        apply(b.getAttribute("data-preset"));
+      });
+    });
+    ["base_model", "dataset_id"].forEach(function (name) {
+      var select = form.elements.namedItem(name);
+      if (!select) return;
+      select.addEventListener("change", function () {
+        if (demoChosen()) apply("demo");
+        else if (current === "demo") apply("balanced");
+      });
+    });
+  }
+
   // ------------------------------------------------------------ confirmation
 
   function confirmed(target) {
@@ -1435,6 +1487,9 @@
     });
     each(root, "form.chat", function (node) {
       once(node, wireChat);
+    });
+    each(root, "form.job-form[data-presets]", function (node) {
+      once(node, wireJobForm);
     });
     // Charts whose element a swap removed stop listening.
     feeds.forEach(liveCharts);

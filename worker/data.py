@@ -73,6 +73,18 @@ class TokenizeStats:
     dropped_no_trained_tokens: int = 0
     dropped_lines: list[int] = field(default_factory=list)
 
+    def notice(self, max_len: int) -> str:
+        """What the job page says about the cut, or "" when no row was cut or left out."""
+        parts = []
+        if self.truncated:
+            parts.append(f"{self.truncated} rows longer than {max_len} tokens were cut to fit")
+        if self.dropped_no_trained_tokens:
+            parts.append(
+                f"{self.dropped_no_trained_tokens} rows were left out: no reply token was left "
+                "to train on after the cut"
+            )
+        return "; ".join(parts) + "." if parts else ""
+
 
 def read_eval_lines(dataset_dir: Path) -> set[int]:
     """The `line` numbers of a dataset's held-out rows, from the split recorded at upload

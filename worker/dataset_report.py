@@ -162,7 +162,7 @@ def load_tokenizer(settings: Settings, model: BaseModelEntry) -> Any:
     try:
         return AutoTokenizer.from_pretrained(
             model.source,
-            cache_dir=None if model.is_local else str(settings.hf_home),
+            cache_dir=None if model.is_local else str(settings.hf_hub_cache),
             local_files_only=model.is_local or settings.hf_offline,
             trust_remote_code=model.trust_remote_code,
         )

@@ -73,3 +73,26 @@ def used_mib(indices: list[int]) -> int | None:
     """Device memory in use on these GPUs (MiB, summed), or None on a CPU machine."""
     readings = read_gpus(indices)
     return sum(r.used_mib for r in readings) if readings else None
+
+
+def machine_gpus() -> list[GpuReading]:
+    """Every NVIDIA GPU of this machine (CUDA_VISIBLE_DEVICES aside); [] without a driver."""
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+    except Exception:
+        return []
+    return read_gpus(list(range(count)))
+
+
+def driver_version() -> str | None:
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        version = nvml.nvmlSystemGetDriverVersion()
+    except Exception:
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)

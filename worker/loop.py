@@ -108,7 +108,9 @@ def child_environment(settings: Settings, gpus: str) -> dict[str, str]:
             "TUNEBOARD_DATABASE_BUSY_TIMEOUT_SECONDS": str(settings.database_busy_timeout_seconds),
             "TUNEBOARD_HF_OFFLINE": "true" if settings.hf_offline else "false",
             "TUNEBOARD_TRUST_REMOTE_CODE_MODELS": json.dumps(settings.trust_remote_code_models),
-            "HF_HOME": str(settings.hf_home),
+            # The cache only: HF_HOME stays the user's, so the token `hf auth login` saved there
+            # (or HF_TOKEN) reaches the child and gated models download.
+            "HF_HUB_CACHE": str(settings.hf_hub_cache),
             "CUDA_VISIBLE_DEVICES": gpus,
             "PYTHONUNBUFFERED": "1",
         }

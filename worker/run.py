@@ -133,7 +133,7 @@ def model_location(db: Database, settings: Settings, name: str, control: Any = N
         return Path(
             snapshot_download(
                 entry.source,
-                cache_dir=settings.hf_home,
+                cache_dir=settings.hf_hub_cache,
                 local_files_only=settings.hf_offline,
                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
                 tqdm_class=download_progress(control) if control is not None else None,

@@ -59,10 +59,8 @@ _SHAPES = (
     '[{"from", "value"}]}; OpenAI chat {"messages": [{"role", "content"}]}; '
     '{"prompt", "completion"}; plain {"text"}'
 )
-_TOOL_HINT = (
-    "Remove tool-call turns (and the rows that depend on them), or enable 'drop bad rows' to "
-    "train on the other rows."
-)
+# Leaving the row out ("drop bad rows") is offered by the page, only while the rows are still in.
+_TOOL_HINT = "Remove the tool-call turns, and the replies that depend on them, from the file."
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,7 @@ def detect_format(
     for record in records:
         columns_seen.update(dict.fromkeys(record))
     found = ", ".join(f'"{c}"' for c in columns_seen) or "none"
+    _refuse_multimodal(records)
 
     if column_mapping:
         dataset_format = _format_from_mapping(column_mapping)
@@ -113,6 +112,28 @@ def detect_format(
                 hint="Check the spelling: column names are case-sensitive.",
             )
     return dataset_format
+
+
+# Columns that carry media beside the text (LLaMA-Factory's mllm_demo.json, ShareGPT/OpenAI
+# multimodal exports), with the placeholder each leaves in the text.
+MEDIA_COLUMNS = {"images": "<image>", "videos": "<video>", "audios": "<audio>"}
+
+
+def _refuse_multimodal(records: list[dict[str, Any]]) -> None:
+    """A multimodal file would train as text: its media dropped, its placeholders learned as words."""
+    for record in records:
+        for column, placeholder in MEDIA_COLUMNS.items():
+            if record.get(column):
+                raise DatasetFormatError(
+                    f'This is a multimodal dataset: its rows have an "{column}" column (and '
+                    f"{placeholder} placeholders in the text). Tuneboard fine-tunes text-only "
+                    f"models; it would drop the {column} and train on {placeholder} as if it "
+                    "were a word.",
+                    field=column,
+                    hint=f'Upload text-only rows (without the "{column}" column and the '
+                    f"{placeholder} placeholders), or train it with a tool for vision-language "
+                    "models.",
+                )
 
 
 def _format_from_mapping(column_mapping: dict[str, str]) -> DatasetFormat:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import uuid
 from array import array
 from collections import Counter
@@ -44,6 +45,9 @@ MAX_ERROR_DETAILS = 50
 DEFAULT_EVAL_FRACTION = 0.05
 MAX_EVAL_ROWS = 1000
 DEFAULT_SPLIT_SEED = 42
+# `{{name}}`, `{{ author }}`: left by identity-style templates (LLaMA-Factory's identity.json) that
+# expect a substitution before training; trained as they are, the model learns the braces.
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 
 
 @dataclass
@@ -67,6 +71,8 @@ class IngestResult:
     normalized_path: Path
     split_path: Path
     eval_lines: list[int] = field(default_factory=list, repr=False)
+    # Rows that still hold template placeholders: {"rows", "names", "line", "example"}, or {}.
+    placeholders: dict[str, Any] = field(default_factory=dict)
 
     @property
     def report(self) -> dict[str, Any]:
@@ -78,6 +84,7 @@ class IngestResult:
             "error_counts": self.error_counts,
             "errors_shown": len(self.errors),
             "train_rows": self.train_rows,
+            **({"placeholders": self.placeholders} if self.placeholders else {}),
         }
 
 
@@ -118,6 +125,7 @@ def ingest_dataset(
     details: list[dict[str, Any]] = []
     counts: Counter[str] = Counter()
     valid_lines = array("Q")  # 8 bytes a row: enough to pick the eval rows by line afterwards
+    placeholders = _Placeholders()
     folder = raw_path.parent
     normalized_path = folder / NORMALIZED_FILENAME
     with _atomic_file(normalized_path) as out:
@@ -143,6 +151,7 @@ def ingest_dataset(
                             "once normalised"
                         )
                     out.write(encoded)
+                    placeholders.look_at(normalized)
                     valid_lines.append(raw.line)
                     valid_rows += 1
                     continue
@@ -187,7 +196,37 @@ def ingest_dataset(
         normalized_path=normalized_path,
         split_path=split_path,
         eval_lines=eval_lines,
+        placeholders=placeholders.summary(),
     )
+
+
+class _Placeholders:
+    """Counts the rows that hold template placeholders, and keeps the first as an example."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.names: Counter[str] = Counter()
+        self.line = 0
+        self.example = ""
+
+    def look_at(self, row: dict[str, Any]) -> None:
+        texts = [row["text"]] if "text" in row else [m["content"] for m in row["messages"]]
+        found = [m for text in texts if "{{" in text for m in PLACEHOLDER.finditer(text)]
+        if not found:
+            return
+        self.rows += 1
+        self.names.update(m.group(1) for m in found)
+        if not self.example:
+            text = found[0].string
+            start = max(0, found[0].start() - 60)
+            self.line = row["line"]
+            self.example = ("…" if start else "") + text[start : start + 160]
+
+    def summary(self) -> dict[str, Any]:
+        if not self.rows:
+            return {}
+        names = [name for name, _ in self.names.most_common(10)]
+        return {"rows": self.rows, "names": names, "line": self.line, "example": self.example}
 
 
 def eval_size(valid_rows: int, fraction: float, max_rows: int) -> int:

@@ -195,16 +195,12 @@ def _read_jsonl(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
                 hint = "Each line of a .jsonl file must be one complete JSON object."
                 if line == 1 and text.lstrip().startswith("["):
                     hint = "This looks like one JSON array: name the file .json instead of .jsonl."
+                elif _cut_short(exc):
+                    hint = "The line ends in the middle of a value: " + hint
                 yield RawRow(
                     line,
                     None,
-                    RowError(
-                        line,
-                        None,
-                        "invalid_json",
-                        f"invalid JSON: {exc.msg} at column {exc.colno}",
-                        hint,
-                    ),
+                    RowError(line, None, "invalid_json", _json_problem(exc, line), hint),
                 )
                 continue
             except RecursionError:
@@ -245,9 +241,12 @@ def _invalid_json(exc: json.JSONDecodeError) -> DatasetFileError:
     hint = "A .json file must be one JSON array of objects."
     if exc.msg == "Extra data" and exc.lineno > 1:
         hint = "This looks like JSON Lines (one object per line): name the file .jsonl."
-    return DatasetFileError(
-        f"invalid JSON: {exc.msg} at column {exc.colno}", line=exc.lineno, hint=hint
-    )
+    elif _cut_short(exc):
+        hint = (
+            "The file ends in the middle of a value: it looks cut short (an unfinished "
+            "download or copy). Upload the whole file."
+        )
+    return DatasetFileError(_json_problem(exc, exc.lineno), line=exc.lineno, hint=hint)
 
 
 _JSON_DECODER = json.JSONDecoder()
@@ -310,6 +309,17 @@ def _skip_json_value(text: str, at: int) -> int:
         line=text.count("\n", 0, at) + 1,
         hint="The file may be truncated; export it again.",
     )
+
+
+def _json_problem(exc: json.JSONDecodeError, line: int) -> str:
+    """ "Invalid JSON at line 3, column 20: unterminated string" (Python's own words, which end
+    in "at" or "starting at" before the position it leaves out)."""
+    reason = exc.msg.removesuffix(" at").removesuffix(" starting")
+    return f"Invalid JSON at line {line}, column {exc.colno}: {reason[:1].lower()}{reason[1:]}"
+
+
+def _cut_short(exc: json.JSONDecodeError) -> bool:
+    return exc.msg.startswith("Unterminated string") or exc.pos >= len(exc.doc.rstrip())
 
 
 def _rows_of_document(document: Any) -> list[Any]:

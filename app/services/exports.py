@@ -176,7 +176,7 @@ def ollama_modelfile(db: Database, settings: Settings, adapter: Adapter) -> Mode
     else:
         lines += [
             f"# The base model {base_source}, downloaded next to this file with",
-            f"#   huggingface-cli download {base_source} --local-dir ./base",
+            f"#   hf download {base_source} --local-dir ./base",
             "FROM ./base",
         ]
     lines.append("ADAPTER ./")

@@ -182,3 +182,30 @@ def config_table(configs: list[dict[str, Any]]) -> list[ConfigRow]:
         for k in keys
     ]
     return sorted(rows, key=lambda r: not r.differs)
+
+
+@dataclass
+class RunFacts:
+    """The Run card's numbers: how long it trained and where the losses ended."""
+
+    duration_seconds: float | None
+    final_loss: float | None
+    final_eval_loss: float | None
+    steps: int
+
+
+def run_facts(db: Database, job: Job) -> RunFacts:
+    duration = None
+    if job.started_at is not None:
+        end = _aware(job.finished_at) if job.finished_at else datetime.now(UTC)
+        duration = max(0.0, (end - _aware(job.started_at)).total_seconds())
+    with db.read() as s:
+        rows = select(Metric).where(Metric.job_id == job.id).order_by(col(Metric.id).desc())
+        loss = s.exec(rows.where(col(Metric.loss).is_not(None)).limit(1)).first()
+        eval_loss = s.exec(rows.where(col(Metric.eval_loss).is_not(None)).limit(1)).first()
+    return RunFacts(
+        duration_seconds=duration,
+        final_loss=loss.loss if loss else None,
+        final_eval_loss=eval_loss.eval_loss if eval_loss else None,
+        steps=job.progress_step,
+    )

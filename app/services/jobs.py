@@ -12,20 +12,23 @@ from typing import Any, Union, get_args, get_origin
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col, select
 
 from app import faults, queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
-from app.services import models
+from app.services import models, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
 from app.train_config import PRESETS, TrainConfig
 
 
 def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
-    """Queue a job after checking that its model is registered and its dataset is usable."""
+    """Queue a job after checking that its model is registered, its dataset is usable and its
+    experiment tracker is installed."""
     models.get_model(db, config.base_model)
+    trackers.check_installed(config.report_to)
     with db.read() as s:
         dataset = s.get(Dataset, config.dataset_id)
     if dataset is None:
@@ -131,7 +134,9 @@ def form_fields(values: dict[str, Any]) -> list[FormField]:
         if get_origin(annotation) in (Union, types.UnionType):
             annotation = next(a for a in get_args(annotation) if a is not type(None))
         kind, options = "text", []
-        if isinstance(annotation, type) and issubclass(annotation, Enum):
+        if name == "report_to":
+            kind, options = "select", trackers.offered()
+        elif isinstance(annotation, type) and issubclass(annotation, Enum):
             kind, options = "select", [m.value for m in annotation]
         elif annotation is bool:
             kind = "checkbox"
@@ -173,6 +178,27 @@ def preset_values(preset: str | None) -> dict[str, Any]:
     return dict(PRESETS.get(preset or "balanced", {}))
 
 
+def preset_forms() -> dict[str, dict[str, str]]:
+    """Each preset as the form values it sets: every field any preset touches (hyperparameters
+    only), at the preset's value or the default, so a click sets them all and nothing else."""
+    names = sorted({name for values in PRESETS.values() for name in values})
+    fields = TrainConfig.model_fields
+    return {
+        preset: {
+            name: "" if (v := values.get(name, fields[name].default)) is None else str(v)
+            for name in names
+        }
+        for preset, values in PRESETS.items()
+    }
+
+
+def ready_datasets(db: Database) -> list[Dataset]:
+    """The datasets a job can use, in the order the form lists them."""
+    with db.read() as s:
+        query = select(Dataset).where(Dataset.status == DatasetStatus.ready)
+        return list(s.exec(query.order_by(col(Dataset.created_at), col(Dataset.id))))
+
+
 def suggested_preset(
     db: Database, preset: str | None, dataset_id: str | None, base_model: str | None
 ) -> str | None:
@@ -181,6 +207,9 @@ def suggested_preset(
     learns the demo in a couple of CPU minutes; else none (the defaults, "balanced")."""
     if preset in PRESETS:
         return preset
+    if dataset_id is None:  # the form's dataset select starts on the first usable dataset
+        ready = ready_datasets(db)
+        dataset_id = ready[0].id if ready else None
     if dataset_id is None or (base_model or TrainConfig.model_fields["base_model"].default) != (
         DEMO_MODEL
     ):

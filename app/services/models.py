@@ -255,7 +255,7 @@ def _hub_files(repo_id: str, settings: Settings) -> dict[str, Path | None]:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    cache_dir = settings.hf_home / "hub"
+    cache_dir = settings.hf_hub_cache
     cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
     offline = settings.hf_offline
 
@@ -295,7 +295,8 @@ def _hub_files(repo_id: str, settings: Settings) -> dict[str, Path | None]:
         if "NotFound" in name or "Unauthorized" in name or "Gated" in name:
             raise ModelRegistrationError(
                 f"The hub has no model {repo_id} that this machine may read ({name}).",
-                "Check the id's spelling; gated models need `huggingface-cli login` first.",
+                "Check the id's spelling; a gated model needs `hf auth login` (or HF_TOKEN) first, "
+                "as the user who runs Tuneboard.",
                 code="model_not_found",
             ) from exc
         raise unreachable from exc

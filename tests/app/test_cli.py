@@ -195,37 +195,88 @@ def _runs(pid: int, module: str) -> bool:
         return False
 
 
-def test_doctor_reports_each_check_with_a_hint_for_problems(tmp_path):
-    result = tuneboard(tmp_path / "data", "doctor")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def doctor_verdicts(stdout: str) -> dict[str, tuple[str, str, str]]:
+    """{check name: (verdict, detail, the line after it)} from doctor's output."""
+    lines = stdout.splitlines()
     verdicts = {}
     for i, line in enumerate(lines):
-        match = re.match(r"(OK|PROBLEM)\s+(.+?)\s{2,}", line)
+        match = re.match(r"(OK|NOTE|PROBLEM)\s+(.+?)\s{2,}(.*)", line)
         if match:
-            verdicts[match.group(2)] = (match.group(1), lines[i + 1] if i + 1 < len(lines) else "")
+            after = lines[i + 1] if i + 1 < len(lines) else ""
+            verdicts[match.group(2)] = (match.group(1), match.group(3), after)
+    return verdicts
+
+
+def test_doctor_reports_each_check_with_a_hint_for_problems(tmp_path):
+    import torch
+
+    assert tuneboard(tmp_path / "data", "migrate").returncode == 0
+    result = tuneboard(tmp_path / "data", "doctor")
+    verdicts = doctor_verdicts(result.stdout)
     for name in (
         "Python",
+        "Data dir",
+        "Free disk in the data dir",
+        "Database",
+        "Hugging Face token",
         "torch",
         "CUDA",
         "bitsandbytes",
-        "Free disk in the data dir",
-        "Database",
+        "transformers",
+        "peft",
+        "liger-kernel",
     ):
         assert name in verdicts, f"doctor says nothing about {name}:\n{result.stdout}"
     assert verdicts["Python"][0] == "OK"
-    assert verdicts["torch"][0] == "OK"
+    assert verdicts["Data dir"][:2] == ("OK", str((tmp_path / "data").resolve()))
     assert verdicts["Database"][0] == "OK"
-    for name, (verdict, next_line) in verdicts.items():
-        if verdict == "PROBLEM":
+    assert verdicts["torch"][1] == f"{torch.__version__} (GPU tests: 2.11.0+cu130)"
+    assert verdicts["torch"][0] == ("OK" if torch.__version__.startswith("2.11.0") else "NOTE")
+    for name, (verdict, _, next_line) in verdicts.items():
+        if verdict != "OK":
             assert next_line.strip().startswith("->"), f"{name} has no hint"
-
-    import torch
+    problems = [name for name, (verdict, _, _) in verdicts.items() if verdict == "PROBLEM"]
+    assert result.returncode == (1 if problems else 0), result.stdout
 
     if not torch.cuda.is_available():
-        verdict, hint = verdicts["CUDA"]
-        assert verdict == "PROBLEM"
-        assert "CUDA build of torch" in hint
+        assert verdicts["CUDA"][0] == "PROBLEM"
+        assert "CUDA build of torch" in verdicts["CUDA"][2]
+        assert verdicts["GPU"][:2] == (
+            "PROBLEM",
+            "none found (no NVIDIA GPU, or its driver does not answer)",
+        )
+        assert result.returncode == 1
+    else:
+        assert re.fullmatch(r".+, \d+\.\d GiB, driver .+", verdicts["GPU 0"][1])
+
+
+def test_doctor_outside_a_data_dir_creates_nothing_and_says_where_it_looked(tmp_path):
+    result = tuneboard(tmp_path / "data", "doctor")
+    assert result.returncode == 1
+    verdicts = doctor_verdicts(result.stdout)
+    assert verdicts["Data dir"][:2] == (
+        "PROBLEM",
+        f"{(tmp_path / 'data').resolve()} (does not exist)",
+    )
+    assert verdicts["Database"][0] == "PROBLEM"
+    assert "tuneboard migrate" in verdicts["Database"][2]
+    assert not (tmp_path / "data").exists()
+
+
+def test_doctor_says_whether_a_hub_token_is_present_without_printing_it(tmp_path):
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    data_dir = tmp_path / "data"
+    env = {**cli_env(data_dir), "HF_HOME": str(home)}
+    env.pop("HF_TOKEN", None)
+    run = [sys.executable, "-m", "app.cli", "doctor"]
+    without = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert doctor_verdicts(without.stdout)["Hugging Face token"][:2] == ("NOTE", "none")
+    (home / "token").write_text("hf_a_secret_token")
+    found = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    verdict = doctor_verdicts(found.stdout)["Hugging Face token"]
+    assert verdict[:2] == ("OK", "present (saved by `hf auth login`)")
+    assert "hf_a_secret_token" not in found.stdout
 
 
 def test_settings_markdown_is_the_readme_table(tmp_path):
@@ -238,7 +289,9 @@ def test_settings_markdown_is_the_readme_table(tmp_path):
 def test_migrate_creates_the_tables(tmp_path):
     result = tuneboard(tmp_path / "data", "migrate")
     assert result.returncode == 0, result.stderr
-    assert "Database is up to date" in result.stdout
+    assert result.stdout.startswith("Created the database (sqlite:///")
+    again = tuneboard(tmp_path / "data", "migrate")
+    assert again.stdout.startswith("Database is up to date (sqlite:///")
     engine = create_engine(f"sqlite:///{tmp_path / 'data' / 'tuneboard.db'}")
     try:
         tables = set(inspect(engine).get_table_names())

@@ -34,6 +34,7 @@ def test_every_service_runs_a_real_tuneboard_command_on_the_shared_volume():
     assert "TUNEBOARD_TOKEN" in services["web"]["environment"]
     assert "TUNEBOARD_ALLOWED_HOSTS" in services["web"]["environment"]
     assert services["worker"]["command"] == ["worker", "--gpu", "0"]
+    assert "HF_TOKEN" in services["worker"]["environment"]  # gated models download in the worker
     for name in ("web", "worker"):
         assert services[name]["depends_on"]["migrate"] == {
             "condition": "service_completed_successfully"

@@ -140,7 +140,7 @@ def test_a_tokenizer_config_of_the_wrong_shape_means_no_chat_template(client, tm
 
 def _cached_hub_model(settings, repo_id: str, config: object) -> None:
     """The hub cache's layout for one model: refs/main names a snapshot that holds config.json."""
-    repo = settings.hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    repo = settings.hf_hub_cache / f"models--{repo_id.replace('/', '--')}"
     revision = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)

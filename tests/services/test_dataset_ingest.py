@@ -319,7 +319,7 @@ def test_bad_json_at_line_5000(tmp_path):
     error = only_error(result)
     assert error["line"] == 5000
     assert error["field"] is None
-    assert error["message"] == "invalid JSON: Expecting ',' delimiter at column 21"
+    assert error["message"] == "Invalid JSON at line 5000, column 21: expecting ',' delimiter"
     assert (result.rows, result.valid_rows, result.status) == (10_000, 9_999, "invalid")
 
 
@@ -373,7 +373,7 @@ def test_file_where_no_row_can_be_read(tmp_path):
     with pytest.raises(DatasetFileError) as caught:
         ingest(tmp_path, "all_bad.jsonl")
     assert caught.value.line == 1
-    assert "invalid JSON" in caught.value.message
+    assert "Invalid JSON" in caught.value.message
 
 
 def test_broken_csv_quoting_names_the_row(tmp_path):
@@ -394,7 +394,30 @@ def test_broken_json_array_names_the_line(tmp_path):
     with pytest.raises(DatasetFileError) as caught:
         ingest(tmp_path, "bad_json_array.json")
     assert caught.value.line == 4
-    assert caught.value.message == "invalid JSON: Expecting ',' delimiter at column 3"
+    assert caught.value.message == "Invalid JSON at line 4, column 3: expecting ',' delimiter"
+
+
+@pytest.mark.parametrize("file_type", ["json", "jsonl"])
+def test_a_file_cut_short_says_where_the_unclosed_string_starts(tmp_path, file_type):
+    rows = [{"instruction": "Say hi", "output": "Hi!"}, {"instruction": "Say bye", "output": "Bye"}]
+    if file_type == "json":
+        text = "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]"
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    path = tmp_path / f"original.{file_type}"
+    path.write_text(text[: text.index("Bye") + 1])  # cut inside the last row's last string
+    if file_type == "json":
+        with pytest.raises(DatasetFileError) as caught:
+            ingest_dataset(path, file_type)
+        message, hint = caught.value.message, caught.value.hint or ""
+    else:
+        error = only_error(ingest_dataset(path, file_type))
+        message, hint = error["message"], error["hint"]
+    line = 3 if file_type == "json" else 2  # the "[" line comes first in the .json file
+    column = json.dumps(rows[1]).index('"Bye') + 1
+    assert message == f"Invalid JSON at line {line}, column {column}: unterminated string"
+    assert "at at" not in message
+    assert "ends in the middle of a value" in hint
 
 
 def test_json_array_named_jsonl_gets_a_hint(tmp_path):
@@ -544,3 +567,16 @@ def test_rows_may_nest_up_to_the_limit(tmp_path):
     result = ingest_dataset(path, "jsonl", limits=IngestLimits(max_nesting=64))
     error = only_error(result)
     assert (error["line"], error["kind"], result.valid_rows) == (2, "too_deeply_nested", 1)
+
+
+def test_a_multimodal_file_is_refused_instead_of_training_image_placeholders_as_text(tmp_path):
+    """LLaMA-Factory's mllm_demo.json: OpenAI-style messages with <image> and an "images" column."""
+    with pytest.raises(DatasetFormatError) as caught:
+        ingest(tmp_path, "mllm_demo.json")
+    assert caught.value.message.startswith(
+        'This is a multimodal dataset: its rows have an "images"'
+    )
+    assert "<image>" in caught.value.message and caught.value.field == "images"
+    assert "text-only" in (caught.value.hint or "")
+    with pytest.raises(DatasetFormatError, match="multimodal"):
+        ingest(tmp_path, "mllm_demo.json", column_mapping={"messages": "messages"})

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from bs4 import BeautifulSoup
 
 from app.models import Job, JobStatus
 from app.services import datasets
@@ -132,3 +135,35 @@ def test_unknown_dataset_pages_are_404(client):
     assert client.get("/datasets/" + "0" * 32, headers=HTML).status_code == 404
     assert client.get("/datasets/..%2f..%2fetc", headers=HTML).status_code == 404
     assert client.post("/datasets/" + "0" * 32 + "/reimport").status_code == 404
+
+
+def test_a_dataset_uploaded_with_drop_bad_rows_lists_them_as_left_out_without_suggesting_it(
+    client,
+):
+    tool_call = (
+        Path(__file__).parents[1] / "fixtures/datasets/sharegpt_tool_call.jsonl"
+    ).read_bytes()
+    body = upload(client, "tools.jsonl", tool_call, drop_bad_rows="on")
+    assert body["status"] == "ready" and body["dropped_rows"] == 2
+    page = client.get(body["url"], headers=HTML).text
+    assert "Rows left out" in page and "function_call" in page
+    assert "drop bad rows" not in page.lower()
+    assert "dropping the" not in page  # no re-import button either
+
+
+def test_template_placeholders_left_in_the_data_are_flagged_with_a_count_and_an_example(client):
+    """LLaMA-Factory's identity.json expects {{name}} and {{author}} to be replaced first."""
+    rows = [
+        {"instruction": "hi", "input": "", "output": "Hello! I am {{name}}, an AI assistant."},
+        {"instruction": "Who are you?", "input": "", "output": "I am a helpful assistant."},
+        {"instruction": "Who made you?", "input": "", "output": "{{author}} built me, {{ name }}."},
+    ]
+    body = upload(client, "identity.jsonl", jsonl(rows))
+    assert body["status"] == "ready"
+    soup = BeautifulSoup(client.get(body["url"], headers=HTML).text, "html.parser")
+    notice = " ".join(soup.select_one("#placeholders").text.split())
+    assert "2 rows still hold template placeholders ({{name}}, {{author}})" in notice
+    assert "Line 1: Hello! I am {{name}}, an AI assistant." in notice
+
+    clean = upload(client, "clean.jsonl", jsonl(rows[1:2] * 2))
+    assert "placeholders" not in client.get(clean["url"], headers=HTML).text

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 from bs4 import BeautifulSoup
 
 from app import queue
@@ -150,3 +153,65 @@ def test_new_job_page_starts_from_the_demo_preset_for_the_demo_model_and_dataset
     assert form_value(mine, "max_steps") == ""
     other_model = page(client, f"/jobs/new?dataset_id={'d' * 32}&base_model=other-model")
     assert other_model.find("a", class_="primary", string="demo") is None
+
+
+def test_a_tracker_that_is_not_installed_is_neither_offered_nor_accepted(
+    client, db, settings, tmp_path, monkeypatch
+):
+    from tests.fakes.jobs import add_dataset
+
+    dataset_id = add_dataset(db, settings)
+    for tracker in ("tensorboard", "wandb", "mlflow"):
+        if importlib.util.find_spec(tracker) is not None:
+            pytest.skip(f"{tracker} is installed here")
+    offered = page(client, "/jobs/new").select("select[name=report_to] option")
+    assert [o["value"] for o in offered] == ["none"]
+
+    response = client.post("/api/jobs", json={"dataset_id": dataset_id, "report_to": "tensorboard"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert "tensorboard is not installed" in error["message"]
+    assert "pip install 'tuneboard[trackers]'" in error["hint"]
+    assert queue.list_jobs(db) == []
+
+    # Installed (a package on the path is all find_spec looks for): offered and accepted.
+    (tmp_path / "site" / "tensorboard").mkdir(parents=True)
+    (tmp_path / "site" / "tensorboard" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    offered = page(client, "/jobs/new").select("select[name=report_to] option")
+    assert [o["value"] for o in offered] == ["none", "tensorboard"]
+    response = client.post("/api/jobs", json={"dataset_id": dataset_id, "report_to": "tensorboard"})
+    assert response.status_code == 201, response.text
+
+
+def test_run_card_shows_duration_final_losses_and_what_ran(client, db):
+    from tests.simulated_run import metric_row
+
+    claim = start_running_job(db, total=60)
+    write_metrics(db, claim, 1, 60)  # eval rows at steps 25 and 50
+    queue.update_progress(
+        db, claim.job_id, claim.attempt, compute_mode="fp32 LoRA on the CPU (no CUDA device)"
+    )
+    finish(db, claim)
+    soup = page(client, f"/jobs/{claim.job_id}")
+    run = " ".join(soup.select_one(".run-duration").text.split())
+    assert run.endswith("s") and "not started" not in run
+    assert soup.select_one(".run-loss").text == f"{metric_row(60)['loss']:.4f}"
+    assert soup.select_one(".run-eval-loss").text == f"{metric_row(50)['eval_loss']:.4f}"
+    # The job asked for nf4 (the default); the page says the CPU run did not use it.
+    note = soup.select_one(".quantization-ran").text
+    assert "not used: fp32 LoRA on the CPU" in note
+
+
+def test_system_page_says_cpu_only_for_a_worker_that_found_no_gpu(client, db):
+    with db.write() as s:
+        s.add(Worker(id="w1", host="laptop", pid=42, gpus="0", gpu_name=None))
+    text = " ".join(page(client, "/system").text.split())
+    assert "CPU only (no GPU 0 found)" in text and "GPU 0:" not in text
+
+
+def test_every_page_names_a_favicon_that_is_served(client):
+    icon = page(client, "/jobs").select_one("link[rel=icon]")["href"]
+    response = client.get(icon)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("image/svg+xml")

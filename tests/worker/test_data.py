@@ -9,6 +9,7 @@ from worker.data import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     FlattenedBatchCollator,
+    TokenizeStats,
     pack_examples,
     row_token_lengths,
     tokenize_row,
@@ -141,3 +142,17 @@ def test_packed_loss_equals_unpacked_loss(demo_model, tokenizer, demo_rows, impl
         leaky = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss.item()
     assert packed_loss == pytest.approx(total / count, rel=1e-4)
     assert abs(leaky - total / count) > 1e-3  # the test can tell the difference
+
+
+def test_the_job_notice_about_long_rows_names_only_what_happened():
+    """ "363 rows cut to 512 tokens; 0 rows dropped (nothing left to train)" read as if the cut
+    rows had been dropped: say what was cut, and mention left-out rows only when there are any."""
+    assert TokenizeStats(truncated=363).notice(512) == (
+        "363 rows longer than 512 tokens were cut to fit."
+    )
+    both = TokenizeStats(truncated=5, dropped_no_trained_tokens=2).notice(32)
+    assert both == (
+        "5 rows longer than 32 tokens were cut to fit; 2 rows were left out: no reply token was "
+        "left to train on after the cut."
+    )
+    assert TokenizeStats().notice(512) == ""

@@ -23,7 +23,7 @@ from tests.conftest import POSTGRES_URL
 from tests.fakes.jobs import add_job
 from tests.fakes.real_workers import children_of, short_lease_settings
 from worker.job_io import attempt_log_path, read_result, result_path
-from worker.loop import RELEASED_NOTICE
+from worker.loop import RELEASED_NOTICE, child_environment
 
 REPO = Path(__file__).resolve().parents[2]
 SLOW_STEPS = 60
@@ -309,3 +309,27 @@ def test_the_worker_loop_never_imports_torch():
     code = "import sys, worker.loop, worker.__main__; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_training_children_find_the_users_hub_token_and_cache_models_in_the_data_dir(
+    settings, tmp_path, monkeypatch
+):
+    """A user who ran `hf auth login` can train a gated model: the child keeps the user's HF_HOME
+    (where the token lives) and only the download cache moves into the data dir."""
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    (home / "token").write_text("hf_the_users_token")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    env = child_environment(settings, "0")
+    code = (
+        "from huggingface_hub import constants, get_token; "
+        "print(get_token()); print(constants.HF_HUB_CACHE)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    token, cache = out.stdout.split()
+    assert token == "hf_the_users_token"
+    assert Path(cache) == settings.resolved_data_dir / "hf" / "hub"

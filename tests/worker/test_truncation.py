@@ -67,8 +67,8 @@ def test_training_cuts_and_drops_exactly_the_rows_the_report_said(
     dropped_total = over["dropped"] + report["no_trained_tokens"]["rows"]
     assert report["no_trained_tokens"]["rows"] == 0  # every demo row trains when uncut
     assert control.fields["notice"] == (
-        f"{over['truncated']} rows cut to {MAX_LEN} tokens; "
-        f"{dropped_total} rows dropped (nothing left to train)."
+        f"{over['truncated']} rows longer than {MAX_LEN} tokens were cut to fit; "
+        f"{dropped_total} rows were left out: no reply token was left to train on after the cut."
     )
 
     # "Cut at the end": a cut row is the first MAX_LEN tokens of the whole row, labels included;

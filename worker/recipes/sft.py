@@ -44,7 +44,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from app.train_config import TrainConfig
+from app.train_config import Quantization, TrainConfig
 from worker import attention, checkpoints
 from worker.control import LocalControl, RunControl
 from worker.data import (
@@ -122,6 +122,7 @@ class SFTRecipe:
         self.model: Any = None
         self.trainer: _SFTTrainer | None = None
         self.memory_policy = "off"
+        self.quantization_used: Quantization | None = None  # set when the base model loads
         self.offload_stream: Any = None  # made by the first offloaded step (activation_offload)
 
     # --- setup ---------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ class SFTRecipe:
                 f"Model {self.model_path} is not on this machine and could not be downloaded "
                 f"({type(error).__name__}).",
                 "Register a local model folder, or download it once on a machine with access to "
-                "the model hub (`huggingface-cli download <id>`) and share the HF cache.",
+                "the model hub (`hf download <id>`) and share the HF cache.",
             ) from error
 
     def _load_tokenizer(self) -> Any:
@@ -190,11 +191,8 @@ class SFTRecipe:
             args = (str(cfg.train_on), cfg.max_seq_len, self.chat_template)
             self.train_examples, stats = tokenize_rows(self.tokenizer, train_rows, *args)
             self.eval_examples, _ = tokenize_rows(self.tokenizer, eval_rows, *args)
-            if stats.truncated or stats.dropped_no_trained_tokens:
-                self.control.update(
-                    notice=f"{stats.truncated} rows cut to {cfg.max_seq_len} tokens; "
-                    f"{stats.dropped_no_trained_tokens} rows dropped (nothing left to train)."
-                )
+            if notice := stats.notice(cfg.max_seq_len):
+                self.control.update(notice=notice)
         if not self.train_examples:
             raise DatasetError(
                 "No training examples are left after tokenisation.",
@@ -238,6 +236,7 @@ class SFTRecipe:
             # fp32: bf16 matmuls on most CPUs are slower and less accurate than fp32.
             kwargs.update(dtype=torch.float32)
             self.compute_mode = "fp32 LoRA on the CPU (no CUDA device)"
+        self.quantization_used = Quantization.nf4 if "quantization_config" in kwargs else None
         if self.distributed:
             self.compute_mode += f", FSDP over {self.world_size} GPUs"
         try:
@@ -756,6 +755,12 @@ class SFTRecipe:
 
     # --- save / cleanup --------------------------------------------------------------------
 
+    def config_as_run(self) -> TrainConfig:
+        """The job's config with what actually ran: `quantization: none` when the base model was
+        not loaded in 4-bit (a CPU, or no bitsandbytes), whatever the job asked for."""
+        ran = self.quantization_used or Quantization.none
+        return self.config.model_copy(update={"quantization": ran})
+
     def save(self) -> Path:
         """The PEFT adapter, the tokenizer (its chat template) and the job config, in `adapter/`."""
         final = self.output_dir / "adapter"
@@ -767,7 +772,7 @@ class SFTRecipe:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             (staging / "train_config.json").write_text(
-                self.config.model_dump_json(indent=2), encoding="utf-8"
+                self.config_as_run().model_dump_json(indent=2), encoding="utf-8"
             )
             checkpoints.mark_complete(
                 staging, self.trainer.state.global_step if self.trainer else 0, None
@@ -799,7 +804,7 @@ class SFTRecipe:
         self._barrier()
         if main:
             (staging / "train_config.json").write_text(
-                self.config.model_dump_json(indent=2), encoding="utf-8"
+                self.config_as_run().model_dump_json(indent=2), encoding="utf-8"
             )
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)

@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict
 
 from app import queue
 from app.errors import NotFound, whole_number
-from app.models import Dataset, DatasetStatus, Job, Metric
+from app.models import Dataset, Job, Metric
 from app.services import job_events, job_views, jobs, models
+from app.services.demo import DEMO_MODEL
 from app.train_config import PRESETS, TrainConfig
 from app.web.deps import SQL_INT_MAX, DbDep, JobStreamsDep, RowId, SettingsDep
 from app.web.templating import render
@@ -181,17 +182,15 @@ def job_action(
 
 
 def _form_context(db: DbDep, values: dict[str, Any], preset: str | None) -> dict[str, Any]:
-    with db.read() as s:
-        from sqlmodel import select
-
-        ready = list(s.exec(select(Dataset).where(Dataset.status == DatasetStatus.ready)))
     return {
         "fields": jobs.form_fields(values),
         "models": models.list_models(db),
-        "datasets": ready,
+        "datasets": jobs.ready_datasets(db),
         "presets": list(PRESETS),
         "preset": preset,
         "preset_query": {},
+        "preset_forms": jobs.preset_forms(),
+        "demo_model": DEMO_MODEL,
     }
 
 
@@ -269,6 +268,7 @@ def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) 
         request,
         "jobs/detail.html",
         dataset=dataset,
+        run=job_views.run_facts(db, job),
         log_lines=jobs.log_tail(settings, job),
         config=TrainConfig.model_validate(job.config),
         events_url=f"/api/jobs/{job_id}/events?after={after}",
