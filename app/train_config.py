@@ -20,6 +20,20 @@ JOB_NAME_PATTERN = r"^[\w][\w .()+,-]{0,79}$"
 LORA_TARGET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
 
+class Method(StrEnum):
+    sft = "sft"
+    dpo = "dpo"
+    orpo = "orpo"
+
+
+PREFERENCE_METHODS = (Method.dpo, Method.orpo)
+
+
+class DpoLoss(StrEnum):
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+
+
 class Quantization(StrEnum):
     nf4 = "nf4"
     none = "none"
@@ -52,6 +66,19 @@ class ReportTo(StrEnum):
     mlflow = "mlflow"
 
 
+# The fields each method alone reads; a field of another method must stay unset (None).
+METHOD_FIELDS: dict[Method, tuple[str, ...]] = {
+    Method.sft: (),
+    Method.dpo: ("beta", "loss_type"),
+    Method.orpo: ("beta",),
+}
+METHOD_DEFAULTS: dict[Method, dict[str, Any]] = {
+    Method.sft: {},
+    Method.dpo: {"beta": 0.1, "loss_type": DpoLoss.sigmoid},
+    Method.orpo: {"beta": 0.1},
+}
+
+
 class TrainConfig(BaseModel):
     """A QLoRA fine-tuning job. Defaults are the "balanced" preset."""
 
@@ -59,6 +86,17 @@ class TrainConfig(BaseModel):
 
     name: Annotated[str, Field(pattern=JOB_NAME_PATTERN)] = "my fine-tune"
     """A name for this run, shown in the jobs list."""
+
+    method: Method = Method.sft
+    """sft: learn to give the dataset's answers; dpo / orpo: learn which of two answers is better
+    (a preference dataset: prompt, chosen and rejected answers)."""
+
+    beta: Annotated[float | None, Field(gt=0, le=10)] = None
+    """DPO: how far the adapter may move from the base model (higher keeps it closer; 0.1 is
+    usual). ORPO: the weight of the preference term beside the chosen answer's loss (0.1)."""
+
+    loss_type: DpoLoss | None = None
+    """DPO's loss: sigmoid (the DPO paper's) or ipo (steadier when preferences are noisy)."""
 
     base_model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)] = "demo-tiny-llama"
     """The registered base model to fine-tune (see the Models page)."""
@@ -140,8 +178,30 @@ class TrainConfig(BaseModel):
     gpus: Annotated[int, Field(ge=1, le=8)] = 1
     """GPUs for this one job (more than one runs under torchrun with FSDP)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """A method's own fields get their defaults when left out (or None), so a stored config
+        says what ran. An unknown method is left for the field to refuse."""
+        if not isinstance(data, dict) or data.get("method", "sft") not in set(Method):
+            return data
+        defaults = METHOD_DEFAULTS[Method(data.get("method", "sft"))]
+        return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+
     @model_validator(mode="after")
-    def _alpha_and_rank(self) -> TrainConfig:
+    def _method_fields_and_targets(self) -> TrainConfig:
+        for name in {name for fields in METHOD_FIELDS.values() for name in fields}:
+            if name not in METHOD_FIELDS[self.method] and getattr(self, name) is not None:
+                owners = " and ".join(m.value for m in Method if name in METHOD_FIELDS[m])
+                raise ValueError(
+                    f"{name} is a setting of {owners}, not of {self.method.value}: leave it out, "
+                    f"or choose method {owners.split()[0]}"
+                )
+        if self.method in PREFERENCE_METHODS and self.train_on != TrainOn.assistant:
+            raise ValueError(
+                f"train_on is a setting of sft: {self.method.value} always trains on the answers "
+                "of each pair; leave it out"
+            )
         if self.lora_targets is not None and len(set(self.lora_targets)) != len(self.lora_targets):
             raise ValueError("lora_targets lists a module twice")
         return self

@@ -215,3 +215,19 @@ def test_every_page_names_a_favicon_that_is_served(client):
     response = client.get(icon)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_a_setting_of_another_training_method_is_refused_not_ignored(client, db, settings):
+    from tests.fakes.jobs import add_dataset
+
+    dataset_id = add_dataset(db, settings)
+    for body, field, says in [
+        ({"beta": 0.5}, "beta", "beta is a setting of dpo and orpo, not of sft"),
+        ({"method": "orpo", "loss_type": "ipo"}, "loss_type", "loss_type is a setting of dpo"),
+        ({"method": "dpo", "train_on": "all"}, "train_on", "train_on is a setting of sft"),
+        ({"method": "kto"}, "method", "Input should be 'sft', 'dpo' or 'orpo'"),
+    ]:
+        response = client.post("/api/jobs", json={"dataset_id": dataset_id, **body})
+        assert response.status_code == 422, (body, response.text)
+        assert says in response.text, (body, response.text)
+    assert queue.list_jobs(db) == []
