@@ -21,10 +21,10 @@ import bisect
 import json
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from worker.errors import ChatTemplateMissing, DatasetError
 
@@ -305,9 +305,12 @@ def trained_segments(
 # --- batches ----------------------------------------------------------------------------------
 
 
+Packable = TypeVar("Packable", bound=Sized)  # an example, or a preference pair: its tokens
+
+
 def pack_examples(
-    examples: Sequence[TokenizedExample], max_tokens_per_batch: int, seed: int = 0
-) -> list[list[TokenizedExample]]:
+    examples: Sequence[Packable], max_tokens_per_batch: int, seed: int = 0
+) -> list[list[Packable]]:
     """Group examples into micro-batches of at most `max_tokens_per_batch` tokens, no padding.
 
     Best-fit decreasing (longest first, each into the fullest batch it still fits), then the

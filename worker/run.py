@@ -48,6 +48,7 @@ from worker.job_io import (
     result_path,
     write_result,
 )
+from worker.recipes import recipe_for
 
 log = logging.getLogger("worker.run")
 
@@ -152,8 +153,11 @@ def directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_class: Any) -> dict:
-    """Run one attempt to its end and say how it ended (the result file's content)."""
+def train(
+    db: Database, settings: Settings, job_id: int, attempt: int, recipe_class: Any = None
+) -> dict:
+    """Run one attempt to its end and say how it ended (the result file's content). The recipe
+    is the job's method's (worker.recipes.RECIPES) unless `recipe_class` names another."""
     control: Any
     sink: Any
     if rank() == 0:
@@ -167,6 +171,7 @@ def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_cl
 
     job = queue.get_job(db, job_id)
     config = TrainConfig.model_validate(job.config)
+    recipe_class = recipe_class or recipe_for(config.method)
     with db.read() as s:
         if s.get(Dataset, job.dataset_id) is None:
             raise ChildError("dataset", "The job's dataset was deleted.")
@@ -252,7 +257,7 @@ def failure_result(exc: BaseException) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None, *, recipe_class: Any = None) -> int:
-    """Run one attempt and write its result file. `recipe_class` defaults to the SFT recipe."""
+    """Run one attempt and write its result file. `recipe_class` defaults to the job's method's."""
     parser = argparse.ArgumentParser(prog="python -m worker.run")
     parser.add_argument("--job-id", type=int, required=True)
     parser.add_argument("--attempt", type=int, required=True)
@@ -263,10 +268,6 @@ def main(argv: list[str] | None = None, *, recipe_class: Any = None) -> int:
     db = Database(settings.resolved_database_url)
     path = result_path(settings.runs_dir, args.job_id, args.attempt)
     try:
-        if recipe_class is None:
-            from worker.recipes.sft import SFTRecipe
-
-            recipe_class = SFTRecipe
         result = train(db, settings, args.job_id, args.attempt, recipe_class)
     except Exception as exc:
         traceback.print_exc()

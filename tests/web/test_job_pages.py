@@ -229,5 +229,5 @@ def test_a_setting_of_another_training_method_is_refused_not_ignored(client, db,
     ]:
         response = client.post("/api/jobs", json={"dataset_id": dataset_id, **body})
         assert response.status_code == 422, (body, response.text)
-        assert says in response.text, (body, response.text)
+        assert says in response.text and field in response.text, (body, response.text)
     assert queue.list_jobs(db) == []

@@ -12,8 +12,8 @@ from app.train_config import TrainConfig
 from worker.data import FlattenedBatchCollator, TokenizedExample
 from worker.errors import OutOfMemory
 from worker.metrics import ListSink
-from worker.recipes import sft as recipe_module
 from worker.recipes.sft import LocalControl, SFTRecipe
+from worker.training import memory_policy
 
 pytestmark = [
     pytest.mark.gpu,
@@ -177,7 +177,7 @@ def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
     peak_on = recipe._try_policy(batch, "on")
     assert peak_off is not None and peak_on is not None and peak_off > peak_on
     total = torch.cuda.get_device_properties(0).total_memory
-    cap = (peak_on + peak_off) / 2 / recipe_module.TRIAL_HEADROOM
+    cap = (peak_on + peak_off) / 2 / memory_policy.TRIAL_HEADROOM
     torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
         policy, reason, kept = recipe._measure_memory_policy()

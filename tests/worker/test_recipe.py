@@ -15,6 +15,7 @@ from worker.checkpoints import COMPLETE_MARKER
 from worker.errors import NonFiniteLoss, OutOfMemory, TrainingError
 from worker.metrics import ListSink
 from worker.recipes.sft import LocalControl, SFTRecipe
+from worker.training.distributed import load_adapter_weights
 
 
 def _config(**overrides) -> TrainConfig:
@@ -212,7 +213,7 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
     """The trial-step arithmetic with a stand-in for a card's memory: full checkpointing peaks at
     1,000, each layer that keeps its activations adds to it (`peaks`), offloading needs 500,
     offloading with MLPs in slices 300."""
-    from worker.recipes import sft
+    from worker.training import memory_policy
 
     recipe = SFTRecipe(
         _config(), demo_model, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows
@@ -231,7 +232,7 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
 
     monkeypatch.setattr(recipe, "_trial_step", trial_step)
     monkeypatch.setattr(recipe, "_usable_memory", lambda: usable)
-    monkeypatch.setattr(sft, "TRIAL_HEADROOM", 0.9)
+    monkeypatch.setattr(memory_policy, "TRIAL_HEADROOM", 0.9)
     if policy is None:
         with pytest.raises(OutOfMemory, match="sliced MLPs does not fit"):
             recipe._measure_memory_policy()
@@ -307,14 +308,16 @@ def test_a_checkpoints_lora_weights_load_into_a_fresh_model_and_a_mismatch_is_re
     fresh.setup()
     lora = {k: v for k, v in fresh.model.state_dict().items() if "lora_B" in k}
     assert all(not v.any() for v in lora.values())  # a new adapter starts at zero
-    fresh._load_adapter_weights(checkpoint)
+    load_adapter_weights(fresh.model, checkpoint, fresh.device)
     state = fresh.model.state_dict()
     for key, value in saved.items():
         assert torch.equal(state[key.replace(".weight", ".default.weight")], value), key
     assert any(state[k].any() for k in lora)
     # A checkpoint from another LoRA layout (here: without the q_proj weights) is refused.
     with pytest.raises(TrainingError, match=r"does not match this job's LoRA layers \(8 missing"):
-        fresh._load_adapter_weights(_without(checkpoint, "q_proj", tmp_path / "partial"))
+        load_adapter_weights(
+            fresh.model, _without(checkpoint, "q_proj", tmp_path / "partial"), fresh.device
+        )
     fresh.cleanup()
 
 

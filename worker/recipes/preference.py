@@ -1,0 +1,293 @@
+"""What the preference methods (DPO, ORPO) share: pairs as tokens, pairs as padding-free batches, and
+the log-probability of each answer.
+
+A pair is a prompt and two answers. In a micro-batch each pair becomes two sequences, prompt +
+chosen and prompt + rejected, and every sequence of every pair goes into ONE row with no padding
+(`position_ids` restart per sequence, attention stays inside it: the packing SFT uses). The
+log-probability of an answer is the sum over its tokens of log p(token | everything before),
+computed from the last hidden states in slices of tokens with the output layer, each slice
+recomputed in the backward pass instead of kept: the vocabulary-wide logits of a whole batch
+(2 x 4,096 tokens x 128k vocabulary in fp32 is 4 GiB) never exist at once.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from worker.data import IGNORE_INDEX, pack_examples, read_rows, template_of
+from worker.errors import DatasetError
+from worker.training.recipe import LoRARecipe
+
+LOGP_SLICE_TOKENS = 4096
+MAX_EVAL_ROWS = 1000
+
+
+@dataclass
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    line: int | None = None
+
+    def __len__(self) -> int:  # tokens in a batch: the prompt goes in twice
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    truncated: int = 0
+    dropped_lines: list[int] = field(default_factory=list)
+
+    def notice(self, max_len: int) -> str:
+        parts = []
+        if self.truncated:
+            parts.append(f"{self.truncated} pairs longer than {max_len} tokens were cut to fit")
+        if self.dropped_lines:
+            parts.append(
+                f"{len(self.dropped_lines)} pairs were left out: an answer had no tokens left "
+                f"after the cut (lines {', '.join(map(str, self.dropped_lines[:10]))})"
+            )
+        return "; ".join(parts) + "." if parts else ""
+
+
+def tokenize_pair(
+    tokenizer: Any, row: dict[str, Any], max_seq_len: int, chat_template: str | None = None
+) -> tuple[TokenizedPair, bool] | None:
+    """A normalised preference row (`prompt`, `chosen`, `rejected` as message lists) as tokens with
+    the chat template: the prompt rendered as the model sees it before answering, each answer the
+    rest of the whole conversation (so its end-of-turn tokens are trained). Prompt + answer fits
+    `max_seq_len` (the prompt loses its oldest tokens first, then the answers their last ones).
+    (pair, whether it was cut), or None when an answer has no tokens left."""
+    template = template_of(tokenizer, chat_template)
+
+    def ids(messages: list[dict[str, Any]], prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompt = ids(row["prompt"], prompt=True)
+    chosen = ids(row["prompt"] + row["chosen"], prompt=False)
+    rejected = ids(row["prompt"] + row["rejected"], prompt=False)
+    shared = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+    prompt, chosen, rejected = prompt[:shared], chosen[shared:], rejected[shared:]
+    longest = max(len(chosen), len(rejected))
+    cut = len(prompt) + longest > max_seq_len
+    if cut:
+        keep_prompt = max(max_seq_len - longest, min(len(prompt), max_seq_len // 2))
+        prompt = prompt[len(prompt) - keep_prompt :]
+        room = max_seq_len - len(prompt)
+        chosen, rejected = chosen[:room], rejected[:room]
+    if not chosen or not rejected:
+        return None
+    return TokenizedPair(prompt, chosen, rejected, row.get("line")), cut
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pairs(
+    tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, chat_template: str | None
+) -> tuple[list[TokenizedPair], PairStats]:
+    stats, pairs = PairStats(), []
+    for row in rows:
+        if not all(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
+            raise DatasetError(
+                f"Row {row.get('line')} is not a preference pair (prompt, chosen, rejected).",
+                "Train this dataset with method sft, or upload a preference dataset.",
+            )
+        result = tokenize_pair(tokenizer, row, max_seq_len, chat_template)
+        if result is None:
+            stats.dropped_lines.append(row.get("line") or 0)
+            continue
+        pair, cut = result
+        stats.truncated += cut
+        pairs.append(pair)
+    stats.pairs = len(pairs)
+    return pairs, stats
+
+
+class PairCollator:
+    """A micro-batch of pairs -> one padding-free row of 2 x pairs sequences, chosen then rejected
+    per pair: `input_ids`, `labels` (the answers' tokens; -100 on prompts and on each sequence's
+    first token), `position_ids`, the sequence bounds for packed attention, and `sequence_ids`
+    (which sequence each token is in: 2i chosen, 2i + 1 rejected)."""
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self._flatten = DataCollatorWithFlattening(
+            return_tensors="pt", return_flash_attn_kwargs=True
+        )
+
+    def __call__(self, features: list[Any]) -> dict[str, Any]:
+        pairs = [p for item in features for p in (item if isinstance(item, list) else [item])]
+        sequences, lengths = [], []
+        for pair in pairs:
+            for answer in (pair.chosen, pair.rejected):
+                ids = pair.prompt + answer
+                labels = [IGNORE_INDEX] * len(pair.prompt) + answer
+                sequences.append({"input_ids": ids, "labels": labels})
+                lengths.append(len(ids))
+        batch = self._flatten(sequences)
+        batch["sequence_ids"] = torch.repeat_interleave(
+            torch.arange(len(lengths)), torch.tensor(lengths)
+        ).unsqueeze(0)
+        batch["use_cache"] = False
+        return batch
+
+
+def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the answer's token log-probabilities, its token count) for every sequence of the
+    batch, in `sequence_ids` order: shape (2 x pairs,) each."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs = {
+        k: v
+        for k, v in batch.items()
+        if k not in ("labels", "sequence_ids", "input_ids") and k != "use_cache"
+    }
+    hidden = base.get_decoder()(
+        input_ids=batch["input_ids"], use_cache=False, **inputs
+    ).last_hidden_state[0, :-1]
+    targets = batch["labels"][0, 1:]
+    answer = targets != IGNORE_INDEX
+    sequence = batch["sequence_ids"][0, 1:][answer]
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    token_logps = _sliced_logps(hidden[answer], head.weight, head.bias, targets[answer], softcap)
+    count = int(batch["sequence_ids"].max()) + 1
+    sums = torch.zeros(count, device=token_logps.device, dtype=torch.float32)
+    sums = sums.index_add(0, sequence, token_logps.float())
+    tokens = torch.bincount(sequence, minlength=count).to(sums.dtype)
+    return sums, tokens
+
+
+def _sliced_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    softcap: float | None,
+) -> torch.Tensor:
+    pieces = []
+    for start in range(0, hidden.shape[0], LOGP_SLICE_TOKENS):
+        end = start + LOGP_SLICE_TOKENS
+        args = (hidden[start:end], weight, bias, targets[start:end], softcap)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            pieces.append(checkpoint(_token_logps, *args, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(*args))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0)
+
+
+def _token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    softcap: float | None,
+) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class PreferenceRecipe(LoRARecipe):
+    """The data side of DPO and ORPO, and the running figures both log."""
+
+    FIGURES = (
+        "rewards_chosen",
+        "rewards_rejected",
+        "reward_margin",
+        "reward_accuracy",
+        "eval_rewards_chosen",
+        "eval_rewards_rejected",
+        "eval_reward_margin",
+        "eval_reward_accuracy",
+    )
+    NOTHING_LEFT_HINT = "Check that the pairs have both answers, or raise max_seq_len."
+    train_examples: list[TokenizedPair] | None
+
+    def _prepare_data(self) -> None:
+        cfg = self.config
+        self._figures: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        if self.train_examples is None:
+            assert self.rows_path is not None
+            rows = read_rows(self.rows_path)
+            if self.eval_rows_path is not None:
+                train_rows, eval_rows = rows, read_rows(self.eval_rows_path)
+            else:
+                order = list(range(len(rows)))
+                random.Random(cfg.seed).shuffle(order)
+                n_eval = min(MAX_EVAL_ROWS, round(len(rows) * cfg.eval_fraction))
+                n_eval = n_eval if len(rows) - n_eval >= 1 else 0
+                eval_rows = [rows[i] for i in sorted(order[:n_eval])]
+                train_rows = [rows[i] for i in sorted(order[n_eval:])]
+            args = (cfg.max_seq_len, self.chat_template)
+            self.train_examples, stats = tokenize_pairs(self.tokenizer, train_rows, *args)
+            self.eval_examples, _ = tokenize_pairs(self.tokenizer, eval_rows, *args)
+            if notice := stats.notice(cfg.max_seq_len):
+                self.control.update(notice=notice)
+        pairs = self.train_examples or []
+        if not pairs:
+            self.train_batches, self.eval_batches = [], []
+            return
+        if cfg.packing:  # pairs up to micro_batch_size x max_seq_len tokens a micro-batch
+            budget = max(cfg.micro_batch_size * cfg.max_seq_len, *map(len, pairs))
+            budget = max(budget, *map(len, self.eval_examples or [pairs[0]]))
+            self.train_batches = pack_examples(pairs, budget, cfg.seed)
+            self.eval_batches = pack_examples(self.eval_examples, budget, cfg.seed)
+        else:  # micro_batch_size pairs a micro-batch, still without padding
+            size = cfg.micro_batch_size
+            self.train_batches = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+            evals = self.eval_examples
+            self.eval_batches = [evals[i : i + size] for i in range(0, len(evals), size)]
+
+    def _items_per_micro_batch(self) -> int:
+        return 1  # a micro-batch is one list of pairs, whatever the packing
+
+    def _collator(self) -> Any:
+        return PairCollator()
+
+    def _longest_batch(self) -> dict[str, torch.Tensor]:
+        longest = max(self.train_batches, key=lambda b: sum(map(len, b)))
+        return self._to_device(self._collator()([longest]))
+
+    def _build_trainer(self) -> Any:
+        trainer = super()._build_trainer()
+        # The loss is a mean over the micro-batch's pairs: the Trainer divides it by the
+        # accumulation steps (it would not for a model that takes a token count).
+        trainer.model_accepts_loss_kwargs = False
+        return trainer
+
+    def record(self, model: Any, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Rewards of the micro-batch's pairs, kept (on the device, no sync) until the next row."""
+        mode = "train" if model.training else "eval"
+        self._figures[mode].append(torch.stack([chosen.detach(), rejected.detach()]).float())
+
+    def logged_figures(self, mode: str) -> dict[str, float]:
+        kept, self._figures[mode] = self._figures.get(mode, []), []
+        if not kept:
+            return {}
+        chosen, rejected = torch.cat(kept, dim=1).cpu()
+        prefix = "eval_" if mode == "eval" else ""
+        return {
+            f"{prefix}rewards_chosen": float(chosen.mean()),
+            f"{prefix}rewards_rejected": float(rejected.mean()),
+            f"{prefix}reward_margin": float((chosen - rejected).mean()),
+            f"{prefix}reward_accuracy": float((chosen > rejected).float().mean()),
+        }

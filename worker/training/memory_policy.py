@@ -1,0 +1,253 @@
+"""The memory policy: how much of a step's activations the card keeps.
+
+"off" keeps everything (fastest); "partial" checkpoints all but the last `kept` decoder layers;
+"on" checkpoints every layer; "offload" also moves what a step saves outside the layers (their
+inputs) to pinned host memory (worker.offload); "tiled" is "offload" with every MLP run a slice of
+tokens at a time (worker.tiled_mlp), for sequences "offload" cannot fit. `auto` chooses by trial
+forward+backward steps on the recipe's longest micro-batch, cheapest policy first.
+
+The functions take the recipe (`LoRARecipe`): its model, device, config, control, its longest
+batch and its `forward_backward`, so every training method gets the same policy. They reach the
+trial step, the usable memory and the policy setter through the recipe's methods of those names,
+which a test may replace with a stand-in card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from worker.errors import OutOfMemory
+from worker.offload import ActivationOffload
+from worker.tiled_mlp import tile_mlps, untile_mlps
+
+if TYPE_CHECKING:
+    from worker.training.recipe import LoRARecipe
+
+# A trial step must leave this share of the card free for optimizer state and fragmentation.
+TRIAL_HEADROOM = 0.90
+GIB = 1024**3
+
+
+def choose(recipe: LoRARecipe) -> None:
+    """Set the policy the job asked for, or the one `auto` measures, and say why on the job."""
+    requested = str(recipe.config.gradient_checkpointing)
+    kept = 0
+    if requested == "offload" and recipe.device.type != "cuda":
+        policy, reason = "on", "offload asked for, but a CPU run has no device memory to free"
+    elif requested == "tiled" and recipe.distributed:
+        policy, reason = "on", "tiled is for one GPU; FSDP checkpoints every layer"
+    elif requested != "auto":
+        policy, reason = requested, "set in the job config"
+    elif recipe.device.type != "cuda":
+        policy, reason = "off", "CPU run: activations live in host memory"
+    elif recipe.distributed:
+        # A trial step here would run the unsharded model on one GPU and measure the wrong
+        # thing; checkpointing is the safe default for a model big enough to need FSDP.
+        policy, reason = "on", f"FSDP over {recipe.world_size} GPUs: checkpointing by default"
+    else:
+        policy, reason, kept = measure(recipe)
+    set_policy(recipe, policy, kept)
+    recipe.control.update(
+        memory_policy=policy, memory_policy_reason=reason, compute_mode=recipe.compute_mode
+    )
+
+
+def set_policy(recipe: LoRARecipe, policy: str, kept_layers: int = 0) -> None:
+    recipe.memory_policy = policy
+    base = recipe.model.get_base_model()
+    layers = decoder_layers(recipe.model)
+    if policy == "tiled":
+        tile_mlps(layers, recipe._tile_tokens())
+    else:
+        untile_mlps(layers)
+    if policy == "off":
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+    elif hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.20
+        base.activation_checkpointing_enable(checkpoint_kwargs(recipe.distributed))
+    else:
+        base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=checkpoint_kwargs(recipe.distributed)
+        )
+    if policy == "partial":
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < len(layers) - kept_layers
+
+
+def tile_tokens(model: Any) -> int:
+    """MLP slices as long as the model is wide (ALST's choice): at 8B, 4,096 tokens, whose
+    intermediates take about 0.7 GB."""
+    return int(getattr(model.config, "hidden_size", 0) or 4096)
+
+
+def checkpoint_kwargs(distributed: bool) -> dict[str, Any]:
+    """Reentrant checkpointing on one GPU: a checkpointed layer's forward runs without autograd,
+    and its backward reruns it and backpropagates through it as one piece. The non-reentrant kind
+    runs Python hooks for every tensor each layer saves, twice, and the GPU waited for them
+    (bench/RESULTS.md, session 4). FSDP keeps the non-reentrant kind, the one the 2-GPU test
+    verifies. Transformers makes the embeddings' output want a gradient, as reentrant needs."""
+    return {"use_reentrant": not distributed}
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers that checkpointing wraps (transformers' GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model()
+    return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@contextlib.contextmanager
+def checkpointing_paused(model: Any) -> Any:
+    """No checkpointing inside (a forward pass without gradients, e.g. a reference model's):
+    nothing to recompute, and reentrant checkpointing would warn that no input wants a gradient."""
+    layers = decoder_layers(model)
+    states = [layer.gradient_checkpointing for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, states, strict=True):
+            layer.gradient_checkpointing = state
+
+
+def activation_offload(recipe: LoRARecipe) -> Any:
+    """The context a forward pass runs in: what it saves for the backward pass goes to pinned
+    host memory, or nothing happens."""
+    if recipe.memory_policy not in ("offload", "tiled") or recipe.device.type != "cuda":
+        return contextlib.nullcontext()
+    if recipe.offload_stream is None:
+        recipe.offload_stream = torch.cuda.Stream(recipe.device)
+    return ActivationOffload(recipe.offload_stream)
+
+
+def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
+    """Trial forward+backward steps on the longest micro-batch, cheapest policy first: no
+    checkpointing; else checkpointing of as few layers as the card needs (the rest keep their
+    activations); else every layer; else every layer offloaded to host memory; else that with
+    the MLPs in slices."""
+    batch = recipe._longest_batch()
+    tokens = int(batch["input_ids"].numel())
+    limit = TRIAL_HEADROOM * recipe._usable_memory()
+
+    def fits(how: str, peak: int) -> str:
+        return (
+            f"a trial step on the longest micro-batch ({tokens} tokens) fits {how}: peak "
+            f"{peak / GIB:.1f} GiB of {limit / GIB:.1f} GiB usable"
+        )
+
+    peak_off = try_policy(recipe, batch, "off")
+    if peak_off is not None and peak_off <= limit:
+        return "off", fits("without checkpointing", peak_off), 0
+    peak_on = try_policy(recipe, batch, "on")
+    if peak_on is not None and peak_on <= limit:
+        partial = most_layers_kept(recipe, batch, peak_on, peak_off, limit)
+        if partial is None:
+            return "on", fits("with checkpointing", peak_on), 0
+        kept, peak = partial
+        total = len(decoder_layers(recipe.model))
+        how = (
+            f"with {total - kept} of {total} layers checkpointed "
+            f"(the other {kept} keep their activations: less recompute)"
+        )
+        return "partial", fits(how, peak), kept
+    peak_offload = try_policy(recipe, batch, "offload")
+    if peak_offload is not None:
+        return "offload", fits("with activations offloaded to CPU memory", peak_offload), 0
+    peak_tiled = try_policy(recipe, batch, "tiled")
+    if peak_tiled is not None:
+        how = "with activations offloaded and each MLP run in slices of tokens"
+        return "tiled", fits(how, peak_tiled), 0
+    raise OutOfMemory(
+        step=0,
+        micro_batch_size=recipe.config.micro_batch_size,
+        seq_len=tokens,
+        detail="Even offloaded checkpointing with sliced MLPs does not fit one micro-batch.",
+    )
+
+
+def most_layers_kept(
+    recipe: LoRARecipe,
+    batch: dict[str, torch.Tensor],
+    peak_on: int,
+    peak_off: int | None,
+    limit: float,
+) -> tuple[int, int] | None:
+    """The most layers that can keep their activations (the rest are checkpointed) with a trial
+    step within `limit`, and that step's peak. A first guess from the memory a kept layer adds
+    (two trial steps), then bisection between a count that fits and one that does not: each
+    layer kept is recompute saved."""
+    total = len(decoder_layers(recipe.model))
+    if total < 2:
+        return None
+    good, good_peak, bad = 0, peak_on, total  # none kept is "on" (fits), all is "off" (not)
+    probe, probe_peak = total, peak_off
+    while probe_peak is None and probe > 1:  # "off" ran out of memory: measure fewer layers
+        bad, probe = probe, probe // 2
+        probe_peak = try_policy(recipe, batch, "partial", probe)
+    if probe_peak is None:
+        return None
+    if probe_peak <= limit:
+        good, good_peak = probe, probe_peak
+    else:
+        bad = probe
+    per_layer = max(1.0, (probe_peak - peak_on) / probe)
+    guess: int | None = int((limit - peak_on) / per_layer)
+    for _ in range(6):
+        if bad - good <= 1:
+            break
+        middle = (good + bad) // 2 if guess is None else min(max(guess, good + 1), bad - 1)
+        guess = None
+        peak = try_policy(recipe, batch, "partial", middle)
+        if peak is not None and peak <= limit:
+            good, good_peak = middle, peak
+        else:
+            bad = middle
+    return (good, good_peak) if good else None
+
+
+def try_policy(
+    recipe: LoRARecipe, batch: dict[str, torch.Tensor], policy: str, kept: int = 0
+) -> int | None:
+    """Peak memory of one trial step under a policy, or None when it ran out of memory."""
+    recipe._set_memory_policy(policy, kept)
+    try:
+        return recipe._trial_step(batch)
+    except torch.OutOfMemoryError:
+        recipe.model.zero_grad(set_to_none=True)
+        free_cuda()
+        return None
+
+
+def trial_step(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int:
+    free_cuda()
+    torch.cuda.reset_peak_memory_stats(recipe.device)
+    recipe.forward_backward(batch)
+    peak = torch.cuda.max_memory_allocated(recipe.device)
+    recipe.model.zero_grad(set_to_none=True)
+    free_cuda()
+    return peak
+
+
+def usable_memory(device: torch.device) -> int:
+    """The card's memory, or the share this process is capped at (a small card's stand-in)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    try:
+        fraction = torch.cuda.get_per_process_memory_fraction(index)
+    except (AttributeError, RuntimeError, ValueError):  # an older torch without the getter
+        fraction = 1.0
+    return int(total * min(1.0, fraction))
+
+
+def free_cuda() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
