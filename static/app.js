@@ -1284,6 +1284,7 @@
   // random-initialised model learns nothing at the other presets' learning rates); leaving that
   // pair while "demo" is on goes back to "balanced". Without script the buttons are links.
   function wireJobForm(form) {
+    wireMethodFields(form);
     var presets = parseJSON(form.getAttribute("data-presets"), {});
     var demoModel = form.getAttribute("data-demo-model");
     var demoDatasets = parseJSON(form.getAttribute("data-demo-datasets"), []);
@@ -1327,6 +1328,26 @@
         else if (current === "demo") apply("balanced");
       });
     });
+  }
+
+  // ------------------------------------------------------------ job form methods
+
+  // Fields that only some training methods read carry data-methods="dpo orpo" (on a
+  // fieldset): the chosen method's are shown, the others hidden and disabled, so the
+  // form never sends a setting of another method. Without script the server renders the
+  // default method's.
+  function wireMethodFields(form) {
+    var method = form.elements.namedItem("method");
+    if (!method) return;
+    function show() {
+      form.querySelectorAll("[data-methods]").forEach(function (node) {
+        var on = node.getAttribute("data-methods").split(" ").indexOf(method.value) >= 0;
+        node.hidden = !on;
+        node.disabled = !on;
+      });
+    }
+    method.addEventListener("change", show);
+    show(); // the browser may have restored another method (back button)
   }
 
   // ------------------------------------------------------------ confirmation

@@ -288,3 +288,32 @@ def test_compare_overlays_rewards_when_a_run_has_them(client, db):
         "loss",
         "eval_loss",
     ]
+
+
+def test_the_new_job_form_shows_the_chosen_methods_fields_only(client, db, settings):
+    from tests.fakes.jobs import add_dataset
+
+    dataset_id = add_dataset(db, settings)
+    form = page(client, "/jobs/new").select_one("form.job-form")
+    # sft (the default): its train_on is there; DPO's fields are hidden and disabled (not sent).
+    assert form.select_one("select[name=method] option[selected]")["value"] == "sft"
+    beta = form.find("input", attrs={"name": "beta"}).find_parent("fieldset")
+    assert beta["data-methods"] == "dpo orpo" and beta.has_attr("hidden")
+    assert beta.has_attr("disabled")
+    assert form.find("input", attrs={"name": "beta"})["value"] == "0.1"  # ready for dpo
+    loss_type = form.find("select", attrs={"name": "loss_type"}).find_parent("fieldset")
+    assert loss_type["data-methods"] == "dpo" and loss_type.has_attr("disabled")
+    train_on = form.find("select", attrs={"name": "train_on"}).find_parent("fieldset")
+    assert train_on["data-methods"] == "sft" and not train_on.has_attr("disabled")
+
+    # A browser without script sends the sft fields it showed when dpo was picked: left unset.
+    form = {"dataset_id": dataset_id, "base_model": "demo-tiny-llama", "method": "dpo"}
+    response = client.post("/jobs/new", data={**form, "train_on": "all"}, follow_redirects=False)
+    assert response.status_code == 303, response.text[:500]
+    (job,) = queue.list_jobs(db)
+    assert job.config["method"] == "dpo" and job.config["beta"] == 0.1
+    assert job.config["loss_type"] == "sigmoid" and job.config["train_on"] == "assistant"
+
+    # The method shows in the jobs list and on the job page.
+    assert page(client, "/jobs").select_one(f"#job-{job.id} .method-tag").text == "DPO"
+    assert page(client, f"/jobs/{job.id}").select_one("#job-header h1 .method-tag").text == "DPO"
