@@ -186,7 +186,28 @@ class Metric(SQLModel, table=True):
     device_used_mib: float | None = None
     device_total_mib: float | None = None
     elapsed_seconds: float = 0.0
+    # Preference methods (dpo, orpo): the implicit rewards of the chosen and rejected answers, their
+    # mean margin and the share of pairs where chosen wins; eval_* on the held-out pairs.
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    eval_rewards_chosen: float | None = None
+    eval_rewards_rejected: float | None = None
+    eval_reward_margin: float | None = None
+    eval_reward_accuracy: float | None = None
     created_at: datetime = Field(default_factory=utcnow)
+
+
+METRIC_IDENTITY = ("id", "job_id", "attempt", "created_at")
+
+
+def metric_columns() -> tuple[str, ...]:
+    """The values of one logging step: every `Metric` column but the row's identity and time.
+
+    The one list of metric fields: the worker's sink writes these (and drops other keys), the API
+    and the live stream send them, and the job page's charts name them."""
+    return tuple(name for name in Metric.model_fields if name not in METRIC_IDENTITY)
 
 
 class Adapter(SQLModel, table=True):

@@ -17,7 +17,16 @@ from sqlalchemy import func, text, update
 from sqlmodel import col, select
 
 from app.db import Database
-from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric, Worker, utcnow
+from app.models import (
+    FINISHED_STATUSES,
+    Adapter,
+    Job,
+    JobStatus,
+    Metric,
+    Worker,
+    metric_columns,
+    utcnow,
+)
 from app.train_config import TrainConfig
 
 
@@ -197,7 +206,7 @@ def record_metrics(db: Database, job_id: int, attempt: int, rows: Sequence[dict[
     """Insert metric rows for a running attempt in one transaction. False if the attempt is stale."""
     if not rows:
         return True
-    fields = set(Metric.model_fields) - {"id", "job_id", "attempt", "created_at"}
+    fields = set(metric_columns())  # other keys (a recipe's timings) are not stored
     with db.write() as s:
         job = s.get(Job, job_id)
         if job is None or job.attempt != attempt or job.status != JobStatus.running:
@@ -461,6 +470,8 @@ def list_jobs(db: Database, statuses: Iterable[JobStatus] | None = None) -> list
 
 
 def metrics_after(db: Database, job_id: int, after: int = 0, limit: int = 10_000) -> list[Metric]:
+    """The job's metric rows with id > after, oldest first: the one read behind the JSON API and
+    the live stream (`app.services.job_events`)."""
     with db.read() as s:
         return list(
             s.exec(

@@ -10,25 +10,23 @@
  * CONTRACT WITH THE TEMPLATES
  *
  * Charts (uPlot)
- *   <div class="chart" data-chart="loss|lr|grad_norm|tokens_per_second|vram"
- *        data-metrics-url="/api/jobs/7/metrics" data-events-url="/api/jobs/7/events"
- *        data-vram-total-mib="24576" data-height="240"></div>
- *   - GET metrics-url -> {"metrics": [row, ...], "status": "running"}; a row is
- *     {id, step, epoch, loss, eval_loss, learning_rate, grad_norm, tokens_per_second,
- *      vram_allocated_mib, vram_reserved_mib, device_used_mib, device_total_mib,
- *      elapsed_seconds, created_at}. Charts with the same events-url share one fetch and
- *     ONE EventSource (also shared with htmx `sse-connect` on the same URL, see below).
- *   - SSE `metric` events: data = one row as JSON, id = row id. On every (re)open the
- *     stream is backfilled with GET metrics-url?after=<last id>, rows are de-duplicated
- *     by id, so no row is lost or drawn twice across reconnects.
- *   - SSE `status` event (data: "succeeded" or {"status": "succeeded"}): a terminal
- *     status (succeeded|failed|cancelled) stops the charts' stream. If the initial GET
- *     reports a terminal status, no stream is opened.
+ *   <div class="chart" data-chart="loss" data-events-url="/api/jobs/7/events"
+ *        data-series='{"exponent_axis": false, "series": [{"label": "loss", "column": "loss",
+ *          "color": "--chart-1", "width": 1.5, "digits": 4, "scale": 1, "points": false,
+ *          "smooth": false, "dash": null}, ...]}' data-height="240"></div>
+ *   - What to draw comes from the server (app/services/job_views.py CHARTS): each series
+ *     names a metric row's column; this file knows no metric names. `digits` -1 is
+ *     exponent notation, `scale` multiplies each value, `points` draws dots only (sparse
+ *     eval rows), `smooth` is an EMA (0.9) of the column.
+ *   - The rows come only from the SSE stream at events-url: `metric` events (data = one
+ *     row as JSON, id = row id). It sends every row after Last-Event-ID (all of them on
+ *     the first connect), then each new row, so a reconnect resumes where it left off;
+ *     rows are taken once per id. Charts with the same events-url share ONE EventSource
+ *     (also shared with htmx `sse-connect` on the same URL, see below).
+ *   - SSE `status` event (data: "succeeded" or {"status": "succeeded"}) or `done`: a
+ *     terminal status (succeeded|failed|cancelled) closes the charts' stream.
  *   - x = step. A row with the same step as the last point is merged into it (eval rows);
  *     a row with a smaller step (a resumed attempt) replaces the points from that step on.
- *   - loss: raw loss, smoothed loss (EMA 0.9), eval loss (points). lr: learning_rate.
- *     grad_norm. tokens_per_second. vram (GiB): allocated, reserved, device used, and a
- *     flat line at data-vram-total-mib (else the rows' device_total_mib).
  *   - After each append the div's data-points="<n>" is the number of points drawn.
  *     data-status mirrors the job status the charts know about.
  *   - Charts follow their container's width; height is data-height (default 240).
@@ -43,11 +41,11 @@
  *   - Stops listening at `done` or a terminal status (shares the charts' EventSource).
  *
  * Compare charts (several jobs overlaid, not live)
- *   <div class="chart" data-chart="compare" data-series="loss|eval_loss"
+ *   <div class="chart" data-chart="compare" data-series="<column>" [data-dots]
  *        data-compare-url="/api/jobs/compare?ids=1,2"></div>
  *   - GET compare-url -> {"jobs": [{id, name, status, metrics: {step: [...],
- *     loss: [...], eval_loss: [...]}}, ...]}; one line per job (x = step, gaps
- *     spanned), coloured --chart-1..4 in turn, labelled "#<id> <name>".
+ *     <column>: [...], ...}}, ...]}; one line per job (x = step, gaps spanned), coloured
+ *     --chart-1..4 in turn, labelled "#<id> <name>"; data-dots: dots too (eval columns).
  *   - data-series-count="<n>" is the number of jobs with at least one point drawn;
  *     data-points="<n>" the number of distinct steps.
  *
@@ -211,7 +209,7 @@
     var key = absoluteUrl(url);
     var entry = sources.get(key);
     if (!entry) {
-      entry = { url: key, es: null, handles: new Set(), retry: 0, timer: null };
+      entry = { url: key, es: null, handles: new Set(), retry: 0, timer: null, lastId: null };
       sources.set(key, entry);
     }
     var handle = {
@@ -262,8 +260,12 @@
   function connect(entry) {
     clearTimeout(entry.timer);
     if (entry.es) entry.es.close();
-    var es = new EventSource(entry.url);
+    // A new EventSource sends no Last-Event-ID: say where to resume in the URL instead.
+    var es = new EventSource(entry.lastId ? withParam(entry.url, "after", entry.lastId) : entry.url);
     entry.es = es;
+    es.addEventListener("metric", function (evt) {
+      if (evt.lastEventId) entry.lastId = evt.lastEventId;
+    });
     entry.handles.forEach(function (h) {
       h.listeners.forEach(function (l) {
         es.addEventListener(l[0], l[1]);
@@ -341,137 +343,48 @@
     return typeof v === "number" && isFinite(v) ? v : null;
   }
 
-  var MIB_PER_GIB = 1024;
-  function gib(v) {
-    v = num(v);
-    return v == null ? null : v / MIB_PER_GIB;
-  }
-
   function fmt(digits) {
     return function (u, v) {
-      return v == null ? "–" : v.toFixed(digits);
+      if (v == null) return "–";
+      return digits < 0 ? v.toExponential(2) : v.toFixed(digits);
     };
   }
-  function fmtExp(u, v) {
-    return v == null ? "–" : v.toExponential(2);
+
+  function exponentAxis(u, splits) {
+    return splits.map(function (v) {
+      return v == null ? "" : v.toExponential(1);
+    });
   }
 
-  // Each kind: its series (label, colour var, how to read a row, style) and axis format.
-  var CHART_KINDS = {
-    loss: {
-      title: "loss",
-      series: [
-        { label: "loss", color: "--chart-faint", width: 1, value: fmt(4), read: function (r) { return num(r.loss); } },
-        { label: "loss (smoothed)", color: "--chart-1", width: 2, value: fmt(4), ema: 0 },
-        { label: "eval loss", color: "--chart-2", points: true, value: fmt(4), read: function (r) { return num(r.eval_loss); } },
-      ],
-    },
-    lr: {
-      title: "learning rate",
-      axis: function (u, splits) {
-        return splits.map(function (v) {
-          return v == null ? "" : v.toExponential(1);
-        });
-      },
-      axisSize: 70,
-      series: [{ label: "learning rate", color: "--chart-1", width: 2, value: fmtExp, read: function (r) { return num(r.learning_rate); } }],
-    },
-    grad_norm: {
-      title: "grad norm",
-      series: [{ label: "grad norm", color: "--chart-1", width: 1.5, value: fmt(3), read: function (r) { return num(r.grad_norm); } }],
-    },
-    tokens_per_second: {
-      title: "tokens/s",
-      series: [{ label: "tokens/s", color: "--chart-1", width: 1.5, value: fmt(0), read: function (r) { return num(r.tokens_per_second); } }],
-    },
-    vram: {
-      title: "VRAM (GiB)",
-      series: [
-        { label: "allocated", color: "--chart-1", width: 2, value: fmt(2), read: function (r) { return gib(r.vram_allocated_mib); } },
-        { label: "reserved", color: "--chart-2", width: 1.5, value: fmt(2), read: function (r) { return gib(r.vram_reserved_mib); } },
-        { label: "device used", color: "--chart-4", width: 1.5, value: fmt(2), read: function (r) { return gib(r.device_used_mib); } },
-        { label: "card total", color: "--chart-limit", width: 1, dash: [6, 4], value: fmt(2), total: true },
-      ],
-    },
-  };
-
-  function getFeed(eventsUrl, metricsUrl) {
+  function getFeed(eventsUrl) {
     var key = absoluteUrl(eventsUrl);
     var feed = feeds.get(key);
     if (feed) return feed;
-    feed = {
-      eventsUrl: key,
-      metricsUrl: metricsUrl,
-      rows: [],
-      lastId: -Infinity,
-      status: null,
-      charts: new Set(),
-      source: null,
-      loading: null, // promise of the backfill in flight
-      buffer: null, // SSE rows that arrived while a backfill was in flight
-    };
+    feed = { eventsUrl: key, rows: [], lastId: -Infinity, status: null, charts: new Set(), source: null };
     feeds.set(key, feed);
-    feed.loading = fetchRows(feed, feed.metricsUrl).then(function () {
-      feed.loading = null;
-      if (!TERMINAL[feed.status]) openStream(feed);
-    });
     return feed;
   }
 
-  function fetchRows(feed, url) {
-    return fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" })
-      .then(function (resp) {
-        if (!resp.ok) throw new Error("HTTP " + resp.status);
-        return resp.json();
-      })
-      .then(function (body) {
-        if (body && body.status) setStatus(feed, body.status);
-        var rows = (body && body.metrics) || [];
-        rows.forEach(function (row) {
-          accept(feed, row);
-        });
-      })
-      .catch(function (err) {
-        console.warn("tuneboard: metrics fetch failed", url, err);
-      });
-  }
-
+  // The stream sends the rows after Last-Event-ID (all of them on the first connect), then
+  // each new row; a reopened connection resumes the same way, so the rows come from here only.
   function openStream(feed) {
-    if (feed.source || !liveCharts(feed)) return;
+    if (feed.source || TERMINAL[feed.status] || !liveCharts(feed)) return;
     var source = acquireEventSource(feed.eventsUrl);
     feed.source = source;
     source.addEventListener("metric", function (evt) {
       var row = parseJSON(evt.data, null);
       if (!row || typeof row !== "object") return;
       if (row.id == null && evt.lastEventId) row.id = Number(evt.lastEventId);
-      if (feed.buffer) feed.buffer.push(row);
-      else accept(feed, row);
+      accept(feed, row);
     });
-    source.addEventListener("status", function (evt) {
+    var stop = function (evt) {
       var data = parseJSON(evt.data, evt.data);
       var status = data && typeof data === "object" ? data.status : data;
       if (typeof status === "string" && /^[a-z_]+$/.test(status)) setStatus(feed, status);
-      if (TERMINAL[feed.status]) closeStream(feed);
-    });
-    // Every (re)open: fetch what we may have missed, holding live rows until it lands.
-    var backfill = function () {
-      if (feed.loading) return;
-      feed.buffer = [];
-      var after = isFinite(feed.lastId) ? feed.lastId : 0;
-      feed.loading = fetchRows(feed, withParam(feed.metricsUrl, "after", after)).then(function () {
-        var buffered = feed.buffer || [];
-        feed.buffer = null;
-        feed.loading = null;
-        buffered.forEach(function (row) {
-          accept(feed, row);
-        });
-        if (TERMINAL[feed.status]) closeStream(feed);
-      });
+      if (evt.type === "done" || TERMINAL[feed.status]) closeStream(feed);
     };
-    source.onopen = backfill;
-    // Already open (htmx's sse-connect on the same URL opened it first): rows it delivered
-    // before these listeners were attached would be lost without a backfill now.
-    if (source.readyState === 1) backfill();
+    source.addEventListener("status", stop);
+    source.addEventListener("done", stop);
   }
 
   function closeStream(feed) {
@@ -527,24 +440,21 @@
       wireCompare(div);
       return;
     }
-    var kind = CHART_KINDS[div.getAttribute("data-chart")];
-    var metricsUrl = div.getAttribute("data-metrics-url");
-    var eventsUrl = div.getAttribute("data-events-url") || metricsUrl;
-    if (!kind || !metricsUrl || typeof uPlot === "undefined") {
+    var spec = parseJSON(div.getAttribute("data-series"), null);
+    var eventsUrl = div.getAttribute("data-events-url");
+    if (!spec || !spec.series || !eventsUrl || typeof uPlot === "undefined") {
       if (typeof uPlot === "undefined") console.error("tuneboard: uPlot is not loaded");
       return;
     }
     var chart = {
       el: div,
-      kind: kind,
-      total: num(parseFloat(div.getAttribute("data-vram-total-mib"))),
+      spec: spec,
       // columns: x (step), then one array per series
       data: [[]].concat(
-        kind.series.map(function () {
+        spec.series.map(function () {
           return [];
         })
       ),
-      ema: null,
       plot: null,
       dirty: false,
       feed: null,
@@ -555,14 +465,14 @@
     div.setAttribute("data-points", "0");
     build(chart);
 
-    var feed = getFeed(eventsUrl, metricsUrl);
+    var feed = getFeed(eventsUrl);
     chart.feed = feed;
     feed.charts.add(chart);
     if (feed.status) div.setAttribute("data-status", feed.status);
     feed.rows.forEach(function (row) {
       appendRow(chart, row);
     });
-    if (!feed.loading && !TERMINAL[feed.status]) openStream(feed);
+    openStream(feed);
 
     chart.resize = new ResizeObserver(function () {
       if (chart.plot && div.clientWidth > 0) chart.plot.setSize(size(chart));
@@ -580,9 +490,9 @@
     var axis = cssVar("--axis", "#666");
     var grid = cssVar("--grid", "#eee");
     var series = [{ label: "step" }].concat(
-      chart.kind.series.map(function (s) {
+      chart.spec.series.map(function (s) {
         var color = cssVar(s.color, "#2f6feb");
-        var out = { label: s.label, stroke: color, width: s.width || 1, value: s.value, spanGaps: true };
+        var out = { label: s.label, stroke: color, width: s.width || 1, value: fmt(s.digits), spanGaps: true };
         if (s.dash) out.dash = s.dash;
         if (s.points) {
           out.paths = function () {
@@ -595,8 +505,11 @@
         return out;
       })
     );
-    var yAxis = { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, size: chart.kind.axisSize || 55 };
-    if (chart.kind.axis) yAxis.values = chart.kind.axis; // an explicit undefined would replace uPlot's default
+    var yAxis = { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, size: 55 };
+    if (chart.spec.exponent_axis) {
+      yAxis.values = exponentAxis; // an explicit undefined would replace uPlot's default
+      yAxis.size = 70;
+    }
     var opts = Object.assign(size(chart), {
       series: series,
       legend: { live: true },
@@ -616,8 +529,6 @@
     if (step == null) return;
     var cols = chart.data;
     var xs = cols[0];
-    var kind = chart.kind;
-    var total = chart.total != null ? chart.total : num(row.device_total_mib);
 
     // A resumed attempt logs from its checkpoint's step again: its points win.
     while (xs.length && xs[xs.length - 1] > step) {
@@ -630,27 +541,19 @@
     }
     var i = xs.length - 1;
 
-    kind.series.forEach(function (s, j) {
+    chart.spec.series.forEach(function (s, j) {
       var col = cols[j + 1];
-      if (s.total) {
-        col[i] = total == null ? null : total / MIB_PER_GIB;
-      } else if (s.ema != null) {
-        col[i] = null; // filled below from the raw loss column
-      } else {
-        var v = s.read(row);
-        if (v != null || !merge) col[i] = v;
+      var v = num(row[s.column]);
+      if (v != null) v *= s.scale;
+      if (v == null && merge) return; // an eval row at the same step keeps the train values
+      if (s.smooth && v != null) {
+        // EMA from the previous smoothed point, so merges and rewinds stay exact.
+        var prev = null;
+        for (var p = i - 1; p >= 0 && prev == null; p--) prev = col[p];
+        if (prev != null) v = 0.9 * prev + 0.1 * v;
       }
+      col[i] = v;
     });
-
-    if (kind === CHART_KINDS.loss) {
-      // EMA over the raw loss, recomputed from the previous smoothed point so merges
-      // and rewinds stay exact.
-      var raw = cols[1];
-      var smooth = cols[2];
-      var prev = null;
-      for (var p = i - 1; p >= 0 && prev == null; p--) prev = smooth[p];
-      smooth[i] = raw[i] == null ? null : prev == null ? raw[i] : 0.9 * prev + 0.1 * raw[i];
-    }
 
     chart.el.setAttribute("data-points", String(xs.length));
     if (chart.empty) {
@@ -728,7 +631,7 @@
             var dash = i >= COMPARE_COLORS.length ? [6, 4] : undefined;
             var s = { label: "#" + line.job.id + " " + line.job.name, stroke: color, width: 2, spanGaps: true, value: fmt(4) };
             if (dash) s.dash = dash;
-            s.points = { show: field === "eval_loss", size: 5, fill: color, stroke: color };
+            s.points = { show: div.hasAttribute("data-dots"), size: 5, fill: color, stroke: color };
             return s;
           })
         );
@@ -1381,6 +1284,7 @@
   // random-initialised model learns nothing at the other presets' learning rates); leaving that
   // pair while "demo" is on goes back to "balanced". Without script the buttons are links.
   function wireJobForm(form) {
+    wireMethodFields(form);
     var presets = parseJSON(form.getAttribute("data-presets"), {});
     var demoModel = form.getAttribute("data-demo-model");
     var demoDatasets = parseJSON(form.getAttribute("data-demo-datasets"), []);
@@ -1424,6 +1328,26 @@
         else if (current === "demo") apply("balanced");
       });
     });
+  }
+
+  // ------------------------------------------------------------ job form methods
+
+  // Fields that only some training methods read carry data-methods="dpo orpo" (on a
+  // fieldset): the chosen method's are shown, the others hidden and disabled, so the
+  // form never sends a setting of another method. Without script the server renders the
+  // default method's.
+  function wireMethodFields(form) {
+    var method = form.elements.namedItem("method");
+    if (!method) return;
+    function show() {
+      form.querySelectorAll("[data-methods]").forEach(function (node) {
+        var on = node.getAttribute("data-methods").split(" ").indexOf(method.value) >= 0;
+        node.hidden = !on;
+        node.disabled = !on;
+      });
+    }
+    method.addEventListener("change", show);
+    show(); // the browser may have restored another method (back button)
   }
 
   // ------------------------------------------------------------ confirmation

@@ -64,13 +64,35 @@ def metric_row(step: int, seed: float = 0.0) -> dict:
     }
 
 
+def preference_values(step: int) -> dict:
+    """What a DPO step adds to its row: rewards drifting apart, accuracy rising (eval every 25)."""
+    chosen, rejected = 0.02 * step, -0.015 * step
+    values = {
+        "rewards_chosen": chosen,
+        "rewards_rejected": rejected,
+        "reward_margin": chosen - rejected,
+        "reward_accuracy": min(1.0, 0.5 + step / 200),
+    }
+    if step % 25 == 0:
+        values.update({f"eval_{name}": value - 0.01 for name, value in values.items()})
+    return values
+
+
 def write_metrics(
-    db: Database, claim: queue.Claim, first: int, count: int, interval: float = 0.0
+    db: Database,
+    claim: queue.Claim,
+    first: int,
+    count: int,
+    interval: float = 0.0,
+    *,
+    preference: bool = False,
 ) -> int:
-    """Record `count` rows from step `first`, one per call, with progress; returns the next step."""
+    """Record `count` rows from step `first`, one per call, with progress; returns the next step.
+    `preference`: the rows also carry a DPO job's rewards."""
     step = first
     for _ in range(count):
-        assert queue.record_metrics(db, claim.job_id, claim.attempt, [metric_row(step)])
+        row = metric_row(step) | (preference_values(step) if preference else {})
+        assert queue.record_metrics(db, claim.job_id, claim.attempt, [row])
         queue.update_progress(db, claim.job_id, claim.attempt, progress_step=step, epoch=step / 500)
         step += 1
         if interval:
@@ -91,10 +113,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--finish", action="store_true")
+    parser.add_argument("--preference", action="store_true")
     args = parser.parse_args()
     db = Database(args.database_url)
     claim = queue.Claim(job_id=args.job_id, attempt=args.attempt, config={})
-    write_metrics(db, claim, args.first, args.rows, args.interval)
+    write_metrics(db, claim, args.first, args.rows, args.interval, preference=args.preference)
     if args.finish:
         finish(db, claim)
 

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Protocol
 
-# The columns of app.models.Metric a training run fills in.
-METRIC_KEYS = (
-    "step",
-    "epoch",
-    "loss",
-    "eval_loss",
-    "learning_rate",
-    "grad_norm",
-    "tokens_per_second",
-    "vram_allocated_mib",
-    "vram_reserved_mib",
-    "device_used_mib",
-    "device_total_mib",
-    "elapsed_seconds",
-)
-# Extra keys on each row, for the benchmark and the logs (a database sink keeps METRIC_KEYS only):
+from worker import gpu
+
+# A row's keys are `app.models.metric_columns()` (step, loss, ..., the preference rewards): a
+# recipe sets those it measures, by those names. Extra keys ride along for the benchmark and the
+# logs (the database sink keeps the Metric columns only):
 # `tokens` real (non-padding) tokens and `step_seconds` time spent in optimizer steps since the
 # previous row, `peak_vram_allocated_mib` since the previous row.
 TIMING_KEYS = ("tokens", "step_seconds", "steps", "peak_vram_allocated_mib")
@@ -77,31 +65,6 @@ def vram_readings(device_index: int | None = None) -> dict[str, float | None]:
     readings["vram_allocated_mib"] = torch.cuda.memory_allocated(index) / MIB
     readings["vram_reserved_mib"] = torch.cuda.memory_reserved(index) / MIB
     readings["peak_vram_allocated_mib"] = torch.cuda.max_memory_allocated(index) / MIB
-    used, total = _nvml_memory(index)
+    used, total = gpu.memory_mib(index)
     readings["device_used_mib"], readings["device_total_mib"] = used, total
     return readings
-
-
-_nvml_ready: bool | None = None
-
-
-def _nvml_memory(index: int) -> tuple[float | None, float | None]:
-    global _nvml_ready
-    try:
-        import pynvml
-    except ImportError:
-        return None, None
-    try:
-        if _nvml_ready is None:
-            pynvml.nvmlInit()
-            _nvml_ready = True
-        # NVML numbers devices physically; CUDA_VISIBLE_DEVICES may renumber them.
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        ids = [part for part in visible.split(",") if part.strip()]
-        physical = int(ids[index]) if ids and ids[index].strip().isdigit() else index
-        handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
-        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        return info.used / MIB, info.total / MIB
-    except Exception:  # NVML missing, a MIG slice, a UUID in CUDA_VISIBLE_DEVICES...
-        _nvml_ready = False if _nvml_ready is None else _nvml_ready
-        return None, None

@@ -1,8 +1,9 @@
 """The reads behind a job's live stream: its display state and its metric rows after an id.
 
 Each is one indexed query (`jobs` by primary key, `metrics` by `(job_id, id)`), cheap enough to
-run a few times a second for every watched job. Metric rows are encoded to JSON here, once, in the
-same shape as `GET /api/jobs/{id}/metrics`, so a stream with fifty readers encodes each row once.
+run a few times a second for every watched job. A metric row has one wire shape, `metric_data`
+(the `Metric` model's fields), sent by the stream and by `GET /api/jobs/{id}/metrics` alike; the
+stream encodes each row once however many pages read it.
 
 Why `id > after` never skips a row: a job's metric rows come from one writer at a time (the
 attempt holding the lease; stale attempts are refused), each batch in one transaction, so within
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import col, select
 
+from app import queue
 from app.db import Database
 from app.models import FINISHED_STATUSES, Job, Metric
 
@@ -56,20 +58,25 @@ def last_metric_id(db: Database, job_id: int) -> int:
         return s.exec(select(func.max(Metric.id)).where(Metric.job_id == job_id)).one() or 0
 
 
+def metric_data(row: Metric) -> dict[str, Any]:
+    """A metric row as the API and the stream send it: every field of `Metric`, JSON-ready."""
+    return row.model_dump(mode="json")
+
+
+def metrics_page(db: Database, job_id: int, after: int) -> dict[str, Any]:
+    """`GET /api/jobs/{id}/metrics`: the job's status and its rows after `after`."""
+    job = queue.get_job(db, job_id)
+    rows = queue.metrics_after(db, job_id, after)
+    return {"status": job.status.value, "metrics": [metric_data(row) for row in rows]}
+
+
 def metric_events_after(
     db: Database, job_id: int, after: int, limit: int = 1000
 ) -> list[tuple[int, str]]:
     """(id, JSON text) of the job's metric rows with id > after, oldest first, at most `limit`."""
-    with db.read() as s:
-        rows = s.exec(
-            select(Metric)
-            .where(Metric.job_id == job_id, col(Metric.id) > after)
-            .order_by(col(Metric.id))
-            .limit(limit)
-        ).all()
     return [
-        (row.id or 0, json.dumps(row.model_dump(mode="json"), separators=(",", ":")))
-        for row in rows
+        (row.id or 0, json.dumps(metric_data(row), separators=(",", ":")))
+        for row in queue.metrics_after(db, job_id, after, limit)
     ]
 
 

@@ -1,8 +1,9 @@
-"""What the job pages show beyond the job row: ETA, loss sparklines, the adapter, run comparison."""
+"""What the job pages show beyond the job row: ETA, loss sparklines, the adapter, the charts,
+run comparison."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlmodel import col, select
 from app.db import Database
 from app.errors import UserError, whole_number
 from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric
+from app.train_config import PREFERENCE_METHODS
 
 SPARKLINE_POINTS = 60
 _finished_sparklines: dict[tuple[int, datetime | None], list[float | None]] = {}
@@ -91,6 +93,118 @@ def adapter_for(db: Database, job_id: int) -> Adapter | None:
         ).first()
 
 
+# --- charts ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of a chart: a `Metric` column, as static/app.js draws it (sent as JSON)."""
+
+    label: str
+    column: str
+    color: str = "--chart-1"  # a CSS variable of static/app.css
+    width: float = 1.5
+    digits: int = 4  # in the legend; -1: exponent notation
+    scale: float = 1.0  # multiplies each value (MiB -> GiB)
+    points: bool = False  # dots only: sparse rows such as evaluations
+    smooth: bool = False  # an exponential moving average (0.9) of the column
+    dash: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class Chart:
+    name: str
+    title: str
+    series: list[Series]
+    exponent_axis: bool = False
+    preference: bool = False  # drawn for jobs of a preference method (dpo, orpo) only
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What the page hands app.js in `data-series`."""
+        return {"exponent_axis": self.exponent_axis, "series": [asdict(s) for s in self.series]}
+
+
+GIB = 1 / 1024
+TRAIN, EVAL = "--chart-1", "--chart-2"
+CHARTS = [
+    Chart(
+        "loss",
+        "Loss",
+        [
+            Series("loss", "loss", "--chart-faint", width=1),
+            Series("loss (smoothed)", "loss", TRAIN, width=2, smooth=True),
+            Series("eval loss", "eval_loss", EVAL, points=True),
+        ],
+    ),
+    Chart(
+        "vram",
+        "VRAM (GiB)",
+        [
+            Series("allocated", "vram_allocated_mib", TRAIN, width=2, digits=2, scale=GIB),
+            Series("reserved", "vram_reserved_mib", EVAL, digits=2, scale=GIB),
+            Series("device used", "device_used_mib", "--chart-4", digits=2, scale=GIB),
+            Series("card total", "device_total_mib", "--chart-limit", 1, 2, GIB, dash=[6, 4]),
+        ],
+    ),
+    Chart(
+        "reward_margin",
+        "Reward margin",
+        [
+            Series("margin", "reward_margin", TRAIN, width=2, digits=3),
+            Series("eval margin", "eval_reward_margin", EVAL, digits=3, points=True),
+        ],
+        preference=True,
+    ),
+    Chart(
+        "rewards",
+        "Rewards: chosen vs rejected",
+        [
+            Series("chosen", "rewards_chosen", TRAIN, width=2, digits=3),
+            Series("rejected", "rewards_rejected", "--chart-3", width=2, digits=3),
+            Series("eval chosen", "eval_rewards_chosen", TRAIN, digits=3, points=True),
+            Series("eval rejected", "eval_rewards_rejected", "--chart-3", digits=3, points=True),
+        ],
+        preference=True,
+    ),
+    Chart(
+        "reward_accuracy",
+        "Reward accuracy",
+        [
+            Series("accuracy", "reward_accuracy", TRAIN, width=2, digits=3),
+            Series("eval accuracy", "eval_reward_accuracy", EVAL, digits=3, points=True),
+        ],
+        preference=True,
+    ),
+    Chart(
+        "lr",
+        "Learning rate",
+        [Series("learning rate", "learning_rate", width=2, digits=-1)],
+        exponent_axis=True,
+    ),
+    Chart("grad_norm", "Grad norm", [Series("grad norm", "grad_norm", digits=3)]),
+    Chart("tokens_per_second", "Tokens / s", [Series("tokens/s", "tokens_per_second", digits=0)]),
+]
+PREFERENCE_COLUMNS = tuple(s.column for c in CHARTS if c.preference for s in c.series)
+
+
+def has_preference_metrics(db: Database, job: Job) -> bool:
+    """Whether the job's page shows the preference charts: it runs a preference method, or
+    its rows carry rewards (a job stored before its config named the method)."""
+    if job.config.get("method") in PREFERENCE_METHODS:
+        return True
+    with db.read() as s:
+        query = select(Metric.id).where(
+            Metric.job_id == job.id, col(Metric.reward_margin).is_not(None)
+        )
+        return s.exec(query.limit(1)).first() is not None
+
+
+def charts_for(db: Database, job: Job) -> list[Chart]:
+    preference = has_preference_metrics(db, job)
+    return [chart for chart in CHARTS if preference or not chart.preference]
+
+
 @dataclass
 class JobRow:
     """A job as the jobs list shows it."""
@@ -127,42 +241,56 @@ def parse_ids(raw: list[str]) -> list[int]:
     return ids
 
 
+COMPARE_COLUMNS = ("loss", "eval_loss", *PREFERENCE_COLUMNS)
+
+
 def compare(db: Database, ids: list[int]) -> list[dict[str, Any]]:
-    """Each job's name, status, config and loss/eval-loss curves (steps of its latest attempt)."""
+    """Each job's name, status, config and curves (loss, eval loss and, for preference jobs, the
+    rewards): one value per step, the latest attempt's where a resumed attempt logged it again."""
     out = []
+    columns = [getattr(Metric, name) for name in COMPARE_COLUMNS]
     with db.read() as s:
         for job_id in ids:
             job = s.get(Job, job_id)
             if job is None:
                 raise InvalidComparison(f"There is no job {job_id}.", "Check the job numbers.")
             rows = s.exec(
-                select(Metric.step, Metric.loss, Metric.eval_loss)
+                select(Metric.step, *columns)
                 .where(Metric.job_id == job_id)
                 .order_by(col(Metric.id))
             ).all()
             # A resumed attempt logs from its checkpoint's step again: the later row wins.
             by_step: dict[int, list[float | None]] = {}
-            for step, loss, eval_loss in rows:
-                point = by_step.setdefault(step, [None, None])
-                if loss is not None:
-                    point[0] = loss
-                if eval_loss is not None:
-                    point[1] = eval_loss
+            for step, *values in rows:
+                point = by_step.setdefault(step, [None] * len(COMPARE_COLUMNS))
+                for i, value in enumerate(values):
+                    if value is not None:
+                        point[i] = value
             steps = sorted(by_step)
+            metrics: dict[str, list[Any]] = {"step": steps}
+            for i, name in enumerate(COMPARE_COLUMNS):
+                metrics[name] = [by_step[k][i] for k in steps]
             out.append(
                 {
                     "id": job.id,
                     "name": job.name,
                     "status": job.status.value,
                     "config": job.config,
-                    "metrics": {
-                        "step": steps,
-                        "loss": [by_step[k][0] for k in steps],
-                        "eval_loss": [by_step[k][1] for k in steps],
-                    },
+                    "metrics": metrics,
                 }
             )
     return out
+
+
+def compare_columns(compared: list[dict[str, Any]]) -> list[str]:
+    """The curves the compare page overlays: loss and eval loss always, a reward column when one
+    of the runs has it."""
+    return [
+        name
+        for name in COMPARE_COLUMNS
+        if name in ("loss", "eval_loss")
+        or any(v is not None for c in compared for v in c["metrics"][name])
+    ]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
 from app.services import models, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
-from app.train_config import PRESETS, TrainConfig
+from app.train_config import METHOD_DEFAULTS, METHOD_FIELDS, PRESETS, Method, TrainConfig
 
 
 def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
@@ -108,10 +108,27 @@ class FormField:
     maximum: float | None
     step: str
     advanced: bool
+    methods: list[str]  # the methods whose form shows it; [] for every method
+
+
+def field_methods(name: str) -> list[str]:
+    """The methods that read a field, when only some do ([]: every method)."""
+    if name in SFT_ONLY_FIELDS:
+        return [Method.sft.value]
+    return [m.value for m in Method if name in METHOD_FIELDS[m]] if name in METHOD_OWNED else []
+
+
+METHOD_OWNED = {name for names in METHOD_FIELDS.values() for name in names}
+# Fields with a value for every method that only sft reads: TrainConfig refuses any but the
+# default for a preference method, so the form leaves them out there.
+SFT_ONLY_FIELDS = ("train_on",)
 
 
 BASIC_FIELDS = {
     "name",
+    "method",
+    "beta",
+    "loss_type",
     "base_model",
     "dataset_id",
     "max_seq_len",
@@ -152,7 +169,14 @@ def form_fields(values: dict[str, Any]) -> list[FormField]:
                 minimum = float(meta.ge if isinstance(meta, Ge) else meta.gt)  # type: ignore[arg-type]
             if isinstance(meta, Le | Lt):
                 maximum = float(meta.le if isinstance(meta, Le) else meta.lt)  # type: ignore[arg-type]
+        methods = field_methods(name)
         value = values.get(name, None if info.is_required() else info.default)
+        if value is None and methods and name in METHOD_OWNED:
+            # Shown once its method is chosen: with that method's default in it.
+            chosen = values.get("method") or Method.sft
+            method = Method(chosen) if chosen in set(Method) else Method.sft
+            owner = method if method.value in methods else Method(methods[0])
+            value = METHOD_DEFAULTS[owner].get(name)
         if isinstance(value, Enum):
             value = value.value
         if isinstance(value, list):
@@ -169,6 +193,7 @@ def form_fields(values: dict[str, Any]) -> list[FormField]:
                 maximum=maximum,
                 step="1" if kind == "integer" else "any",
                 advanced=name not in BASIC_FIELDS,
+                methods=methods,
             )
         )
     return fields
@@ -220,9 +245,16 @@ def suggested_preset(
 
 
 def config_from_form(form: dict[str, str]) -> TrainConfig:
-    """Turn submitted form fields into a TrainConfig (blank optional fields mean 'default')."""
+    """Turn submitted form fields into a TrainConfig (blank optional fields mean 'default').
+
+    A field of another method than the chosen one is left unset: the form hides (and disables)
+    it, and a browser without script sends what it had when the method changed."""
     data: dict[str, Any] = {}
+    method = form.get("method", "").strip() or Method.sft.value
     for name, info in TrainConfig.model_fields.items():
+        methods = field_methods(name)
+        if methods and method in set(Method) and method not in methods:
+            continue
         if info.annotation is bool:
             data[name] = form.get(name) in ("on", "true", "1")
             continue

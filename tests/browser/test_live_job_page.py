@@ -15,7 +15,9 @@ from tests.simulated_run import finish, start_running_job, write_metrics
 pytestmark = pytest.mark.browser
 
 
-def writer(server, claim, first: int, rows: int, interval: float, *, end: bool = False):
+def writer(
+    server, claim, first: int, rows: int, interval: float, *, end: bool = False, rewards=False
+):
     """A separate process writing metric rows to the server's database file, like a worker."""
     command = [
         sys.executable,
@@ -31,22 +33,34 @@ def writer(server, claim, first: int, rows: int, interval: float, *, end: bool =
         "--interval",
         str(interval),
     ]
-    return subprocess.Popen([*command, "--finish"] if end else command, cwd=ROOT)
+    command += ["--finish"] if end else []
+    return subprocess.Popen([*command, "--preference"] if rewards else command, cwd=ROOT)
 
 
-def points(page) -> int:
-    return int(page.get_attribute(".chart[data-chart=loss]", "data-points") or 0)
+def points(page, chart: str = "loss") -> int:
+    return int(page.get_attribute(f".chart[data-chart={chart}]", "data-points") or 0)
 
 
-def wait_points(page, predicate, timeout: float = 15.0) -> int:
+def wait_points(page, predicate, timeout: float = 15.0, chart: str = "loss") -> int:
     deadline = time.monotonic() + timeout
-    n = points(page)
+    n = points(page, chart)
     while time.monotonic() < deadline:
-        n = points(page)
+        n = points(page, chart)
         if predicate(n):
             return n
         page.wait_for_timeout(100)
-    raise AssertionError(f"loss chart stuck at {n} points")
+    raise AssertionError(f"{chart} chart stuck at {n} points")
+
+
+# Per chart on the page, per uPlot series after x: how many points it holds (not null).
+DRAWN = """() => {
+  const out = {};
+  window.tuneboard.feeds.forEach((feed) => feed.charts.forEach((chart) => {
+    out[chart.el.getAttribute("data-chart")] = chart.plot.data.slice(1).map(
+      (ys) => ys.filter((y) => y != null).length);
+  }));
+  return out;
+}"""
 
 
 def wait_until(check, timeout: float = 10.0) -> None:
@@ -67,6 +81,8 @@ def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, p
     write_metrics(server_db, claim, 1, 5)
     header_fetches: list[str] = []
     page.on("request", lambda r: header_fetches.append(r.url) if "/header" in r.url else None)
+    metric_fetches: list[str] = []
+    page.on("request", lambda r: metric_fetches.append(r.url) if "/metrics" in r.url else None)
     page.goto(f"{live_server.url}/jobs/{claim.job_id}")
     wait_points(page, lambda n: n == 5)
     page.evaluate("window.__same_page = true")
@@ -85,6 +101,7 @@ def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, p
         proc.wait(30)
     assert wait_points(page, lambda n: n == 125) == 125
     assert page.evaluate("window.__same_page") is True
+    assert metric_fetches == []  # the rows came over the event stream only
     assert page.get_attribute(".chart[data-chart=loss]", "data-status") == "running"
     assert "ETA" in page.text_content("#job-header .eta")
     assert page.js_errors == []
@@ -149,4 +166,56 @@ def test_compare_page_overlays_two_finished_jobs(live_server, server_db, page):
     assert page.get_attribute(loss, "data-points") == "60"
     assert page.locator(f"{loss} .u-legend .u-series").count() == 3  # x + two runs
     assert page.locator(".compare-config tr.differs").count() >= 2
+    assert page.js_errors == []
+
+
+def test_a_dpo_job_charts_rewards_margin_and_accuracy_live(live_server, server_db, page):
+    claim = start_running_job(server_db, "dpo live", total=400, method="dpo")
+    write_metrics(server_db, claim, 1, 10, preference=True)
+    page.goto(f"{live_server.url}/jobs/{claim.job_id}")
+    wait_points(page, lambda n: n == 10, chart="reward_margin")
+    proc = writer(live_server, claim, 11, 40, 0.02, end=True, rewards=True)
+    try:
+        wait_points(page, lambda n: n == 50, chart="reward_margin")
+    finally:
+        proc.wait(30)
+    page.wait_for_timeout(300)  # uPlot takes the columns on the next frame
+    drawn = page.evaluate(DRAWN)
+    # train series at every step; eval series at the eval steps (25 and 50)
+    assert drawn["reward_margin"] == [50, 2]
+    assert drawn["rewards"] == [50, 50, 2, 2]
+    assert drawn["reward_accuracy"] == [50, 2]
+    assert drawn["loss"][0] == 50 and drawn["vram"][0] == 50
+    rewards = ".chart[data-chart=rewards] .u-legend .u-series"
+    assert page.locator(rewards).count() == 5  # x + chosen, rejected, eval chosen, eval rejected
+    assert page.js_errors == []
+
+
+def test_an_sft_job_page_has_no_reward_charts(live_server, server_db, page):
+    claim = start_running_job(server_db, "sft only")
+    write_metrics(server_db, claim, 1, 5)
+    finish(server_db, claim)
+    page.goto(f"{live_server.url}/jobs/{claim.job_id}")
+    wait_points(page, lambda n: n == 5)
+    assert page.locator(".chart[data-chart=loss]").get_attribute("data-status") == "succeeded"
+    for chart in ("reward_margin", "rewards", "reward_accuracy"):
+        assert page.locator(f".chart[data-chart={chart}]").count() == 0
+    assert page.js_errors == []
+
+
+def test_compare_page_overlays_the_rewards_of_a_dpo_run(live_server, server_db, page):
+    ids = []
+    for name, method in (("sft run", "sft"), ("dpo run", "dpo")):
+        claim = start_running_job(server_db, name, method=method)
+        write_metrics(server_db, claim, 1, 30, preference=method == "dpo")
+        finish(server_db, claim)
+        ids.append(claim.job_id)
+    page.goto(f"{live_server.url}/jobs/compare?ids={ids[0]},{ids[1]}")
+    margin = ".chart[data-chart=compare][data-series=reward_margin]"
+    page.wait_for_selector(f"{margin}[data-series-count]")
+    assert page.get_attribute(margin, "data-series-count") == "1"  # the sft run has none
+    assert page.get_attribute(margin, "data-points") == "30"
+    accuracy = ".chart[data-chart=compare][data-series=eval_reward_accuracy]"
+    page.wait_for_selector(f"{accuracy}[data-series-count]")
+    assert page.get_attribute(accuracy, "data-points") == "1"  # one eval step (25)
     assert page.js_errors == []

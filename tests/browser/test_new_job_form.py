@@ -57,3 +57,41 @@ def test_presets_keep_the_chosen_dataset_and_the_demo_pair_picks_demo(live_serve
     (job,) = queue.list_jobs(server_db)
     assert (job.dataset_id, job.name, job.config["max_steps"]) == (mine, "my run", 30)
     assert page.js_errors == []
+
+
+def test_choosing_dpo_shows_its_settings_and_queues_a_dpo_job(live_server, server_db, page):
+    settings = Settings(data_dir=live_server.data_dir, database_url="")
+    dataset = add_dataset(server_db, settings)
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.post_data or "") if r.method == "POST" else None)
+    page.goto(live_server.url + "/jobs/new")
+    assert page.is_visible("form.job-form [name=train_on]")
+    assert not page.is_visible("form.job-form [name=beta]")
+
+    page.select_option("form.job-form [name=method]", "dpo")
+    assert page.is_visible("form.job-form [name=beta]") and value(page, "beta") == "0.1"
+    assert (
+        page.is_visible("form.job-form [name=loss_type]") and value(page, "loss_type") == "sigmoid"
+    )
+    assert not page.is_visible("form.job-form [name=train_on]")
+    page.select_option("form.job-form [name=dataset_id]", dataset)
+    page.click("form.job-form button[type=submit]")
+    page.wait_for_url("**/jobs/*")
+
+    (job,) = queue.list_jobs(server_db)
+    assert (job.config["method"], job.config["beta"], job.config["loss_type"]) == (
+        "dpo",
+        0.1,
+        "sigmoid",
+    )
+    (body,) = sent
+    assert "method=dpo" in body and "beta=0.1" in body and "train_on" not in body
+    assert page.text_content("#job-header h1 .method-tag") == "DPO"
+
+    # Back to sft: DPO's settings go away again, and are not sent.
+    page.goto(live_server.url + "/jobs/new")
+    page.select_option("form.job-form [name=method]", "dpo")
+    page.select_option("form.job-form [name=method]", "sft")
+    assert not page.is_visible("form.job-form [name=beta]")
+    assert page.is_visible("form.job-form [name=train_on]")
+    assert page.js_errors == []

@@ -32,13 +32,13 @@ def test_jobs_list_shows_progress_eta_and_a_loss_sparkline(client, db):
     assert soup.select_one("form#compare-form[action='/jobs/compare']")
 
 
-def test_job_page_shows_run_facts_and_a_live_stream_after_the_rendered_rows(client, db):
+def test_job_page_shows_run_facts_and_one_live_stream_that_carries_the_history(client, db):
     claim = start_running_job(db, total=200)
     write_metrics(db, claim, 1, 12)
-    last_id = queue.metrics_after(db, claim.job_id)[-1].id
     soup = page(client, f"/jobs/{claim.job_id}")
     connect = soup.select_one("[sse-connect]")
-    assert connect["sse-connect"] == f"/api/jobs/{claim.job_id}/events?after={last_id}"
+    # No ?after=: the charts read the rows so far from the stream too (no separate fetch).
+    assert connect["sse-connect"] == f"/api/jobs/{claim.job_id}/events"
     assert connect["sse-close"] == "done"
     assert soup.select_one("[hx-trigger='sse:status']")
     charts = soup.select(".chart[data-chart]")
@@ -221,7 +221,7 @@ def test_a_setting_of_another_training_method_is_refused_not_ignored(client, db,
     from tests.fakes.jobs import add_dataset
 
     dataset_id = add_dataset(db, settings)
-    for body, field, says in [
+    for body, _field, says in [
         ({"beta": 0.5}, "beta", "beta is a setting of dpo and orpo, not of sft"),
         ({"method": "orpo", "loss_type": "ipo"}, "loss_type", "loss_type is a setting of dpo"),
         ({"method": "dpo", "train_on": "all"}, "train_on", "train_on is a setting of sft"),
@@ -231,3 +231,89 @@ def test_a_setting_of_another_training_method_is_refused_not_ignored(client, db,
         assert response.status_code == 422, (body, response.text)
         assert says in response.text and field in response.text, (body, response.text)
     assert queue.list_jobs(db) == []
+
+
+def test_a_dpo_job_page_charts_its_rewards_and_an_sft_job_page_does_not(client, db):
+    from app.services.job_views import PREFERENCE_COLUMNS
+
+    dpo = start_running_job(db, "dpo run", method="dpo")
+    write_metrics(db, dpo, 1, 30, preference=True)
+    sft = start_running_job(db, "sft run")
+    write_metrics(db, sft, 1, 30)
+
+    charts = {c["data-chart"] for c in page(client, f"/jobs/{dpo.job_id}").select(".chart")}
+    assert {"loss", "vram", "tokens_per_second"} <= charts
+    assert {"reward_margin", "rewards", "reward_accuracy"} <= charts
+    charts = {c["data-chart"] for c in page(client, f"/jobs/{sft.job_id}").select(".chart")}
+    assert "loss" in charts and not charts & {"reward_margin", "rewards", "reward_accuracy"}
+
+    # The API serves the rewards in the rows, eval ones on eval steps only.
+    rows = client.get(f"/api/jobs/{dpo.job_id}/metrics").json()["metrics"]
+    assert rows[24]["reward_margin"] == pytest.approx(0.875)
+    assert rows[24]["eval_reward_accuracy"] is not None and rows[23]["eval_reward_margin"] is None
+    assert set(PREFERENCE_COLUMNS) <= set(rows[0])
+
+
+def test_every_chart_draws_columns_of_the_metric_rows():
+    from app.models import metric_columns
+    from app.services.job_views import CHARTS
+
+    columns = set(metric_columns())
+    assert {s.column for chart in CHARTS for s in chart.series} <= columns
+    assert {"id", "job_id", "attempt", "created_at"}.isdisjoint(columns)
+
+
+def test_compare_overlays_rewards_when_a_run_has_them(client, db):
+    ids = []
+    for name, method, preference in (("sft", "sft", False), ("dpo", "dpo", True)):
+        claim = start_running_job(db, name, method=method)
+        write_metrics(db, claim, 1, 30, preference=preference)
+        finish(db, claim)
+        ids.append(claim.job_id)
+    body = client.get(f"/api/jobs/compare?ids={ids[0]},{ids[1]}").json()
+    sft, dpo = (job["metrics"] for job in body["jobs"])
+    assert dpo["reward_margin"][9] == pytest.approx(0.35) and set(sft["reward_margin"]) == {None}
+    assert dpo["eval_reward_accuracy"][24] is not None
+
+    soup = page(client, f"/jobs/compare?ids={ids[0]},{ids[1]}")
+    series = [c["data-series"] for c in soup.select(".chart[data-chart=compare]")]
+    assert series[:2] == ["loss", "eval_loss"]
+    assert {"reward_margin", "reward_accuracy", "eval_reward_margin", "rewards_chosen"} <= set(
+        series
+    )
+    plain = start_running_job(db, "another sft")
+    write_metrics(db, plain, 1, 5)
+    soup = page(client, f"/jobs/compare?ids={ids[0]},{plain.job_id}")
+    assert [c["data-series"] for c in soup.select(".chart[data-chart=compare]")] == [
+        "loss",
+        "eval_loss",
+    ]
+
+
+def test_the_new_job_form_shows_the_chosen_methods_fields_only(client, db, settings):
+    from tests.fakes.jobs import add_dataset
+
+    dataset_id = add_dataset(db, settings)
+    form = page(client, "/jobs/new").select_one("form.job-form")
+    # sft (the default): its train_on is there; DPO's fields are hidden and disabled (not sent).
+    assert form.select_one("select[name=method] option[selected]")["value"] == "sft"
+    beta = form.find("input", attrs={"name": "beta"}).find_parent("fieldset")
+    assert beta["data-methods"] == "dpo orpo" and beta.has_attr("hidden")
+    assert beta.has_attr("disabled")
+    assert form.find("input", attrs={"name": "beta"})["value"] == "0.1"  # ready for dpo
+    loss_type = form.find("select", attrs={"name": "loss_type"}).find_parent("fieldset")
+    assert loss_type["data-methods"] == "dpo" and loss_type.has_attr("disabled")
+    train_on = form.find("select", attrs={"name": "train_on"}).find_parent("fieldset")
+    assert train_on["data-methods"] == "sft" and not train_on.has_attr("disabled")
+
+    # A browser without script sends the sft fields it showed when dpo was picked: left unset.
+    form = {"dataset_id": dataset_id, "base_model": "demo-tiny-llama", "method": "dpo"}
+    response = client.post("/jobs/new", data={**form, "train_on": "all"}, follow_redirects=False)
+    assert response.status_code == 303, response.text[:500]
+    (job,) = queue.list_jobs(db)
+    assert job.config["method"] == "dpo" and job.config["beta"] == 0.1
+    assert job.config["loss_type"] == "sigmoid" and job.config["train_on"] == "assistant"
+
+    # The method shows in the jobs list and on the job page.
+    assert page(client, "/jobs").select_one(f"#job-{job.id} .method-tag").text == "DPO"
+    assert page(client, f"/jobs/{job.id}").select_one("#job-header h1 .method-tag").text == "DPO"

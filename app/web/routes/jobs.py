@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from app import queue
 from app.errors import NotFound, whole_number
-from app.models import Dataset, Job, Metric
+from app.models import Dataset, Job
 from app.services import job_events, job_views, jobs, models
 from app.services.demo import DEMO_MODEL
 from app.train_config import PRESETS, TrainConfig
@@ -88,9 +88,8 @@ def delete_job(job_id: JobId, db: DbDep, settings: SettingsDep) -> Response:
 def job_metrics(
     job_id: JobId, db: DbDep, after: Annotated[int, Query(ge=0, le=SQL_INT_MAX)] = 0
 ) -> dict[str, Any]:
-    job = queue.get_job(db, job_id)
-    rows: list[Metric] = queue.metrics_after(db, job_id, after)
-    return {"status": job.status.value, "metrics": rows}
+    """The job's metric rows after `after` (the live stream sends the same rows as events)."""
+    return job_events.metrics_page(db, job_id, after)
 
 
 @router.get("/api/jobs/{job_id}/adapter", response_class=RedirectResponse)
@@ -251,6 +250,7 @@ def compare_page(
         ids=",".join(str(i) for i in chosen),
         chosen=chosen,
         compared=compared,
+        columns=job_views.compare_columns(compared),
         config_rows=job_views.config_table([c["config"] for c in compared]),
         jobs=queue.list_jobs(db),
     )
@@ -262,8 +262,6 @@ def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) 
     job = context["job"]
     with db.read() as s:
         dataset = s.get(Dataset, job.dataset_id)
-    # The stream starts after the rows the charts' first fetch will read anyway.
-    after = job_events.last_metric_id(db, job_id)
     return render(
         request,
         "jobs/detail.html",
@@ -271,7 +269,9 @@ def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) 
         run=job_views.run_facts(db, job),
         log_lines=jobs.log_tail(settings, job),
         config=TrainConfig.model_validate(job.config),
-        events_url=f"/api/jobs/{job_id}/events?after={after}",
+        charts=job_views.charts_for(db, job),
+        # The charts' one source: the stream sends the rows so far, then each new one.
+        events_url=f"/api/jobs/{job_id}/events",
         **context,
     )
 

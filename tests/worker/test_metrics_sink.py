@@ -1,0 +1,24 @@
+"""The worker's metric sink against a real SQLite file: every Metric column is stored, other keys
+are not."""
+
+from __future__ import annotations
+
+from app import queue
+from app.models import metric_columns
+from tests.simulated_run import metric_row, preference_values, start_running_job
+from worker.job_io import DatabaseSink
+
+
+def test_the_sink_stores_a_dpo_steps_rewards_and_drops_keys_that_are_no_column(db):
+    claim = start_running_job(db, method="dpo")
+    sink = DatabaseSink(db, claim.job_id, claim.attempt)
+    row = metric_row(25) | preference_values(25) | {"tokens": 512, "step_seconds": 0.2}
+    sink.write(row)
+    sink.flush()
+
+    (stored,) = queue.metrics_after(db, claim.job_id)
+    assert stored.reward_margin == row["reward_margin"]
+    assert stored.eval_reward_accuracy == row["eval_reward_accuracy"]
+    assert stored.rewards_rejected == row["rewards_rejected"] < 0
+    assert "tokens" not in metric_columns() and "step_seconds" not in metric_columns()
+    assert sink.rows_written == 1 and not sink.stale
