@@ -221,7 +221,7 @@ def test_a_setting_of_another_training_method_is_refused_not_ignored(client, db,
     from tests.fakes.jobs import add_dataset
 
     dataset_id = add_dataset(db, settings)
-    for body, _field, says in [
+    for body, field, says in [
         ({"beta": 0.5}, "beta", "beta is a setting of dpo and orpo, not of sft"),
         ({"method": "orpo", "loss_type": "ipo"}, "loss_type", "loss_type is a setting of dpo"),
         ({"method": "dpo", "train_on": "all"}, "train_on", "train_on is a setting of sft"),

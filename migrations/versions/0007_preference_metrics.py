@@ -2,7 +2,7 @@
 
 Nullable floats: rows of sft jobs, and every row written before, leave them empty.
 
-Revision ID: 0008
+Revision ID: 0007
 Revises: 0006
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
+revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
