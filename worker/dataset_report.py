@@ -1,7 +1,7 @@
 """Token reports of datasets, computed on the worker side with the model's tokenizer only.
 
 The web process asks for a report by adding a `queued` row to `dataset_reports`
-(`app/services/dataset_reports.py`). A worker claims it from `app.side_queue` and runs it here, in
+(`app/services/datasets/reports.py`). A worker claims it from `app.side_queue` and runs it here, in
 `python -m worker.dataset_report --task-id N --attempt A` (worker/side_work.py), which loads the registered model's
 tokenizer (never the weights), tokenises every training row with `worker.data.tokenize_row` (the
 function training uses, so the numbers are the ones training will meet) and stores `result`:
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import math
 import os
 import socket
@@ -47,12 +46,13 @@ from typing import Any
 from app import side_queue
 from app.db import Database
 from app.models import BaseModelEntry, Dataset, DatasetReport, SideWorkStatus
+from app.services.datasets.errors import DatasetError
+from app.services.datasets.store import DatasetRowsMissing, iter_rows
 from app.settings import Settings
 from worker.data import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     has_generation_markers,
-    read_eval_lines,
     template_of,
     tokenize_row,
     trained_segments,
@@ -134,7 +134,7 @@ def compute_and_store(
             train_on=report.train_on,
             chat_template=CHATML_TEMPLATE if report.chat_template == "chatml" else None,
         )
-    except (ReportFailed, TrainingError) as exc:
+    except (ReportFailed, TrainingError, DatasetError) as exc:
         return side_queue.finish(
             db,
             claim,
@@ -197,8 +197,7 @@ def compute_report(
     train_on: str = "assistant",
     chat_template: str | None = None,
 ) -> dict[str, Any]:
-    """The report of the training rows in `dataset_dir` (normalized.jsonl minus split.json's
-    eval lines). Raises ReportFailed for a conversation dataset and a tokenizer without a chat
+    """The report of the training rows in `dataset_dir` (`store.iter_rows(..., "train")`). Raises ReportFailed for a conversation dataset and a tokenizer without a chat
     template (unless `chat_template` is given)."""
     started = time.monotonic()
     rows, eval_rows = _training_rows(dataset_dir)
@@ -325,22 +324,13 @@ def _sample(
 
 
 def _training_rows(dataset_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    normalized = dataset_dir / "normalized.jsonl"
-    if not normalized.is_file():
-        raise ReportFailed(
-            "dataset_missing",
-            "The dataset's normalised rows are missing from the data dir.",
-            "Upload the file again.",
-        )
-    eval_lines = read_eval_lines(dataset_dir)
-    rows = []
-    with normalized.open(encoding="utf-8") as handle:
-        for text in handle:
-            if text.strip():
-                row = json.loads(text)
-                if row.get("line") not in eval_lines:
-                    rows.append(row)
-    return rows, len(eval_lines)
+    """The rows a job trains on at the dataset's own eval fraction, and how many are held out."""
+    datasets_dir, dataset_id = dataset_dir.parent, dataset_dir.name
+    try:
+        rows = list(iter_rows(datasets_dir, dataset_id, "train"))
+    except DatasetRowsMissing as exc:
+        raise ReportFailed("dataset_missing", exc.message, "Upload the file again.") from exc
+    return rows, sum(1 for _ in iter_rows(datasets_dir, dataset_id, "eval"))
 
 
 def _percentile(sorted_values: list[int], pct: float) -> int:

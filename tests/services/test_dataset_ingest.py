@@ -16,14 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.models import DatasetStatus
-from app.services.dataset_errors import DatasetFileError, DatasetFormatError, DatasetTooLarge
-from app.services.dataset_ingest import (
-    MAX_ERROR_DETAILS,
-    IngestResult,
-    eval_size,
-    ingest_dataset,
-)
-from app.services.dataset_readers import IngestLimits
+from app.services.datasets.errors import DatasetFileError, DatasetFormatError, DatasetTooLarge
+from app.services.datasets.ingest import MAX_ERROR_DETAILS, IngestResult, ingest_dataset
+from app.services.datasets.readers import IngestLimits
+from app.services.datasets.store import eval_size
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
 

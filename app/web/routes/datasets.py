@@ -14,17 +14,17 @@ from starlette.datastructures import UploadFile
 
 from app.errors import UserError, whole_number
 from app.models import Dataset, DatasetReport, SideWorkStatus
-from app.services import dataset_reports, datasets, models, system
-from app.services.dataset_errors import DatasetError
-from app.services.dataset_formats import FORMAT_FIELDS
+from app.services import datasets, models, system
 from app.services.datasets import DatasetServiceError
+from app.services.datasets import reports as dataset_reports
+from app.services.datasets.errors import DatasetError
+from app.services.datasets.formats import MAPPABLE_FIELDS
 from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
 
 router = APIRouter(tags=["datasets"])
 
-# The upload form's column fields: `column_<field>` names the file's column for that field.
-MAPPABLE_FIELDS = tuple(f for fields in FORMAT_FIELDS.values() for f in fields)
+# The upload form's column fields (MAPPABLE_FIELDS): `column_<field>` names the file's column.
 PREVIEW_ROWS = 20
 
 
