@@ -212,7 +212,7 @@ class _Placeholders:
         self.example = ""
 
     def look_at(self, row: dict[str, Any]) -> None:
-        texts = [row["text"]] if "text" in row else [m["content"] for m in row["messages"]]
+        texts = [row["text"]] if "text" in row else [m["content"] for m in _messages(row)]
         found = [m for text in texts if "{{" in text for m in PLACEHOLDER.finditer(text)]
         if not found:
             return
@@ -229,6 +229,13 @@ class _Placeholders:
             return {}
         names = [name for name, _ in self.names.most_common(10)]
         return {"rows": self.rows, "names": names, "line": self.line, "example": self.example}
+
+
+def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """Every message of a normalised row: a conversation's, or a pair's prompt and answers."""
+    if "messages" in row:
+        return list(row["messages"])
+    return [*row["prompt"], *row["chosen"], *row["rejected"]]
 
 
 def _encode(row: dict[str, Any], line: int) -> bytes | RowError:

@@ -29,6 +29,7 @@ from app.db import Database
 from app.errors import UserError
 from app.models import Dataset, DatasetReport, Job, JobStatus
 from app.services.datasets.errors import DatasetError
+from app.services.datasets.formats import methods_of
 from app.services.datasets.ingest import ingest_dataset
 from app.services.datasets.readers import ACCEPTED_FILE_TYPES, IngestLimits
 from app.services.datasets.store import SPLIT_FILENAME, DatasetRowsMissing, iter_rows
@@ -203,6 +204,17 @@ def import_local_file(
             dataset.is_demo = True
             session.add(dataset)
     return dataset
+
+
+def suited_methods(dataset: Dataset) -> list[str]:
+    """The training methods the dataset's rows suit: ["sft"], or ["dpo", "orpo"] for pairs."""
+    return list(methods_of(dataset.format))
+
+
+def dataset_public(dataset: Dataset) -> dict[str, Any]:
+    """A dataset as the API lists it: its record (`format` names the detected shape) and the
+    training methods it suits."""
+    return {**dataset.model_dump(mode="json"), "methods": suited_methods(dataset)}
 
 
 def find_by_name(db: Database, name: str) -> Dataset | None:

@@ -124,7 +124,7 @@ def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:
     """A dataset as the API shows it: its record, `valid` and the latest done token report."""
     report = dataset_reports.latest_done_report(request.app.state.db, dataset.id)
     return {
-        **dataset.model_dump(mode="json"),
+        **datasets.dataset_public(dataset),
         "valid": dataset.status == "ready",
         "token_stats": dataset_reports.token_stats(report),
     }
@@ -132,7 +132,7 @@ def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:
 
 @router.get("/api/datasets")
 def list_datasets(request: Request) -> Any:
-    return [d.model_dump(mode="json") for d in datasets.list_datasets(request.app.state.db)]
+    return [datasets.dataset_public(d) for d in datasets.list_datasets(request.app.state.db)]
 
 
 @router.get("/api/datasets/{dataset_id}")
@@ -218,6 +218,7 @@ def _detail_context(db: DbDep, settings: SettingsDep, dataset: Dataset) -> dict[
     return {
         **_report_context(db, settings, dataset),
         "preview": datasets.preview_rows(settings, dataset, PREVIEW_ROWS),
+        "methods": datasets.suited_methods(dataset),
         "jobs": using,
         "delete_refusal": datasets.delete_refusal(using),
     }

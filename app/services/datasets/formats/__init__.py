@@ -14,13 +14,28 @@ from typing import Any
 
 from app.services.datasets.errors import DatasetFormatError, describe_type
 from app.services.datasets.formats.alpaca import Alpaca
+from app.services.datasets.formats.alpaca_preference import AlpacaPreference
 from app.services.datasets.formats.base import SFT_METHODS, DatasetFormat
+from app.services.datasets.formats.hh_preference import HHPreference
 from app.services.datasets.formats.openai_chat import OpenAIChat
+from app.services.datasets.formats.preference import Preference
 from app.services.datasets.formats.prompt_completion import PromptCompletion
 from app.services.datasets.formats.sharegpt import ShareGPT
+from app.services.datasets.formats.sharegpt_preference import ShareGPTPreference
 from app.services.datasets.formats.text import PlainText
 
-FORMATS: list[type[DatasetFormat]] = [OpenAIChat, ShareGPT, Alpaca, PromptCompletion, PlainText]
+# Preference shapes first: their rows also carry the columns of an SFT shape ("conversations").
+FORMATS: list[type[DatasetFormat]] = [
+    Preference,
+    AlpacaPreference,
+    ShareGPTPreference,
+    HHPreference,
+    OpenAIChat,
+    ShareGPT,
+    Alpaca,
+    PromptCompletion,
+    PlainText,
+]
 
 BY_NAME = {cls.name: cls for cls in FORMATS}
 # Every field any format has, once, in registry order: the upload form's column-mapping inputs.
@@ -153,8 +168,6 @@ def _format_from_columns(records: list[dict[str, Any]], found: str) -> DatasetFo
     votes: Counter[type[DatasetFormat]] = Counter()
     for record in records:
         keys = set(record)
-        if "chosen" in keys and "rejected" in keys:
-            raise _preference_error(record)
         cls = next((cls for cls in FORMATS if cls.recognises(keys)), None)
         if cls is not None:
             votes[cls] += 1
@@ -168,21 +181,3 @@ def _format_from_columns(records: list[dict[str, Any]], found: str) -> DatasetFo
     # Most rows decide; a tie goes to the format listed first.
     cls = max(votes, key=lambda c: (votes[c], -FORMATS.index(c)))
     return cls()
-
-
-def _preference_error(record: dict[str, Any]) -> DatasetFormatError:
-    conversational = isinstance(record.get("chosen"), list)
-    if conversational:
-        how = 'the column mapping {"messages": "chosen"}'
-    elif "prompt" in record:
-        how = 'the column mapping {"prompt": "prompt", "completion": "chosen"}'
-    else:
-        how = 'the column mapping {"text": "chosen"}'
-    return DatasetFormatError(
-        'this is preference (DPO) data: each row pairs a "chosen" and a "rejected" answer. '
-        "Supervised fine-tuning (SFT), which Tuneboard runs, learns from one answer per example "
-        "and cannot use the rejected one.",
-        hint=f"To fine-tune on the preferred answers only, upload it again with {how}, "
-        "or convert it to prompt/completion or messages rows. Preference training (DPO) is not "
-        "supported yet.",
-    )
