@@ -18,7 +18,6 @@ A row left with no trained token after the cut is dropped and counted in `Tokeni
 from __future__ import annotations
 
 import bisect
-import json
 import random
 import re
 from collections.abc import Iterable, Sequence, Sized
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from app.services.datasets.store import read_jsonl
 from worker.errors import ChatTemplateMissing, DatasetError
 
 IGNORE_INDEX = -100
@@ -86,30 +86,9 @@ class TokenizeStats:
         return "; ".join(parts) + "." if parts else ""
 
 
-def read_eval_lines(dataset_dir: Path) -> set[int]:
-    """The `line` numbers of a dataset's held-out rows, from the split recorded at upload
-    (`split.json`, written by app/services/dataset_ingest.py); empty when it has no split."""
-    split = Path(dataset_dir) / "split.json"
-    if not split.is_file():
-        return set()
-    return set(json.loads(split.read_text(encoding="utf-8")).get("eval_lines", []))
-
-
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read normalised rows (JSONL)."""
-    rows = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DatasetError(
-                    f"Normalised row {number} is not valid JSON: {error}",
-                    "Re-upload the dataset; the normalised file is damaged.",
-                ) from error
-    return rows
+    """Read normalised rows (JSONL): a run's copy of its dataset's split."""
+    return list(read_jsonl(path))
 
 
 def template_of(tokenizer: Any, chat_template: str | None = None) -> str:

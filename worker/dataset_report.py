@@ -1,7 +1,7 @@
 """Token reports of datasets, computed on the worker side with the model's tokenizer only.
 
 The web process asks for a report by adding a `queued` row to `dataset_reports`
-(`app/services/dataset_reports.py`). A worker claims it from `app.side_queue` and runs it here, in
+(`app/services/datasets/reports.py`). A worker claims it from `app.side_queue` and runs it here, in
 `python -m worker.dataset_report --task-id N --attempt A` (worker/side_work.py), which loads the registered model's
 tokenizer (never the weights), tokenises every training row with `worker.data.tokenize_row` (the
 function training uses, so the numbers are the ones training will meet) and stores `result`:
@@ -25,6 +25,13 @@ function training uses, so the numbers are the ones training will meet) and stor
       "seconds": 0.4
     }
 
+A preference dataset's report has the same keys, measured on pairs by
+`worker.preference_data.tokenize_pair` (what preference training uses): a pair's length is its
+prompt plus its longer answer, `pairs` holds the prompt/chosen/rejected lengths apart
+(`{"prompt": {"min", "p50", ...}, "chosen": ..., "rejected": ...}`), `over_max.dropped` counts
+the pairs whose answer the cut leaves empty, and `sample` is `{"line", "chosen": [...],
+"rejected": [...]}`.
+
 `run_pending_reports(settings)` claims and computes every queued report in this process and
 returns how many it finished. `python -m worker.dataset_report --report-id N` computes one report by
 hand (or `--pending` for all): the page tells a user without a running worker to do that.
@@ -34,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import math
 import os
 import socket
@@ -47,17 +53,19 @@ from typing import Any
 from app import side_queue
 from app.db import Database
 from app.models import BaseModelEntry, Dataset, DatasetReport, SideWorkStatus
+from app.services.datasets.errors import DatasetError
+from app.services.datasets.store import DatasetRowsMissing, iter_rows
 from app.settings import Settings
 from worker.data import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     has_generation_markers,
-    read_eval_lines,
     template_of,
     tokenize_row,
     trained_segments,
 )
 from worker.errors import ChatTemplateMissing, TrainingError
+from worker.preference_data import PAIR_TRUNCATION_RULE, answer_texts, tokenize_pair
 from worker.side_work import lease_kept
 
 TRUNCATION_RULE = (
@@ -134,7 +142,7 @@ def compute_and_store(
             train_on=report.train_on,
             chat_template=CHATML_TEMPLATE if report.chat_template == "chatml" else None,
         )
-    except (ReportFailed, TrainingError) as exc:
+    except (ReportFailed, TrainingError, DatasetError) as exc:
         return side_queue.finish(
             db,
             claim,
@@ -197,12 +205,13 @@ def compute_report(
     train_on: str = "assistant",
     chat_template: str | None = None,
 ) -> dict[str, Any]:
-    """The report of the training rows in `dataset_dir` (normalized.jsonl minus split.json's
-    eval lines). Raises ReportFailed for a conversation dataset and a tokenizer without a chat
-    template (unless `chat_template` is given)."""
+    """The report of the training rows in `dataset_dir` (`store.iter_rows(..., "train")`); of
+    preference pairs, `pair_report`'s. Raises ReportFailed for a conversation dataset and a
+    tokenizer without a chat template (unless `chat_template` is given)."""
     started = time.monotonic()
     rows, eval_rows = _training_rows(dataset_dir)
-    conversational = any("messages" in row for row in rows)
+    pairs = any("chosen" in row for row in rows)
+    conversational = pairs or any("messages" in row for row in rows)
     template_name, trained_from = "model", "whole text (plain-text rows train on every token)"
     if conversational:
         try:
@@ -222,6 +231,14 @@ def compute_report(
         )
         if train_on == "all":
             trained_from = "every token (loss on all)"
+    if pairs:
+        result = pair_report(tokenizer, rows, max_seq_len=max_seq_len, chat_template=chat_template)
+        return {
+            **result,
+            "eval_rows": eval_rows,
+            "chat_template": template_name,
+            "seconds": round(time.monotonic() - started, 2),
+        }
 
     tally = _Tally()
     for row in rows:
@@ -261,6 +278,91 @@ def compute_report(
         },
         "sample": sample,
         "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def pair_report(
+    tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, chat_template: str | None
+) -> dict[str, Any]:
+    """The report's numbers for preference pairs, tokenised by `tokenize_pair` (what preference
+    training uses). A pair's length is its prompt plus its longer answer: the longest sequence
+    it feeds the model. `pairs` gives the prompt, chosen and rejected lengths apart."""
+    parts: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+    lengths: list[int] = []
+    tally = _Tally()
+    for row in rows:
+        whole = tokenize_pair(tokenizer, row, UNLIMITED, chat_template)
+        line = row.get("line")
+        if whole is None:  # an answer that renders to nothing: dropped even uncut
+            tally.untrainable += 1
+            if line is not None and len(tally.untrainable_lines) < MAX_LINES_LISTED:
+                tally.untrainable_lines.append(line)
+            continue
+        for name, ids in zip(parts, whole, strict=True):
+            parts[name].append(len(ids))
+        longest = len(whole.prompt_ids) + max(len(whole.chosen_ids), len(whole.rejected_ids))
+        lengths.append(longest)
+        kept = whole
+        if longest > max_seq_len:
+            tally.over_rows += 1
+            if line is not None and len(tally.over_lines) < MAX_LINES_LISTED:
+                tally.over_lines.append(line)
+            cut = tokenize_pair(tokenizer, row, max_seq_len, chat_template)
+            if cut is None:
+                tally.dropped_after_cut += 1
+                continue
+            tally.truncated += 1
+            tally.tokens_cut += sum(map(len, whole)) - sum(map(len, cut))
+            kept = cut
+        tally.examples += 1
+        tally.tokens_per_epoch += sum(map(len, kept))
+        tally.trained_per_epoch += len(kept.chosen_ids) + len(kept.rejected_ids)
+    sample = next((r for r in rows if tokenize_pair(tokenizer, r, UNLIMITED, chat_template)), None)
+    return {
+        "rows": len(rows),
+        "lengths": _summary(lengths),
+        "pairs": {name: _summary(values) for name, values in parts.items()},
+        "histogram": histogram(lengths, max_seq_len),
+        "total_tokens": sum(sum(values) for values in parts.values()),
+        "tokens_per_epoch": tally.tokens_per_epoch,
+        "trained_tokens_per_epoch": tally.trained_per_epoch,
+        "examples_per_epoch": tally.examples,
+        "over_max": {
+            "rows": tally.over_rows,
+            "truncated": tally.truncated,
+            "dropped": tally.dropped_after_cut,
+            "tokens_cut": tally.tokens_cut,
+            "lines": tally.over_lines,
+        },
+        "no_trained_tokens": {"rows": tally.untrainable, "lines": tally.untrainable_lines},
+        "truncation_rule": PAIR_TRUNCATION_RULE,
+        "trained_tokens_from": "the chosen and rejected answers after the prompt (the prompt "
+        "carries no loss)",
+        "tokenizer": {
+            "class": type(tokenizer).__name__,
+            "vocab_size": int(getattr(tokenizer, "vocab_size", 0) or 0),
+        },
+        "sample": _pair_sample(tokenizer, sample, chat_template) if sample else None,
+    }
+
+
+def _pair_sample(tokenizer: Any, row: dict[str, Any], chat_template: str | None) -> dict[str, Any]:
+    prompt, chosen, rejected = answer_texts(tokenizer, row, chat_template)
+    return {
+        "line": row.get("line"),
+        "chosen": [{"text": prompt, "trained": False}, {"text": chosen, "trained": True}],
+        "rejected": [{"text": prompt, "trained": False}, {"text": rejected, "trained": True}],
+    }
+
+
+def _summary(values: list[int]) -> dict[str, Any]:
+    ordered = sorted(values)
+    return {
+        "min": ordered[0] if ordered else 0,
+        "p50": _percentile(ordered, 50),
+        "p95": _percentile(ordered, 95),
+        "max": ordered[-1] if ordered else 0,
+        "mean": round(sum(ordered) / len(ordered), 1) if ordered else 0,
     }
 
 
@@ -325,22 +427,13 @@ def _sample(
 
 
 def _training_rows(dataset_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    normalized = dataset_dir / "normalized.jsonl"
-    if not normalized.is_file():
-        raise ReportFailed(
-            "dataset_missing",
-            "The dataset's normalised rows are missing from the data dir.",
-            "Upload the file again.",
-        )
-    eval_lines = read_eval_lines(dataset_dir)
-    rows = []
-    with normalized.open(encoding="utf-8") as handle:
-        for text in handle:
-            if text.strip():
-                row = json.loads(text)
-                if row.get("line") not in eval_lines:
-                    rows.append(row)
-    return rows, len(eval_lines)
+    """The rows a job trains on at the dataset's own eval fraction, and how many are held out."""
+    datasets_dir, dataset_id = dataset_dir.parent, dataset_dir.name
+    try:
+        rows = list(iter_rows(datasets_dir, dataset_id, "train"))
+    except DatasetRowsMissing as exc:
+        raise ReportFailed("dataset_missing", exc.message, "Upload the file again.") from exc
+    return rows, sum(1 for _ in iter_rows(datasets_dir, dataset_id, "eval"))
 
 
 def _percentile(sorted_values: list[int], pct: float) -> int:

@@ -3,6 +3,9 @@ a `message` (what happened) and a `hint` (what to do about it)."""
 
 from __future__ import annotations
 
+# The web app's and the worker's dataset problems are one class: kind "dataset", message, hint.
+from app.services.datasets.errors import DatasetError as DatasetError
+
 
 class TrainingError(Exception):
     kind = "training"
@@ -28,10 +31,6 @@ class OutOfMemory(TrainingError):
             "lower max_seq_len, or set gradient checkpointing to 'offload' or, for the longest "
             "sequences, 'tiled'.",
         )
-
-
-class DatasetError(TrainingError):
-    kind = "dataset"
 
 
 class ModelNotFound(TrainingError):

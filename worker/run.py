@@ -36,9 +36,9 @@ from typing import Any
 from app import queue
 from app.db import Database
 from app.models import BaseModelEntry, Dataset
+from app.services.datasets.store import iter_rows
 from app.settings import Settings
 from app.train_config import TrainConfig
-from worker.data import read_eval_lines
 from worker.failures import hint_for
 from worker.job_io import (
     DatabaseControl,
@@ -63,31 +63,27 @@ class ChildError(Exception):
         self.kind, self.message, self.hint = kind, message, hint or hint_for(kind)
 
 
-def dataset_files(dataset_dir: Path, run_dir: Path, use_eval: bool) -> tuple[Path, Path | None]:
+def dataset_files(
+    dataset_dir: Path, run_dir: Path, eval_fraction: float
+) -> tuple[Path, Path | None]:
     """The dataset's train and eval rows as two files in the run folder.
 
-    The split is the one recorded on the dataset at upload (`split.json`: the `line` numbers of the
-    eval rows), so every job on a dataset evaluates on the same held-out rows. With eval off
-    (eval_fraction 0) every row trains.
+    The job's `eval_fraction` of the rows is held out, chosen by the dataset's split seed
+    (`app.services.datasets.store`), so every job on a dataset with the same fraction evaluates
+    on the same rows. With eval_fraction 0 every row trains.
     """
-    normalized = dataset_dir / "normalized.jsonl"
-    if not normalized.is_file():
-        raise ChildError(
-            "dataset",
-            "The dataset's normalised rows are missing from the data dir.",
-            "Upload the dataset again; if the data dir was moved, move its datasets/ folder too.",
-        )
-    eval_lines = read_eval_lines(dataset_dir) if use_eval else set()
     train, evaluation = run_dir / "train.jsonl", run_dir / "eval.jsonl"
-    with (
-        normalized.open("rb") as source,
-        train.open("wb") as train_out,
-        evaluation.open("wb") as eval_out,
+    datasets_dir, dataset_id = dataset_dir.parent, dataset_dir.name
+    written = {}
+    for path, rows in (
+        (train, iter_rows(datasets_dir, dataset_id, "train", eval_fraction=eval_fraction)),
+        (evaluation, iter_rows(datasets_dir, dataset_id, "eval", eval_fraction=eval_fraction)),
     ):
-        for raw in source:
-            if raw.strip():
-                (eval_out if json.loads(raw)["line"] in eval_lines else train_out).write(raw)
-    return train, (evaluation if eval_lines else None)
+        with path.open("w", encoding="utf-8") as out:
+            written[path] = sum(
+                out.write(json.dumps(row, ensure_ascii=False) + "\n") for row in rows
+            )
+    return train, (evaluation if written[evaluation] else None)
 
 
 def download_progress(control: Any) -> type:
@@ -178,7 +174,7 @@ def train(
     output_dir = settings.runs_dir / str(job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows_path, eval_rows_path = dataset_files(
-        settings.datasets_dir / job.dataset_id, output_dir, use_eval=config.eval_fraction > 0
+        settings.datasets_dir / job.dataset_id, output_dir, config.eval_fraction
     )
     model_path = model_location(db, settings, job.base_model, control)
     recipe = recipe_class(

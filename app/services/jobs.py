@@ -18,7 +18,7 @@ from app import faults, queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
-from app.services import models, trackers
+from app.services import datasets, models, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
 from app.train_config import METHOD_DEFAULTS, METHOD_FIELDS, PRESETS, Method, TrainConfig
@@ -42,7 +42,29 @@ def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
             "used for training.",
             "Fix the file and upload it again, or re-import it with 'drop bad rows'.",
         )
+    _check_method_suits(config, dataset)
     return queue.enqueue(db, config, max_attempts=settings.max_attempts)
+
+
+def _check_method_suits(config: TrainConfig, dataset: Dataset) -> None:
+    """A preference dataset trains with a preference method only, an SFT dataset with sft only."""
+    suited = datasets.suited_methods(dataset)
+    method = config.method.value
+    if method in suited:
+        return
+    if method == "sft":
+        raise Conflict(
+            f"Dataset {dataset.name} holds preference pairs (a chosen and a rejected answer to "
+            "each prompt); method sft trains on one answer per example and cannot use them.",
+            f"Choose method {' or '.join(suited)} for this dataset, or upload SFT data "
+            "(e.g. prompt/completion or messages rows) to train with sft.",
+        )
+    raise Conflict(
+        f"Dataset {dataset.name} holds SFT examples (one answer each); method {method} needs "
+        "preference pairs: a chosen and a rejected answer to each prompt.",
+        "Upload a preference dataset (e.g. prompt/chosen/rejected rows) for "
+        f"{method}, or choose method sft for this dataset.",
+    )
 
 
 def delete_job(db: Database, settings: Settings, job_id: int) -> None:

@@ -16,7 +16,7 @@ from sqlmodel import col, select
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import BaseModelEntry
-from app.services.dataset_errors import describe_type
+from app.services.datasets.errors import describe_type
 from app.settings import Settings
 from app.train_config import MODEL_NAME_PATTERN
 

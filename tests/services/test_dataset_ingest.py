@@ -16,14 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.models import DatasetStatus
-from app.services.dataset_errors import DatasetFileError, DatasetFormatError, DatasetTooLarge
-from app.services.dataset_ingest import (
-    MAX_ERROR_DETAILS,
-    IngestResult,
-    eval_size,
-    ingest_dataset,
-)
-from app.services.dataset_readers import IngestLimits
+from app.services.datasets.errors import DatasetFileError, DatasetFormatError, DatasetTooLarge
+from app.services.datasets.ingest import MAX_ERROR_DETAILS, IngestResult, ingest_dataset
+from app.services.datasets.readers import IngestLimits
+from app.services.datasets.store import eval_size
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
 
@@ -171,13 +167,14 @@ def test_parquet_with_nested_conversations(tmp_path):
     )
 
 
-@pytest.mark.parametrize("fixture", ["preference.jsonl", "preference_chat.jsonl"])
-def test_preference_data_is_refused_with_a_way_forward(tmp_path, fixture):
-    with pytest.raises(DatasetFormatError) as caught:
-        ingest(tmp_path, fixture)
-    assert "preference (DPO) data" in caught.value.message
-    assert "column mapping" in caught.value.hint
-    assert not (tmp_path / "normalized.jsonl").exists()
+@pytest.mark.parametrize(
+    ("fixture", "detected"),
+    [("preference.jsonl", "preference"), ("preference_chat.jsonl", "hh_preference")],
+)
+def test_preference_data_is_read_as_pairs_not_refused(tmp_path, fixture, detected):
+    result = ingest(tmp_path, fixture)
+    assert (result.format, result.status, result.valid_rows) == (detected, "ready", 1)
+    assert set(normalized_rows(result)[0]) == {"line", "prompt", "chosen", "rejected"}
 
 
 def test_preference_data_trains_on_chosen_with_a_mapping(tmp_path):

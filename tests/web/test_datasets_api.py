@@ -105,11 +105,11 @@ async def test_column_mapping(client):
 
 @pytest.mark.anyio
 async def test_unusable_file_is_422_and_nothing_is_kept(client, settings):
-    response = await upload(client, "prefs.jsonl", (FIXTURES / "preference.jsonl").read_bytes())
+    response = await upload(client, "odd.jsonl", (FIXTURES / "unknown_columns.jsonl").read_bytes())
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "dataset_format_invalid"
-    assert "preference (DPO) data" in error["message"]
+    assert "could not recognise the dataset format" in error["message"]
     assert error["hint"]
     assert list(settings.datasets_dir.iterdir()) == []
     assert list(settings.tmp_dir.iterdir()) == []

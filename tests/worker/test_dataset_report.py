@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from app.models import DatasetReport
-from app.services import dataset_reports, datasets, models
+from app.services import datasets, models
+from app.services.datasets import reports as dataset_reports
 from worker.data import tokenize_row
 from worker.dataset_report import TRUNCATION_RULE, histogram, run_pending_reports
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.services import dataset_reports, datasets, models
+from app.services import datasets, models
+from app.services.datasets import reports as dataset_reports
 from app.train_config import TrainConfig
 from worker.data import IGNORE_INDEX, read_rows, tokenize_row
 from worker.dataset_report import TRUNCATION_RULE, run_pending_reports
@@ -43,7 +44,7 @@ def test_training_cuts_and_drops_exactly_the_rows_the_report_said(
     config = TrainConfig(dataset_id=dataset.id, max_seq_len=MAX_LEN, eval_fraction=0.05)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    rows_path, eval_path = dataset_files(settings.datasets_dir / dataset.id, run_dir, True)
+    rows_path, eval_path = dataset_files(settings.datasets_dir / dataset.id, run_dir, 0.05)
     control = LocalControl()
     recipe = SFTRecipe(
         config,

@@ -14,17 +14,17 @@ from starlette.datastructures import UploadFile
 
 from app.errors import UserError, whole_number
 from app.models import Dataset, DatasetReport, SideWorkStatus
-from app.services import dataset_reports, datasets, models, system
-from app.services.dataset_errors import DatasetError
-from app.services.dataset_formats import FORMAT_FIELDS
+from app.services import datasets, models, system
 from app.services.datasets import DatasetServiceError
+from app.services.datasets import reports as dataset_reports
+from app.services.datasets.errors import DatasetError
+from app.services.datasets.formats import MAPPABLE_FIELDS
 from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
 
 router = APIRouter(tags=["datasets"])
 
-# The upload form's column fields: `column_<field>` names the file's column for that field.
-MAPPABLE_FIELDS = tuple(f for fields in FORMAT_FIELDS.values() for f in fields)
+# The upload form's column fields (MAPPABLE_FIELDS): `column_<field>` names the file's column.
 PREVIEW_ROWS = 20
 
 
@@ -124,7 +124,7 @@ def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:
     """A dataset as the API shows it: its record, `valid` and the latest done token report."""
     report = dataset_reports.latest_done_report(request.app.state.db, dataset.id)
     return {
-        **dataset.model_dump(mode="json"),
+        **datasets.dataset_public(dataset),
         "valid": dataset.status == "ready",
         "token_stats": dataset_reports.token_stats(report),
     }
@@ -132,7 +132,7 @@ def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:
 
 @router.get("/api/datasets")
 def list_datasets(request: Request) -> Any:
-    return [d.model_dump(mode="json") for d in datasets.list_datasets(request.app.state.db)]
+    return [datasets.dataset_public(d) for d in datasets.list_datasets(request.app.state.db)]
 
 
 @router.get("/api/datasets/{dataset_id}")
@@ -218,6 +218,7 @@ def _detail_context(db: DbDep, settings: SettingsDep, dataset: Dataset) -> dict[
     return {
         **_report_context(db, settings, dataset),
         "preview": datasets.preview_rows(settings, dataset, PREVIEW_ROWS),
+        "methods": datasets.suited_methods(dataset),
         "jobs": using,
         "delete_refusal": datasets.delete_refusal(using),
     }

@@ -1,4 +1,4 @@
-"""Typed dataset problems: one bad row (`RowError`), or a file that cannot be used (`DatasetError`).
+"""Typed dataset problems: one bad row (`RowError`), or a dataset that cannot be used (`DatasetError`).
 
 Line numbers are 1-based: the physical line of a JSONL or CSV file, the row position in a JSON
 array or a Parquet file. `field` is the column name as the user's file spells it, with a path into
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from app.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -29,34 +31,40 @@ class RowError:
         return f"{where}: {self.message}"
 
 
-class DatasetError(Exception):
-    """The file as a whole cannot be used. Shown to the user as-is, with its hint."""
+class DatasetError(UserError):
+    """A dataset that cannot be used, as a whole: shown to the user as-is, with its hint.
+
+    The one dataset error of both processes: the web app raises it for an upload (422 with the
+    line and field), the worker for rows it cannot train on (a failed job of kind "dataset").
+    """
 
     code = "dataset_invalid"
     status_code = 422
+    kind = "dataset"  # the failed job's error kind, when a training run raises it
 
     def __init__(
         self,
         message: str,
+        hint: str | None = None,
         *,
         line: int | None = None,
         field: str | None = None,
-        hint: str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, hint or "")
         self.line = line
         self.field = field
-        self.hint = hint
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "code": self.code,
             "message": self.message,
-            "hint": self.hint,
+            "hint": self.hint or None,
             "line": self.line,
             "field": self.field,
         }
+
+    def to_json(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"error": self.to_dict()}
 
     def __str__(self) -> str:
         where = ""
@@ -69,7 +77,7 @@ class DatasetError(Exception):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(line={self.line!r}, field={self.field!r}, "
-            f"message={self.message!r}, hint={self.hint!r})"
+            f"message={self.message!r}, hint={self.hint or None!r})"
         )
 
 

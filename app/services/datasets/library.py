@@ -2,7 +2,7 @@
 list, show and delete the results.
 
 A dataset lives in `datasets_dir/<uuid hex>/`: `original.<type>` (the upload as sent),
-`normalized.jsonl` and `split.json` (see `dataset_ingest`). The user's file name is display text.
+`normalized.jsonl` and `split.json` (see `ingest` and `store`). The user's file name is display text.
 While it is ingested the folder also holds `.ingest.lock`, locked (flock) by the ingesting process:
 a folder with no database row, no `split.json` and no live lock is what a killed server left, and
 the next start sweeps it.
@@ -11,13 +11,13 @@ the next start sweeps it.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import re
 import shutil
 import time
 import uuid
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,9 +28,11 @@ from app import faults
 from app.db import Database
 from app.errors import UserError
 from app.models import Dataset, DatasetReport, Job, JobStatus
-from app.services.dataset_errors import DatasetError
-from app.services.dataset_ingest import NORMALIZED_FILENAME, ingest_dataset
-from app.services.dataset_readers import ACCEPTED_FILE_TYPES, IngestLimits
+from app.services.datasets.errors import DatasetError
+from app.services.datasets.formats import methods_of
+from app.services.datasets.ingest import ingest_dataset
+from app.services.datasets.readers import ACCEPTED_FILE_TYPES, IngestLimits
+from app.services.datasets.store import SPLIT_FILENAME, DatasetRowsMissing, iter_rows
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,17 @@ def import_local_file(
     return dataset
 
 
+def suited_methods(dataset: Dataset) -> list[str]:
+    """The training methods the dataset's rows suit: ["sft"], or ["dpo", "orpo"] for pairs."""
+    return list(methods_of(dataset.format))
+
+
+def dataset_public(dataset: Dataset) -> dict[str, Any]:
+    """A dataset as the API lists it: its record (`format` names the detected shape) and the
+    training methods it suits."""
+    return {**dataset.model_dump(mode="json"), "methods": suited_methods(dataset)}
+
+
 def find_by_name(db: Database, name: str) -> Dataset | None:
     with db.read() as session:
         return session.exec(select(Dataset).where(Dataset.name == name)).first()
@@ -345,19 +358,13 @@ def reimport_dataset(
 
 
 def preview_rows(settings: Settings, dataset: Dataset, limit: int = 20) -> list[dict[str, Any]]:
-    """The first `limit` normalised rows, as stored (`{"line", "messages"}` or `{"line", "text"}`)."""
-    folder = _folder_of(settings, dataset.id)
-    path = folder / NORMALIZED_FILENAME if folder is not None else None
-    if path is None or not path.is_file():
+    """The first `limit` normalised rows, as stored (shapes in `formats/base.py`)."""
+    if _folder_of(settings, dataset.id) is None:
         return []
-    rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if len(rows) >= limit:
-                break
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
+    try:
+        return list(islice(iter_rows(settings, dataset.id), limit))
+    except DatasetRowsMissing:
+        return []
 
 
 def _folder_of(settings: Settings, dataset_id: str) -> Path | None:
@@ -399,7 +406,7 @@ def sweep_orphan_datasets(db: Database, settings: Settings) -> int:
     for dataset_id, folder in sorted(folders.items()):
         if dataset_id in known or not folder.is_dir():
             continue
-        if (folder / "split.json").exists():
+        if (folder / SPLIT_FILENAME).exists():
             log.warning("dataset folder %s has no database row; left in place", folder)
             continue
         if _ingest_in_progress(folder):
@@ -424,6 +431,4 @@ def _ingest_in_progress(folder: Path) -> bool:
 
 def error_body(error: DatasetServiceError | DatasetError) -> dict[str, Any]:
     """The API's error shape: {"error": {"code", "message", "hint", ...}}."""
-    if isinstance(error, DatasetError):
-        return {"error": error.to_dict()}
     return error.to_json()

@@ -3,12 +3,11 @@
 Files written in the dataset's folder (each via a temporary file and a rename, so a reader never
 sees half a file):
 
-- `normalized.jsonl`: the valid rows, one per line, as `{"line": N, "messages": [...]}` or
-  `{"line": N, "text": ...}` (see `dataset_formats`). `line` is the row's line in the upload.
-- `split.json`: the held-out evaluation rows, by line:
+- `normalized.jsonl`: the valid rows, one per line, in the normalised form of their format
+  (see `formats/base.py`). `line` is the row's line in the upload.
+- `split.json`: the split seed and the rows held out at the upload's eval fraction:
   `{"seed", "eval_fraction", "max_eval_rows", "train_rows", "eval_rows", "eval_lines": [...]}`.
-  A normalised row is an eval row when its `line` is in `eval_lines`; every other row trains.
-  An index rather than two more copies of the data: the dataset is already stored twice.
+  Rows are read, and a job's own eval fraction applied, by `store.iter_rows`.
 
 Problems that make the whole file unusable raise `DatasetError` and write nothing; so does a file
 whose normalised rows would pass `limits.output_max_bytes` (DatasetTooLarge, 413). Problems in
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import uuid
 from array import array
@@ -34,17 +32,21 @@ from pathlib import Path
 from typing import IO, Any
 
 from app.models import DatasetStatus
-from app.services.dataset_errors import DatasetFileError, RowError
-from app.services.dataset_formats import FORMAT_NAMES, detect_format, normalize_row
-from app.services.dataset_readers import IngestLimits, read_rows, row_too_large
+from app.services.datasets.errors import DatasetFileError, RowError
+from app.services.datasets.formats import detect_format, format_title
+from app.services.datasets.readers import IngestLimits, read_rows, row_too_large
+from app.services.datasets.store import (
+    DEFAULT_EVAL_FRACTION,
+    DEFAULT_SPLIT_SEED,
+    MAX_EVAL_ROWS,
+    NORMALIZED_FILENAME,
+    SPLIT_FILENAME,
+    eval_size,
+    held_out_positions,
+)
 
-NORMALIZED_FILENAME = "normalized.jsonl"
-SPLIT_FILENAME = "split.json"
 DETECTION_SAMPLE_ROWS = 50
 MAX_ERROR_DETAILS = 50
-DEFAULT_EVAL_FRACTION = 0.05
-MAX_EVAL_ROWS = 1000
-DEFAULT_SPLIT_SEED = 42
 # `{{name}}`, `{{ author }}`: left by identity-style templates (LLaMA-Factory's identity.json) that
 # expect a substitution before training; trained as they are, the model learns the braces.
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
@@ -54,7 +56,7 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 class IngestResult:
     """What validation found, in the numbers the dataset page shows."""
 
-    format: str
+    format: str  # the format's name (formats/)
     file_type: str
     columns: dict[str, str]  # format field -> column of the file it was read from
     rows: int  # data rows in the file (blank lines not counted)
@@ -78,7 +80,7 @@ class IngestResult:
     def report(self) -> dict[str, Any]:
         """The part of the result kept in `Dataset.report`."""
         return {
-            "format_name": FORMAT_NAMES.get(self.format, self.format),
+            "format_name": format_title(self.format),
             "columns": self.columns,
             "bad_rows": self.bad_rows,
             "error_counts": self.error_counts,
@@ -136,7 +138,7 @@ def ingest_dataset(
                 problems = [raw.error]
             else:
                 assert raw.record is not None
-                normalized, problems = normalize_row(dataset_format, raw.line, raw.record)
+                normalized, problems = dataset_format.normalize(raw.line, raw.record)
             if normalized is not None:
                 encoded = _encode(normalized, raw.line)
                 if not isinstance(encoded, RowError) and len(encoded) > limits.row_max_bytes:
@@ -163,7 +165,7 @@ def ingest_dataset(
                     details.append(problem.to_dict())
 
     eval_count = eval_size(valid_rows, eval_fraction, max_eval_rows)
-    positions = sorted(random.Random(split_seed).sample(range(valid_rows), eval_count))
+    positions = sorted(held_out_positions(valid_rows, split_seed, eval_fraction, max_eval_rows))
     eval_lines = [valid_lines[p] for p in positions]
     split_path = folder / SPLIT_FILENAME
     split = {
@@ -210,7 +212,7 @@ class _Placeholders:
         self.example = ""
 
     def look_at(self, row: dict[str, Any]) -> None:
-        texts = [row["text"]] if "text" in row else [m["content"] for m in row["messages"]]
+        texts = [row["text"]] if "text" in row else [m["content"] for m in _messages(row)]
         found = [m for text in texts if "{{" in text for m in PLACEHOLDER.finditer(text)]
         if not found:
             return
@@ -229,12 +231,11 @@ class _Placeholders:
         return {"rows": self.rows, "names": names, "line": self.line, "example": self.example}
 
 
-def eval_size(valid_rows: int, fraction: float, max_rows: int) -> int:
-    """Rows held out for evaluation: `fraction` of the rows, at least one, at most `max_rows`,
-    always leaving at least one row to train on."""
-    if valid_rows < 2 or fraction <= 0 or max_rows <= 0:
-        return 0
-    return min(max_rows, valid_rows - 1, max(1, round(valid_rows * fraction)))
+def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """Every message of a normalised row: a conversation's, or a pair's prompt and answers."""
+    if "messages" in row:
+        return list(row["messages"])
+    return [*row["prompt"], *row["chosen"], *row["rejected"]]
 
 
 def _encode(row: dict[str, Any], line: int) -> bytes | RowError:
