@@ -65,7 +65,12 @@ from worker.data import (
     trained_segments,
 )
 from worker.errors import ChatTemplateMissing, TrainingError
-from worker.preference_data import PAIR_TRUNCATION_RULE, answer_texts, tokenize_pair
+from worker.preference_data import (
+    PAIR_TRUNCATION_RULE,
+    TokenizedPair,
+    answer_texts,
+    tokenize_pair,
+)
 from worker.side_work import lease_kept
 
 TRUNCATION_RULE = (
@@ -298,7 +303,8 @@ def pair_report(
             if line is not None and len(tally.untrainable_lines) < MAX_LINES_LISTED:
                 tally.untrainable_lines.append(line)
             continue
-        for name, ids in zip(parts, whole, strict=True):
+        sides = (whole.prompt_ids, whole.chosen_ids, whole.rejected_ids)
+        for name, ids in zip(parts, sides, strict=True):
             parts[name].append(len(ids))
         longest = len(whole.prompt_ids) + max(len(whole.chosen_ids), len(whole.rejected_ids))
         lengths.append(longest)
@@ -312,10 +318,10 @@ def pair_report(
                 tally.dropped_after_cut += 1
                 continue
             tally.truncated += 1
-            tally.tokens_cut += sum(map(len, whole)) - sum(map(len, cut))
+            tally.tokens_cut += _pair_tokens(whole) - _pair_tokens(cut)
             kept = cut
         tally.examples += 1
-        tally.tokens_per_epoch += sum(map(len, kept))
+        tally.tokens_per_epoch += _pair_tokens(kept)
         tally.trained_per_epoch += len(kept.chosen_ids) + len(kept.rejected_ids)
     sample = next((r for r in rows if tokenize_pair(tokenizer, r, UNLIMITED, chat_template)), None)
     return {
@@ -527,3 +533,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _pair_tokens(pair: TokenizedPair) -> int:
+    """A pair's tokens, its prompt counted once (the report's measure, not a training batch's)."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)

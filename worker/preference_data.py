@@ -15,7 +15,8 @@ either side is dropped (`tokenize_pair` returns None) and counted by the report.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 from worker.data import template_of
 
@@ -26,12 +27,18 @@ PAIR_TRUNCATION_RULE = (
 )
 
 
-class TokenizedPair(NamedTuple):
+@dataclass
+class TokenizedPair:
     """One preference pair as token ids: the prompt and each answer after it."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    truncated: bool = False  # an answer (or, with max_prompt_len, the prompt) was cut to fit
+    line: int | None = None
+
+    def __len__(self) -> int:  # its tokens in a training batch: the prompt goes in twice
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
 def tokenize_pair(
@@ -52,13 +59,15 @@ def tokenize_pair(
         _encode(tokenizer, _answer_text(tokenizer, row["prompt"], row[side], template, prompt_text))
         for side in ("chosen", "rejected")
     ]
+    whole = len(prompt_ids) + sum(map(len, answers))
     if max_prompt_len is not None and len(prompt_ids) > max_prompt_len:
         prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_len :] if max_prompt_len else []
     room = max_seq_len - len(prompt_ids)
     chosen_ids, rejected_ids = (answer[: max(room, 0)] for answer in answers)
     if not chosen_ids or not rejected_ids:
         return None
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+    cut = len(prompt_ids) + len(chosen_ids) + len(rejected_ids) < whole
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, cut, row.get("line"))
 
 
 def answer_texts(

@@ -13,10 +13,11 @@ import torch
 
 from app.train_config import Method, TrainConfig
 from worker.metrics import ListSink
+from worker.preference_data import TokenizedPair, tokenize_pair
 from worker.recipes import RECIPES, recipe_for
 from worker.recipes.dpo import DPORecipe
 from worker.recipes.orpo import ORPORecipe
-from worker.recipes.preference import PairCollator, TokenizedPair, answer_logps, tokenize_pair
+from worker.recipes.preference import PairCollator, answer_logps
 from worker.recipes.sft import LocalControl
 
 pytestmark = pytest.mark.slow
@@ -133,15 +134,12 @@ def test_dpo_loss_and_gradients_match_trls_dpo_trainer_on_the_same_pairs(
     model = _nudged(trl.model)
     model.train()
     processed = [trl.train_dataset[i] for i in range(len(rows))]
-    # Our tokens are TRL's tokens: the chat template, the prompt, each answer's end of turn.
-    ours = [tokenize_pair(tokenizer, row, 10_000) for row in rows]
-    for (pair, cut), theirs in zip(ours, processed, strict=True):
-        assert not cut
-        assert (pair.prompt, pair.chosen, pair.rejected) == (
-            theirs["prompt_ids"],
-            theirs["chosen_ids"],
-            theirs["rejected_ids"],
-        )
+    # The same tokens on both sides: TRL's (ours leave out the separator after the end of turn).
+    ours = [TokenizedPair(t["prompt_ids"], t["chosen_ids"], t["rejected_ids"]) for t in processed]
+    for pair, row in zip(ours, rows, strict=True):
+        mine = tokenize_pair(tokenizer, row, 10_000)
+        assert mine.prompt_ids == pair.prompt_ids
+        assert pair.chosen_ids[: len(mine.chosen_ids)] == mine.chosen_ids
 
     model.zero_grad()
     trl_loss = trl.compute_loss(model, trl.data_collator(processed))
@@ -155,10 +153,10 @@ def test_dpo_loss_and_gradients_match_trls_dpo_trainer_on_the_same_pairs(
         tmp_path,
         ListSink(),
         LocalControl(),
-        train_examples=[p for p, _ in ours],
+        train_examples=ours,
     )
     recipe._figures = {"train": [], "eval": []}
-    our_loss = recipe.batch_loss(model, PairCollator()([[p for p, _ in ours]]))
+    our_loss = recipe.batch_loss(model, PairCollator()([ours]))
     our_loss.backward()
     our_grads = _lora_grads(model)
 
@@ -180,7 +178,7 @@ def test_orpos_odds_ratio_term_matches_trls(demo_model, demo_dataset, tokenizer,
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
     model = _lora_model(demo_model)
-    pairs = [tokenize_pair(tokenizer, row, 10_000)[0] for row in _pairs(demo_dataset)[:4]]
+    pairs = [tokenize_pair(tokenizer, row, 10_000) for row in _pairs(demo_dataset)[:4]]
     batch = PairCollator()([pairs])
     logps, tokens = answer_logps(model, batch)
     average = logps / tokens
@@ -211,28 +209,13 @@ def test_pairs_packed_in_one_row_score_as_they_do_alone(demo_model, demo_dataset
     """No sequence attends to another in the padding-free row: each answer's log-probability is
     the one it has in a batch of its own."""
     model = _lora_model(demo_model).eval()
-    pairs = [tokenize_pair(tokenizer, row, 10_000)[0] for row in _pairs(demo_dataset)[:5]]
+    pairs = [tokenize_pair(tokenizer, row, 10_000) for row in _pairs(demo_dataset)[:5]]
     with torch.no_grad():
         together, tokens = answer_logps(model, PairCollator()([pairs]))
         alone = torch.cat([answer_logps(model, PairCollator()([[p]]))[0] for p in pairs])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
-    want = [n for p in pairs for n in (len(p.chosen), len(p.rejected))]
+    want = [n for p in pairs for n in (len(p.chosen_ids), len(p.rejected_ids))]
     assert tokens.tolist() == want
-
-
-def test_a_long_pair_is_cut_to_max_seq_len_and_one_with_no_answer_left_is_dropped(tokenizer):
-    prompt = [{"role": "user", "content": "word " * 200}]
-    row = {
-        "prompt": prompt,
-        "chosen": [{"role": "assistant", "content": "yes " * 50}],
-        "rejected": [{"role": "assistant", "content": "no"}],
-    }
-    pair, cut = tokenize_pair(tokenizer, row, 64)
-    assert cut and len(pair.prompt) + max(len(pair.chosen), len(pair.rejected)) <= 64
-    assert pair.chosen and pair.rejected
-    whole, _ = tokenize_pair(tokenizer, row, 10_000)
-    assert pair.prompt == whole.prompt[-len(pair.prompt) :]  # the prompt keeps its end
-    assert isinstance(pair, TokenizedPair)
 
 
 def test_every_training_method_has_a_recipe():
@@ -246,8 +229,15 @@ def test_a_short_preference_run_prefers_the_chosen_answers_resumes_and_saves(
 ):
     def run(config, output_dir, control=None):
         sink, control = ListSink(), control or LocalControl()
+        # Evaluated on the pairs it trains on: has it learnt to prefer their chosen answers?
         recipe = recipe_for(method)(
-            config, demo_model, output_dir, sink, control, rows_path=pair_rows
+            config,
+            demo_model,
+            output_dir,
+            sink,
+            control,
+            rows_path=pair_rows,
+            eval_rows_path=pair_rows,
         )
         try:
             recipe.setup()
@@ -257,7 +247,7 @@ def test_a_short_preference_run_prefers_the_chosen_answers_resumes_and_saves(
             recipe.cleanup()
         return result, sink, control, adapter
 
-    config = _config(method, max_steps=8, save_every=4)
+    config = _config(method, max_steps=8, save_every=4, eval_every=4, learning_rate=1e-3)
     stopped, first, _, _ = run(config, tmp_path, LocalControl(stop_at_step=4))
     assert stopped.stop_reason == "cancel" and stopped.global_step == 4
     result, sink, control, adapter = run(config, tmp_path)
@@ -270,9 +260,12 @@ def test_a_short_preference_run_prefers_the_chosen_answers_resumes_and_saves(
             row
         )
         assert row["tokens"] > 0
-    # The chosen answers gain on the rejected ones (DPO's rewards start at 0: adapter = base).
-    margins = [r["reward_margin"] for r in rows]
-    assert sum(margins[-2:]) / 2 > sum(margins[:2]) / 2, margins
+    evals = first.eval_rows + sink.eval_rows
+    assert [r["step"] for r in evals] == [4, 8]
+    # The chosen answers gain on the rejected ones, and more with more training.
+    margins = [r["eval_reward_margin"] for r in evals]
+    assert 0 < margins[0] < margins[1], margins
+    assert evals[-1]["eval_reward_accuracy"] > 0.5
     assert control.fields["compute_mode"].startswith("fp32 LoRA on the CPU")
     saved = TrainConfig.model_validate_json((adapter / "train_config.json").read_text())
     assert saved.method == method and saved.beta == 0.1

@@ -41,7 +41,7 @@ def render(tokenizer, messages, generation_prompt=False) -> str:
 def test_a_pair_is_the_prompt_with_the_generation_prompt_then_each_whole_answer(tokenizer):
     pair = tokenize_pair(tokenizer, PAIR, max_seq_len=2048)
     assert pair is not None
-    prompt_ids, chosen_ids, rejected_ids = pair
+    prompt_ids, chosen_ids, rejected_ids = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
     prompt_text = render(tokenizer, PAIR["prompt"], generation_prompt=True)
     assert tokenizer.decode(prompt_ids) == prompt_text
     for side, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):

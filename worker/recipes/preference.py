@@ -1,5 +1,6 @@
-"""What the preference methods (DPO, ORPO) share: pairs as tokens, pairs as padding-free batches, and
-the log-probability of each answer.
+"""What the preference methods (DPO, ORPO) share: pairs as padding-free batches, and the
+log-probability of each answer. Pairs become tokens as the token report counts them
+(worker/preference_data.py).
 
 A pair is a prompt and two answers. In a micro-batch each pair becomes two sequences, prompt +
 chosen and prompt + rejected, and every sequence of every pair goes into ONE row with no padding
@@ -20,23 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from worker.data import IGNORE_INDEX, pack_examples, read_rows, template_of
+from worker.data import IGNORE_INDEX, pack_examples, read_rows
 from worker.errors import DatasetError
+from worker.preference_data import TokenizedPair, tokenize_pair
 from worker.training.recipe import LoRARecipe
 
 LOGP_SLICE_TOKENS = 4096
 MAX_EVAL_ROWS = 1000
-
-
-@dataclass
-class TokenizedPair:
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
-    line: int | None = None
-
-    def __len__(self) -> int:  # tokens in a batch: the prompt goes in twice
-        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
 
 
 @dataclass
@@ -57,48 +48,6 @@ class PairStats:
         return "; ".join(parts) + "." if parts else ""
 
 
-def tokenize_pair(
-    tokenizer: Any, row: dict[str, Any], max_seq_len: int, chat_template: str | None = None
-) -> tuple[TokenizedPair, bool] | None:
-    """A normalised preference row (`prompt`, `chosen`, `rejected` as message lists) as tokens with
-    the chat template: the prompt rendered as the model sees it before answering, each answer the
-    rest of the whole conversation (so its end-of-turn tokens are trained). Prompt + answer fits
-    `max_seq_len` (the prompt loses its oldest tokens first, then the answers their last ones).
-    (pair, whether it was cut), or None when an answer has no tokens left."""
-    template = template_of(tokenizer, chat_template)
-
-    def ids(messages: list[dict[str, Any]], prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    prompt = ids(row["prompt"], prompt=True)
-    chosen = ids(row["prompt"] + row["chosen"], prompt=False)
-    rejected = ids(row["prompt"] + row["rejected"], prompt=False)
-    shared = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
-    prompt, chosen, rejected = prompt[:shared], chosen[shared:], rejected[shared:]
-    longest = max(len(chosen), len(rejected))
-    cut = len(prompt) + longest > max_seq_len
-    if cut:
-        keep_prompt = max(max_seq_len - longest, min(len(prompt), max_seq_len // 2))
-        prompt = prompt[len(prompt) - keep_prompt :]
-        room = max_seq_len - len(prompt)
-        chosen, rejected = chosen[:room], rejected[:room]
-    if not chosen or not rejected:
-        return None
-    return TokenizedPair(prompt, chosen, rejected, row.get("line")), cut
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def tokenize_pairs(
     tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, chat_template: str | None
 ) -> tuple[list[TokenizedPair], PairStats]:
@@ -109,12 +58,11 @@ def tokenize_pairs(
                 f"Row {row.get('line')} is not a preference pair (prompt, chosen, rejected).",
                 "Train this dataset with method sft, or upload a preference dataset.",
             )
-        result = tokenize_pair(tokenizer, row, max_seq_len, chat_template)
-        if result is None:
+        pair = tokenize_pair(tokenizer, row, max_seq_len, chat_template)
+        if pair is None:
             stats.dropped_lines.append(row.get("line") or 0)
             continue
-        pair, cut = result
-        stats.truncated += cut
+        stats.truncated += pair.truncated
         pairs.append(pair)
     stats.pairs = len(pairs)
     return pairs, stats
@@ -137,9 +85,9 @@ class PairCollator:
         pairs = [p for item in features for p in (item if isinstance(item, list) else [item])]
         sequences, lengths = [], []
         for pair in pairs:
-            for answer in (pair.chosen, pair.rejected):
-                ids = pair.prompt + answer
-                labels = [IGNORE_INDEX] * len(pair.prompt) + answer
+            for answer in (pair.chosen_ids, pair.rejected_ids):
+                ids = pair.prompt_ids + answer
+                labels = [IGNORE_INDEX] * len(pair.prompt_ids) + answer
                 sequences.append({"input_ids": ids, "labels": labels})
                 lengths.append(len(ids))
         batch = self._flatten(sequences)
