@@ -89,7 +89,7 @@ def serve(
     supervisor = None
     if not no_worker:
         supervisor = WorkerSupervisor(
-            worker_command(gpus, parent_pid=os.getpid()), settings.runs_dir.parent / "worker.log"
+            worker_command(gpus, parent_pid=os.getpid()), settings.layout.worker_log
         )
         supervisor.start()
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host

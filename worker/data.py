@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app import layout
 from worker.errors import ChatTemplateMissing, DatasetError
 
 IGNORE_INDEX = -100
@@ -89,7 +90,7 @@ class TokenizeStats:
 def read_eval_lines(dataset_dir: Path) -> set[int]:
     """The `line` numbers of a dataset's held-out rows, from the split recorded at upload
     (`split.json`, written by app/services/dataset_ingest.py); empty when it has no split."""
-    split = Path(dataset_dir) / "split.json"
+    split = Path(dataset_dir) / layout.SPLIT
     if not split.is_file():
         return set()
     return set(json.loads(split.read_text(encoding="utf-8")).get("eval_lines", []))

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app import side_queue
+from app import layout, side_queue
 from app.db import Database
 from app.models import BaseModelEntry, Dataset, DatasetReport, SideWorkStatus
 from app.settings import Settings
@@ -129,7 +129,7 @@ def compute_and_store(
             cache[key] = load_tokenizer(settings, model)
         result = compute_report(
             cache[key],
-            settings.datasets_dir / dataset.id,
+            settings.layout.dataset_dir(dataset.id),
             max_seq_len=report.max_seq_len,
             train_on=report.train_on,
             chat_template=CHATML_TEMPLATE if report.chat_template == "chatml" else None,
@@ -325,7 +325,7 @@ def _sample(
 
 
 def _training_rows(dataset_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    normalized = dataset_dir / "normalized.jsonl"
+    normalized = dataset_dir / layout.NORMALIZED_ROWS
     if not normalized.is_file():
         raise ReportFailed(
             "dataset_missing",

@@ -223,7 +223,7 @@ class Engine:
 
     def adapter_dir(self, adapter: Adapter) -> Path:
         runs = self.settings.runs_dir.resolve()
-        path = (runs / str(int(adapter.job_id)) / "adapter").resolve()
+        path = self.settings.layout.adapter_dir(adapter.job_id).resolve()
         if not path.is_relative_to(runs) or not (path / "adapter_config.json").is_file():
             raise InferenceError(
                 404,

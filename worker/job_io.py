@@ -6,7 +6,7 @@
   `poll_seconds`, so a recipe may call it every step.
 - `DatabaseSink` is the recipe's MetricsSink: rows are batched and written together at most every
   `flush_seconds` (or every `max_rows`), one short write transaction per batch.
-- The result file `runs/<job>/attempt-<A>.result.json` is how the child tells the worker loop how
+- The result file (`DataLayout.attempt_result`) is how the child tells the worker loop how
   the attempt ended; the loop records it with the fenced queue operations.
 
 Every write is fenced by the attempt: once one is refused, the attempt is stale and stops.
@@ -50,14 +50,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def attempt_log_path(runs_dir: Path, job_id: int, attempt: int) -> Path:
-    return runs_dir / str(job_id) / f"attempt-{attempt}.log"
-
-
-def result_path(runs_dir: Path, job_id: int, attempt: int) -> Path:
-    return runs_dir / str(job_id) / f"attempt-{attempt}.result.json"
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ from app.models import JobStatus, Worker
 from app.settings import Settings
 from worker import failures, gpu
 from worker.gpu_lock import GpuLocks
-from worker.job_io import attempt_log_path, read_result, result_path
+from worker.job_io import read_result
 from worker.side_work import run_side_work
 
 log = logging.getLogger("worker")
@@ -225,7 +225,7 @@ class WorkerLoop:
                 self.db,
                 self.stopping,
                 child_environment(self.settings, self.gpus),
-                self.settings.resolved_data_dir / "worker-side.log",
+                self.settings.layout.side_work_log,
                 f"{self.id}-side",
             ),
             name="worker-side-work",
@@ -320,10 +320,9 @@ class WorkerLoop:
     def run_attempt(self, claim: queue.Claim) -> None:
         job_id, attempt = claim.job_id, claim.attempt
         log.info("job %s attempt %s: starting", job_id, attempt)
-        runs = self.settings.runs_dir
-        log_path = attempt_log_path(runs, job_id, attempt)
+        log_path = self.settings.layout.attempt_log(job_id, attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        result_file = result_path(runs, job_id, attempt)
+        result_file = self.settings.layout.attempt_result(job_id, attempt)
         result_file.unlink(missing_ok=True)
         self.current_job_id = job_id
 
@@ -381,7 +380,7 @@ class WorkerLoop:
     def _start_inference(self) -> None:
         """A child that serves chat generation for this worker's GPU; it writes its URL into this
         worker's row, which is how the web server finds it."""
-        log_path = self.settings.resolved_data_dir / "inference.log"
+        log_path = self.settings.layout.inference_log
         with log_path.open("ab") as out:
             self.inference = subprocess.Popen(
                 [

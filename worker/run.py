@@ -35,6 +35,7 @@ from typing import Any
 
 from app import queue
 from app.db import Database
+from app.layout import DataLayout
 from app.models import BaseModelEntry, Dataset
 from app.settings import Settings
 from app.train_config import TrainConfig
@@ -45,13 +46,10 @@ from worker.job_io import (
     DatabaseSink,
     OtherRankControl,
     OtherRankSink,
-    result_path,
     write_result,
 )
 
 log = logging.getLogger("worker.run")
-
-ADAPTER_DIR_NAME = "adapter"
 
 
 class ChildError(Exception):
@@ -62,22 +60,24 @@ class ChildError(Exception):
         self.kind, self.message, self.hint = kind, message, hint or hint_for(kind)
 
 
-def dataset_files(dataset_dir: Path, run_dir: Path, use_eval: bool) -> tuple[Path, Path | None]:
-    """The dataset's train and eval rows as two files in the run folder.
+def dataset_files(
+    layout: DataLayout, dataset_id: str, job_id: int, use_eval: bool
+) -> tuple[Path, Path | None]:
+    """The dataset's train and eval rows as two files in the job's run folder.
 
     The split is the one recorded on the dataset at upload (`split.json`: the `line` numbers of the
     eval rows), so every job on a dataset evaluates on the same held-out rows. With eval off
     (eval_fraction 0) every row trains.
     """
-    normalized = dataset_dir / "normalized.jsonl"
+    normalized = layout.normalized_rows(dataset_id)
     if not normalized.is_file():
         raise ChildError(
             "dataset",
             "The dataset's normalised rows are missing from the data dir.",
             "Upload the dataset again; if the data dir was moved, move its datasets/ folder too.",
         )
-    eval_lines = read_eval_lines(dataset_dir) if use_eval else set()
-    train, evaluation = run_dir / "train.jsonl", run_dir / "eval.jsonl"
+    eval_lines = read_eval_lines(layout.dataset_dir(dataset_id)) if use_eval else set()
+    train, evaluation = layout.run_rows(job_id)
     with (
         normalized.open("rb") as source,
         train.open("wb") as train_out,
@@ -170,10 +170,10 @@ def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_cl
     with db.read() as s:
         if s.get(Dataset, job.dataset_id) is None:
             raise ChildError("dataset", "The job's dataset was deleted.")
-    output_dir = settings.runs_dir / str(job_id)
+    output_dir = settings.layout.run_dir(job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows_path, eval_rows_path = dataset_files(
-        settings.datasets_dir / job.dataset_id, output_dir, use_eval=config.eval_fraction > 0
+        settings.layout, job.dataset_id, job_id, use_eval=config.eval_fraction > 0
     )
     model_path = model_location(db, settings, job.base_model, control)
     recipe = recipe_class(
@@ -201,7 +201,7 @@ def train(db: Database, settings: Settings, job_id: int, attempt: int, recipe_cl
             return {"status": "released"}
         saved = recipe.save()
         adapter_dir = (
-            Path(saved) if isinstance(saved, str | Path) else output_dir / ADAPTER_DIR_NAME
+            Path(saved) if isinstance(saved, str | Path) else settings.layout.adapter_dir(job_id)
         )
         return {
             "status": "succeeded",
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None, *, recipe_class: Any = None) -> int:
 
     settings = Settings()
     db = Database(settings.resolved_database_url)
-    path = result_path(settings.runs_dir, args.job_id, args.attempt)
+    path = settings.layout.attempt_result(args.job_id, args.attempt)
     try:
         if recipe_class is None:
             from worker.recipes.sft import SFTRecipe

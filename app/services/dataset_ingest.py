@@ -33,13 +33,14 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
+from app import layout
 from app.models import DatasetStatus
 from app.services.dataset_errors import DatasetFileError, RowError
 from app.services.dataset_formats import FORMAT_NAMES, detect_format, normalize_row
 from app.services.dataset_readers import IngestLimits, read_rows, row_too_large
 
-NORMALIZED_FILENAME = "normalized.jsonl"
-SPLIT_FILENAME = "split.json"
+NORMALIZED_FILENAME = layout.NORMALIZED_ROWS
+SPLIT_FILENAME = layout.SPLIT
 DETECTION_SAMPLE_ROWS = 50
 MAX_ERROR_DETAILS = 50
 DEFAULT_EVAL_FRACTION = 0.05

@@ -64,7 +64,7 @@ def delete_job(db: Database, settings: Settings, job_id: int) -> None:
 
 
 def _remove_run_dir(settings: Settings, job_id: int) -> None:
-    run_dir = (settings.runs_dir / str(int(job_id))).resolve()
+    run_dir = settings.layout.run_dir(job_id).resolve()
     if run_dir.is_relative_to(settings.runs_dir.resolve()) and run_dir.exists():
         shutil.rmtree(run_dir)
 
@@ -74,7 +74,7 @@ def retry_job(db: Database, settings: Settings, job_id: int, *, from_scratch: bo
     checkpoints are removed first, so no later attempt can resume from them)."""
     job = queue.retry(db, job_id, from_scratch=from_scratch, attempts=settings.max_attempts)
     if from_scratch:
-        checkpoints = (settings.runs_dir / str(int(job_id)) / "checkpoints").resolve()
+        checkpoints = settings.layout.checkpoints_dir(job_id).resolve()
         if checkpoints.is_relative_to(settings.runs_dir.resolve()):
             shutil.rmtree(checkpoints, ignore_errors=True)
     return job
@@ -82,8 +82,10 @@ def retry_job(db: Database, settings: Settings, job_id: int, *, from_scratch: bo
 
 def log_tail(settings: Settings, job: Job, lines: int = 40) -> list[str]:
     """The last lines of the job's newest attempt log."""
-    path = settings.runs_dir / str(job.id) / f"attempt-{job.attempt}.log"
-    if job.attempt == 0 or not path.is_file():
+    if job.id is None or job.attempt == 0:
+        return []
+    path = settings.layout.attempt_log(job.id, job.attempt)
+    if not path.is_file():
         return []
     with path.open("rb") as f:
         f.seek(0, 2)

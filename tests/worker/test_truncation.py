@@ -41,9 +41,9 @@ def test_training_cuts_and_drops_exactly_the_rows_the_report_said(
 
     # The recipe's data preparation, on the split files the worker child writes for a job.
     config = TrainConfig(dataset_id=dataset.id, max_seq_len=MAX_LEN, eval_fraction=0.05)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    rows_path, eval_path = dataset_files(settings.datasets_dir / dataset.id, run_dir, True)
+    run_dir = settings.layout.run_dir(1)
+    run_dir.mkdir(parents=True)
+    rows_path, eval_path = dataset_files(settings.layout, dataset.id, 1, True)
     control = LocalControl()
     recipe = SFTRecipe(
         config,
