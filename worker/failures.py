@@ -9,6 +9,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from app.attempt_result import AttemptResult
+
 MAX_GRAD_ACCUM_STEPS = 1024  # TrainConfig.grad_accum_steps' upper bound
 
 # kind -> what to do about it. The message says what happened; the hint says what to try.
@@ -53,20 +55,23 @@ def hint_for(kind: str | None) -> str:
     return HINTS.get(kind or "unknown", HINTS["unknown"])
 
 
-def classify_exit(returncode: int, log_tail: list[str]) -> dict[str, str]:
+def classify_exit(returncode: int, log_tail: list[str]) -> AttemptResult:
     """A result for a child that exited without writing one (killed, or died before it could)."""
     if returncode == -signal.SIGKILL:
-        return {
-            "error_kind": "killed",
-            "error_message": "The training process was killed by the host (SIGKILL), most likely "
+        return AttemptResult(
+            status="failed",
+            error_kind="killed",
+            error_message="The training process was killed by the host (SIGKILL), most likely "
             "because the machine ran out of RAM.",
-            "error_hint": HINTS["killed"],
-        }
+            error_hint=HINTS["killed"],
+        )
     how = f"was stopped by signal {-returncode}" if returncode < 0 else f"exited with {returncode}"
     message = f"The training process {how} without reporting a result."
     if log_tail:
         message += " Last lines of its log:\n" + "\n".join(log_tail)
-    return {"error_kind": "unknown", "error_message": message, "error_hint": HINTS["unknown"]}
+    return AttemptResult(
+        status="failed", error_kind="unknown", error_message=message, error_hint=HINTS["unknown"]
+    )
 
 
 def oom_retry(

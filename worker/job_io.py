@@ -14,7 +14,6 @@ Every write is fenced by the attempt: once one is refused, the attempt is stale 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,14 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import queue
+from app.attempt_result import AttemptResult
 from app.db import Database
 
 log = logging.getLogger(__name__)
-
-RESULT_STATUSES = ("succeeded", "failed", "cancelled", "released")
 
 # Fields that change every step: coalesced and written at most once a `progress_seconds`.
 FREQUENT_FIELDS = frozenset(
@@ -52,27 +51,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_result(path: Path, result: dict[str, Any]) -> None:
+def write_result(path: Path, result: AttemptResult) -> None:
     """Write the attempt's result atomically: the loop sees a whole file or none."""
-    if result.get("status") not in RESULT_STATUSES:
-        raise ValueError(f"not a result status: {result.get('status')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        f.write(result.to_json())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def read_result(path: Path) -> dict[str, Any] | None:
+def read_result(path: Path) -> AttemptResult | None:
+    """The attempt's result, or None when there is none (or it is not one)."""
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return AttemptResult.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
         return None
-    if not isinstance(result, dict) or result.get("status") not in RESULT_STATUSES:
-        return None
-    return result
 
 
 class _ShutdownWatch:

@@ -27,7 +27,11 @@ def test_no_oom_retry_below_one_example_or_past_the_accumulation_bound():
 
 def test_exits_without_a_result_are_classified():
     killed = classify_exit(-signal.SIGKILL, ["x"])
-    assert killed["error_kind"] == "killed" and killed["error_hint"] == HINTS["killed"]
+    assert (killed.status, killed.error_kind, killed.error_hint) == (
+        "failed",
+        "killed",
+        HINTS["killed"],
+    )
     other = classify_exit(1, ["line a", "line b"])
-    assert other["error_kind"] == "unknown" and other["error_message"].endswith("line a\nline b")
+    assert other.error_kind == "unknown" and (other.error_message or "").endswith("line a\nline b")
     assert hint_for("no such kind") == HINTS["unknown"]

@@ -16,6 +16,7 @@ import pytest
 from sqlmodel import select
 
 from app import queue
+from app.attempt_result import AdapterOutcome, AttemptResult
 from app.db import Database
 from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric, Worker
 from app.settings import Settings
@@ -125,10 +126,9 @@ def test_a_job_runs_once_and_registers_its_adapter(db, settings, workers):
         row = s.exec(select(Worker).where(Worker.pid == worker.pid)).one()
     assert adapter is not None and (adapter.size_bytes, adapter.eval_loss) == (128, 0.5)
     assert (row.gpus, row.stopped) == ("", False)
-    assert read_result(settings.layout.attempt_result(job.id, 1)) == {
-        "status": "succeeded",
-        "adapter": {"size_bytes": 128, "eval_loss": 0.5},
-    }
+    assert read_result(settings.layout.attempt_result(job.id, 1)) == AttemptResult(
+        status="succeeded", adapter=AdapterOutcome(size_bytes=128, eval_loss=0.5)
+    )
     assert "succeeded" in settings.layout.attempt_log(job.id, 1).read_text()
 
 
@@ -252,7 +252,9 @@ def test_sigterm_puts_the_job_back_and_the_worker_exits_quickly(db, settings, wo
     job = queue.get_job(db, slow.id)
     assert (job.status, job.attempt, job.notice) == (JobStatus.queued, 1, RELEASED_NOTICE)
     assert 2 <= job.progress_step < SLOW_STEPS
-    assert read_result(settings.layout.attempt_result(slow.id, 1)) == {"status": "released"}
+    assert read_result(settings.layout.attempt_result(slow.id, 1)) == AttemptResult(
+        status="released"
+    )
     with db.read() as s:
         assert s.exec(select(Worker).where(Worker.pid == worker.pid)).one().stopped
 
