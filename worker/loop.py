@@ -45,6 +45,7 @@ from app.attempt_result import AttemptResult, OomDetails
 from app.db import Database
 from app.models import JobStatus, Worker
 from app.settings import Settings
+from app.train_config import TrainConfig
 from worker import failures, gpu
 from worker.gpu_lock import GpuLocks
 from worker.job_io import read_result
@@ -534,10 +535,12 @@ class WorkerLoop:
             return False
         oom = result.oom or OomDetails()
         step = oom.step if oom.step is not None else job.progress_step
-        retry = failures.oom_retry(job.config, step=step, seq_len=oom.seq_len)
+        retry = failures.oom_retry(
+            TrainConfig.model_validate(job.config), step=step, seq_len=oom.seq_len
+        )
         if retry is None:
             return False
-        config, notice = retry
+        config, notice = retry[0].model_dump(mode="json"), retry[1]
         if extra:
             queue.update_progress(self.db, claim.job_id, claim.attempt, **extra)
         released = queue.release(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import random
@@ -54,6 +53,7 @@ from worker.data import (
     pack_examples,
     read_rows,
     tokenize_rows,
+    use_chatml_if_missing,
 )
 from worker.errors import (
     DatasetError,
@@ -168,8 +168,7 @@ class SFTRecipe:
     def _load_tokenizer(self) -> Any:
         self.model_dir = self._resolve_model()
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        if self.chat_template and not tokenizer.chat_template:
-            tokenizer.chat_template = self.chat_template  # saved with the adapter: chat matches
+        use_chatml_if_missing(tokenizer, self.chat_template)  # saved with the adapter
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
@@ -1035,7 +1034,3 @@ def _bitsandbytes_available() -> bool:
     except Exception:
         return False
     return True
-
-
-def read_train_config(path: Path) -> TrainConfig:
-    return TrainConfig.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
