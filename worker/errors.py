@@ -12,9 +12,6 @@ class TrainingError(Exception):
         self.message = message
         self.hint = hint
 
-    def as_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "message": self.message, "hint": self.hint}
-
 
 class OutOfMemory(TrainingError):
     kind = "oom"
@@ -36,10 +33,6 @@ class DatasetError(TrainingError):
 
 class ModelNotFound(TrainingError):
     kind = "model_not_found"
-
-
-class CudaMissing(TrainingError):
-    kind = "cuda_missing"
 
 
 class NonFiniteLoss(TrainingError):

@@ -1,5 +1,8 @@
 """How a training child talks to the queue: its stop signal, its metric rows, its result file.
 
+The queue-backed implementations of worker/control.py's `RunControl` and worker/metrics.py's
+`MetricsSink` (the interfaces sit there with their in-process implementations):
+
 - `DatabaseControl` is the recipe's RunControl: `should_stop()` says "cancel" (the user asked),
   "lease_lost" (another attempt owns the job now), "shutdown" (SIGTERM, or the worker died) or
   None; `update(**fields)` sets the job's progress fields. It polls the database at most once a
@@ -170,7 +173,6 @@ class DatabaseSink:
         self.flush_seconds = flush_seconds
         self.max_rows = max_rows
         self.stale = False
-        self.rows_written = 0
         self.last_eval_loss: float | None = None
         self._rows: list[dict[str, Any]] = []
         self._last_flush = -math.inf
@@ -196,7 +198,6 @@ class DatabaseSink:
             log.exception("could not write %d metric rows; will retry", len(self._rows))
             return
         if ok:
-            self.rows_written += len(self._rows)
             self._rows = []
             return
         self._rows = []

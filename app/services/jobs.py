@@ -18,7 +18,7 @@ from app import faults, queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
-from app.services import models, trackers
+from app.services import model_registry, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
 from app.train_config import PRESETS, TrainConfig
@@ -27,7 +27,7 @@ from app.train_config import PRESETS, TrainConfig
 def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
     """Queue a job after checking that its model is registered, its dataset is usable and its
     experiment tracker is installed."""
-    models.get_model(db, config.base_model)
+    model_registry.get_model(db, config.base_model)
     trackers.check_installed(config.report_to)
     with db.read() as s:
         dataset = s.get(Dataset, config.dataset_id)
@@ -126,7 +126,6 @@ BASIC_FIELDS = {
     "quantization",
     "train_on",
 }
-CHOSEN_ELSEWHERE = {"base_model", "dataset_id"}  # selects filled from the registry
 
 
 def form_fields(values: dict[str, Any]) -> list[FormField]:

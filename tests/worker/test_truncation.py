@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.services import dataset_reports, datasets, models
+from app.services import dataset_reports, datasets, model_registry
 from app.train_config import TrainConfig
 from worker.data import IGNORE_INDEX, read_rows, tokenize_row
 from worker.dataset_report import TRUNCATION_RULE, run_pending_reports
@@ -24,7 +24,9 @@ MAX_LEN = 32
 
 @pytest.fixture
 def demo_model(db, settings, demo_build):
-    return models.register_model(db, settings, str(demo_build["model_dir"]), "demo-tiny-llama")
+    return model_registry.register_model(
+        db, settings, str(demo_build["model_dir"]), "demo-tiny-llama"
+    )
 
 
 def test_training_cuts_and_drops_exactly_the_rows_the_report_said(
