@@ -49,6 +49,7 @@ lint: setup-dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture
 
 # On a CUDA machine: the GPU tests.
 gpu-test: setup-dev

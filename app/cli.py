@@ -89,7 +89,7 @@ def serve(
     supervisor = None
     if not no_worker:
         supervisor = WorkerSupervisor(
-            worker_command(gpus, parent_pid=os.getpid()), settings.runs_dir.parent / "worker.log"
+            worker_command(gpus, parent_pid=os.getpid()), settings.layout.worker_log
         )
         supervisor.start()
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -167,12 +167,12 @@ def demo(
     from app.db import Database
     from app.migrate import upgrade
     from app.services import demo as demo_service
-    from app.services import models
+    from app.services import model_registry
 
     settings = load_settings(data_dir=data_dir)
     upgrade(settings.resolved_database_url)
     db = Database(settings.resolved_database_url)
-    if if_missing and models.list_models(db):
+    if if_missing and model_registry.list_models(db):
         typer.echo("Models are registered already; skipping the demo build.")
         return
     typer.echo("Building the demo model and dataset (about a minute on a CPU)...")

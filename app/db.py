@@ -69,10 +69,6 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.url.startswith("sqlite")
 
-    @property
-    def is_postgresql(self) -> bool:
-        return self.url.startswith("postgresql")
-
     @contextmanager
     def read(self) -> Iterator[Session]:
         with Session(self.engine, expire_on_commit=False) as session:

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.layout import DataLayout
+
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -123,31 +125,36 @@ class Settings(BaseSettings):
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()
 
+    @cached_property
+    def layout(self) -> DataLayout:
+        """Every path under the data dir (app/layout.py)."""
+        return DataLayout(self.resolved_data_dir)
+
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'tuneboard.db'}"
+        return self.database_url or f"sqlite:///{self.layout.database_file}"
 
     @property
     def datasets_dir(self) -> Path:
-        return self.resolved_data_dir / "datasets"
+        return self.layout.datasets_dir
 
     @property
     def runs_dir(self) -> Path:
-        return self.resolved_data_dir / "runs"
+        return self.layout.runs_dir
 
     @property
     def models_dir(self) -> Path:
-        return self.resolved_data_dir / "models"
+        return self.layout.models_dir
 
     @property
     def hf_hub_cache(self) -> Path:
         """Where hub models are downloaded (HF_HUB_CACHE). Only the cache: the user's own HF_HOME,
         and the token `hf auth login` saved there, stay where they are."""
-        return self.resolved_data_dir / "hf" / "hub"
+        return self.layout.hf_hub_cache
 
     @property
     def tmp_dir(self) -> Path:
-        return self.resolved_data_dir / "tmp"
+        return self.layout.tmp_dir
 
     def ensure_dirs(self) -> None:
         for path in (

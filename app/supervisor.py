@@ -16,7 +16,6 @@ class WorkerSupervisor:
         self.command = command
         self.log_path = log_path
         self.stop_timeout = stop_timeout
-        self.restarts = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-supervisor", daemon=True)
@@ -35,7 +34,6 @@ class WorkerSupervisor:
                 return
             # A worker that ran for a while gets restarted at once; one that keeps dying backs off.
             backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 60.0)
-            self.restarts += 1
             log.warning(
                 "worker exited with %s; restarting in %.0f s (see %s)", code, backoff, self.log_path
             )

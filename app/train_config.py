@@ -9,7 +9,7 @@ URL or a file path.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +42,17 @@ class Quantization(StrEnum):
 class TrainOn(StrEnum):
     assistant = "assistant"
     all = "all"
+
+
+class ChatTemplate(StrEnum):
+    """A chat template to use instead of the model's own (None: the model's own; a model without
+    one is trained and served with ChatML anyway)."""
+
+    chatml = "chatml"
+
+
+# Shared with the dataset report, which measures a dataset as a job with these settings would see it.
+MaxSeqLen = Annotated[int, Field(ge=32, le=262_144)]
 
 
 class GradientCheckpointing(StrEnum):
@@ -104,7 +115,7 @@ class TrainConfig(BaseModel):
     dataset_id: Annotated[str, Field(pattern=DATASET_ID_PATTERN)]
     """The dataset to train on; it must have passed validation."""
 
-    max_seq_len: Annotated[int, Field(ge=32, le=262_144)] = 2048
+    max_seq_len: MaxSeqLen = 2048
     """Longest example in tokens. Longer rows are handled as the dataset report says."""
 
     num_epochs: Annotated[float, Field(gt=0, le=100)] = 1.0
@@ -206,12 +217,17 @@ class TrainConfig(BaseModel):
             raise ValueError("lora_targets lists a module twice")
         return self
 
-    @property
-    def effective_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps
 
+class TokenReportSettings(BaseModel):
+    """What a dataset's token report is measured with: TrainConfig's own types and bounds, so a
+    report asks nothing a job would refuse."""
 
-Preset = Literal["quick test", "balanced", "best quality", "demo"]
+    model_config = ConfigDict(extra="forbid")
+
+    max_seq_len: MaxSeqLen = 2048
+    train_on: TrainOn = TrainOn.assistant
+    chat_template: ChatTemplate | None = None
+
 
 # "quick test" is a 30-step smoke run for real (pretrained) models: it proves the pipeline, data and
 # memory policy on the card; at lr 2e-4 it does not teach anything visible, and must not be bent to.

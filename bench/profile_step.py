@@ -134,38 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     print(text, flush=True)
 
 
-def fuse_inside(model) -> int:
-    """Form A of worker/fused_mlp.py: the MLP's forward pass inside the autograd function (the
-    recipe runs it outside since session 5; bench/RESULTS.md compares the two)."""
-    import torch
-
-    from worker import fused_mlp
-    from worker.forward_swap import replace_forward
-
-    class Inside(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, projections, *lora):
-            y, saved = fused_mlp._mlp_forward(x, projections)
-            return fused_mlp._LoraMLP.forward(ctx, x, y, projections, *saved, *lora)
-
-        @staticmethod
-        def backward(ctx, grad):
-            grads = fused_mlp._LoraMLP.backward(ctx, grad)
-            return (grads[0], None, *grads[9:])  # x, projections, the six LoRA weights
-
-    class InsideForward(fused_mlp._FusedForward):
-        def __call__(self, x):
-            projections, lora = self.lora_projections()
-            return Inside.apply(x, projections, *lora)
-
-    count = 0
-    for module in model.modules():
-        if isinstance(vars(module).get("forward"), fused_mlp._FusedForward):
-            replace_forward(module, InsideForward(module), fused_mlp._KEY)
-            count += 1
-    return count
-
-
 def check_step(recipe, batch) -> tuple[float, float]:
     """One step's loss and the norm of every LoRA gradient (a variant must not change them)."""
     import torch
@@ -186,10 +154,11 @@ def set_policy(recipe, spec: str) -> None:
     policy, _, variant = spec.partition(":")
     recipe._set_memory_policy("off")  # untiled, so that the MLPs' forwards can be swapped
     unfuse_mlps(recipe.model)
-    if variant != "unfused":
+    if variant == "fusedinside":  # form A: the forward pass inside the autograd function
+        if not fuse_mlps(recipe.model, forward_inside=True):
+            raise ValueError("no fused MLP to run in form A")
+    elif variant != "unfused":
         fuse_mlps(recipe.model)  # as the recipe does
-    if variant == "fusedinside" and not fuse_inside(recipe.model):
-        raise ValueError("no fused MLP to run in form A")
     recipe._set_memory_policy(policy)
     base = recipe.model.get_base_model()
     layers = recipe._decoder_layers()

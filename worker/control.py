@@ -1,10 +1,14 @@
-"""How a training run talks to whoever started it: stop requests in, job fields out."""
+"""How a training run talks to whoever started it: stop requests in, job fields out.
+
+The split: the interfaces a recipe sees live here (`RunControl`) and in worker/metrics.py
+(`MetricsSink`), each with its in-process implementation for tests, the benchmark and scripts
+(`LocalControl`, `ListSink`). The implementations a job runs with, backed by the queue, are in
+worker/job_io.py (`DatabaseControl`, `DatabaseSink`, and the silent ones of ranks 1..N-1).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
-
-STOP_REASONS = ("cancel", "lease_lost", "shutdown")
 
 
 class RunControl(Protocol):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from app.services.datasets.store import read_jsonl
+from app.dataset_store import read_jsonl
 from worker.errors import ChatTemplateMissing, DatasetError
 
 IGNORE_INDEX = -100
@@ -99,6 +99,17 @@ def template_of(tokenizer: Any, chat_template: str | None = None) -> str:
     if not template:
         raise ChatTemplateMissing(getattr(tokenizer, "name_or_path", "") or "this model")
     return template
+
+
+def use_chatml_if_missing(tokenizer: Any, template: str | None = None) -> Any:
+    """Give a tokenizer without a chat template `template`, else ChatML (the Models page says so).
+
+    Training and the playground both call it, so a model is served with the template it was
+    trained with; the recipe saves the tokenizer with the adapter, template included.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template or CHATML_TEMPLATE
+    return tokenizer
 
 
 def has_generation_markers(template: str) -> bool:
@@ -240,19 +251,6 @@ def _tokenize_by_prefix_difference(
 
 
 # --- what the dataset report needs -------------------------------------------------------------
-
-
-def row_token_lengths(
-    tokenizer: Any, rows: Iterable[dict[str, Any]], chat_template: str | None = None
-) -> list[int | None]:
-    """Untruncated token length of each row (None for a row with nothing to train)."""
-    lengths: list[int | None] = []
-    for row in rows:
-        example = tokenize_row(
-            tokenizer, row, "all", max_seq_len=10**9, chat_template=chat_template
-        )
-        lengths.append(None if example is None else len(example))
-    return lengths
 
 
 def trained_segments(

@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Any
 
 from app import side_queue
+from app.dataset_errors import DatasetError
+from app.dataset_store import DatasetRowsMissing, iter_rows
 from app.db import Database
 from app.models import BaseModelEntry, Dataset, DatasetReport, SideWorkStatus
-from app.services.datasets.errors import DatasetError
-from app.services.datasets.store import DatasetRowsMissing, iter_rows
 from app.settings import Settings
 from worker.data import (
     CHATML_TEMPLATE,
@@ -142,7 +142,7 @@ def compute_and_store(
             cache[key] = load_tokenizer(settings, model)
         result = compute_report(
             cache[key],
-            settings.datasets_dir / dataset.id,
+            settings.layout.dataset_dir(dataset.id),
             max_seq_len=report.max_seq_len,
             train_on=report.train_on,
             chat_template=CHATML_TEMPLATE if report.chat_template == "chatml" else None,

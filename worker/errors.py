@@ -4,7 +4,7 @@ a `message` (what happened) and a `hint` (what to do about it)."""
 from __future__ import annotations
 
 # The web app's and the worker's dataset problems are one class: kind "dataset", message, hint.
-from app.services.datasets.errors import DatasetError as DatasetError
+from app.dataset_errors import DatasetError as DatasetError
 
 
 class TrainingError(Exception):
@@ -14,9 +14,6 @@ class TrainingError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
-
-    def as_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "message": self.message, "hint": self.hint}
 
 
 class OutOfMemory(TrainingError):
@@ -35,10 +32,6 @@ class OutOfMemory(TrainingError):
 
 class ModelNotFound(TrainingError):
     kind = "model_not_found"
-
-
-class CudaMissing(TrainingError):
-    kind = "cuda_missing"
 
 
 class NonFiniteLoss(TrainingError):

@@ -7,9 +7,11 @@ killed, or crashed before writing its result), the worker loop classifies the ex
 from __future__ import annotations
 
 import signal
-from typing import Any
 
-MAX_GRAD_ACCUM_STEPS = 1024  # TrainConfig.grad_accum_steps' upper bound
+from pydantic import ValidationError
+
+from app.attempt_result import AttemptResult
+from app.train_config import TrainConfig
 
 # kind -> what to do about it. The message says what happened; the hint says what to try.
 HINTS: dict[str, str] = {
@@ -53,43 +55,49 @@ def hint_for(kind: str | None) -> str:
     return HINTS.get(kind or "unknown", HINTS["unknown"])
 
 
-def classify_exit(returncode: int, log_tail: list[str]) -> dict[str, str]:
+def classify_exit(returncode: int, log_tail: list[str]) -> AttemptResult:
     """A result for a child that exited without writing one (killed, or died before it could)."""
     if returncode == -signal.SIGKILL:
-        return {
-            "error_kind": "killed",
-            "error_message": "The training process was killed by the host (SIGKILL), most likely "
+        return AttemptResult(
+            status="failed",
+            error_kind="killed",
+            error_message="The training process was killed by the host (SIGKILL), most likely "
             "because the machine ran out of RAM.",
-            "error_hint": HINTS["killed"],
-        }
+            error_hint=HINTS["killed"],
+        )
     how = f"was stopped by signal {-returncode}" if returncode < 0 else f"exited with {returncode}"
     message = f"The training process {how} without reporting a result."
     if log_tail:
         message += " Last lines of its log:\n" + "\n".join(log_tail)
-    return {"error_kind": "unknown", "error_message": message, "error_hint": HINTS["unknown"]}
+    return AttemptResult(
+        status="failed", error_kind="unknown", error_message=message, error_hint=HINTS["unknown"]
+    )
 
 
 def oom_retry(
-    config: dict[str, Any], *, step: int | None, seq_len: int | None
-) -> tuple[dict[str, Any], str] | None:
+    config: TrainConfig, *, step: int | None, seq_len: int | None
+) -> tuple[TrainConfig, str] | None:
     """The retry config (half the micro-batch, twice the accumulation) and its notice, or None.
 
-    None when the micro-batch is already 1 (nothing left to halve) or accumulation would pass
-    its bound.
+    None when the micro-batch is already 1 (nothing left to halve) or the accumulation would pass
+    TrainConfig's bound on it.
     """
-    micro = int(config.get("micro_batch_size", 1))
-    accum = int(config.get("grad_accum_steps", 1))
+    micro, accum = config.micro_batch_size, config.grad_accum_steps
     if micro <= 1:
         return None
     new_micro = micro // 2
     # Same effective batch when micro is even; for odd micro keep it at least as large.
     new_accum = -(-micro * accum // new_micro)
-    if new_accum > MAX_GRAD_ACCUM_STEPS:
+    # model_copy does not validate: validating its dump applies TrainConfig's own bounds.
+    retry = config.model_copy(update={"micro_batch_size": new_micro, "grad_accum_steps": new_accum})
+    try:
+        retry = TrainConfig.model_validate(retry.model_dump())
+    except ValidationError:
         return None
     where = f"at step {step}" if step is not None else "before the first step"
-    sequence = seq_len if seq_len is not None else config.get("max_seq_len")
+    sequence = seq_len if seq_len is not None else config.max_seq_len
     notice = (
         f"Ran out of GPU memory {where} (micro-batch {micro}, sequence {sequence}); retrying "
         f"with micro-batch {new_micro} and accumulation {new_accum} (same effective batch)."
     )
-    return {**config, "micro_batch_size": new_micro, "grad_accum_steps": new_accum}, notice
+    return retry, notice

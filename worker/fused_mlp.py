@@ -9,10 +9,9 @@ function computes
 
 (W dequantized on the fly, as bitsandbytes does) and its backward pass writes dx and every dA, dB
 directly. It keeps x, gate(x), up(x) and the three rank-r products; the SwiGLU product, the largest
-of peft's saved tensors (14,336 values a token at 8B), is recomputed in the backward pass. On the
-8B step at 4,096 tokens (bench/RESULTS.md, session 5): 3.4 GiB less without checkpointing (20.9
-against 24.4 GiB), which lets a 24 GB card skip checkpointing at 2,048 x 2, and 4-5% less time
-with every layer checkpointed. Fusing each projection on its own, without the SwiGLU, did not pay.
+of peft's saved tensors, is recomputed in the backward pass. It keeps less memory without
+checkpointing and takes less time with every layer checkpointed; the measurements are in
+bench/RESULTS.md (session 5). Fusing each projection on its own, without the SwiGLU, did not pay.
 
 The SwiGLU runs on Liger's Triton kernels on CUDA, on torch elsewhere. An MLP qualifies when it is
 SwiGLU (`config.hidden_act` silu) and its three projections carry one plain LoRA adapter each
@@ -20,6 +19,9 @@ SwiGLU (`config.hidden_act` silu) and its three projections carry one plain LoRA
 merged (the playground's "base model" answers).
 
     fuse_mlps(model)    # returns how many; unfuse_mlps(model) undoes it
+
+`fuse_mlps(model, forward_inside=True)` is the earlier form that ran the forward pass inside the
+autograd function; only the benchmark uses it (bench/profile_step.py compares the two).
 """
 
 from __future__ import annotations
@@ -43,12 +45,16 @@ class _Projection(NamedTuple):
     scale: float
 
 
-def fuse_mlps(model: Any) -> int:
-    """Every qualifying MLP of `model` runs as one function; returns how many."""
+def fuse_mlps(model: Any, *, forward_inside: bool = False) -> int:
+    """Every qualifying MLP of `model` runs as one function; returns how many. An MLP that is
+    fused already is fused again in the form asked for."""
+    form = _InsideForward if forward_inside else _FusedForward
     count = 0
     for module in model.modules():
+        if isinstance(vars(module).get("forward"), _FusedForward):
+            restore_forward(module, _KEY)
         if _qualifies(module):
-            replace_forward(module, _FusedForward(module), _KEY)
+            replace_forward(module, form(module), _KEY)
             count += 1
     return count
 
@@ -112,6 +118,28 @@ class _FusedForward:
             projections.append(_Projection(p.get_base_layer(), a, b, p.scaling[name]))
             lora += [a, b]
         return projections, lora
+
+
+class _InsideForward(_FusedForward):
+    """The earlier form: the forward pass inside the autograd function (for the benchmark)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if any(p.disable_adapters or p.merged for p in self.projections):
+            return getattr(self.mlp, _KEY)(x)
+        projections, lora = self.lora_projections()
+        return _ForwardInside.apply(x, projections, *lora)
+
+
+class _ForwardInside(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, projections: Any, *lora: torch.Tensor) -> torch.Tensor:
+        y, saved = _mlp_forward(x, projections)
+        return _LoraMLP.forward(ctx, x, y, projections, *saved, *lora)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        grads = _LoraMLP.backward(ctx, grad)
+        return (grads[0], None, *grads[9:])  # x, projections, the six LoRA weights
 
 
 def _mlp_forward(

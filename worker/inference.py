@@ -37,12 +37,12 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from sqlmodel import col, select
 from transformers import (
     AutoModelForCausalLM,
@@ -53,15 +53,15 @@ from transformers import (
 )
 
 from app.db import Database
+from app.generation import GenerationRequest
 from app.models import Adapter, BaseModelEntry, Job, JobStatus, Worker
 from app.settings import LOOPBACK_NAMES, Settings, host_name
-from worker.data import CHATML_TEMPLATE
+from worker.data import use_chatml_if_missing
 
 log = logging.getLogger("tuneboard.inference")
 
 MAX_BODY_BYTES = 1_000_000
 SECRET_VARIABLE = "TUNEBOARD_INFERENCE_SECRET"
-MAX_NEW_TOKENS = 4096
 MAX_LOADED_ADAPTERS = 8
 LOCK_WAIT_SECONDS = 120.0
 # End-of-turn tokens of the common chat templates; whichever the vocabulary has also stop.
@@ -86,62 +86,16 @@ class InferenceError(Exception):
         return {"error": {"code": self.code, "message": self.message, "hint": self.hint}}
 
 
-@dataclass
-class GenerationRequest:
-    model: str
-    messages: list[dict[str, str]]
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_json(cls, body: Any) -> GenerationRequest:
-        def bad(message: str) -> InferenceError:
-            return InferenceError(400, "invalid", message, "Fix the request and send it again.")
-
-        if not isinstance(body, dict):
-            raise bad("The body must be a JSON object.")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise bad("`model` must name a base model or an adapter.")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad("`messages` must be a non-empty list.")
-        clean = []
-        for message in messages:
-            if not isinstance(message, dict) or message.get("role") not in (
-                "system",
-                "user",
-                "assistant",
-            ):
-                raise bad("Each message needs a role of system, user or assistant.")
-            content = message.get("content", "")
-            if isinstance(content, list):  # OpenAI typed parts: keep the text ones
-                content = "".join(
-                    p.get("text", "")
-                    for p in content
-                    if isinstance(p, dict) and p.get("type") == "text"
-                )
-            if not isinstance(content, str):
-                raise bad("Message content must be text.")
-            clean.append({"role": message["role"], "content": content})
-        stop = body.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise bad("`stop` must be a string or a list of non-empty strings.")
-        try:
-            temperature = float(body.get("temperature", 0.7))
-            top_p = float(body.get("top_p", 0.95))
-            max_new_tokens = int(body.get("max_new_tokens", 256))
-        except (TypeError, ValueError) as exc:
-            raise bad("temperature, top_p and max_new_tokens must be numbers.") from exc
-        if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
-            raise bad("temperature must lie in [0, 2] and top_p in (0, 1].")
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise bad(f"max_new_tokens must lie in [1, {MAX_NEW_TOKENS}].")
-        return cls(model, clean, temperature, top_p, max_new_tokens, stop[:8])
+def parse_generation_request(body: Any) -> GenerationRequest:
+    """The posted body as a GenerationRequest (app/generation.py), or a 400 naming what is wrong."""
+    try:
+        return GenerationRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the body"
+        raise InferenceError(
+            400, "invalid", f"{where}: {first['msg']}", "Fix the request and send it again."
+        ) from exc
 
 
 class _Watch(StoppingCriteria):
@@ -196,7 +150,6 @@ class Engine:
         self.generations = 0
         self.generating = False
         self.last_generation: dict[str, Any] | None = None
-        self.last_used = time.monotonic()
 
     # --- what a name means ---------------------------------------------------------------------
 
@@ -223,7 +176,7 @@ class Engine:
 
     def adapter_dir(self, adapter: Adapter) -> Path:
         runs = self.settings.runs_dir.resolve()
-        path = (runs / str(int(adapter.job_id)) / "adapter").resolve()
+        path = self.settings.layout.adapter_dir(adapter.job_id).resolve()
         if not path.is_relative_to(runs) or not (path / "adapter_config.json").is_file():
             raise InferenceError(
                 404,
@@ -381,9 +334,7 @@ class Engine:
             tokenizer = AutoTokenizer.from_pretrained(
                 source, trust_remote_code=base.trust_remote_code
             )
-            if not tokenizer.chat_template:
-                tokenizer.chat_template = CHATML_TEMPLATE  # what the recipe trains such models on
-            self.tokenizers[key] = tokenizer
+            self.tokenizers[key] = use_chatml_if_missing(tokenizer)
         return self.tokenizers[key]
 
     # --- generation ----------------------------------------------------------------------------
@@ -400,7 +351,7 @@ class Engine:
         Call with `self.lock` held and after `prepare`. Returns the generation's summary.
         """
         inputs = tokenizer.apply_chat_template(
-            request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            request.chat(), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         prompt_tokens = int(inputs["input_ids"].shape[-1])
@@ -487,7 +438,6 @@ class Engine:
             thread.join()
             self.generating = False
             self.generations += 1
-            self.last_used = time.monotonic()
         if failure:
             exc = failure[0]
             if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -651,7 +601,7 @@ class InferenceHandler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(length) or b"null")
             except ValueError as exc:
                 raise InferenceError(400, "invalid", "The body is not JSON.") from exc
-            request = GenerationRequest.from_json(body)
+            request = parse_generation_request(body)
             base, adapter = engine.resolve(request.model)
         except InferenceError as exc:
             self._json(exc.status, exc.as_json())

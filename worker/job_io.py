@@ -1,12 +1,15 @@
 """How a training child talks to the queue: its stop signal, its metric rows, its result file.
 
+The queue-backed implementations of worker/control.py's `RunControl` and worker/metrics.py's
+`MetricsSink` (the interfaces sit there with their in-process implementations):
+
 - `DatabaseControl` is the recipe's RunControl: `should_stop()` says "cancel" (the user asked),
   "lease_lost" (another attempt owns the job now), "shutdown" (SIGTERM, or the worker died) or
   None; `update(**fields)` sets the job's progress fields. It polls the database at most once a
   `poll_seconds`, so a recipe may call it every step.
 - `DatabaseSink` is the recipe's MetricsSink: rows are batched and written together at most every
   `flush_seconds` (or every `max_rows`), one short write transaction per batch.
-- The result file `runs/<job>/attempt-<A>.result.json` is how the child tells the worker loop how
+- The result file (`DataLayout.attempt_result`) is how the child tells the worker loop how
   the attempt ended; the loop records it with the fenced queue operations.
 
 Every write is fenced by the attempt: once one is refused, the attempt is stale and stops.
@@ -14,7 +17,6 @@ Every write is fenced by the attempt: once one is refused, the attempt is stale 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,14 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import queue
+from app.attempt_result import AttemptResult
 from app.db import Database
 
 log = logging.getLogger(__name__)
-
-RESULT_STATUSES = ("succeeded", "failed", "cancelled", "released")
 
 # Fields that change every step: coalesced and written at most once a `progress_seconds`.
 FREQUENT_FIELDS = frozenset(
@@ -52,35 +54,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def attempt_log_path(runs_dir: Path, job_id: int, attempt: int) -> Path:
-    return runs_dir / str(job_id) / f"attempt-{attempt}.log"
-
-
-def result_path(runs_dir: Path, job_id: int, attempt: int) -> Path:
-    return runs_dir / str(job_id) / f"attempt-{attempt}.result.json"
-
-
-def write_result(path: Path, result: dict[str, Any]) -> None:
+def write_result(path: Path, result: AttemptResult) -> None:
     """Write the attempt's result atomically: the loop sees a whole file or none."""
-    if result.get("status") not in RESULT_STATUSES:
-        raise ValueError(f"not a result status: {result.get('status')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        f.write(result.to_json())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def read_result(path: Path) -> dict[str, Any] | None:
+def read_result(path: Path) -> AttemptResult | None:
+    """The attempt's result, or None when there is none (or it is not one)."""
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return AttemptResult.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
         return None
-    if not isinstance(result, dict) or result.get("status") not in RESULT_STATUSES:
-        return None
-    return result
 
 
 class _ShutdownWatch:
@@ -183,7 +173,6 @@ class DatabaseSink:
         self.flush_seconds = flush_seconds
         self.max_rows = max_rows
         self.stale = False
-        self.rows_written = 0
         self.last_eval_loss: float | None = None
         self._rows: list[dict[str, Any]] = []
         self._last_flush = -math.inf
@@ -209,7 +198,6 @@ class DatabaseSink:
             log.exception("could not write %d metric rows; will retry", len(self._rows))
             return
         if ok:
-            self.rows_written += len(self._rows)
             self._rows = []
             return
         self._rows = []

@@ -10,8 +10,8 @@ OOM or a leak dies with it and the memory is returned. The loop:
   another attempt owns the job now, so the child is killed and nothing more is written. A job with
   `gpus: N > 1` runs under `torchrun --standalone --nproc_per_node N` (one child per GPU; rank 0
   reports, see worker/run.py); the kill reaches every rank through the child's process group;
-- records how the attempt ended, from the child's result file (see worker/run.py) or, when there is
-  none, from its exit: SIGKILL fails the job as "killed" (most often the host ran out of RAM; a
+- records how the attempt ended, from the child's `AttemptResult` (app/attempt_result.py) or,
+  when there is none, from its exit: SIGKILL fails the job as "killed" (most often the host ran out of RAM; a
   retry would likely die the same way, so the user decides), anything else as "unknown" with the
   last lines of the log. A first CUDA OOM requeues the job with half the micro-batch;
 - on SIGTERM/SIGINT forwards SIGTERM to the child (it checkpoints and reports "released"), waits
@@ -41,12 +41,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 import worker
 from app import queue
+from app.attempt_result import AttemptResult, OomDetails
 from app.db import Database
 from app.models import JobStatus, Worker
 from app.settings import Settings
+from app.train_config import TrainConfig
 from worker import failures, gpu
 from worker.gpu_lock import GpuLocks
-from worker.job_io import attempt_log_path, read_result, result_path
+from worker.job_io import read_result
 from worker.side_work import run_side_work
 
 log = logging.getLogger("worker")
@@ -225,7 +227,7 @@ class WorkerLoop:
                 self.db,
                 self.stopping,
                 child_environment(self.settings, self.gpus),
-                self.settings.resolved_data_dir / "worker-side.log",
+                self.settings.layout.side_work_log,
                 f"{self.id}-side",
             ),
             name="worker-side-work",
@@ -320,10 +322,9 @@ class WorkerLoop:
     def run_attempt(self, claim: queue.Claim) -> None:
         job_id, attempt = claim.job_id, claim.attempt
         log.info("job %s attempt %s: starting", job_id, attempt)
-        runs = self.settings.runs_dir
-        log_path = attempt_log_path(runs, job_id, attempt)
+        log_path = self.settings.layout.attempt_log(job_id, attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        result_file = result_path(runs, job_id, attempt)
+        result_file = self.settings.layout.attempt_result(job_id, attempt)
         result_file.unlink(missing_ok=True)
         self.current_job_id = job_id
 
@@ -381,7 +382,7 @@ class WorkerLoop:
     def _start_inference(self) -> None:
         """A child that serves chat generation for this worker's GPU; it writes its URL into this
         worker's row, which is how the web server finds it."""
-        log_path = self.settings.resolved_data_dir / "inference.log"
+        log_path = self.settings.layout.inference_log
         with log_path.open("ab") as out:
             self.inference = subprocess.Popen(
                 [
@@ -483,25 +484,23 @@ class WorkerLoop:
                     lost = True
                     kill_tree(child)
 
-    def _result_from_exit(self, returncode: int, log_path: Path) -> dict[str, Any]:
+    def _result_from_exit(self, returncode: int, log_path: Path) -> AttemptResult:
         if self.stopping.is_set():
             # Killed after the grace period, or died while stopping: not the job's fault.
-            return {"status": "released"}
+            return AttemptResult(status="released")
         tail = [line for line in log_tail(log_path) if not line.startswith("=== attempt")]
-        return {"status": "failed", **failures.classify_exit(returncode, tail)}
+        return failures.classify_exit(returncode, tail)
 
-    def record(self, claim: queue.Claim, result: dict[str, Any], vram_after: int | None) -> None:
+    def record(self, claim: queue.Claim, result: AttemptResult, vram_after: int | None) -> None:
         """Record the attempt's end with the fenced queue operations."""
         job_id, attempt = claim.job_id, claim.attempt
         extra: dict[str, Any] = {} if vram_after is None else {"vram_after_mib": vram_after}
-        status = result["status"]
-        kind = result.get("error_kind") or "unknown"
+        status = result.status
+        kind = result.error_kind or "unknown"
         if status == "released":
             if extra:
                 queue.update_progress(self.db, job_id, attempt, **extra)
-            recorded = queue.release(
-                self.db, job_id, attempt, notice=result.get("notice") or RELEASED_NOTICE
-            )
+            recorded = queue.release(self.db, job_id, attempt, notice=RELEASED_NOTICE)
         elif status == "failed" and kind == "oom" and self._retry_after_oom(claim, result, extra):
             return
         elif status == "failed":
@@ -511,13 +510,14 @@ class WorkerLoop:
                 attempt,
                 JobStatus.failed,
                 error_kind=kind,
-                error_message=result.get("error_message") or "Training failed.",
-                error_hint=result.get("error_hint") or failures.hint_for(kind),
+                error_message=result.error_message or "Training failed.",
+                error_hint=result.error_hint or failures.hint_for(kind),
                 **extra,
             )
         else:
+            adapter = result.adapter.model_dump() if result.adapter is not None else None
             recorded = queue.finish(
-                self.db, job_id, attempt, JobStatus(status), adapter=result.get("adapter"), **extra
+                self.db, job_id, attempt, JobStatus(status), adapter=adapter, **extra
             )
         if recorded:
             log.info("job %s attempt %s: %s", job_id, attempt, status)
@@ -527,20 +527,20 @@ class WorkerLoop:
             )
 
     def _retry_after_oom(
-        self, claim: queue.Claim, result: dict[str, Any], extra: dict[str, Any]
+        self, claim: queue.Claim, result: AttemptResult, extra: dict[str, Any]
     ) -> bool:
         """Requeue once with half the micro-batch. False: no retry left, fail the job."""
         job = queue.get_job(self.db, claim.job_id)
         if job.attempt != claim.attempt or job.oom_retries >= 1:
             return False
-        oom = result.get("oom") or {}
-        step = oom.get("step") if oom.get("step") is not None else job.progress_step
-        retry = failures.oom_retry(job.config, step=step, seq_len=oom.get("seq_len"))
+        oom = result.oom or OomDetails()
+        step = oom.step if oom.step is not None else job.progress_step
+        retry = failures.oom_retry(
+            TrainConfig.model_validate(job.config), step=step, seq_len=oom.seq_len
+        )
         if retry is None:
             return False
-        config, notice = retry
-        if isinstance(result.get("retry_config"), dict):
-            config = result["retry_config"]
+        config, notice = retry[0].model_dump(mode="json"), retry[1]
         if extra:
             queue.update_progress(self.db, claim.job_id, claim.attempt, **extra)
         released = queue.release(

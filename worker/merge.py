@@ -49,8 +49,8 @@ def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim)
     if adapter is None or base is None:
         raise FileNotFoundError(f"adapter {merge.adapter_id} or its base model is not registered")
     runs = settings.runs_dir.resolve()
-    run = (runs / str(int(adapter.job_id))).resolve()
-    adapter_dir = run / "adapter"
+    run = settings.layout.run_dir(adapter.job_id).resolve()
+    adapter_dir = settings.layout.adapter_dir(adapter.job_id)
     if not run.is_relative_to(runs) or not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"the files of adapter {adapter.id} are missing")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
@@ -74,7 +74,8 @@ def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     progress(stage="saving", progress_total=total, progress_done=0)
 
-    final, staging = run / "merged", run / ".merged.partial"
+    final = settings.layout.merged_dir(adapter.job_id)
+    staging = settings.layout.merge_staging_dir(adapter.job_id)
     shutil.rmtree(staging, ignore_errors=True)
     done = threading.Event()
 

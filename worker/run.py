@@ -2,14 +2,9 @@
 
 Started by the worker loop in a fresh process for each attempt, so a crash, an OOM or a leak dies
 with it and the GPU memory is returned. It reads the job, resolves the model and the dataset
-files, runs the recipe with a `DatabaseControl` and a `DatabaseSink`, and writes
-`runs/<job>/attempt-<A>.result.json` before it exits:
-
-    {"status": "succeeded" | "failed" | "cancelled" | "released",
-     "error_kind": str | null, "error_message": str | null, "error_hint": str | null,
-     "oom": {"step", "micro_batch_size", "seq_len"}   (error_kind "oom" only, values may be null)
-     "adapter": {"size_bytes", "eval_loss"}             (succeeded only)
-     "retry_config": {...}                              (optional: the config to retry with)}
+files, runs the recipe with a `DatabaseControl` and a `DatabaseSink`, and writes an
+`AttemptResult` (app/attempt_result.py) to `DataLayout.attempt_result(job, attempt)` before it
+exits.
 
 Under torchrun (a job with `gpus: N > 1`) every rank runs this module. Rank 0 alone talks to the
 queue and writes the result file; the other ranks get a control and a sink that stay silent
@@ -34,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from app import queue
+from app.attempt_result import AdapterOutcome, AttemptResult, OomDetails
+from app.dataset_store import iter_rows
 from app.db import Database
+from app.layout import DataLayout
 from app.models import BaseModelEntry, Dataset
-from app.services.datasets.store import iter_rows
 from app.settings import Settings
 from app.train_config import TrainConfig
 from worker.failures import hint_for
@@ -45,14 +42,11 @@ from worker.job_io import (
     DatabaseSink,
     OtherRankControl,
     OtherRankSink,
-    result_path,
     write_result,
 )
 from worker.recipes import recipe_for
 
 log = logging.getLogger("worker.run")
-
-ADAPTER_DIR_NAME = "adapter"
 
 
 class ChildError(Exception):
@@ -64,20 +58,22 @@ class ChildError(Exception):
 
 
 def dataset_files(
-    dataset_dir: Path, run_dir: Path, eval_fraction: float
+    layout: DataLayout, dataset_id: str, job_id: int, eval_fraction: float
 ) -> tuple[Path, Path | None]:
-    """The dataset's train and eval rows as two files in the run folder.
+    """The dataset's train and eval rows as two files in the job's run folder.
 
     The job's `eval_fraction` of the rows is held out, chosen by the dataset's split seed
-    (`app.services.datasets.store`), so every job on a dataset with the same fraction evaluates
+    (`app.dataset_store`), so every job on a dataset with the same fraction evaluates
     on the same rows. With eval_fraction 0 every row trains.
     """
-    train, evaluation = run_dir / "train.jsonl", run_dir / "eval.jsonl"
-    datasets_dir, dataset_id = dataset_dir.parent, dataset_dir.name
+    train, evaluation = layout.run_rows(job_id)
     written = {}
     for path, rows in (
-        (train, iter_rows(datasets_dir, dataset_id, "train", eval_fraction=eval_fraction)),
-        (evaluation, iter_rows(datasets_dir, dataset_id, "eval", eval_fraction=eval_fraction)),
+        (train, iter_rows(layout.datasets_dir, dataset_id, "train", eval_fraction=eval_fraction)),
+        (
+            evaluation,
+            iter_rows(layout.datasets_dir, dataset_id, "eval", eval_fraction=eval_fraction),
+        ),
     ):
         with path.open("w", encoding="utf-8") as out:
             written[path] = sum(
@@ -151,7 +147,7 @@ def directory_size(path: Path) -> int:
 
 def train(
     db: Database, settings: Settings, job_id: int, attempt: int, recipe_class: Any = None
-) -> dict:
+) -> AttemptResult:
     """Run one attempt to its end and say how it ended (the result file's content). The recipe
     is the job's method's (worker.recipes.RECIPES) unless `recipe_class` names another."""
     control: Any
@@ -163,7 +159,9 @@ def train(
         control, sink = OtherRankControl(), OtherRankSink()
     control.install_signal_handlers()
     if world_size() == 1 and control.should_stop() == "lease_lost":
-        return {"status": "released", "error_message": "The attempt was stale when it started."}
+        return AttemptResult(
+            status="released", error_message="The attempt was stale when it started."
+        )
 
     job = queue.get_job(db, job_id)
     config = TrainConfig.model_validate(job.config)
@@ -171,10 +169,10 @@ def train(
     with db.read() as s:
         if s.get(Dataset, job.dataset_id) is None:
             raise ChildError("dataset", "The job's dataset was deleted.")
-    output_dir = settings.runs_dir / str(job_id)
+    output_dir = settings.layout.run_dir(job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows_path, eval_rows_path = dataset_files(
-        settings.datasets_dir / job.dataset_id, output_dir, config.eval_fraction
+        settings.layout, job.dataset_id, job_id, config.eval_fraction
     )
     model_path = model_location(db, settings, job.base_model, control)
     recipe = recipe_class(
@@ -197,20 +195,19 @@ def train(
         if reason is not None:
             log.info("attempt %s of job %s stopped early: %s", attempt, job_id, reason)
         if reason == "cancel":
-            return {"status": "cancelled"}
+            return AttemptResult(status="cancelled")
         if reason is not None:
-            return {"status": "released"}
+            return AttemptResult(status="released")
         saved = recipe.save()
         adapter_dir = (
-            Path(saved) if isinstance(saved, str | Path) else output_dir / ADAPTER_DIR_NAME
+            Path(saved) if isinstance(saved, str | Path) else settings.layout.adapter_dir(job_id)
         )
-        return {
-            "status": "succeeded",
-            "adapter": {
-                "size_bytes": directory_size(adapter_dir),
-                "eval_loss": sink.last_eval_loss,
-            },
-        }
+        return AttemptResult(
+            status="succeeded",
+            adapter=AdapterOutcome(
+                size_bytes=directory_size(adapter_dir), eval_loss=sink.last_eval_loss
+            ),
+        )
     finally:
         sink.flush()
         control.flush()
@@ -226,30 +223,31 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def failure_result(exc: BaseException) -> dict[str, Any]:
+def failure_result(exc: BaseException) -> AttemptResult:
     """A typed error (`kind`, `message`, `hint`) as it is; anything else as "unknown"."""
     kind = getattr(exc, "kind", None)
     if isinstance(kind, str):
-        result: dict[str, Any] = {
-            "status": "failed",
-            "error_kind": kind,
-            "error_message": getattr(exc, "message", None) or str(exc),
-            "error_hint": getattr(exc, "hint", None) or hint_for(kind),
-        }
+        oom = None
         if kind == "oom":
-            result["oom"] = {
-                "step": getattr(exc, "step", None),
-                "micro_batch_size": getattr(exc, "micro_batch_size", None),
-                "seq_len": getattr(exc, "seq_len", None),
-            }
-        return result
+            oom = OomDetails(
+                step=getattr(exc, "step", None),
+                micro_batch_size=getattr(exc, "micro_batch_size", None),
+                seq_len=getattr(exc, "seq_len", None),
+            )
+        return AttemptResult(
+            status="failed",
+            error_kind=kind,
+            error_message=getattr(exc, "message", None) or str(exc),
+            error_hint=getattr(exc, "hint", None) or hint_for(kind),
+            oom=oom,
+        )
     last_line = traceback.format_exception_only(type(exc), exc)[-1].strip()
-    return {
-        "status": "failed",
-        "error_kind": "unknown",
-        "error_message": f"Training stopped with an unexpected error: {last_line[:500]}",
-        "error_hint": hint_for("unknown"),
-    }
+    return AttemptResult(
+        status="failed",
+        error_kind="unknown",
+        error_message=f"Training stopped with an unexpected error: {last_line[:500]}",
+        error_hint=hint_for("unknown"),
+    )
 
 
 def main(argv: list[str] | None = None, *, recipe_class: Any = None) -> int:
@@ -262,23 +260,23 @@ def main(argv: list[str] | None = None, *, recipe_class: Any = None) -> int:
 
     settings = Settings()
     db = Database(settings.resolved_database_url)
-    path = result_path(settings.runs_dir, args.job_id, args.attempt)
+    path = settings.layout.attempt_result(args.job_id, args.attempt)
     try:
         result = train(db, settings, args.job_id, args.attempt, recipe_class)
     except Exception as exc:
         traceback.print_exc()
         result = failure_result(exc)
-    log.info("attempt %s of job %s: %s", args.attempt, args.job_id, result["status"])
+    log.info("attempt %s of job %s: %s", args.attempt, args.job_id, result.status)
     if world_size() == 1:
         write_result(path, result)
         db.dispose()
         return 0
     # Several ranks: rank 0 reports; a failing rank reports too when nobody has yet (its OOM is
     # the job's), and a non-zero exit makes torchrun stop ranks that wait for it in a collective.
-    if rank() == 0 or (result["status"] == "failed" and not path.exists()):
+    if rank() == 0 or (result.status == "failed" and not path.exists()):
         write_result(path, result)
     db.dispose()
-    return 0 if result["status"] == "succeeded" else 1
+    return 0 if result.status == "succeeded" else 1
 
 
 if __name__ == "__main__":

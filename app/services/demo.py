@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from app.db import Database
 from app.errors import UserError
-from app.services import datasets, models
+from app.services import datasets, model_registry
 from app.settings import Settings
 
 DEMO_MODEL = "demo-tiny-llama"
@@ -51,9 +51,9 @@ def install_demo(db: Database, settings: Settings) -> DemoInstall:
             status_code=500,
         )
     try:
-        models.get_model(db, DEMO_MODEL)
-    except models.NotFound:
-        models.register_model(db, settings, str(model_dir), DEMO_MODEL, is_demo=True)
+        model_registry.get_model(db, DEMO_MODEL)
+    except model_registry.NotFound:
+        model_registry.register_model(db, settings, str(model_dir), DEMO_MODEL, is_demo=True)
     dataset = datasets.find_by_name(db, DEMO_DATASET)
     if dataset is None:
         dataset = datasets.import_local_file(

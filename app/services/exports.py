@@ -44,16 +44,8 @@ def get_adapter(db: Database, adapter_id: str) -> Adapter:
     return adapter
 
 
-def run_dir(settings: Settings, adapter: Adapter) -> Path:
-    runs = settings.runs_dir.resolve()
-    path = (runs / str(int(adapter.job_id))).resolve()
-    if not path.is_relative_to(runs):
-        raise NotFound("That adapter's folder is outside the data dir.", "")
-    return path
-
-
 def adapter_dir(settings: Settings, adapter: Adapter) -> Path:
-    path = (run_dir(settings, adapter) / "adapter").resolve()
+    path = settings.layout.adapter_dir(adapter.job_id).resolve()
     if (
         not path.is_relative_to(settings.runs_dir.resolve())
         or not (path / "adapter_config.json").is_file()

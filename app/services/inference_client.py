@@ -11,15 +11,17 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 from sqlmodel import col, select
 
 from app.db import Database
 from app.errors import NotFound, UserError
+from app.generation import GenerationRequest
 from app.models import Adapter, BaseModelEntry, Worker
 from app.settings import Settings
 
@@ -91,24 +93,16 @@ def list_choices(db: Database) -> tuple[list[BaseModelEntry], list[Adapter]]:
     return bases, adapters
 
 
-@dataclass
-class GenerationParams:
-    model: str
-    messages: list[dict[str, Any]]
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
-
-    def payload(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "messages": self.messages,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens,
-            "stop": self.stop,
-        }
+def generation_request(**fields: Any) -> GenerationRequest:
+    """The request to post to a worker (app/generation.py); a UserError when it is not one."""
+    try:
+        return GenerationRequest(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UserError(
+            f"{where}: {first['msg']}", "Fix the request and send it again.", code="invalid"
+        ) from exc
 
 
 class Generation:
@@ -116,7 +110,7 @@ class Generation:
     errors the worker answers before streaming (unknown model, GPU busy), so a route can still
     answer with the right status code. Always `await aclose()`."""
 
-    def __init__(self, server: InferenceServer, params: GenerationParams) -> None:
+    def __init__(self, server: InferenceServer, params: GenerationRequest) -> None:
         self.url = server.url.rstrip("/")
         self.params = params
         self._client = httpx.AsyncClient(
@@ -129,7 +123,7 @@ class Generation:
 
     async def start(self) -> None:
         request = self._client.build_request(
-            "POST", f"{self.url}/generate", json=self.params.payload()
+            "POST", f"{self.url}/generate", json=self.params.model_dump()
         )
         try:
             self._response = await self._client.send(request, stream=True)
@@ -196,7 +190,7 @@ def _error_from(status: int, body: bytes) -> UserError:
         )
 
 
-def open_generation(db: Database, settings: Settings, params: GenerationParams) -> Generation:
+def open_generation(db: Database, settings: Settings, params: GenerationRequest) -> Generation:
     return Generation(find_inference_server(db, settings), params)
 
 

@@ -18,7 +18,7 @@ from app import faults, queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
-from app.services import datasets, models, trackers
+from app.services import datasets, model_registry, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
 from app.train_config import METHOD_DEFAULTS, METHOD_FIELDS, PRESETS, Method, TrainConfig
@@ -27,7 +27,7 @@ from app.train_config import METHOD_DEFAULTS, METHOD_FIELDS, PRESETS, Method, Tr
 def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
     """Queue a job after checking that its model is registered, its dataset is usable and its
     experiment tracker is installed."""
-    models.get_model(db, config.base_model)
+    model_registry.get_model(db, config.base_model)
     trackers.check_installed(config.report_to)
     with db.read() as s:
         dataset = s.get(Dataset, config.dataset_id)
@@ -86,7 +86,7 @@ def delete_job(db: Database, settings: Settings, job_id: int) -> None:
 
 
 def _remove_run_dir(settings: Settings, job_id: int) -> None:
-    run_dir = (settings.runs_dir / str(int(job_id))).resolve()
+    run_dir = settings.layout.run_dir(job_id).resolve()
     if run_dir.is_relative_to(settings.runs_dir.resolve()) and run_dir.exists():
         shutil.rmtree(run_dir)
 
@@ -96,7 +96,7 @@ def retry_job(db: Database, settings: Settings, job_id: int, *, from_scratch: bo
     checkpoints are removed first, so no later attempt can resume from them)."""
     job = queue.retry(db, job_id, from_scratch=from_scratch, attempts=settings.max_attempts)
     if from_scratch:
-        checkpoints = (settings.runs_dir / str(int(job_id)) / "checkpoints").resolve()
+        checkpoints = settings.layout.checkpoints_dir(job_id).resolve()
         if checkpoints.is_relative_to(settings.runs_dir.resolve()):
             shutil.rmtree(checkpoints, ignore_errors=True)
     return job
@@ -104,8 +104,10 @@ def retry_job(db: Database, settings: Settings, job_id: int, *, from_scratch: bo
 
 def log_tail(settings: Settings, job: Job, lines: int = 40) -> list[str]:
     """The last lines of the job's newest attempt log."""
-    path = settings.runs_dir / str(job.id) / f"attempt-{job.attempt}.log"
-    if job.attempt == 0 or not path.is_file():
+    if job.id is None or job.attempt == 0:
+        return []
+    path = settings.layout.attempt_log(job.id, job.attempt)
+    if not path.is_file():
         return []
     with path.open("rb") as f:
         f.seek(0, 2)
@@ -163,7 +165,6 @@ BASIC_FIELDS = {
     "quantization",
     "train_on",
 }
-CHOSEN_ELSEWHERE = {"base_model", "dataset_id"}  # selects filled from the registry
 
 
 def form_fields(values: dict[str, Any]) -> list[FormField]:

@@ -12,8 +12,6 @@ from app.errors import NotFound, UserError
 from app.models import ChatMessage, ChatSession, utcnow
 from app.services.inference_client import resolve_model
 
-PANES = (0, 1)
-
 
 def create_session(
     db: Database,

@@ -7,7 +7,6 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import text
 from sqlmodel import col, select
 
 from app import faults
@@ -36,15 +35,6 @@ def workers(db: Database, settings: Settings) -> list[WorkerView]:
         if alive or age < 3600:
             views.append(WorkerView(worker=w, heartbeat_age_seconds=age, alive=alive))
     return views
-
-
-def database_ok(db: Database) -> bool:
-    try:
-        with db.read() as s:
-            s.connection().execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False
 
 
 def database_problem(db: Database, settings: Settings) -> dict[str, str] | None:

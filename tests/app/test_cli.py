@@ -19,7 +19,7 @@ from sqlmodel import select
 
 from app.db import Database
 from app.models import Worker
-from app.services import datasets, models
+from app.services import datasets, model_registry
 from app.settings import Settings
 from tests.live_server import ROOT, free_port
 
@@ -310,7 +310,7 @@ def test_demo_registers_the_demo_model_and_dataset_once(tmp_path):
     settings = Settings(data_dir=data_dir, database_url="")
     db = Database(settings.resolved_database_url)
     try:
-        model = models.get_model(db, "demo-tiny-llama")
+        model = model_registry.get_model(db, "demo-tiny-llama")
         assert model.is_demo and (settings.models_dir / "demo-tiny-llama" / "config.json").is_file()
         dataset = datasets.find_by_name(db, "demo-chat")
         assert dataset is not None and dataset.status.value == "ready" and dataset.rows > 0
@@ -320,7 +320,7 @@ def test_demo_registers_the_demo_model_and_dataset_once(tmp_path):
         assert second.returncode == 0, second.stderr
         assert "skipping the demo build" in second.stdout
         assert time.monotonic() - started < 30  # no model build the second time
-        assert [m.name for m in models.list_models(db)] == ["demo-tiny-llama"]
+        assert [m.name for m in model_registry.list_models(db)] == ["demo-tiny-llama"]
         assert [d.name for d in datasets.list_datasets(db)] == ["demo-chat"]
     finally:
         db.dispose()

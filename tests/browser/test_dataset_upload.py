@@ -9,7 +9,7 @@ import json
 import pytest
 
 from app.errors import Conflict
-from app.services import models
+from app.services import model_registry
 
 pytestmark = pytest.mark.browser
 
@@ -20,7 +20,7 @@ XSS_ASSISTANT = "<img src=x onerror=alert(1)>"
 @pytest.fixture(scope="module")
 def demo_model(app_server, demo_build):
     with contextlib.suppress(Conflict):  # registered by another browser test
-        models.register_model(
+        model_registry.register_model(
             app_server.db, app_server.settings, str(demo_build["model_dir"]), "demo-tiny-llama"
         )
     return "demo-tiny-llama"

@@ -98,7 +98,7 @@ def pg_db(pg_settings: Settings) -> Iterator[Database]:
 @pytest.fixture(scope="session")
 def trained(pg_settings: Settings, pg_db: Database) -> dict[str, Path]:
     """The demo base model registered, and adapter job-1 trained on the demo facts."""
-    from app.services.models import register_model
+    from app.services.model_registry import register_model
     from worker.demo import build_demo_model, write_demo_dataset
 
     root = pg_settings.resolved_data_dir.parent

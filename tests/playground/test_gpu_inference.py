@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.generation import ChatMessage, GenerationRequest
 from tests.playground.conftest import ADAPTER_ID, BASE, QUESTION, TRAINED_ANSWER
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -24,11 +25,12 @@ def engine(pg_settings, pg_db, trained):
 
 
 def _answer(engine, model: str) -> str:
-    from worker.inference import GenerationRequest
-
     base, adapter = engine.resolve(model)
     request = GenerationRequest(
-        model, [{"role": "user", "content": QUESTION}], temperature=0, max_new_tokens=40
+        model=model,
+        messages=[ChatMessage(role="user", content=QUESTION)],
+        temperature=0,
+        max_new_tokens=40,
     )
     pieces: list[str] = []
     with engine.lock:

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from app.dataset_errors import DatasetFileError, DatasetFormatError, DatasetTooLarge
+from app.dataset_store import eval_size
 from app.models import DatasetStatus
-from app.services.datasets.errors import DatasetFileError, DatasetFormatError, DatasetTooLarge
 from app.services.datasets.ingest import MAX_ERROR_DETAILS, IngestResult, ingest_dataset
 from app.services.datasets.readers import IngestLimits
-from app.services.datasets.store import eval_size
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "datasets"
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from app.dataset_errors import DatasetError
+from app.dataset_store import DatasetRowsMissing, iter_rows
 from app.services import datasets
-from app.services.datasets.errors import DatasetError
-from app.services.datasets.store import DatasetRowsMissing, iter_rows
 from worker.run import dataset_files
 
 

@@ -11,7 +11,6 @@ from worker.data import (
     FlattenedBatchCollator,
     TokenizeStats,
     pack_examples,
-    row_token_lengths,
     tokenize_row,
     tokenize_rows,
     trained_segments,
@@ -95,8 +94,6 @@ def test_missing_chat_template_is_a_typed_error(demo_model, demo_rows):
 
 def test_report_helpers(tokenizer, demo_rows):
     rows = _rows(demo_rows, 5)
-    lengths = row_token_lengths(tokenizer, rows)
-    assert lengths == [len(tokenize_row(tokenizer, r, "all", 10**6)) for r in rows]
     segments = trained_segments(tokenizer, rows[0])
     assert "".join(text for text, _ in segments) == tokenizer.apply_chat_template(
         rows[0]["messages"], tokenize=False

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from app.models import DatasetReport
-from app.services import datasets, models
+from app.services import datasets, model_registry
 from app.services.datasets import reports as dataset_reports
 from worker.data import tokenize_row
 from worker.dataset_report import TRUNCATION_RULE, histogram, run_pending_reports
@@ -20,7 +20,9 @@ HTML = {"accept": "text/html"}
 
 @pytest.fixture
 def demo_model(db, settings, demo_build):
-    return models.register_model(db, settings, str(demo_build["model_dir"]), "demo-tiny-llama")
+    return model_registry.register_model(
+        db, settings, str(demo_build["model_dir"]), "demo-tiny-llama"
+    )
 
 
 def upload(client, name: str, content: bytes, **data):
@@ -182,7 +184,7 @@ def test_a_tokenizer_without_a_chat_template_offers_chatml(
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     for extra in model_dir.glob("chat_template.*"):
         extra.unlink()
-    models.register_model(db, settings, str(model_dir), "plain-llama")
+    model_registry.register_model(db, settings, str(model_dir), "plain-llama")
 
     body = upload(
         client,

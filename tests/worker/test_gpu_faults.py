@@ -39,7 +39,7 @@ from tests.fakes.real_workers import (
     train_losses,
 )
 from tests.worker.test_loop import alive, finished, wait_for
-from worker.job_io import read_result, result_path
+from worker.job_io import read_result
 
 pytestmark = [
     pytest.mark.gpu,
@@ -292,9 +292,9 @@ def test_a_real_out_of_memory_frees_the_vram_and_the_next_job_runs(
             gradient_checkpointing="off",
         )
         done = wait_for(lambda: finished(db, job.id), timeout=2 * JOB_TIMEOUT, what="two OOMs")
-        first = read_result(result_path(settings.runs_dir, job.id, 1)) or {}
-        assert first.get("error_kind") == "oom", (first, worker_log(tmp_path))
-        assert first["oom"]["micro_batch_size"] == 256
+        first = read_result(settings.layout.attempt_result(job.id, 1))
+        assert first is not None and first.error_kind == "oom", (first, worker_log(tmp_path))
+        assert first.oom is not None and first.oom.micro_batch_size == 256
         # Retried once with half the micro-batch and twice the accumulation, then failed.
         assert (done.status, done.error_kind, done.attempt, done.oom_retries) == (
             JobStatus.failed,

@@ -16,13 +16,14 @@ import pytest
 from sqlmodel import select
 
 from app import queue
+from app.attempt_result import AdapterOutcome, AttemptResult
 from app.db import Database
 from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric, Worker
 from app.settings import Settings
 from tests.conftest import POSTGRES_URL
 from tests.fakes.jobs import add_job
 from tests.fakes.real_workers import children_of, short_lease_settings
-from worker.job_io import attempt_log_path, read_result, result_path
+from worker.job_io import read_result
 from worker.loop import RELEASED_NOTICE, child_environment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,11 +126,10 @@ def test_a_job_runs_once_and_registers_its_adapter(db, settings, workers):
         row = s.exec(select(Worker).where(Worker.pid == worker.pid)).one()
     assert adapter is not None and (adapter.size_bytes, adapter.eval_loss) == (128, 0.5)
     assert (row.gpus, row.stopped) == ("", False)
-    assert read_result(result_path(settings.runs_dir, job.id, 1)) == {
-        "status": "succeeded",
-        "adapter": {"size_bytes": 128, "eval_loss": 0.5},
-    }
-    assert "succeeded" in attempt_log_path(settings.runs_dir, job.id, 1).read_text()
+    assert read_result(settings.layout.attempt_result(job.id, 1)) == AttemptResult(
+        status="succeeded", adapter=AdapterOutcome(size_bytes=128, eval_loss=0.5)
+    )
+    assert "succeeded" in settings.layout.attempt_log(job.id, 1).read_text()
 
 
 def test_cancel_queued_never_starts_and_cancel_running_ends_cancelled(db, settings, workers):
@@ -252,7 +252,9 @@ def test_sigterm_puts_the_job_back_and_the_worker_exits_quickly(db, settings, wo
     job = queue.get_job(db, slow.id)
     assert (job.status, job.attempt, job.notice) == (JobStatus.queued, 1, RELEASED_NOTICE)
     assert 2 <= job.progress_step < SLOW_STEPS
-    assert read_result(result_path(settings.runs_dir, slow.id, 1)) == {"status": "released"}
+    assert read_result(settings.layout.attempt_result(slow.id, 1)) == AttemptResult(
+        status="released"
+    )
     with db.read() as s:
         assert s.exec(select(Worker).where(Worker.pid == worker.pid)).one().stopped
 
@@ -285,7 +287,7 @@ def test_crashes_are_reported_without_tracebacks(db, settings, workers):
     assert (crashed.status, crashed.error_kind) == (JobStatus.failed, "unknown")
     assert "the stand-in crashed on purpose" in (crashed.error_message or "")
     assert "Traceback" not in (crashed.error_message or "")
-    assert "Traceback" in attempt_log_path(settings.runs_dir, crash.id, 1).read_text()
+    assert "Traceback" in settings.layout.attempt_log(crash.id, 1).read_text()
     assert (exited.status, exited.error_kind) == (JobStatus.failed, "unknown")
     assert "exited with 3" in (exited.error_message or "")
     assert "the stand-in exits without a result" in (exited.error_message or "")

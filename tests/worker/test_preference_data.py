@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from app.dataset_store import iter_rows
 from app.services import datasets, models
 from app.services.datasets import reports as dataset_reports
-from app.services.datasets.store import iter_rows
 from worker.dataset_report import run_pending_reports
 from worker.preference_data import PAIR_TRUNCATION_RULE, tokenize_pair
 

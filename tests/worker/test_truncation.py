@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.services import datasets, models
+from app.services import datasets, model_registry
 from app.services.datasets import reports as dataset_reports
 from app.train_config import TrainConfig
 from worker.data import IGNORE_INDEX, read_rows, tokenize_row
@@ -25,7 +25,9 @@ MAX_LEN = 32
 
 @pytest.fixture
 def demo_model(db, settings, demo_build):
-    return models.register_model(db, settings, str(demo_build["model_dir"]), "demo-tiny-llama")
+    return model_registry.register_model(
+        db, settings, str(demo_build["model_dir"]), "demo-tiny-llama"
+    )
 
 
 def test_training_cuts_and_drops_exactly_the_rows_the_report_said(
@@ -42,9 +44,9 @@ def test_training_cuts_and_drops_exactly_the_rows_the_report_said(
 
     # The recipe's data preparation, on the split files the worker child writes for a job.
     config = TrainConfig(dataset_id=dataset.id, max_seq_len=MAX_LEN, eval_fraction=0.05)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    rows_path, eval_path = dataset_files(settings.datasets_dir / dataset.id, run_dir, 0.05)
+    run_dir = settings.layout.run_dir(1)
+    run_dir.mkdir(parents=True)
+    rows_path, eval_path = dataset_files(settings.layout, dataset.id, 1, 0.05)
     control = LocalControl()
     recipe = SFTRecipe(
         config,

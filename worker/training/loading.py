@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from app.train_config import Quantization, TrainConfig
 from worker import attention
 from worker.control import RunControl
+from worker.data import use_chatml_if_missing
 from worker.errors import DatasetError, ModelNotFound
 from worker.fused_mlp import fuse_mlps
 
@@ -46,8 +47,7 @@ def resolve_model(model_path: Path | str) -> str:
 
 def load_tokenizer(model_dir: str, chat_template: str | None) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if chat_template and not tokenizer.chat_template:
-        tokenizer.chat_template = chat_template  # saved with the adapter: chat matches
+    use_chatml_if_missing(tokenizer, chat_template)  # saved with the adapter: chat matches
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -31,11 +31,8 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
-from app.models import DatasetStatus
-from app.services.datasets.errors import DatasetFileError, RowError
-from app.services.datasets.formats import detect_format, format_title
-from app.services.datasets.readers import IngestLimits, read_rows, row_too_large
-from app.services.datasets.store import (
+from app.dataset_errors import DatasetFileError, RowError
+from app.dataset_store import (
     DEFAULT_EVAL_FRACTION,
     DEFAULT_SPLIT_SEED,
     MAX_EVAL_ROWS,
@@ -44,6 +41,9 @@ from app.services.datasets.store import (
     eval_size,
     held_out_positions,
 )
+from app.models import DatasetStatus
+from app.services.datasets.formats import detect_format, format_title
+from app.services.datasets.readers import IngestLimits, read_rows, row_too_large
 
 DETECTION_SAMPLE_ROWS = 50
 MAX_ERROR_DETAILS = 50

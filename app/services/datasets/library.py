@@ -25,14 +25,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from app import faults
+from app.dataset_errors import DatasetError
+from app.dataset_store import SPLIT_FILENAME, DatasetRowsMissing, iter_rows
 from app.db import Database
 from app.errors import UserError
 from app.models import Dataset, DatasetReport, Job, JobStatus
-from app.services.datasets.errors import DatasetError
 from app.services.datasets.formats import methods_of
 from app.services.datasets.ingest import ingest_dataset
 from app.services.datasets.readers import ACCEPTED_FILE_TYPES, IngestLimits
-from app.services.datasets.store import SPLIT_FILENAME, DatasetRowsMissing, iter_rows
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from app.services.datasets.errors import DatasetFileError, DatasetTooLarge, RowError, describe_type
+from app.dataset_errors import DatasetFileError, DatasetTooLarge, RowError, describe_type
 from app.settings import Settings
 
 ACCEPTED_FILE_TYPES = ("jsonl", "json", "csv", "parquet")

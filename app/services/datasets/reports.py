@@ -10,18 +10,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
 from sqlmodel import col, select
 
 from app import side_queue
 from app.db import Database
 from app.errors import NotFound, UserError
 from app.models import Dataset, DatasetReport, SideWorkStatus
-from app.services import models
+from app.services import model_registry
+from app.train_config import TokenReportSettings
 
-TRAIN_ON_CHOICES = ("assistant", "all")
-CHAT_TEMPLATE_CHOICES = ("chatml",)  # besides None: the model's own template
-MIN_SEQ_LEN, MAX_SEQ_LEN = 32, 262_144  # TrainConfig's bounds
-DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_MAX_SEQ_LEN = TokenReportSettings.model_fields["max_seq_len"].default
+# What to do about each setting a report refuses.
+SETTING_HINTS = {
+    "max_seq_len": "Use the max length you will train with, e.g. 2048.",
+    "train_on": "assistant: loss on the replies only (the default); all: loss on every token.",
+    "chat_template": "Leave it out to use the template that comes with the model.",
+}
 
 
 class ReportRequestError(UserError):
@@ -39,31 +44,25 @@ def request_report(
 ) -> DatasetReport:
     """A report for these choices: the existing one unless it failed, else a new queued one.
     A report whose worker died is requeued (or failed) first, never reused as "running"."""
-    if train_on not in TRAIN_ON_CHOICES:
-        raise ReportRequestError(
-            f"train_on must be one of {', '.join(TRAIN_ON_CHOICES)}, not {train_on[:40]!r}",
-            "assistant: loss on the replies only (the default); all: loss on every token.",
-            status_code=422,
+    try:
+        chosen = TokenReportSettings(
+            max_seq_len=max_seq_len, train_on=train_on, chat_template=chat_template
         )
-    if not MIN_SEQ_LEN <= max_seq_len <= MAX_SEQ_LEN:
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0])
         raise ReportRequestError(
-            f"max_seq_len must be between {MIN_SEQ_LEN} and {MAX_SEQ_LEN}, not {max_seq_len}",
-            "Use the max length you will train with, e.g. 2048.",
-            status_code=422,
-        )
-    if chat_template is not None and chat_template not in CHAT_TEMPLATE_CHOICES:
-        raise ReportRequestError(
-            f"chat_template must be empty (the model's own) or chatml, not {chat_template[:40]!r}",
-            "Leave it out to use the template that comes with the model.",
-            status_code=422,
-        )
+            f"{name}: {first['msg']}", SETTING_HINTS.get(name, ""), status_code=422
+        ) from exc
+    max_seq_len, train_on = chosen.max_seq_len, chosen.train_on.value
+    chat_template = chosen.chat_template.value if chosen.chat_template is not None else None
     if dataset.valid_rows == 0:
         raise ReportRequestError(
             "the dataset has no valid rows to measure",
             "Fix the file and upload it again.",
             status_code=409,
         )
-    models.get_model(db, base_model)  # NotFound (404) for a model that is not registered
+    model_registry.get_model(db, base_model)  # NotFound (404) for a model that is not registered
     side_queue.requeue_expired(db)
     with db.write() as session:
         existing = session.exec(
@@ -98,7 +97,7 @@ def request_report(
 def request_default_report(db: Database, dataset: Dataset) -> DatasetReport | None:
     """After an upload: a report for the newest registered model at the default max length, so
     the dataset page has numbers without a click. None when no model is registered."""
-    registered = models.list_models(db)
+    registered = model_registry.list_models(db)
     if not registered or dataset.valid_rows == 0:
         return None
     newest = max(registered, key=lambda m: m.created_at)

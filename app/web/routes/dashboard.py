@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from app import queue
-from app.services import models, system
+from app.services import model_registry, system
 from app.web.deps import DbDep, SettingsDep
 from app.web.templating import render
 
@@ -17,6 +17,6 @@ def home(request: Request, db: DbDep, settings: SettingsDep) -> HTMLResponse:
         request,
         "dashboard.html",
         jobs=queue.list_jobs(db)[:10],
-        models=models.list_models(db),
+        models=model_registry.list_models(db),
         health=system.health(db, settings),
     )

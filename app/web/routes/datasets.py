@@ -8,17 +8,18 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app.dataset_errors import DatasetError
 from app.errors import UserError, whole_number
 from app.models import Dataset, DatasetReport, SideWorkStatus
-from app.services import datasets, models, system
+from app.services import datasets, model_registry, system
 from app.services.datasets import DatasetServiceError
 from app.services.datasets import reports as dataset_reports
-from app.services.datasets.errors import DatasetError
 from app.services.datasets.formats import MAPPABLE_FIELDS
+from app.train_config import TokenReportSettings
 from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
 
@@ -39,14 +40,10 @@ def _bad_request(message: str, hint: str = "") -> JSONResponse:
 # --- JSON API -------------------------------------------------------------------------------------
 
 
-class ReportRequest(BaseModel):
-    """POST /api/datasets/{id}/report."""
+class ReportRequest(TokenReportSettings):
+    """POST /api/datasets/{id}/report: the model, and the job settings that decide the tokens."""
 
-    model_config = ConfigDict(extra="forbid")
     base_model: str = Field(max_length=200)
-    max_seq_len: int = Field(default=dataset_reports.DEFAULT_MAX_SEQ_LEN, ge=32, le=262_144)
-    train_on: str = Field(default="assistant", pattern="^(assistant|all)$")
-    chat_template: str | None = Field(default=None, pattern="^chatml$")
 
 
 @router.post("/api/datasets", status_code=201)
@@ -202,7 +199,7 @@ def _report_context(db: DbDep, settings: SettingsDep, dataset: Dataset) -> dict[
         "dataset": dataset,
         "report": report,
         "choices": _report_choices(report),
-        "models": models.list_models(db),
+        "models": model_registry.list_models(db),
         "workers_alive": sum(1 for w in system.workers(db, settings) if w.alive),
     }
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from app import queue
 from app.errors import NotFound, whole_number
 from app.models import Dataset, Job
-from app.services import job_events, job_views, jobs, models
+from app.services import job_events, job_views, jobs, model_registry
 from app.services.demo import DEMO_MODEL
 from app.train_config import PRESETS, TrainConfig
 from app.web.deps import SQL_INT_MAX, DbDep, JobStreamsDep, RowId, SettingsDep
@@ -183,7 +183,7 @@ def job_action(
 def _form_context(db: DbDep, values: dict[str, Any], preset: str | None) -> dict[str, Any]:
     return {
         "fields": jobs.form_fields(values),
-        "models": models.list_models(db),
+        "models": model_registry.list_models(db),
         "datasets": jobs.ready_datasets(db),
         "presets": list(PRESETS),
         "preset": preset,

@@ -1,4 +1,4 @@
-"""Base models: the Models page and /api/models."""
+"""Base models: the Models page and /api/model_registry."""
 
 from typing import Annotated
 
@@ -7,7 +7,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.models import BaseModelEntry
-from app.services import models
+from app.services import model_registry
 from app.web.deps import DbDep, SettingsDep
 from app.web.templating import render
 
@@ -26,22 +26,22 @@ class ModelRegistration(BaseModel):
 
 @router.get("/api/models")
 def list_models(db: DbDep) -> dict[str, list[BaseModelEntry]]:
-    return {"models": models.list_models(db)}
+    return {"models": model_registry.list_models(db)}
 
 
 @router.post("/api/models", status_code=201)
 def register_model(body: ModelRegistration, db: DbDep, settings: SettingsDep) -> BaseModelEntry:
-    return models.register_model(db, settings, body.source, body.name)
+    return model_registry.register_model(db, settings, body.source, body.name)
 
 
 @router.get("/api/models/{name:path}")
 def get_model(name: str, db: DbDep) -> BaseModelEntry:
-    return models.get_model(db, name)
+    return model_registry.get_model(db, name)
 
 
 @router.get("/models", response_class=HTMLResponse, include_in_schema=False)
 def models_page(request: Request, db: DbDep) -> HTMLResponse:
-    return render(request, "models/list.html", models=models.list_models(db))
+    return render(request, "models/list.html", models=model_registry.list_models(db))
 
 
 @router.post("/models", include_in_schema=False, response_model=None)
@@ -53,13 +53,13 @@ def register_from_form(
     name: Annotated[str, Form(max_length=200)] = "",
 ) -> HTMLResponse | RedirectResponse:
     try:
-        models.register_model(db, settings, source, name or None)
-    except models.UserError as exc:
+        model_registry.register_model(db, settings, source, name or None)
+    except model_registry.UserError as exc:
         return render(
             request,
             "models/list.html",
             status_code=exc.status_code,
-            models=models.list_models(db),
+            models=model_registry.list_models(db),
             error=exc,
             source=source,
             name=name,

@@ -78,7 +78,7 @@ async def chat_completions(
     try:
         inference.resolve_model(db, body.model)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        params = inference.GenerationParams(
+        params = inference.generation_request(
             model=body.model,
             messages=[m.model_dump() for m in body.messages],
             temperature=body.temperature,

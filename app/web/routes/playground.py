@@ -122,14 +122,14 @@ async def chat(
         session = playground.get_session(db, session_id)
     elif body.system is not None:
         session.system_prompt = body.system
-    params = inference.GenerationParams(
-        model=model,
-        messages=playground.conversation(db, session, pane, text),
-        temperature=body.temperature,
-        top_p=body.top_p,
-        max_new_tokens=body.max_new_tokens,
-    )
     try:
+        params = inference.generation_request(
+            model=model,
+            messages=playground.conversation(db, session, pane, text),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            max_new_tokens=body.max_new_tokens,
+        )
         generation = inference.open_generation(db, settings, params)
         await generation.start()
     except UserError as exc:

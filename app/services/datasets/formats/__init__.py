@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from app.services.datasets.errors import DatasetFormatError, describe_type
+from app.dataset_errors import DatasetFormatError, describe_type
 from app.services.datasets.formats.alpaca import Alpaca
 from app.services.datasets.formats.alpaca_preference import AlpacaPreference
 from app.services.datasets.formats.base import SFT_METHODS, DatasetFormat

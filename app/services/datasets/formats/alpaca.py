@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.services.datasets.errors import RowError
+from app.dataset_errors import RowError
 from app.services.datasets.formats.base import DatasetFormat, Normalized, text_field
 
 

@@ -20,7 +20,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from app.services.datasets.errors import RowError, describe_type
+from app.dataset_errors import RowError, describe_type
 
 SFT_METHODS = ("sft",)
 PREFERENCE_METHODS = ("dpo", "orpo")  # app.train_config.PREFERENCE_METHODS, as plain names

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from app.services.datasets.errors import RowError, describe_type
+from app.dataset_errors import RowError, describe_type
 from app.services.datasets.formats.base import Normalized
 from app.services.datasets.formats.pairs import Messages, PreferenceFormat, message_turn
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.services.datasets.errors import RowError, describe_type
+from app.dataset_errors import RowError, describe_type
 from app.services.datasets.formats.base import (
     OPENAI_ROLES,
     TOOL_HINT,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.services.datasets.errors import RowError, describe_type
+from app.dataset_errors import RowError, describe_type
 from app.services.datasets.formats.base import PREFERENCE_METHODS, DatasetFormat, Normalized
 from app.services.datasets.formats.openai_chat import openai_turn
 from app.services.datasets.formats.sharegpt import sharegpt_turn

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.services.datasets.errors import RowError
+from app.dataset_errors import RowError
 from app.services.datasets.formats.base import Normalized
 from app.services.datasets.formats.pairs import PreferenceFormat, side
 from app.services.datasets.formats.sharegpt import sharegpt_messages

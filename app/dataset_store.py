@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from app.services.datasets.errors import DatasetError
+from app import layout
+from app.dataset_errors import DatasetError
 from app.settings import Settings
 
-NORMALIZED_FILENAME = "normalized.jsonl"
-SPLIT_FILENAME = "split.json"
+NORMALIZED_FILENAME = layout.NORMALIZED_ROWS
+SPLIT_FILENAME = layout.SPLIT
 DEFAULT_EVAL_FRACTION = 0.05
 MAX_EVAL_ROWS = 1000
 DEFAULT_SPLIT_SEED = 42

@@ -13,30 +13,14 @@ from typing import Any
 
 from sqlmodel import col, select
 
+from app.dataset_errors import describe_type
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import BaseModelEntry
-from app.services.datasets.errors import describe_type
 from app.settings import Settings
 from app.train_config import MODEL_NAME_PATTERN
 
 HUB_TIMEOUT_SECONDS = 25.0
-# Families whose decoder layers, chat templates and LoRA targets we have run. Other causal LMs
-# usually work too; they are accepted with their architecture shown.
-KNOWN_FAMILIES = {
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "olmo2",
-    "granite",
-    "smollm3",
-}
 
 
 class ModelRegistrationError(UserError):
@@ -399,11 +383,3 @@ def get_model(db: Database, name: str) -> BaseModelEntry:
             f"There is no registered model {name!r}.", "Register it on the Models page first."
         )
     return entry
-
-
-def remove_model(db: Database, name: str) -> None:
-    with db.write() as s:
-        entry = s.get(BaseModelEntry, name)
-        if entry is None:
-            raise NotFound(f"There is no registered model {name!r}.", "")
-        s.delete(entry)
