@@ -16,11 +16,11 @@ _.compress_type  # app/services/exports.py
 _.pre_tokenizer  # worker/demo.py
 _.decoder  # worker/demo.py
 _.post_processor  # worker/demo.py
-_.pad_token  # worker/recipes/sft.py
-_.use_cache  # worker/recipes/sft.py
-_.optimizer  # worker/recipes/sft.py
-_.should_save  # worker/recipes/sft.py (TrainerControl)
-_.should_training_stop  # worker/recipes/sft.py (TrainerControl)
+_.pad_token  # worker/training/loading.py
+_.use_cache  # worker/training/loading.py
+_.optimizer  # worker/training/recipe.py
+_.should_save  # worker/training/trainer.py (TrainerControl)
+_.should_training_stop  # worker/training/trainer.py (TrainerControl)
 
 # Methods a framework calls by name: http.server and transformers' TrainerCallback.
 daemon_threads  # worker/inference.py
@@ -29,11 +29,11 @@ _.log_message  # worker/inference.py
 _.close_connection  # worker/inference.py
 _.do_GET  # worker/inference.py
 _.do_POST  # worker/inference.py
-_.on_step_begin  # worker/recipes/sft.py
-_.on_step_end  # worker/recipes/sft.py
-_.on_evaluate  # worker/recipes/sft.py
-_.on_log  # worker/recipes/sft.py
-_.on_save  # worker/recipes/sft.py
+_.on_step_begin  # worker/training/trainer.py
+_.on_step_end  # worker/training/trainer.py
+_.on_evaluate  # worker/training/trainer.py
+_.on_log  # worker/training/trainer.py
+_.on_save  # worker/training/trainer.py
 
 # Enum members and pydantic fields chosen by value (from a form, the API, a stored config).
 ipo  # app/train_config.py DpoLoss
@@ -92,8 +92,37 @@ _.split_file  # app/layout.py
 _.trained_tokens  # worker/data.py TokenizedExample
 unfuse_mlps  # worker/fused_mlp.py
 ListSink  # worker/metrics.py
-resumed_from_step  # worker/recipes/sft.py TrainResult
+resumed_from_step  # worker/training/trainer.py TrainResult
 
 # The metric field list: being reworked on the metrics-streaming branch.
 METRIC_KEYS  # worker/metrics.py
 TIMING_KEYS  # worker/metrics.py
+
+# Preference metric columns: written and read by name (metric_columns(), the charts' specs).
+rewards_chosen  # app/models.py Metric
+rewards_rejected  # app/models.py Metric
+reward_accuracy  # app/models.py Metric
+eval_rewards_chosen  # app/models.py Metric
+eval_rewards_rejected  # app/models.py Metric
+eval_reward_margin  # app/models.py Metric
+eval_reward_accuracy  # app/models.py Metric
+
+# Chart series fields and their spec: rendered into the job page's data-series (templates).
+color  # app/services/job_views.py
+points  # app/services/job_views.py
+smooth  # app/services/job_views.py
+dash  # app/services/job_views.py
+_.spec  # app/services/job_views.py
+
+# Recipes looked up by name (worker/recipes/__init__.py RECIPES) and what the Trainer reads.
+DPORecipe  # worker/recipes/dpo.py
+ORPORecipe  # worker/recipes/orpo.py
+_.model_accepts_loss_kwargs  # worker/recipes/preference.py (transformers Trainer)
+
+# A recipe's memory-policy steps one at a time: the tests and bench/profile_step.py call them.
+_._measure_memory_policy  # worker/training/recipe.py
+_._try_policy  # worker/training/recipe.py
+_._decoder_layers  # worker/training/recipe.py
+
+# A path the layout owns that app/dataset_store.py still builds from its own constant.
+_.normalized_rows  # app/layout.py
