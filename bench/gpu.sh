@@ -12,6 +12,7 @@
 #   8b-capped    8B shape, fixed-length data, the process capped at 22.5 GiB (a 24 GB card)
 #   longest      longest single sequence, 8B shape, under a 22.5 GiB cap, all arms
 #   profile      8B step time and top operators per memory policy (bench/profile_step.py)
+#   dpo          DPO pairs/s, 8B shape, 22.5 GiB cap: TRL, Unsloth, Tuneboard (bench/preference.py)
 #   smoke        the CPU smoke run (checks the harness itself)
 # Env: GPU_TESTS_S: at most this long for the tests stage. BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too
 # late are listed as skipped. BENCH_ARMS (default standard,unsloth,tuneboard). BENCH_ARGS: extra
@@ -83,7 +84,7 @@ for stage in "$@"; do
     tests)
       limit=$(( limit < ${GPU_TESTS_S:-$limit} ? limit : ${GPU_TESTS_S:-$limit} ))
       # SIGINT: pytest stops and still prints its summary of what ran.
-      timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py}
+      timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_preference.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py}
       rc=$?; [ $rc -eq 5 ] && echo "(no GPU tests collected)" && rc=0
       [ $rc -ne 0 ] && status=$rc ;;
     1b) bench throughput-1b --shapes 1b --min-arm-s 30 || status=$? ;;
@@ -96,6 +97,9 @@ for stage in "$@"; do
     longest) bench longest-8b --shapes 8b --cap-gib 22.5 --longest --reuse --min-arm-s 60 || status=$? ;;
     profile) timeout -k 20 "$limit" python3 bench/profile_step.py \
       --shape 8b --cache "$CACHE" --out "$OUT" ${PROFILE_ARGS:-} || status=$? ;;
+    dpo) python3 bench/preference.py --shape 8b --cap-gib 22.5 --out "$OUT" --work "$WORK" \
+      --cache "$CACHE" --site /tmp/site-tuneboard --unsloth-site /tmp/site-unsloth \
+      --deadline "$DEADLINE" ${PREFERENCE_ARGS:-} || status=$? ;;
     smoke) python3 bench/train.py --smoke --name smoke --out "$OUT" --work "$WORK" \
       --cache "$CACHE" || status=$? ;;
     *) echo "unknown stage $stage"; status=2 ;;

@@ -406,7 +406,7 @@ def main(argv: list[str]) -> int:
         print(f"<-- {arm}: {json.dumps(result)[:400]}", flush=True)
     lines = table(args, results, meta)
     print("\n".join(lines))
-    name = f"dpo-{args.shape}" + ("-smoke" if args.smoke else "")
+    name = f"dpo-{args.shape}"
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0 if any(r.get("ok") for r in results) else 1

@@ -79,3 +79,27 @@ def test_the_step_profile_times_each_memory_policy_and_tables_its_operators(
     assert "ms more per layer than off" in report
     assert "## on: top operators by self_cpu_time_total" in report
     assert "aten::mm" in report  # the projections, in the operator table
+
+
+def test_the_dpo_benchmark_runs_trl_and_the_product_on_the_same_pairs(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "bench/preference.py", "--smoke", "--arms", "trl,unsloth,tuneboard",
+         "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = {
+        r["arm"]: r
+        for r in json.loads((tmp_path / "out" / "dpo-smoke.json").read_text())["results"]
+    }
+    for arm in ("trl", "tuneboard"):
+        assert results[arm].get("ok"), results[arm]
+        assert results[arm]["pairs_per_second"] > 0 and results[arm]["steps"] == 2
+        # A new adapter is the base model: every pair's loss starts at log 2.
+        assert abs(results[arm]["first_loss"] - 0.6931) < 1e-3
+    if importlib.util.find_spec("unsloth") is None:
+        assert "import unsloth failed" in results["unsloth"]["skipped"]
+    assert "| tuneboard |" in (tmp_path / "out" / "dpo-smoke.md").read_text()
