@@ -48,6 +48,7 @@ from bench.train import (
 )
 
 ARMS = ("trl", "unsloth", "tuneboard")
+_FIELDS: dict = {}
 EOS = 128001  # the bench model's EOS (Llama-3's <|end_of_text|>); the smoke model's is 2
 
 
@@ -252,6 +253,7 @@ def run_tuneboard_arm(args, pairs: list[dict]) -> dict:
     )
     train = [TokenizedPair(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
     sink, control = ListSink(), LocalControl()
+    _FIELDS.update(fields=control.fields)  # what the recipe said, kept for a failed arm's row
     out_dir = Path(args.result).with_suffix(".run")
     recipe = DPORecipe(config, args.model_path, out_dir, sink, control, train_examples=train)
     try:
@@ -306,6 +308,9 @@ def child(args) -> None:
         traceback.print_exc()
         text = f"{type(exc).__name__}: {exc}"
         result["oom" if "out of memory" in text.lower() else "error"] = text[:500]
+        fields = _FIELDS.get("fields") or {}
+        result["memory_policy"] = fields.get("memory_policy")
+        result["memory_policy_reason"] = fields.get("memory_policy_reason")
     if torch.cuda.is_available():
         from bench.train import _PEAK
 
@@ -336,6 +341,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--unsloth-site", default="")
     parser.add_argument("--deadline", type=float, default=0.0, help="epoch seconds")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--name", default="", help="output files' name (default dpo-<shape>)")
     # child
     parser.add_argument("--arm")
     parser.add_argument("--model-path")
@@ -360,7 +366,7 @@ def main(argv: list[str]) -> int:
         if args.deadline and time.time() > args.deadline - 60:
             results.append({"arm": arm, "skipped": "deadline"})
             continue
-        result_path = args.work / f"dpo-{args.shape}-{arm}.json"
+        result_path = args.work / f"{args.name or 'dpo-' + args.shape}-{arm}.json"
         result_path.unlink(missing_ok=True)
         # A run folder left by an earlier call holds its final checkpoint: the recipe would
         # resume from it and train no step.
@@ -392,7 +398,7 @@ def main(argv: list[str]) -> int:
         timeout = max(60.0, args.deadline - time.time() - 20) if args.deadline else None
         print(f"--> {arm}", flush=True)
         try:
-            with (args.work / f"dpo-{args.shape}-{arm}.log").open("w") as log:
+            with result_path.with_suffix(".log").open("w") as log:
                 subprocess.run(
                     command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
                 )
@@ -406,7 +412,7 @@ def main(argv: list[str]) -> int:
         print(f"<-- {arm}: {json.dumps(result)[:400]}", flush=True)
     lines = table(args, results, meta)
     print("\n".join(lines))
-    name = f"dpo-{args.shape}"
+    name = args.name or f"dpo-{args.shape}"
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     return 0 if any(r.get("ok") for r in results) else 1
@@ -426,11 +432,15 @@ def table(args, results: list[dict], meta: dict) -> list[str]:
     for r in results:
         if not r.get("ok"):
             why = r.get("skipped") or r.get("oom") or r.get("error") or "?"
-            lines.append(f"| {r['arm']} | - | - | - | - | - | - | - | - | {why[:160]} |")
+            if r.get("memory_policy"):
+                why += f" (policy {r['memory_policy']}: {r.get('memory_policy_reason')})"
+            lines.append(f"| {r['arm']} | - | - | - | - | - | - | - | - | {why[:400]} |")
             continue
         ratio = f"{r['pairs_per_second'] / base['pairs_per_second']:.2f}" if base else "-"
         peak = r.get("peak_alloc_gib")
         note = r.get("memory_policy") or ""
+        if r.get("memory_policy_reason"):
+            note += f": {r['memory_policy_reason']}"
         lines.append(
             f"| {r['arm']} | {r['pairs_per_second']:.2f} | {ratio} | {r['tokens_per_second']:,.0f} "
             f"| {r['median_step_s']:.3f} | {r['pairs_per_step']} | "

@@ -150,8 +150,13 @@ class LoRARecipe:
         num_items_in_batch: Any,
     ) -> Any:
         """The Trainer's loss; by default the recipe's `batch_loss` (a mean over the
-        micro-batch, which the Trainer divides by the accumulation steps)."""
-        loss = self.batch_loss(model, inputs)
+        micro-batch, which the Trainer divides by the accumulation steps), under bf16 autocast
+        on the GPU as `forward_backward` runs it: the Trainer's autocast wraps the model's own
+        forward, which a recipe that calls the decoder itself does not go through (without it
+        the fp32 LoRA weights pull the activations to fp32: 8B DPO ran out of 22.5 GiB)."""
+        cuda = self.device.type == "cuda"
+        with torch.autocast(self.device.type, torch.bfloat16, cuda):
+            loss = self.batch_loss(model, inputs)
         return (loss, {}) if return_outputs else loss
 
     def logged_figures(self, mode: str) -> dict[str, float]:
