@@ -194,9 +194,10 @@ class TrainConfig(BaseModel):
     def _method_defaults(cls, data: Any) -> Any:
         """A method's own fields get their defaults when left out (or None), so a stored config
         says what ran. An unknown method is left for the field to refuse."""
-        if not isinstance(data, dict) or data.get("method", "sft") not in set(Method):
-            return data
-        defaults = METHOD_DEFAULTS[Method(data.get("method", "sft"))]
+        method = data.get("method", "sft") if isinstance(data, dict) else None
+        if not isinstance(method, str) or method not in {m.value for m in Method}:
+            return data  # not a config, or a method the field refuses with its own message
+        defaults = METHOD_DEFAULTS[Method(method)]
         return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
 
     @model_validator(mode="after")
@@ -208,6 +209,11 @@ class TrainConfig(BaseModel):
                     f"{name} is a setting of {owners}, not of {self.method.value}: leave it out, "
                     f"or choose method {owners.split()[0]}"
                 )
+        if self.method in PREFERENCE_METHODS and self.gpus > 1:
+            raise ValueError(
+                f"{self.method.value} trains on one GPU for now: set gpus to 1 (several GPUs "
+                "are for sft jobs)"
+            )
         if self.method in PREFERENCE_METHODS and self.train_on != TrainOn.assistant:
             raise ValueError(
                 f"train_on is a setting of sft: {self.method.value} always trains on the answers "

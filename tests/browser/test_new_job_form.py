@@ -9,7 +9,7 @@ from app import queue
 from app.models import Dataset, DatasetStatus
 from app.settings import Settings
 from app.train_config import PRESETS, TrainConfig
-from tests.fakes.jobs import MODEL, add_dataset
+from tests.fakes.jobs import MODEL, add_dataset, add_preference_dataset
 
 pytestmark = pytest.mark.browser
 
@@ -61,7 +61,7 @@ def test_presets_keep_the_chosen_dataset_and_the_demo_pair_picks_demo(live_serve
 
 def test_choosing_dpo_shows_its_settings_and_queues_a_dpo_job(live_server, server_db, page):
     settings = Settings(data_dir=live_server.data_dir, database_url="")
-    dataset = add_dataset(server_db, settings)
+    dataset = add_preference_dataset(server_db, settings)
     sent: list[str] = []
     page.on("request", lambda r: sent.append(r.post_data or "") if r.method == "POST" else None)
     page.goto(live_server.url + "/jobs/new")

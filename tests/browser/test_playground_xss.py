@@ -27,6 +27,10 @@ ANSWER = "".join(ANSWER_PIECES)
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.headers.get("authorization") != "Bearer stand-in-secret":
+            self.send_response(401)  # as the real server answers a caller without its secret
+            self.end_headers()
+            return
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.end_headers()
@@ -59,7 +63,15 @@ def fake_inference(app_server) -> Iterator[None]:
     with app_server.db.write() as s:
         if s.get(BaseModelEntry, MODEL) is None:
             s.add(BaseModelEntry(name=MODEL, source="/nonexistent/xss-base", is_local=True))
-        s.add(Worker(id="xss-worker", host="test", pid=1, inference_url=url))
+        s.add(
+            Worker(
+                id="xss-worker",
+                host="test",
+                pid=1,
+                inference_url=url,
+                inference_secret="stand-in-secret",
+            )
+        )
     beat = threading.Thread(target=heartbeat, daemon=True)
     beat.start()
     try:

@@ -33,6 +33,36 @@ def add_dataset(db: Database, settings: Settings) -> str:
     return dataset_id
 
 
+def add_preference_dataset(db: Database, settings: Settings) -> str:
+    """A ready preference dataset (TRL's prompt/chosen/rejected shape): for dpo and orpo jobs."""
+    dataset_id = uuid4().hex
+    folder = settings.datasets_dir / dataset_id
+    folder.mkdir(parents=True)
+    row = {
+        "line": 1,
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "hello, how can I help?"}],
+        "rejected": [{"role": "assistant", "content": "what"}],
+    }
+    (folder / "normalized.jsonl").write_text(json.dumps(row) + "\n")
+    model_dir = settings.models_dir / MODEL
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with db.write() as s:
+        s.add(
+            Dataset(
+                id=dataset_id,
+                name="pairs",
+                format="preference",
+                status=DatasetStatus.ready,
+                rows=1,
+                valid_rows=1,
+            )
+        )
+        if s.get(BaseModelEntry, MODEL) is None:
+            s.add(BaseModelEntry(name=MODEL, source=str(model_dir), is_local=True, is_demo=True))
+    return dataset_id
+
+
 def add_job(
     db: Database,
     settings: Settings,

@@ -226,6 +226,9 @@ def test_a_setting_of_another_training_method_is_refused_not_ignored(client, db,
         ({"method": "orpo", "loss_type": "ipo"}, "loss_type", "loss_type is a setting of dpo"),
         ({"method": "dpo", "train_on": "all"}, "train_on", "train_on is a setting of sft"),
         ({"method": "kto"}, "method", "Input should be 'sft', 'dpo' or 'orpo'"),
+        ({"method": {}}, "method", "Input should be 'sft', 'dpo' or 'orpo'"),  # found by fuzzing
+        ({"method": "dpo", "gpus": 2}, "gpus", "dpo trains on one GPU for now"),
+        ({"method": ["dpo"]}, "method", "Input should be 'sft', 'dpo' or 'orpo'"),
     ]:
         response = client.post("/api/jobs", json={"dataset_id": dataset_id, **body})
         assert response.status_code == 422, (body, response.text)

@@ -10,8 +10,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from sqlmodel import col, select
 
+from app import queue
+from app.db import Database
+from app.migrate import upgrade
+from app.models import Adapter, Dataset, JobStatus, Metric
 from app.train_config import Method, TrainConfig
+from tests.fakes.real_workers import (
+    RealWorkers,
+    add_dataset,
+    add_demo,
+    real_job,
+    short_lease_settings,
+)
+from tests.worker.test_loop import finished, wait_for
 from worker.metrics import ListSink
 from worker.preference_data import TokenizedPair, tokenize_pair
 from worker.recipes import RECIPES, recipe_for
@@ -270,3 +283,40 @@ def test_a_short_preference_run_prefers_the_chosen_answers_resumes_and_saves(
     saved = TrainConfig.model_validate_json((adapter / "train_config.json").read_text())
     assert saved.method == method and saved.beta == 0.1
     assert (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_a_dpo_job_runs_through_the_queue_and_writes_reward_rows(
+    tmp_path, demo_build, demo_dataset
+):
+    """The real worker loop and training child (`python -m worker.run`) on a DPO job: the method
+    picks the recipe, the rows and their rewards reach the database, the adapter is registered."""
+    settings = short_lease_settings(tmp_path / "data")
+    upgrade(settings.resolved_database_url)
+    database = Database(settings.resolved_database_url)
+    add_demo(database, settings, demo_build)  # the demo model, registered
+    pairs = add_dataset(database, settings, "e" * 32, "pairs", _pairs(demo_dataset))
+    with database.write() as s:
+        row = s.get(Dataset, pairs)
+        row.format = "preference"
+        s.add(row)
+    job = real_job(
+        database, pairs, method="dpo", max_steps=4, max_seq_len=128, eval_fraction=0.2, eval_every=4
+    )
+    workers = RealWorkers(settings, tmp_path)
+    try:
+        workers.start()
+        done = wait_for(lambda: finished(database, job.id), timeout=300, what="the DPO job")
+    finally:
+        workers.stop_all()
+    assert done.status == JobStatus.succeeded, (done.error_kind, done.error_message)
+    with database.read() as s:
+        rows = list(s.exec(select(Metric).where(Metric.job_id == job.id).order_by(col(Metric.id))))
+        adapter = s.get(Adapter, f"job-{job.id}")
+    train = [r for r in rows if r.loss is not None]
+    evals = [r for r in rows if r.eval_loss is not None]
+    assert [r.step for r in train] == [1, 2, 3, 4]
+    assert all(r.rewards_chosen is not None and r.reward_accuracy is not None for r in train)
+    assert evals and evals[-1].eval_reward_margin is not None
+    assert adapter is not None
+    assert queue.get_job(database, job.id).config["method"] == "dpo"
+    database.dispose()
