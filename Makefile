@@ -10,7 +10,7 @@ DATA_DIR ?= data
 PORT ?=
 PYTEST_ARGS ?=
 
-.PHONY: run setup setup-dev test test-fast lint gpu-test screenshots clean chromium
+.PHONY: run setup setup-dev test test-fast security lint gpu-test screenshots clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ chromium:
 
 test: setup-dev chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The security and fault suite alone, ending with its totals (attacks and faults tried, held).
+security: setup-dev
+	$(PY) -m tests.security_tally $(PYTEST_ARGS)
 
 test-fast: setup-dev
 	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
