@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.dataset_store import iter_rows
-from app.services import datasets, models
+from app.services import datasets, model_registry
 from app.services.datasets import reports as dataset_reports
 from worker.dataset_report import run_pending_reports
 from worker.preference_data import PAIR_TRUNCATION_RULE, tokenize_pair
@@ -72,7 +72,7 @@ def test_answers_are_cut_from_the_right_and_a_pair_with_nothing_left_is_dropped(
 def test_the_report_of_a_preference_dataset_measures_pairs_as_training_cuts_them(
     client, db, settings, demo_build, tokenizer
 ):
-    models.register_model(db, settings, str(demo_build["model_dir"]), "demo-tiny-llama")
+    model_registry.register_model(db, settings, str(demo_build["model_dir"]), "demo-tiny-llama")
     body = client.post(
         "/api/datasets",
         files={"file": ("hh.jsonl", (FIXTURES / "hh_rlhf.jsonl").read_bytes())},
