@@ -41,8 +41,8 @@ import httpx  # noqa: E402
 
 from app.db import Database  # noqa: E402
 from app.queue import Claim  # noqa: E402
-from tests.live_server import LiveServer  # noqa: E402
-from tests.simulated_run import metric_row, start_running_job  # noqa: E402
+from devkit.live_server import LiveServer  # noqa: E402
+from devkit.simulated_run import metric_row, start_running_job  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:

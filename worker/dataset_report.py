@@ -487,6 +487,11 @@ def _round_width(raw: float) -> int:
     return int(10 * magnitude)
 
 
+def _pair_tokens(pair: TokenizedPair) -> int:
+    """A pair's tokens, its prompt counted once (the report's measure, not a training batch's)."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Compute dataset token reports (settings from TUNEBOARD_* variables)."
@@ -533,8 +538,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _pair_tokens(pair: TokenizedPair) -> int:
-    """A pair's tokens, its prompt counted once (the report's measure, not a training batch's)."""
-    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)

@@ -21,7 +21,7 @@ from app.db import Database
 from app.models import Worker
 from app.services import datasets, model_registry
 from app.settings import Settings
-from tests.live_server import ROOT, free_port
+from devkit.live_server import ROOT, free_port
 
 README = ROOT / "README.md"
 

@@ -10,8 +10,8 @@ import pytest
 from app.errors import Conflict
 from app.services import model_registry
 from app.services.model_registry import ModelRegistrationError
+from devkit.live_server import LiveServer
 from tests.fakes.models import LLAMA_CONFIG, make_model_dir
-from tests.live_server import LiveServer
 
 
 def test_a_local_folder_registers_with_facts_from_its_config(db, settings, tmp_path):

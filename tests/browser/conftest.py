@@ -3,7 +3,7 @@
 
 - `app_server`: one server for the session, with a side thread computing dataset reports as a
   worker would (`.url`, `.settings`, `.db`).
-- `live_server`: a fresh `tests.live_server.LiveServer` per test, which can be SIGKILLed and
+- `live_server`: a fresh `devkit.live_server.LiveServer` per test, which can be SIGKILLed and
   restarted (`.kill()` / `.start()`); `server_db` is its database.
 - `screenshots`: the folder a test saves screenshots in (docs/ under `make screenshots`).
 - `page`: a fresh page; `dialogs` lists every alert/confirm/prompt it opened (each dismissed, or
@@ -29,7 +29,7 @@ import pytest
 from app.db import Database
 from app.migrate import upgrade
 from app.settings import Settings
-from tests.live_server import LiveServer
+from devkit.live_server import LiveServer
 
 CHROMIUM = os.environ.get("TUNEBOARD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

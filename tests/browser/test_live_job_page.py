@@ -9,8 +9,8 @@ import time
 import pytest
 
 from app import queue
-from tests.live_server import ROOT
-from tests.simulated_run import finish, start_running_job, write_metrics
+from devkit.live_server import ROOT
+from devkit.simulated_run import finish, start_running_job, write_metrics
 
 pytestmark = pytest.mark.browser
 
@@ -22,7 +22,7 @@ def writer(
     command = [
         sys.executable,
         "-m",
-        "tests.simulated_run",
+        "devkit.simulated_run",
         server.database_url,
         str(claim.job_id),
         str(claim.attempt),

@@ -11,7 +11,7 @@ from app import queue
 from app.db import Database
 from app.models import BaseModelEntry, Dataset, DatasetStatus, JobStatus, Worker
 from app.train_config import TrainConfig
-from tests.simulated_run import metric_row
+from devkit.simulated_run import metric_row
 
 pytestmark = pytest.mark.browser
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live_server import LiveServer
+from devkit.live_server import LiveServer
 
 UPLOAD_CAP = 10_000
 BODY_CAP = 4096

@@ -9,7 +9,7 @@ from bs4 import BeautifulSoup
 
 from app import queue
 from app.models import Adapter, JobStatus, Worker
-from tests.simulated_run import finish, start_running_job, write_metrics
+from devkit.simulated_run import finish, start_running_job, write_metrics
 
 HTML = {"accept": "text/html"}
 
@@ -185,7 +185,7 @@ def test_a_tracker_that_is_not_installed_is_neither_offered_nor_accepted(
 
 
 def test_run_card_shows_duration_final_losses_and_what_ran(client, db):
-    from tests.simulated_run import metric_row
+    from devkit.simulated_run import metric_row
 
     claim = start_running_job(db, total=60)
     write_metrics(db, claim, 1, 60)  # eval rows at steps 25 and 50

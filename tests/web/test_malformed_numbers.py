@@ -20,8 +20,8 @@ from pydantic import BaseModel
 from app.db import Database
 from app.main import create_app
 from app.settings import Settings
-from tests.live_server import LiveServer
-from tests.simulated_run import start_running_job
+from devkit.live_server import LiveServer
+from devkit.simulated_run import start_running_job
 
 SQL_INT_MAX = 2**63 - 1
 HUGE = "9" * 25

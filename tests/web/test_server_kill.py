@@ -16,7 +16,7 @@ from sqlmodel import select
 from app.db import Database
 from app.models import Dataset
 from app.settings import Settings
-from tests.live_server import LiveServer
+from devkit.live_server import LiveServer
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ import pytest
 
 from app import queue
 from app.db import Database
-from tests.live_server import LiveServer
-from tests.simulated_run import finish, start_running_job, write_metrics
+from devkit.live_server import LiveServer
+from devkit.simulated_run import finish, start_running_job, write_metrics
 
 
 @dataclass

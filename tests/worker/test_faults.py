@@ -259,7 +259,7 @@ def test_the_server_killed_mid_job_the_job_goes_on_and_the_restarted_server_show
 ):
     import httpx
 
-    from tests.live_server import LiveServer
+    from devkit.live_server import LiveServer
 
     server = LiveServer(tmp_path / "data").start()
     s = short_lease_settings(tmp_path / "data", database_url="")

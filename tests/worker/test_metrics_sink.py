@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from app import queue
 from app.models import metric_columns
-from tests.simulated_run import metric_row, preference_values, start_running_job
+from devkit.simulated_run import metric_row, preference_values, start_running_job
 from worker.job_io import DatabaseSink
 
 

@@ -2,7 +2,7 @@
 
 `start_running_job` registers a model and a ready dataset, queues a job and claims it; `write_metrics`
 then records rows and progress the way the worker's metric sink does. Run as a module it is a
-writer process: `python -m tests.simulated_run DB_URL JOB_ID ATTEMPT --rows N --interval S`.
+writer process: `python -m devkit.simulated_run DB_URL JOB_ID ATTEMPT --rows N --interval S`.
 """
 
 from __future__ import annotations
