@@ -32,6 +32,7 @@ from app.settings import Settings
 
 log = logging.getLogger("tuneboard.worker.side")
 
+EXIT_GRACE_SECONDS = 5.0  # a child that recorded its end exits within this
 SIDE_TASK_TIMEOUT_SECONDS = 30 * 60
 TICK_SECONDS = 0.1
 
@@ -102,10 +103,16 @@ def run_in_child(
             next_renewal = now + settings.heartbeat_seconds
             with contextlib.suppress(SQLAlchemyError):  # a blip: the next renewal tries again
                 if not side_queue.heartbeat(db, claim, settings.lease_seconds):
-                    log.warning("%s: lease lost to another worker; child killed", claim)
-                    child.kill()
-                    child.wait()
-                    return
+                    # A renewal just after the child recorded its end is refused too: a child
+                    # that is exiting finishes on its own; one that is not lost the task.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(timeout=EXIT_GRACE_SECONDS)
+                    if child.poll() is None:
+                        log.warning("%s: lease lost to another worker; child killed", claim)
+                        child.kill()
+                        child.wait()
+                        return
+                    break
         if now >= deadline:
             child.kill()
             child.wait()

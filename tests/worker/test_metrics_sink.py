@@ -21,4 +21,4 @@ def test_the_sink_stores_a_dpo_steps_rewards_and_drops_keys_that_are_no_column(d
     assert stored.eval_reward_accuracy == row["eval_reward_accuracy"]
     assert stored.rewards_rejected == row["rewards_rejected"] < 0
     assert "tokens" not in metric_columns() and "step_seconds" not in metric_columns()
-    assert sink.rows_written == 1 and not sink.stale
+    assert not sink.stale
