@@ -66,6 +66,24 @@ def test_finished_job_page_links_the_adapter_and_opens_no_stream(client, db):
     assert "Retry from last checkpoint" in soup.select_one("#job-header").text
 
 
+def test_the_adapters_page_in_the_nav_lists_each_adapter_with_its_export_link(client, db):
+    claim = start_running_job(db)
+    finish(db, claim)
+    with db.write() as s:
+        s.add(
+            Adapter(
+                id=f"job-{claim.job_id}", job_id=claim.job_id, name="my-adapter", base_model="m"
+            )
+        )
+    soup = page(client, "/jobs")
+    assert soup.select_one("nav.nav a[href='/adapters']").text == "Adapters"
+    soup = page(client, "/adapters")
+    row = soup.select_one(f"#adapter-job-{claim.job_id}")
+    assert "my-adapter" in row.text
+    export = row.select_one("a.export-link")
+    assert export["href"] == f"/adapters/job-{claim.job_id}"
+
+
 def test_failed_job_header_shows_the_error_with_its_hint(client, db):
     claim = start_running_job(db)
     queue.finish(
