@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 from bs4 import BeautifulSoup
 
 from app import queue
 from app.models import Adapter, JobStatus, Worker
-from tests.simulated_run import finish, start_running_job, write_metrics
+from tests.simulated_run import finish, metric_row, start_running_job, write_metrics
 
 HTML = {"accept": "text/html"}
 
@@ -82,6 +83,32 @@ def test_the_adapters_page_in_the_nav_lists_each_adapter_with_its_export_link(cl
     assert "my-adapter" in row.text
     export = row.select_one("a.export-link")
     assert export["href"] == f"/adapters/job-{claim.job_id}"
+
+
+def chart_titles(soup: BeautifulSoup) -> dict[str, str]:
+    return {c["data-chart"]: c.find_previous("h2").text for c in soup.select(".chart[data-chart]")}
+
+
+def test_a_cpu_jobs_page_charts_the_process_memory_in_place_of_the_empty_vram_chart(client, db):
+    cpu = start_running_job(db, "on the cpu")  # compute mode "fp32 LoRA on CPU (simulated)"
+    no_vram = {"vram_allocated_mib": None, "vram_reserved_mib": None}
+    no_card = {"device_used_mib": None, "device_total_mib": None}
+    rows = [metric_row(step) | no_vram | no_card | {"rss_mib": 900.0} for step in (1, 2)]
+    assert queue.record_metrics(db, cpu.job_id, cpu.attempt, rows)
+    titles = chart_titles(page(client, f"/jobs/{cpu.job_id}"))
+    assert "vram" not in titles
+    assert titles["rss"] == "Process memory (RSS, GiB)"
+    soup = page(client, f"/jobs/{cpu.job_id}")
+    spec = json.loads(soup.select_one(".chart[data-chart=rss]")["data-series"])
+    assert [s["column"] for s in spec["series"]] == ["rss_mib"]
+    metrics = client.get(f"/api/jobs/{cpu.job_id}/metrics").json()["metrics"]
+    assert [m["rss_mib"] for m in metrics] == [900.0, 900.0]
+
+    finish(db, cpu)
+    gpu = start_running_job(db, "on a card")
+    write_metrics(db, gpu, 1, 2)  # rows that read VRAM
+    titles = chart_titles(page(client, f"/jobs/{gpu.job_id}"))
+    assert titles["vram"] == "VRAM (GiB)" and "rss" not in titles
 
 
 def test_failed_job_header_shows_the_error_with_its_hint(client, db):
