@@ -111,6 +111,39 @@ def test_a_cpu_jobs_page_charts_the_process_memory_in_place_of_the_empty_vram_ch
     assert titles["vram"] == "VRAM (GiB)" and "rss" not in titles
 
 
+# A CPU demo run's log, as the training child wrote it: library warnings among our lines.
+NOISY_LOG = """\
+Loading demo-tiny-llama (fp32 LoRA on CPU)
+/venv/lib/python3.12/site-packages/bitsandbytes/backends/__init__.py:12: UserWarning: kernels-community/bitsandbytes: could not verify publisher trust status
+  warnings.warn(
+/venv/lib/python3.12/site-packages/transformers/training_args.py:1611: FutureWarning: `evaluation_strategy` is deprecated and will be removed in version 4.46 of Transformers. Use `eval_strategy` instead
+  warnings.warn(
+Backend impl liger_kernel.ops.backends._ascend could not be imported: No module named 'torch_npu'
+{'loss': 2.31, 'grad_norm': 1.2, 'learning_rate': 0.0002, 'epoch': 0.1}
+/venv/lib/python3.12/site-packages/torch/utils/checkpoint.py:91: UserWarning: None of the inputs have requires_grad=True. Gradients will be None
+  warnings.warn(
+Saved the adapter to runs/job-1/adapter
+"""
+
+
+def test_the_job_log_on_the_page_hides_library_noise_and_the_file_keeps_it(client, db, settings):
+    claim = start_running_job(db)
+    log = settings.layout.attempt_log(claim.job_id, claim.attempt)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(NOISY_LOG)
+    for url in (f"/jobs/{claim.job_id}", f"/partials/jobs/{claim.job_id}/log"):
+        shown = page(client, url).select_one("pre.log").text
+        assert "Loading demo-tiny-llama" in shown and "Saved the adapter" in shown
+        assert "'loss': 2.31" in shown
+        # A warning that can mean something about the user's run stays.
+        assert "None of the inputs have requires_grad=True" in shown
+        assert "publisher trust status" not in shown
+        assert "FutureWarning" not in shown and "evaluation_strategy" not in shown
+        assert "could not be imported" not in shown
+        assert shown.count("warnings.warn(") == 1
+    assert log.read_text() == NOISY_LOG
+
+
 def test_failed_job_header_shows_the_error_with_its_hint(client, db):
     claim = start_running_job(db)
     queue.finish(
