@@ -89,6 +89,8 @@
  *   `event: done` ends it; `event: error` / {"error": {...}} shows the error. Tokens are
  *   appended as text. `.chat-stop` aborts (AbortController). `.chat-stats` shows
  *   first-token latency, tokens/s and the token count. Enter sends, Shift+Enter = newline.
+ *   data-gpu-url on the form: fetched at each send; its {"waiting": "..."} (the job training
+ *   on the chat's GPU) replaces "waiting for the first token" until the first token.
  *
  * Confirmation
  *   Prefer htmx's hx-confirm="...". For anything else (plain forms, links, buttons),
@@ -1137,8 +1139,22 @@
       var fields = formFields(form);
       if (prompt) prompt.value = "";
       states.forEach(function (state) {
+        state.waiting = null;
         streamInto(state, fields, text);
       });
+      // A chat on a GPU that is training waits for it: say behind which job.
+      var gpuUrl = form.getAttribute("data-gpu-url");
+      if (gpuUrl) {
+        fetch(gpuUrl, { credentials: "same-origin" })
+          .then(function (r) { return r.ok ? r.json() : {}; })
+          .then(function (j) {
+            states.forEach(function (state) {
+              state.waiting = j.waiting || null;
+              if (state.showStats) state.showStats(false, true);
+            });
+          })
+          .catch(function () {});
+      }
     });
 
     function streamInto(state, fields, text) {
@@ -1168,13 +1184,14 @@
       var count = 0;
       var lastStats = 0;
 
-      function showStats(final) {
+      function showStats(final, force) {
         if (!stats) return;
         var now = performance.now();
-        if (!final && now - lastStats < 100) return;
+        if (!final && !force && now - lastStats < 100) return;
         lastStats = now;
         if (firstAt == null) {
-          stats.textContent = final ? "no tokens" : "waiting for the first token…";
+          if (final) stats.textContent = "no tokens";
+          else stats.textContent = state.waiting ? state.waiting + "…" : "waiting for the first token…";
           return;
         }
         var secs = (now - firstAt) / 1000;
@@ -1182,6 +1199,7 @@
         stats.textContent =
           "first token " + Math.round(firstAt - started) + " ms · " + rate.toFixed(1) + " tokens/s · " + count + " tokens";
       }
+      state.showStats = showStats;
       showStats(false);
 
       var failed = null;
@@ -1263,6 +1281,7 @@
         .then(function () {
           botMsg.classList.remove("streaming");
           state.controller = null;
+          state.showStats = null;
           showStats(true);
           if (failed) {
             botMsg.classList.add("msg-error");
