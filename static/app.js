@@ -813,8 +813,13 @@
     ctx.textAlign = "left";
     ctx.textBaseline = "top";
     ctx.fillText(String(lo), left, c.h - bottom + 5);
-    ctx.textAlign = "right";
-    ctx.fillText(String(Math.round(Math.max.apply(null, bins.map(function (b) { return b.hi; })))) + " tokens", c.w - right, c.h - bottom + 5);
+    // The longest bin's edge, under that bar: the axis may run on to the max-length marker.
+    var binHi = Math.max.apply(null, bins.map(function (b) { return b.hi; }));
+    var hx = x(binHi);
+    if (hx - left > 60) {
+      ctx.textAlign = hx > c.w - right - 40 ? "right" : "center";
+      ctx.fillText(String(Math.round(binHi)) + " tokens", hx, c.h - bottom + 5);
+    }
 
     if (maxLen != null) {
       var mx = Math.round(x(maxLen)) + 0.5;
