@@ -185,6 +185,8 @@ class Metric(SQLModel, table=True):
     vram_reserved_mib: float | None = None
     device_used_mib: float | None = None
     device_total_mib: float | None = None
+    # The training process's resident memory: the memory chart of a job that runs on the CPU.
+    rss_mib: float | None = None
     elapsed_seconds: float = 0.0
     # Preference methods (dpo, orpo): the implicit rewards of the chosen and rejected answers, their
     # mean margin and the share of pairs where chosen wins; eval_* on the held-out pairs.

@@ -89,6 +89,8 @@
  *   `event: done` ends it; `event: error` / {"error": {...}} shows the error. Tokens are
  *   appended as text. `.chat-stop` aborts (AbortController). `.chat-stats` shows
  *   first-token latency, tokens/s and the token count. Enter sends, Shift+Enter = newline.
+ *   data-gpu-url on the form: fetched at each send; its {"waiting": "..."} (the job training
+ *   on the chat's GPU) replaces "waiting for the first token" until the first token.
  *
  * Confirmation
  *   Prefer htmx's hx-confirm="...". For anything else (plain forms, links, buttons),
@@ -811,8 +813,13 @@
     ctx.textAlign = "left";
     ctx.textBaseline = "top";
     ctx.fillText(String(lo), left, c.h - bottom + 5);
-    ctx.textAlign = "right";
-    ctx.fillText(String(Math.round(Math.max.apply(null, bins.map(function (b) { return b.hi; })))) + " tokens", c.w - right, c.h - bottom + 5);
+    // The longest bin's edge, under that bar: the axis may run on to the max-length marker.
+    var binHi = Math.max.apply(null, bins.map(function (b) { return b.hi; }));
+    var hx = x(binHi);
+    if (hx - left > 60) {
+      ctx.textAlign = hx > c.w - right - 40 ? "right" : "center";
+      ctx.fillText(String(Math.round(binHi)) + " tokens", hx, c.h - bottom + 5);
+    }
 
     if (maxLen != null) {
       var mx = Math.round(x(maxLen)) + 0.5;
@@ -1137,8 +1144,22 @@
       var fields = formFields(form);
       if (prompt) prompt.value = "";
       states.forEach(function (state) {
+        state.waiting = null;
         streamInto(state, fields, text);
       });
+      // A chat on a GPU that is training waits for it: say behind which job.
+      var gpuUrl = form.getAttribute("data-gpu-url");
+      if (gpuUrl) {
+        fetch(gpuUrl, { credentials: "same-origin" })
+          .then(function (r) { return r.ok ? r.json() : {}; })
+          .then(function (j) {
+            states.forEach(function (state) {
+              state.waiting = j.waiting || null;
+              if (state.showStats) state.showStats(false, true);
+            });
+          })
+          .catch(function () {});
+      }
     });
 
     function streamInto(state, fields, text) {
@@ -1168,13 +1189,14 @@
       var count = 0;
       var lastStats = 0;
 
-      function showStats(final) {
+      function showStats(final, force) {
         if (!stats) return;
         var now = performance.now();
-        if (!final && now - lastStats < 100) return;
+        if (!final && !force && now - lastStats < 100) return;
         lastStats = now;
         if (firstAt == null) {
-          stats.textContent = final ? "no tokens" : "waiting for the first token…";
+          if (final) stats.textContent = "no tokens";
+          else stats.textContent = state.waiting ? state.waiting + "…" : "waiting for the first token…";
           return;
         }
         var secs = (now - firstAt) / 1000;
@@ -1182,6 +1204,7 @@
         stats.textContent =
           "first token " + Math.round(firstAt - started) + " ms · " + rate.toFixed(1) + " tokens/s · " + count + " tokens";
       }
+      state.showStats = showStats;
       showStats(false);
 
       var failed = null;
@@ -1263,6 +1286,7 @@
         .then(function () {
           botMsg.classList.remove("streaming");
           state.controller = null;
+          state.showStats = null;
           showStats(true);
           if (failed) {
             botMsg.classList.add("msg-error");

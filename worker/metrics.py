@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol
 
 from worker import gpu
@@ -42,6 +43,25 @@ class ListSink:
 
 
 MIB = 1024 * 1024
+
+
+def process_rss_mib() -> float | None:
+    """This process's resident memory (RSS) in MiB: what a CPU run uses in place of VRAM.
+
+    Linux's /proc/self/status (VmRSS, in kB); elsewhere the peak RSS that getrusage reports."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, else KiB
 
 
 def vram_readings(device_index: int | None = None) -> dict[str, float | None]:

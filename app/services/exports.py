@@ -34,12 +34,18 @@ ADAPTER_FILES = (
 )
 
 
+def list_adapters(db: Database) -> list[Adapter]:
+    """Every trained adapter, newest first: the Adapters page, where each one is exported."""
+    with db.read() as s:
+        return list(s.exec(select(Adapter).order_by(col(Adapter.created_at).desc())).all())
+
+
 def get_adapter(db: Database, adapter_id: str) -> Adapter:
     with db.read() as s:
         adapter = s.get(Adapter, adapter_id)
     if adapter is None:
         raise NotFound(
-            f"There is no adapter {adapter_id!r}.", "Adapters are listed on the Jobs page."
+            f"There is no adapter {adapter_id!r}.", "Adapters are listed on the Adapters page."
         )
     return adapter
 

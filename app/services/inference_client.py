@@ -43,17 +43,22 @@ class InferenceServer:
     secret: str
 
 
-def find_inference_server(db: Database, settings: Settings) -> InferenceServer:
-    """The inference server of the live worker that heartbeated last."""
+def serving_worker(db: Database, settings: Settings) -> Worker | None:
+    """The live worker with an inference server that heartbeated last: the one chats go to."""
     alive_since = datetime.now(UTC) - timedelta(seconds=settings.lease_seconds)
     with db.read() as s:
-        worker = s.exec(
+        return s.exec(
             select(Worker)
             .where(col(Worker.inference_url).is_not(None))
             .where(Worker.stopped == False)  # noqa: E712
             .where(Worker.heartbeat_at >= alive_since)
             .order_by(col(Worker.heartbeat_at).desc())
         ).first()
+
+
+def find_inference_server(db: Database, settings: Settings) -> InferenceServer:
+    """The inference server of the live worker that heartbeated last."""
+    worker = serving_worker(db, settings)
     if worker is None or not worker.inference_url or not worker.inference_secret:
         raise InferenceUnavailable(
             "No worker is serving the playground right now.",

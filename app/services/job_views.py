@@ -200,9 +200,37 @@ def has_preference_metrics(db: Database, job: Job) -> bool:
         return s.exec(query.limit(1)).first() is not None
 
 
+# A run on the CPU has no VRAM: its page draws the process's resident memory in the VRAM
+# chart's place.
+PROCESS_MEMORY_CHART = Chart(
+    "rss",
+    "Process memory (RSS, GiB)",
+    [Series("RSS", "rss_mib", TRAIN, width=2, digits=2, scale=GIB)],
+)
+
+
+def ran_on_cpu(db: Database, job: Job) -> bool:
+    """Whether the job's memory is the process's, not a card's: no row reads VRAM, and its
+    compute mode says CPU or its rows carry RSS."""
+    with db.read() as s:
+
+        def any_row(column: Any) -> bool:
+            query = select(Metric.id).where(Metric.job_id == job.id, col(column).is_not(None))
+            return s.exec(query.limit(1)).first() is not None
+
+        if any_row(Metric.vram_allocated_mib):
+            return False
+        return "CPU" in (job.compute_mode or "") or any_row(Metric.rss_mib)
+
+
 def charts_for(db: Database, job: Job) -> list[Chart]:
     preference = has_preference_metrics(db, job)
-    return [chart for chart in CHARTS if preference or not chart.preference]
+    cpu = ran_on_cpu(db, job)
+    return [
+        PROCESS_MEMORY_CHART if cpu and chart.name == "vram" else chart
+        for chart in CHARTS
+        if preference or not chart.preference
+    ]
 
 
 @dataclass

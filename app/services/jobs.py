@@ -18,7 +18,7 @@ from app import faults, queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
-from app.services import datasets, model_registry, trackers
+from app.services import datasets, log_noise, model_registry, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
 from app.train_config import METHOD_DEFAULTS, METHOD_FIELDS, PRESETS, Method, TrainConfig
@@ -103,7 +103,7 @@ def retry_job(db: Database, settings: Settings, job_id: int, *, from_scratch: bo
 
 
 def log_tail(settings: Settings, job: Job, lines: int = 40) -> list[str]:
-    """The last lines of the job's newest attempt log."""
+    """The last lines of the job's newest attempt log, less library noise (`log_noise`)."""
     if job.id is None or job.attempt == 0:
         return []
     path = settings.layout.attempt_log(job.id, job.attempt)
@@ -114,7 +114,7 @@ def log_tail(settings: Settings, job: Job, lines: int = 40) -> list[str]:
         size = f.tell()
         f.seek(max(0, size - 64 * 1024))
         text = f.read().decode("utf-8", errors="replace")
-    return text.splitlines()[-lines:]
+    return log_noise.without_noise(text.splitlines())[-lines:]
 
 
 # --- the New Job form, rendered from TrainConfig -------------------------------------------------

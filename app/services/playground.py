@@ -9,8 +9,9 @@ from sqlmodel import col, select
 
 from app.db import Database
 from app.errors import NotFound, UserError
-from app.models import ChatMessage, ChatSession, utcnow
-from app.services.inference_client import resolve_model
+from app.models import ChatMessage, ChatSession, Job, JobStatus, utcnow
+from app.services.inference_client import resolve_model, serving_worker
+from app.settings import Settings
 
 
 def create_session(
@@ -137,3 +138,16 @@ def delete_session(db: Database, session_id: int) -> None:
         for message in s.exec(select(ChatMessage).where(ChatMessage.session_id == session_id)):
             s.delete(message)
         s.delete(session)
+
+
+def gpu_wait(db: Database, settings: Settings) -> str | None:
+    """What a chat waits for before its first token when the worker that serves chats is
+    training: its GPU (a model load shares it with the job, or waits for memory)."""
+    worker = serving_worker(db, settings)
+    if worker is None or worker.current_job_id is None:
+        return None
+    with db.read() as s:
+        job = s.get(Job, worker.current_job_id)
+    if job is None or job.status != JobStatus.running:
+        return None
+    return f"Waiting for the GPU: job {job.name} (#{job.id}) is training"

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.browser
 PAGES = {
     "Datasets": "Datasets",
     "Jobs": "Jobs",
+    "Adapters": "Adapters",
     "Playground": "Playground",
     "Models": "Base models",
     "System": "System",

@@ -218,12 +218,12 @@ def test_mapping_to_missing_column_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetFormatError) as caught:
         ingest(tmp_path, "qa.jsonl", column_mapping={"prompt": "query", "completion": "answer"})
     assert caught.value.field == "query"
-    assert 'column "query" (mapped to "prompt") is not in the file' in caught.value.message
+    assert 'Column "query" (mapped to "prompt") is not in the file' in caught.value.message
     assert '"question"' in caught.value.message
 
 
 def test_mapping_with_unknown_field_or_mixed_formats(tmp_path):
-    with pytest.raises(DatasetFormatError, match='unknown field "answer"'):
+    with pytest.raises(DatasetFormatError, match='Unknown field "answer"'):
         ingest(tmp_path, "qa.jsonl", column_mapping={"answer": "answer"})
     with pytest.raises(DatasetFormatError, match="mixes fields"):
         ingest(tmp_path, "qa.jsonl", column_mapping={"prompt": "question", "text": "body"})
@@ -353,7 +353,7 @@ def test_a_10_mb_csv_cell(tmp_path):
 
 
 def test_empty_file(tmp_path):
-    with pytest.raises(DatasetFileError, match="the file is empty"):
+    with pytest.raises(DatasetFileError, match="The file is empty"):
         ingest(tmp_path, "empty.jsonl")
 
 
@@ -377,14 +377,14 @@ def test_broken_csv_quoting_names_the_row(tmp_path):
     with pytest.raises(DatasetFileError) as caught:
         ingest(tmp_path, "broken_quoting.csv")
     assert caught.value.line == 3
-    assert "unclosed quote" in caught.value.message
+    assert "Unclosed quote" in caught.value.message
 
 
 def test_stray_csv_quote_names_the_row(tmp_path):
     with pytest.raises(DatasetFileError) as caught:
         ingest(tmp_path, "stray_quote.csv")
     assert caught.value.line == 3
-    assert "broken CSV quoting" in caught.value.message
+    assert "Broken CSV quoting" in caught.value.message
 
 
 def test_broken_json_array_names_the_line(tmp_path):
@@ -439,7 +439,7 @@ def test_truncated_parquet(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetFileError) as caught:
         ingest_dataset(path, "parquet")
-    assert "not a readable Parquet file" in caught.value.message
+    assert "Not a readable Parquet file" in caught.value.message
     assert "truncated" in caught.value.hint
 
 

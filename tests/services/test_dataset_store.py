@@ -49,15 +49,15 @@ def test_a_jobs_eval_fraction_holds_out_that_share_of_the_rows(settings, dataset
 
 
 def test_the_training_run_holds_out_the_jobs_eval_fraction(settings, dataset, tmp_path):
-    folder = settings.datasets_dir / dataset.id
-    train_path, eval_path = dataset_files(folder, tmp_path, 0.2)
+    settings.layout.run_dir(1).mkdir(parents=True)
+    train_path, eval_path = dataset_files(settings.layout, dataset.id, 1, 0.2)
     assert eval_path is not None
     train = [json.loads(line) for line in train_path.read_text().splitlines()]
     held_out = [json.loads(line) for line in eval_path.read_text().splitlines()]
     assert (len(train), len(held_out)) == (160, 40)
     assert held_out == list(iter_rows(settings, dataset.id, "eval", eval_fraction=0.2))
 
-    train_path, eval_path = dataset_files(folder, tmp_path, 0.0)
+    train_path, eval_path = dataset_files(settings.layout, dataset.id, 1, 0.0)
     assert eval_path is None
     assert len(train_path.read_text().splitlines()) == 200
 

@@ -109,7 +109,7 @@ async def test_unusable_file_is_422_and_nothing_is_kept(client, settings):
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "dataset_format_invalid"
-    assert "could not recognise the dataset format" in error["message"]
+    assert "Could not recognise the dataset format" in error["message"]
     assert error["hint"]
     assert list(settings.datasets_dir.iterdir()) == []
     assert list(settings.tmp_dir.iterdir()) == []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 from bs4 import BeautifulSoup
 
 from app import queue
 from app.models import Adapter, JobStatus, Worker
-from devkit.simulated_run import finish, start_running_job, write_metrics
+from devkit.simulated_run import finish, metric_row, start_running_job, write_metrics
 
 HTML = {"accept": "text/html"}
 
@@ -64,6 +65,83 @@ def test_finished_job_page_links_the_adapter_and_opens_no_stream(client, db):
     link = soup.select_one("a.adapter-link")
     assert link["href"] == f"/playground?adapter=job-{claim.job_id}"
     assert "Retry from last checkpoint" in soup.select_one("#job-header").text
+
+
+def test_the_adapters_page_in_the_nav_lists_each_adapter_with_its_export_link(client, db):
+    claim = start_running_job(db)
+    finish(db, claim)
+    with db.write() as s:
+        s.add(
+            Adapter(
+                id=f"job-{claim.job_id}", job_id=claim.job_id, name="my-adapter", base_model="m"
+            )
+        )
+    soup = page(client, "/jobs")
+    assert soup.select_one("nav.nav a[href='/adapters']").text == "Adapters"
+    soup = page(client, "/adapters")
+    row = soup.select_one(f"#adapter-job-{claim.job_id}")
+    assert "my-adapter" in row.text
+    export = row.select_one("a.export-link")
+    assert export["href"] == f"/adapters/job-{claim.job_id}"
+
+
+def chart_titles(soup: BeautifulSoup) -> dict[str, str]:
+    return {c["data-chart"]: c.find_previous("h2").text for c in soup.select(".chart[data-chart]")}
+
+
+def test_a_cpu_jobs_page_charts_the_process_memory_in_place_of_the_empty_vram_chart(client, db):
+    cpu = start_running_job(db, "on the cpu")  # compute mode "fp32 LoRA on CPU (simulated)"
+    no_vram = {"vram_allocated_mib": None, "vram_reserved_mib": None}
+    no_card = {"device_used_mib": None, "device_total_mib": None}
+    rows = [metric_row(step) | no_vram | no_card | {"rss_mib": 900.0} for step in (1, 2)]
+    assert queue.record_metrics(db, cpu.job_id, cpu.attempt, rows)
+    titles = chart_titles(page(client, f"/jobs/{cpu.job_id}"))
+    assert "vram" not in titles
+    assert titles["rss"] == "Process memory (RSS, GiB)"
+    soup = page(client, f"/jobs/{cpu.job_id}")
+    spec = json.loads(soup.select_one(".chart[data-chart=rss]")["data-series"])
+    assert [s["column"] for s in spec["series"]] == ["rss_mib"]
+    metrics = client.get(f"/api/jobs/{cpu.job_id}/metrics").json()["metrics"]
+    assert [m["rss_mib"] for m in metrics] == [900.0, 900.0]
+
+    finish(db, cpu)
+    gpu = start_running_job(db, "on a card")
+    write_metrics(db, gpu, 1, 2)  # rows that read VRAM
+    titles = chart_titles(page(client, f"/jobs/{gpu.job_id}"))
+    assert titles["vram"] == "VRAM (GiB)" and "rss" not in titles
+
+
+# A CPU demo run's log, as the training child wrote it: library warnings among our lines.
+NOISY_LOG = """\
+Loading demo-tiny-llama (fp32 LoRA on CPU)
+/venv/lib/python3.12/site-packages/bitsandbytes/backends/__init__.py:12: UserWarning: kernels-community/bitsandbytes: could not verify publisher trust status
+  warnings.warn(
+/venv/lib/python3.12/site-packages/transformers/training_args.py:1611: FutureWarning: `evaluation_strategy` is deprecated and will be removed in version 4.46 of Transformers. Use `eval_strategy` instead
+  warnings.warn(
+Backend impl liger_kernel.ops.backends._ascend could not be imported: No module named 'torch_npu'
+{'loss': 2.31, 'grad_norm': 1.2, 'learning_rate': 0.0002, 'epoch': 0.1}
+/venv/lib/python3.12/site-packages/torch/utils/checkpoint.py:91: UserWarning: None of the inputs have requires_grad=True. Gradients will be None
+  warnings.warn(
+Saved the adapter to runs/job-1/adapter
+"""
+
+
+def test_the_job_log_on_the_page_hides_library_noise_and_the_file_keeps_it(client, db, settings):
+    claim = start_running_job(db)
+    log = settings.layout.attempt_log(claim.job_id, claim.attempt)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(NOISY_LOG)
+    for url in (f"/jobs/{claim.job_id}", f"/partials/jobs/{claim.job_id}/log"):
+        shown = page(client, url).select_one("pre.log").text
+        assert "Loading demo-tiny-llama" in shown and "Saved the adapter" in shown
+        assert "'loss': 2.31" in shown
+        # A warning that can mean something about the user's run stays.
+        assert "None of the inputs have requires_grad=True" in shown
+        assert "publisher trust status" not in shown
+        assert "FutureWarning" not in shown and "evaluation_strategy" not in shown
+        assert "could not be imported" not in shown
+        assert shown.count("warnings.warn(") == 1
+    assert log.read_text() == NOISY_LOG
 
 
 def test_failed_job_header_shows_the_error_with_its_hint(client, db):
@@ -294,9 +372,9 @@ def test_compare_overlays_rewards_when_a_run_has_them(client, db):
 
 
 def test_the_new_job_form_shows_the_chosen_methods_fields_only(client, db, settings):
-    from tests.fakes.jobs import add_dataset
+    from tests.fakes.jobs import add_preference_dataset
 
-    dataset_id = add_dataset(db, settings)
+    dataset_id = add_preference_dataset(db, settings)
     form = page(client, "/jobs/new").select_one("form.job-form")
     # sft (the default): its train_on is there; DPO's fields are hidden and disabled (not sent).
     assert form.select_one("select[name=method] option[selected]")["value"] == "sft"

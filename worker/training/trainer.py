@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 
 from worker import checkpoints
 from worker.errors import NonFiniteLoss
-from worker.metrics import vram_readings
+from worker.metrics import process_rss_mib, vram_readings
 from worker.training import distributed
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ class RecipeCallback(TrainerCallback):
                 tokens_per_second=self.tokens_since_log / seconds if seconds > 0 else None,
             )
             self.tokens_since_log, self.seconds_since_log, self.steps_since_log = 0, 0.0, 0
-        row.update(vram_readings())
+        row.update(vram_readings(), rss_mib=process_rss_mib())
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.recipe.sink.write(row)

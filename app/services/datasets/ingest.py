@@ -110,13 +110,13 @@ def ingest_dataset(
     rows_iter = read_rows(raw_path, file_type, limits)
     sample = list(islice(rows_iter, DETECTION_SAMPLE_ROWS))
     if not sample:
-        raise DatasetFileError("the file has no rows", hint="Upload a file with at least one row.")
+        raise DatasetFileError("The file has no rows", hint="Upload a file with at least one row.")
     records = [row.record for row in sample if row.record is not None]
     if not records:
         first = sample[0].error
         assert first is not None
         raise DatasetFileError(
-            f"no row of the first {len(sample)} could be read; the first problem: {first.message}",
+            f"No row of the first {len(sample)} could be read; the first problem: {first.message}",
             line=first.line,
             field=first.field,
             hint=first.hint,

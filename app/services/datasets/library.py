@@ -234,7 +234,7 @@ def get_dataset(db: Database, dataset_id: str) -> Dataset:
             dataset = session.get(Dataset, dataset_id)
         if dataset is not None:
             return dataset
-    raise DatasetNotFound(f"no dataset with id {dataset_id[:64]!r}")
+    raise DatasetNotFound(f"No dataset with id {dataset_id[:64]!r}")
 
 
 def jobs_using(db: Database, dataset_id: str) -> list[Job]:
@@ -325,7 +325,7 @@ def reimport_dataset(
     stored = folder / f"original.{dataset.file_type}" if folder is not None else None
     if stored is None or not stored.is_file():
         raise DatasetNotFound(
-            "the uploaded file of this dataset is gone from the data dir",
+            "The uploaded file of this dataset is gone from the data dir",
             hint="Upload the file again.",
         )
     result = ingest_dataset(
@@ -339,7 +339,7 @@ def reimport_dataset(
     with db.write() as session:
         row = session.get(Dataset, dataset.id)
         if row is None:
-            raise DatasetNotFound(f"no dataset with id {dataset.id!r}")
+            raise DatasetNotFound(f"No dataset with id {dataset.id!r}")
         row.format = result.format
         row.status = result.status
         row.rows = result.rows

@@ -135,11 +135,11 @@ def read_rows(path: Path, file_type: str, limits: IngestLimits | None = None) ->
     if reader is None:
         accepted = ", ".join(f".{t}" for t in ACCEPTED_FILE_TYPES)
         raise DatasetFileError(
-            f"unsupported file type .{file_type}; accepted types: {accepted}",
+            f"Unsupported file type .{file_type}; accepted types: {accepted}",
             hint="Convert the file to JSON Lines (.jsonl), the most widely supported format.",
         )
     if path.stat().st_size == 0:
-        raise DatasetFileError("the file is empty", hint="Upload a file with at least one row.")
+        raise DatasetFileError("The file is empty", hint="Upload a file with at least one row.")
     return reader(path, limits)
 
 
@@ -212,12 +212,12 @@ def _read_jsonl(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
 def _read_json(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
     data = path.read_bytes()
     if not data.strip(UTF8_BOM + b" \t\r\n"):
-        raise DatasetFileError("the file is empty", hint="Upload a file with at least one row.")
+        raise DatasetFileError("The file is empty", hint="Upload a file with at least one row.")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DatasetFileError(
-            f"not valid UTF-8: byte 0x{data[exc.start]:02x}",
+            f"Not valid UTF-8: byte 0x{data[exc.start]:02x}",
             line=data.count(b"\n", 0, exc.start) + 1,
             hint=_UTF8_HINT,
         ) from None
@@ -265,7 +265,7 @@ def _read_json_elements(text: str, limits: IngestLimits) -> Iterator[RawRow]:
     at = space(1 if text.startswith("\ufeff") else 0)
     if not text.startswith("[", at):
         raise DatasetFileError(
-            f"the JSON document is nested more than {limits.max_nesting} levels deep",
+            f"The JSON document is nested more than {limits.max_nesting} levels deep",
             line=text.count("\n", 0, at) + 1,
             hint='Write the file as [{"instruction": ..., "output": ...}, ...], one flat object '
             "per example.",
@@ -287,7 +287,7 @@ def _read_json_elements(text: str, limits: IngestLimits) -> Iterator[RawRow]:
             at = space(at + 1)
         elif not text.startswith("]", at):
             raise DatasetFileError(
-                "invalid JSON: expected , or ] after an element of the array",
+                "Invalid JSON: expected , or ] after an element of the array",
                 line=text.count("\n", 0, at) + 1,
                 hint="A .json file must be one JSON array of objects.",
             )
@@ -305,7 +305,7 @@ def _skip_json_value(text: str, at: int) -> int:
             if depth == 0:
                 return match.end()
     raise DatasetFileError(
-        "invalid JSON: an array or object is never closed",
+        "Invalid JSON: an array or object is never closed",
         line=text.count("\n", 0, at) + 1,
         hint="The file may be truncated; export it again.",
     )
@@ -327,7 +327,7 @@ def _rows_of_document(document: Any) -> list[Any]:
         return document
     if not isinstance(document, dict):
         raise DatasetFileError(
-            f"expected a JSON array of examples, found {describe_type(document)}",
+            f"Expected a JSON array of examples, found {describe_type(document)}",
             hint='Write the file as [{"instruction": ..., "output": ...}, ...].',
         )
     list_fields = [key for key, value in document.items() if isinstance(value, list)]
@@ -335,7 +335,7 @@ def _rows_of_document(document: Any) -> list[Any]:
         key = list_fields[0]
         if key in ("messages", "conversations"):
             raise DatasetFileError(
-                f'the file is a single example (one object with a "{key}" list), '
+                f'The file is a single example (one object with a "{key}" list), '
                 "expected an array of examples",
                 field=key,
                 hint="Wrap it in [ ... ] or write one example per line as .jsonl.",
@@ -343,7 +343,7 @@ def _rows_of_document(document: Any) -> list[Any]:
         return document[key]
     found = ", ".join(f'"{k}"' for k in list_fields) if list_fields else "none"
     raise DatasetFileError(
-        "expected a JSON array of examples, or an object with exactly one list field holding "
+        "Expected a JSON array of examples, or an object with exactly one list field holding "
         f"them; found an object whose list fields are: {found}",
         hint='Write the file as [{...}, {...}] or {"data": [{...}, {...}]}.',
     )
@@ -361,7 +361,7 @@ def _read_csv(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
                 row_start = reader.line_num + 1
                 header = next(reader, None)
             if header is None:
-                raise DatasetFileError("the file is empty", hint="Upload a file with a header row.")
+                raise DatasetFileError("The file is empty", hint="Upload a file with a header row.")
             _check_header(header, row_start)
             row_start = reader.line_num + 1
             for values in reader:
@@ -391,11 +391,11 @@ def _read_csv(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
     except csv.Error as exc:
         if "end of data" in str(exc):
             message = (
-                f"unclosed quote: a quoted value in the row starting at line {row_start} "
+                f"Unclosed quote: a quoted value in the row starting at line {row_start} "
                 "runs to the end of the file"
             )
         else:
-            message = f"broken CSV quoting: {exc}"
+            message = f"Broken CSV quoting: {exc}"
         raise DatasetFileError(
             message,
             line=row_start,
@@ -404,7 +404,7 @@ def _read_csv(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
     except UnicodeDecodeError:
         bad_line, detail = _first_invalid_utf8(path)
         raise DatasetFileError(
-            f"not valid UTF-8: {detail}", line=bad_line, hint=_UTF8_HINT
+            f"Not valid UTF-8: {detail}", line=bad_line, hint=_UTF8_HINT
         ) from None
 
 
@@ -413,13 +413,13 @@ def _check_header(header: list[str], line: int) -> None:
     for position, name in enumerate(header, start=1):
         if not name.strip():
             raise DatasetFileError(
-                f"header column {position} has no name",
+                f"Header column {position} has no name",
                 line=line,
                 hint="The first row of a CSV file must name every column.",
             )
         if name in seen:
             raise DatasetFileError(
-                f'the header names column "{name}" twice',
+                f'The header names column "{name}" twice',
                 line=line,
                 field=name,
                 hint="Give every column a different name.",
@@ -450,7 +450,7 @@ def _read_parquet(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
             strings = [c.path for c in probe.schema if c.physical_type == "BYTE_ARRAY"]
         parquet = pq.ParquetFile(path, read_dictionary=strings)
     except (pa.ArrowException, OSError) as exc:
-        raise DatasetFileError(f"not a readable Parquet file: {exc}", hint=hint) from None
+        raise DatasetFileError(f"Not a readable Parquet file: {exc}", hint=hint) from None
     decompressed = sum(
         metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)
     )
@@ -487,7 +487,7 @@ def _read_parquet(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
                     start = end
     except (pa.ArrowException, OSError) as exc:
         raise DatasetFileError(
-            f"the Parquet file is damaged after row {line}: {exc}", line=line + 1, hint=hint
+            f"The Parquet file is damaged after row {line}: {exc}", line=line + 1, hint=hint
         ) from None
 
 

@@ -58,7 +58,7 @@ def request_report(
     chat_template = chosen.chat_template.value if chosen.chat_template is not None else None
     if dataset.valid_rows == 0:
         raise ReportRequestError(
-            "the dataset has no valid rows to measure",
+            "The dataset has no valid rows to measure",
             "Fix the file and upload it again.",
             status_code=409,
         )
@@ -129,7 +129,7 @@ def get_report(db: Database, dataset_id: str, report_id: int) -> DatasetReport:
     with db.read() as session:
         report = session.get(DatasetReport, report_id)
     if report is None or report.dataset_id != dataset_id:
-        raise NotFound(f"no report {report_id} for this dataset", "Check the address.")
+        raise NotFound(f"No report {report_id} for this dataset", "Check the address.")
     return report
 
 

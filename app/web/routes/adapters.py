@@ -1,4 +1,5 @@
-"""An adapter's page: download, Ollama Modelfile, merge into the base (with progress)."""
+"""The Adapters page, and an adapter's export page: download, Ollama Modelfile, merge into
+the base (with progress)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def merge_status(adapter_id: str, db: DbDep) -> MergeRequest | None:
 def download_merged(merge_id: RowId, db: DbDep, settings: SettingsDep) -> StreamingResponse:
     name, body = exports.merged_zip(db, settings, merge_id)
     return _zip_response(name, body)
+
+
+@router.get("/adapters", response_class=HTMLResponse, include_in_schema=False)
+def adapters_page(request: Request, db: DbDep) -> HTMLResponse:
+    return render(request, "adapters/list.html", adapters=exports.list_adapters(db))
 
 
 @router.get("/adapters/{adapter_id}", response_class=HTMLResponse, include_in_schema=False)

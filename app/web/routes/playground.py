@@ -94,6 +94,12 @@ def delete_session(db: DbDep, session_id: RowId) -> RedirectResponse:
     return RedirectResponse("/playground", status_code=303)
 
 
+@router.get("/api/playground/gpu")
+def gpu_wait(db: DbDep, settings: SettingsDep) -> dict[str, str | None]:
+    """What a chat would wait for now: `waiting` names the job training on the chat's GPU."""
+    return {"waiting": playground.gpu_wait(db, settings)}
+
+
 @router.post("/playground/sessions/{session_id}/chat", response_model=None)
 async def chat(
     db: DbDep,

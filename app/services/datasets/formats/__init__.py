@@ -96,9 +96,9 @@ def detect_format(
         if column in columns_seen or field not in dataset_format.required:
             continue
         if column_mapping and field in column_mapping:
-            message = f'column "{column}" (mapped to "{field}") is not in the file'
+            message = f'Column "{column}" (mapped to "{field}") is not in the file'
         else:
-            message = f'column "{column}" is not in the file'
+            message = f'Column "{column}" is not in the file'
         raise DatasetFormatError(
             f"{message}; columns found: {found}",
             field=column,
@@ -107,7 +107,7 @@ def detect_format(
     for field, column in (column_mapping or {}).items():
         if column not in columns_seen:
             raise DatasetFormatError(
-                f'column "{column}" (mapped to "{field}") is not in the file; '
+                f'Column "{column}" (mapped to "{field}") is not in the file; '
                 f"columns found: {found}",
                 field=column,
                 hint="Check the spelling: column names are case-sensitive.",
@@ -139,13 +139,13 @@ def _format_from_mapping(column_mapping: dict[str, str], columns_seen: set[str])
         if field not in MAPPABLE_FIELDS:
             known = ", ".join(f'"{f}"' for f in MAPPABLE_FIELDS)
             raise DatasetFormatError(
-                f'unknown field "{field}" in the column mapping; known fields: {known}',
+                f'Unknown field "{field}" in the column mapping; known fields: {known}',
                 field=field,
                 hint='A mapping reads {"<field>": "<your column>"}, e.g. {"prompt": "question"}.',
             )
         if not isinstance(column, str) or not column:
             raise DatasetFormatError(
-                f'the column mapping for "{field}" must be a column name, '
+                f'The column mapping for "{field}" must be a column name, '
                 f"found {describe_type(column)}",
                 field=field,
             )
@@ -154,7 +154,7 @@ def _format_from_mapping(column_mapping: dict[str, str], columns_seen: set[str])
         owners = {next(c.title for c in FORMATS if field in c.fields) for field in column_mapping}
         names = " and ".join(sorted(owners))
         raise DatasetFormatError(
-            f"the column mapping mixes fields of {names}; map the fields of one format only",
+            f"The column mapping mixes fields of {names}; map the fields of one format only",
             hint=f"Formats and their fields: {shapes()}.",
         )
     for cls in candidates:
@@ -173,7 +173,7 @@ def _format_from_columns(records: list[dict[str, Any]], found: str) -> DatasetFo
             votes[cls] += 1
     if not votes:
         raise DatasetFormatError(
-            f"could not recognise the dataset format from its columns ({found}); expected one of: "
+            f"Could not recognise the dataset format from its columns ({found}); expected one of: "
             f"{shapes()}",
             hint='Rename the columns, or give a column mapping such as {"prompt": "question", '
             '"completion": "answer"}.',
