@@ -25,7 +25,16 @@ ATTACKS = [
     "${HOME}",
     "<script>alert(1)</script>",
 ]
-STRING_FIELDS = ["name", "base_model", "dataset_id", "report_to", "quantization", "lr_scheduler"]
+STRING_FIELDS = [
+    "name",
+    "base_model",
+    "dataset_id",
+    "report_to",
+    "quantization",
+    "lr_scheduler",
+    "method",
+    "loss_type",
+]
 
 
 def test_the_string_fields_list_is_complete():
