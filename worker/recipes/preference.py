@@ -13,7 +13,6 @@ recomputed in the backward pass instead of kept: the vocabulary-wide logits of a
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from worker.data import IGNORE_INDEX, pack_examples, read_rows
+from worker.data import IGNORE_INDEX, pack_examples
 from worker.errors import DatasetError
 from worker.preference_data import TokenizedPair, tokenize_pair
 from worker.training.recipe import LoRARecipe
 
 LOGP_SLICE_TOKENS = 4096
-MAX_EVAL_ROWS = 1000
 
 
 @dataclass
@@ -174,17 +172,7 @@ class PreferenceRecipe(LoRARecipe):
         cfg = self.config
         self._figures: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         if self.train_examples is None:
-            assert self.rows_path is not None
-            rows = read_rows(self.rows_path)
-            if self.eval_rows_path is not None:
-                train_rows, eval_rows = rows, read_rows(self.eval_rows_path)
-            else:
-                order = list(range(len(rows)))
-                random.Random(cfg.seed).shuffle(order)
-                n_eval = min(MAX_EVAL_ROWS, round(len(rows) * cfg.eval_fraction))
-                n_eval = n_eval if len(rows) - n_eval >= 1 else 0
-                eval_rows = [rows[i] for i in sorted(order[:n_eval])]
-                train_rows = [rows[i] for i in sorted(order[n_eval:])]
+            train_rows, eval_rows = self._rows()
             args = (cfg.max_seq_len, self.chat_template)
             self.train_examples, stats = tokenize_pairs(self.tokenizer, train_rows, *args)
             self.eval_examples, _ = tokenize_pairs(self.tokenizer, eval_rows, *args)

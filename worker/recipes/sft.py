@@ -9,7 +9,6 @@ else, from loading the 4-bit base model to atomic checkpoints, is `LoRARecipe`'s
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
@@ -21,7 +20,6 @@ from worker.data import (
     PaddedBatchCollator,
     TokenizedExample,
     pack_examples,
-    read_rows,
     tokenize_rows,
 )
 from worker.errors import DatasetError
@@ -30,8 +28,6 @@ from worker.training.trainer import RecipeTrainer, TrainResult
 
 __all__ = ["LocalControl", "RunControl", "SFTRecipe", "TrainResult"]
 
-MAX_EVAL_ROWS = 1000
-
 
 class SFTRecipe(LoRARecipe):
     train_examples: list[TokenizedExample] | None
@@ -39,17 +35,7 @@ class SFTRecipe(LoRARecipe):
     def _prepare_data(self) -> None:
         cfg = self.config
         if self.train_examples is None:
-            assert self.rows_path is not None
-            rows = read_rows(self.rows_path)
-            if self.eval_rows_path is not None:  # the split recorded on the dataset
-                train_rows, eval_rows = rows, read_rows(self.eval_rows_path)
-            else:
-                order = list(range(len(rows)))
-                random.Random(cfg.seed).shuffle(order)
-                n_eval = min(MAX_EVAL_ROWS, round(len(rows) * cfg.eval_fraction))
-                n_eval = n_eval if len(rows) - n_eval >= 1 else 0
-                eval_rows = [rows[i] for i in sorted(order[:n_eval])]
-                train_rows = [rows[i] for i in sorted(order[n_eval:])]
+            train_rows, eval_rows = self._rows()
             args = (str(cfg.train_on), cfg.max_seq_len, self.chat_template)
             self.train_examples, stats = tokenize_rows(self.tokenizer, train_rows, *args)
             self.eval_examples, _ = tokenize_rows(self.tokenizer, eval_rows, *args)

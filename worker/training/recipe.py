@@ -13,6 +13,7 @@ and the figures it logs (`FIGURES`, `logged_figures`).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +24,7 @@ from transformers import PrinterCallback, TrainingArguments
 from app.train_config import Quantization, TrainConfig
 from worker import checkpoints
 from worker.control import RunControl
+from worker.data import read_rows
 from worker.errors import DatasetError, DiskFull, OutOfMemory
 from worker.metrics import MetricsSink
 from worker.training import distributed, loading, memory_policy
@@ -33,6 +35,8 @@ from worker.training.trainer import (
     RecipeTrainer,
     TrainResult,
 )
+
+MAX_EVAL_ROWS = 1000
 
 
 class LoRARecipe:
@@ -162,6 +166,19 @@ class LoRARecipe:
     def logged_figures(self, mode: str) -> dict[str, float]:
         """Figures for the row the Trainer logs now (`mode`: train or eval), since the last."""
         return {}
+
+    def _rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(train rows, eval rows): the run's files (worker/run.py cut them with the job's
+        `eval_fraction`), or, given one file alone (tests, the benchmark), a seeded split of it."""
+        assert self.rows_path is not None
+        rows = read_rows(self.rows_path)
+        if self.eval_rows_path is not None:
+            return rows, read_rows(self.eval_rows_path)
+        order = list(range(len(rows)))
+        random.Random(self.config.seed).shuffle(order)
+        n_eval = min(MAX_EVAL_ROWS, round(len(rows) * self.config.eval_fraction))
+        n_eval = n_eval if len(rows) - n_eval >= 1 else 0
+        return [rows[i] for i in sorted(order[n_eval:])], [rows[i] for i in sorted(order[:n_eval])]
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
