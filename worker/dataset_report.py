@@ -263,17 +263,7 @@ def compute_report(
         },
         "histogram": histogram(lengths, max_seq_len),
         "total_tokens": sum(lengths),
-        "tokens_per_epoch": tally.tokens_per_epoch,
-        "trained_tokens_per_epoch": tally.trained_per_epoch,
-        "examples_per_epoch": tally.examples,
-        "over_max": {
-            "rows": tally.over_rows,
-            "truncated": tally.truncated,
-            "dropped": tally.dropped_after_cut,
-            "tokens_cut": tally.tokens_cut,
-            "lines": tally.over_lines,
-        },
-        "no_trained_tokens": {"rows": tally.untrainable, "lines": tally.untrainable_lines},
+        **_tally_figures(tally),
         "truncation_rule": TRUNCATION_RULE,
         "chat_template": template_name,
         "trained_tokens_from": trained_from,
@@ -330,17 +320,7 @@ def pair_report(
         "pairs": {name: _summary(values) for name, values in parts.items()},
         "histogram": histogram(lengths, max_seq_len),
         "total_tokens": sum(sum(values) for values in parts.values()),
-        "tokens_per_epoch": tally.tokens_per_epoch,
-        "trained_tokens_per_epoch": tally.trained_per_epoch,
-        "examples_per_epoch": tally.examples,
-        "over_max": {
-            "rows": tally.over_rows,
-            "truncated": tally.truncated,
-            "dropped": tally.dropped_after_cut,
-            "tokens_cut": tally.tokens_cut,
-            "lines": tally.over_lines,
-        },
-        "no_trained_tokens": {"rows": tally.untrainable, "lines": tally.untrainable_lines},
+        **_tally_figures(tally),
         "truncation_rule": PAIR_TRUNCATION_RULE,
         "trained_tokens_from": "the chosen and rejected answers after the prompt (the prompt "
         "carries no loss)",
@@ -534,6 +514,23 @@ def main(argv: list[str] | None = None) -> int:
         + (f": {report.error_message}" if report.error_message else "")
     )
     return 0 if report.status == SideWorkStatus.succeeded else 1
+
+
+def _tally_figures(tally: _Tally) -> dict[str, Any]:
+    """What a report says of the epoch and of the rows the max length cuts (rows and pairs)."""
+    return {
+        "tokens_per_epoch": tally.tokens_per_epoch,
+        "trained_tokens_per_epoch": tally.trained_per_epoch,
+        "examples_per_epoch": tally.examples,
+        "over_max": {
+            "rows": tally.over_rows,
+            "truncated": tally.truncated,
+            "dropped": tally.dropped_after_cut,
+            "tokens_cut": tally.tokens_cut,
+            "lines": tally.over_lines,
+        },
+        "no_trained_tokens": {"rows": tally.untrainable, "lines": tally.untrainable_lines},
+    }
 
 
 if __name__ == "__main__":
