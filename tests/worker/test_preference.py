@@ -168,7 +168,6 @@ def test_dpo_loss_and_gradients_match_trls_dpo_trainer_on_the_same_pairs(
         LocalControl(),
         train_examples=ours,
     )
-    recipe._figures = {"train": [], "eval": []}
     our_loss = recipe.batch_loss(model, PairCollator()([ours]))
     our_loss.backward()
     our_grads = _lora_grads(model)
@@ -209,7 +208,6 @@ def test_orpos_odds_ratio_term_matches_trls(demo_model, demo_dataset, tokenizer,
         LocalControl(),
         train_examples=pairs,
     )
-    recipe._figures = {"train": [], "eval": []}
     loss = recipe.batch_loss(model, batch)
     nll = -logps[0::2].sum() / tokens[0::2].sum()
     torch.testing.assert_close(loss, nll - trl_losses.mean())

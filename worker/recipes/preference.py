@@ -168,9 +168,13 @@ class PreferenceRecipe(LoRARecipe):
     NOTHING_LEFT_HINT = "Check that the pairs have both answers, or raise max_seq_len."
     train_examples: list[TokenizedPair] | None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Rewards of the micro-batches since the last logged row, per mode (see `record`).
+        self._figures: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+
     def _prepare_data(self) -> None:
         cfg = self.config
-        self._figures: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
         if self.train_examples is None:
             train_rows, eval_rows = self._rows()
             args = (cfg.max_seq_len, self.chat_template)
