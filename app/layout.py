@@ -116,6 +116,11 @@ class DataLayout:
         run = self.run_dir(job_id)
         return run / "train.jsonl", run / "eval.jsonl"
 
+    def run_mix(self, job_id: int) -> Path:
+        """What a job of several datasets drew from each (rows, tokens): worker/mix.py writes it,
+        the job page reads it."""
+        return self.run_dir(job_id) / "mix.json"
+
     def checkpoints_dir(self, job_id: int) -> Path:
         return checkpoints_in(self.run_dir(job_id))
 

@@ -25,25 +25,58 @@ from app.train_config import METHOD_DEFAULTS, METHOD_FIELDS, PRESETS, Method, Tr
 
 
 def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
-    """Queue a job after checking that its model is registered, its dataset is usable and its
-    experiment tracker is installed."""
+    """Queue a job after checking that its model is registered, its datasets are usable and of
+    one shape, and its experiment tracker is installed."""
     model_registry.get_model(db, config.base_model)
     trackers.check_installed(config.report_to)
+    chosen = _job_datasets(db, config)
+    for dataset in chosen:
+        if dataset.status != DatasetStatus.ready:
+            raise Conflict(
+                f"Dataset {dataset.name} has {dataset.error_count} unresolved errors and cannot "
+                "be used for training.",
+                "Fix the file and upload it again, or re-import it with 'drop bad rows'.",
+            )
+    _check_one_shape(chosen)
+    _check_method_suits(config, chosen[0])
+    return queue.enqueue(db, config, max_attempts=settings.max_attempts)
+
+
+def _job_datasets(db: Database, config: TrainConfig) -> list[Dataset]:
+    """The job's datasets, in its order; an unknown one is refused (its dataset_id with a 404,
+    one of its `datasets` with a 422 naming the field)."""
     with db.read() as s:
-        dataset = s.get(Dataset, config.dataset_id)
-    if dataset is None:
+        found = {share.id: s.get(Dataset, share.id) for share in config.dataset_shares}
+    if config.datasets is None and found[config.dataset_id] is None:
         raise NotFound(
             f"There is no dataset {config.dataset_id}.",
             "Upload a dataset on the Datasets page and use its id.",
         )
-    if dataset.status != DatasetStatus.ready:
-        raise Conflict(
-            f"Dataset {dataset.name} has {dataset.error_count} unresolved errors and cannot be "
-            "used for training.",
-            "Fix the file and upload it again, or re-import it with 'drop bad rows'.",
+    unknown = [dataset_id for dataset_id, dataset in found.items() if dataset is None]
+    if unknown:
+        raise InvalidDatasets(
+            f"datasets: there is no dataset {', '.join(unknown)}.",
+            "Use the ids of datasets on the Datasets page (GET /api/datasets lists them).",
         )
-    _check_method_suits(config, dataset)
-    return queue.enqueue(db, config, max_attempts=settings.max_attempts)
+    return [dataset for dataset in found.values() if dataset is not None]
+
+
+def _check_one_shape(chosen: list[Dataset]) -> None:
+    """Datasets trained together hold one shape: SFT examples, or preference pairs."""
+    shapes = {tuple(datasets.suited_methods(d)): d for d in chosen}
+    if len(shapes) > 1:
+        sft = next(d for methods, d in shapes.items() if "sft" in methods)
+        pairs = next(d for methods, d in shapes.items() if "sft" not in methods)
+        raise InvalidDatasets(
+            f"datasets: {sft.name} holds SFT examples and {pairs.name} holds preference pairs; "
+            "one job trains on one shape.",
+            "Mix SFT datasets in an sft job, or preference datasets in a dpo or orpo job.",
+        )
+
+
+class InvalidDatasets(UserError):
+    status_code = 422
+    code = "invalid"
 
 
 def _check_method_suits(config: TrainConfig, dataset: Dataset) -> None:
