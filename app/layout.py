@@ -66,6 +66,12 @@ class DataLayout:
         return self.root / "hf" / "hub"
 
     @property
+    def hf_datasets_cache(self) -> Path:
+        """Where Hub imports keep what `datasets.load_dataset` downloads and prepares; with
+        TUNEBOARD_HF_OFFLINE an import reads only what is here."""
+        return self.root / "hf" / "datasets"
+
+    @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
@@ -98,6 +104,10 @@ class DataLayout:
 
     def split_file(self, dataset_id: str) -> Path:
         return self.dataset_dir(dataset_id) / SPLIT
+
+    def hub_import_rows(self, import_id: int) -> Path:
+        """The rows a Hub import's worker wrote, waiting for the web to ingest them as an upload."""
+        return self.tmp_dir / f"hub-import-{int(import_id)}.jsonl"
 
     # --- a job's run folder ------------------------------------------------------------------
 
