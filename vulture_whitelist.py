@@ -76,6 +76,8 @@ completion_tokens
 first_token_ms
 stage
 progress_done
+ingest_error  # app/models.py HubImport (written by an UPDATE's values, read by the template)
+ingest_hint
 
 # Dataclass fields that templates read (app/services/job_views.py, app/services/jobs.py FormField).
 duration_seconds
@@ -83,6 +85,9 @@ final_loss
 final_eval_loss
 help
 advanced
+drawn_rows  # app/services/job_views.py MixRow (templates/jobs/detail.html's Datasets card)
+drawn_tokens
+eval_tokens
 
 # The data dir's layout names every file in it, used or not yet (the datasets package will).
 _.original_file  # app/layout.py

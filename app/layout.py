@@ -66,6 +66,12 @@ class DataLayout:
         return self.root / "hf" / "hub"
 
     @property
+    def hf_datasets_cache(self) -> Path:
+        """Where Hub imports keep what `datasets.load_dataset` downloads and prepares; with
+        TUNEBOARD_HF_OFFLINE an import reads only what is here."""
+        return self.root / "hf" / "datasets"
+
+    @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
@@ -99,6 +105,10 @@ class DataLayout:
     def split_file(self, dataset_id: str) -> Path:
         return self.dataset_dir(dataset_id) / SPLIT
 
+    def hub_import_rows(self, import_id: int) -> Path:
+        """The rows a Hub import's worker wrote, waiting for the web to ingest them as an upload."""
+        return self.tmp_dir / f"hub-import-{int(import_id)}.jsonl"
+
     # --- a job's run folder ------------------------------------------------------------------
 
     def run_dir(self, job_id: int) -> Path:
@@ -115,6 +125,11 @@ class DataLayout:
         """The job's train and eval rows, cut from the dataset when an attempt starts."""
         run = self.run_dir(job_id)
         return run / "train.jsonl", run / "eval.jsonl"
+
+    def run_mix(self, job_id: int) -> Path:
+        """What a job of several datasets drew from each (rows, tokens): worker/mix.py writes it,
+        the job page reads it."""
+        return self.run_dir(job_id) / "mix.json"
 
     def checkpoints_dir(self, job_id: int) -> Path:
         return checkpoints_in(self.run_dir(job_id))

@@ -299,3 +299,32 @@ class MergeRequest(SideWork, table=True):
     progress_total: int = 0  # bytes expected
     output_dir: str | None = Field(default=None, max_length=500)  # relative to the data dir
     size_bytes: int = 0
+
+
+class HubImport(SideWork, table=True):
+    """A dataset to import from the Hugging Face Hub; a worker claims it and runs it
+    (`worker/hub_import.py`: `datasets.load_dataset`, which the web process never imports).
+
+    The worker writes the split's rows to `rows_file` (a JSON Lines file, as an upload leaves
+    one) and succeeds; the web then ingests that file exactly as an upload
+    (`app/services/datasets/hub.py`) and records `dataset_id`, or `ingest_error` when the file
+    as a whole cannot be used."""
+
+    __tablename__ = "hub_imports"
+
+    id: int | None = Field(default=None, primary_key=True)
+    hub_id: str = Field(max_length=200)  # "owner/name" or "name"
+    config_name: str | None = Field(default=None, max_length=200)  # the API's "config"
+    split: str = Field(default="train", max_length=200)
+    column_mapping: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
+    name: str = Field(default="", max_length=200)  # the dataset's display name
+    drop_bad_rows: bool = False
+    stage: str = Field(default="", max_length=50)  # loading, writing rows, downloaded, ...
+    progress_done: int = 0  # rows written so far
+    progress_total: int = 0  # rows in the split
+    rows_file: str | None = Field(default=None, max_length=500)  # relative to the data dir
+    dataset_id: str | None = Field(
+        default=None, foreign_key="datasets.id", max_length=32, ondelete="SET NULL"
+    )
+    ingest_error: str | None = None
+    ingest_hint: str | None = None

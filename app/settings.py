@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     """Hub ids or paths allowed to run their own Python code (`trust_remote_code`). Empty: none."""
 
     hf_offline: bool = False
-    """Never reach the model hub; use only cached or local models."""
+    """Never reach the Hugging Face Hub: use only cached or local models, import only cached datasets."""
 
     gpu_lock_dir: Path | None = None
     """Folder of the per-GPU lock files that keep two workers on one host off one GPU. Empty: the system temp folder."""

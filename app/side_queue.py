@@ -20,14 +20,16 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from app.db import Database
-from app.models import DatasetReport, MergeRequest, SideWork, SideWorkStatus, utcnow
+from app.models import DatasetReport, HubImport, MergeRequest, SideWork, SideWorkStatus, utcnow
 
 # kind -> its table; the kind is what the worker's side loop and its children are told.
 KINDS: dict[str, type[SideWork]] = {
     "dataset_report": DatasetReport,
     "merge": MergeRequest,
+    "hub_import": HubImport,
 }
-NAMES = {"dataset_report": "token report", "merge": "merge"}  # in the user's words
+# in the user's words
+NAMES = {"dataset_report": "token report", "merge": "merge", "hub_import": "Hub import"}
 FINISHED = (SideWorkStatus.succeeded, SideWorkStatus.failed)
 LOST_HINT = (
     "A worker killed by the host (most often out of RAM) or stopped past its time limit stops "

@@ -20,6 +20,19 @@ JOB_NAME_PATTERN = r"^[\w][\w .()+,-]{0,79}$"
 LORA_TARGET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
 
+class DatasetShare(BaseModel):
+    """One dataset of a job that trains on several, and its share of the training rows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(pattern=DATASET_ID_PATTERN)]
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    """Sampling ratio: this dataset gives weight / (sum of the weights) of the training rows."""
+
+
+MAX_DATASETS = 16
+
+
 class Method(StrEnum):
     sft = "sft"
     dpo = "dpo"
@@ -115,6 +128,14 @@ class TrainConfig(BaseModel):
     dataset_id: Annotated[str, Field(pattern=DATASET_ID_PATTERN)]
     """The dataset to train on; it must have passed validation."""
 
+    datasets: Annotated[list[DatasetShare] | None, Field(min_length=1, max_length=MAX_DATASETS)] = (
+        None
+    )
+    """Several datasets to train on at once, each with a weight (its sampling ratio); dataset_id
+    is then the first of them. One pass (epoch) is as many rows as their training splits hold
+    together, drawn from each in proportion to its weight (repeating a small dataset's rows,
+    sampling a large one's); the eval split holds each dataset's own held-out rows."""
+
     max_seq_len: MaxSeqLen = 2048
     """Longest example in tokens. Longer rows are handled as the dataset report says."""
 
@@ -200,6 +221,19 @@ class TrainConfig(BaseModel):
         defaults = METHOD_DEFAULTS[Method(method)]
         return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_of_datasets(cls, data: Any) -> Any:
+        """With `datasets` given, `dataset_id` is their first (it may be left out)."""
+        if not isinstance(data, dict) or not isinstance(data.get("datasets"), list):
+            return data
+        shares = data["datasets"]
+        first = shares[0] if shares else None
+        first_id = first.get("id") if isinstance(first, dict) else getattr(first, "id", None)
+        if data.get("dataset_id") is None and isinstance(first_id, str):
+            return {**data, "dataset_id": first_id}
+        return data
+
     @model_validator(mode="after")
     def _method_fields_and_targets(self) -> TrainConfig:
         for name in {name for fields in METHOD_FIELDS.values() for name in fields}:
@@ -221,7 +255,23 @@ class TrainConfig(BaseModel):
             )
         if self.lora_targets is not None and len(set(self.lora_targets)) != len(self.lora_targets):
             raise ValueError("lora_targets lists a module twice")
+        if self.datasets is not None:
+            ids = [share.id for share in self.datasets]
+            if len(set(ids)) != len(ids):
+                raise ValueError(
+                    "datasets lists a dataset twice: give each dataset once, with one weight"
+                )
+            if self.dataset_id != ids[0]:
+                raise ValueError(
+                    "dataset_id must be the first of datasets: leave dataset_id out when you "
+                    "give datasets"
+                )
         return self
+
+    @property
+    def dataset_shares(self) -> list[DatasetShare]:
+        """The job's datasets and their weights: `datasets`, or `dataset_id` alone at weight 1."""
+        return list(self.datasets or [DatasetShare(id=self.dataset_id)])
 
 
 class TokenReportSettings(BaseModel):

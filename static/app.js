@@ -1309,6 +1309,7 @@
   // pair while "demo" is on goes back to "balanced". Without script the buttons are links.
   function wireJobForm(form) {
     wireMethodFields(form);
+    wireDatasetMix(form);
     var presets = parseJSON(form.getAttribute("data-presets"), {});
     var demoModel = form.getAttribute("data-demo-model");
     var demoDatasets = parseJSON(form.getAttribute("data-demo-datasets"), []);
@@ -1351,6 +1352,38 @@
         if (demoChosen()) apply("demo");
         else if (current === "demo") apply("balanced");
       });
+    });
+  }
+
+  // ------------------------------------------------------------ job form dataset mix
+
+  // "Add a dataset" copies the last mix row (datasets-N-id, datasets-N-weight) as row N + 1,
+  // blank, at weight 1. Without script the server renders one blank row after those sent.
+  function wireDatasetMix(form) {
+    var button = form.querySelector("button.add-dataset");
+    var rows = form.querySelector(".mix-rows");
+    if (!button || !rows) return;
+    var most = parseInt(button.getAttribute("data-max"), 10);
+    button.hidden = rows.querySelectorAll(".mix-row").length >= most;
+    button.addEventListener("click", function () {
+      var last = rows.querySelector(".mix-row:last-child");
+      if (!last) return;
+      var index = rows.querySelectorAll(".mix-row").length + 1;
+      if (index > most) return;
+      button.hidden = index >= most;
+      var row = last.cloneNode(true);
+      row.classList.remove("invalid");
+      row.querySelectorAll("[name]").forEach(function (input) {
+        var field = input.name.replace(/^datasets-\d+-/, "");
+        input.name = "datasets-" + index + "-" + field;
+        input.id = "f-" + input.name;
+        input.value = field === "weight" ? "1" : "";
+      });
+      row.querySelectorAll("label[for]").forEach(function (label) {
+        label.htmlFor = label.htmlFor.replace(/^f-datasets-\d+-/, "f-datasets-" + index + "-");
+      });
+      rows.appendChild(row);
+      row.querySelector("select").focus();
     });
   }
 

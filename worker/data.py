@@ -2,7 +2,8 @@
 
 A normalised row (one JSON object per line, written by the dataset side) is either
 `{"line": N, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` or
-`{"line": N, "text": str}` (plain text: every token is trained).
+`{"line": N, "text": str}` (plain text: every token is trained). A job of several datasets adds
+`"dataset": id` to each row (worker/mix.py).
 
 Conversations are rendered with the model's own chat template, so training and chat agree. The
 trained (loss-bearing) tokens come from the template's `{% generation %}` markers when it has them
@@ -55,6 +56,7 @@ class TokenizedExample:
     labels: list[int]
     truncated: bool = False
     line: int | None = None
+    dataset: str | None = None  # the dataset it came from, in a job of several (worker/mix.py)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -140,7 +142,13 @@ def tokenize_row(
     # A lone trained first token carries no loss (labels are shifted), so it does not count.
     if not any(label != IGNORE_INDEX for label in labels[1:]):
         return None
-    return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated, line=line)
+    return TokenizedExample(
+        input_ids=input_ids,
+        labels=labels,
+        truncated=truncated,
+        line=line,
+        dataset=row.get("dataset"),
+    )
 
 
 def tokenize_rows(

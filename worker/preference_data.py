@@ -36,6 +36,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     truncated: bool = False  # an answer (or, with max_prompt_len, the prompt) was cut to fit
     line: int | None = None
+    dataset: str | None = None  # the dataset it came from, in a job of several (worker/mix.py)
 
     def __len__(self) -> int:  # its tokens in a training batch: the prompt goes in twice
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
@@ -67,7 +68,9 @@ def tokenize_pair(
     if not chosen_ids or not rejected_ids:
         return None
     cut = len(prompt_ids) + len(chosen_ids) + len(rejected_ids) < whole
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, cut, row.get("line"))
+    return TokenizedPair(
+        prompt_ids, chosen_ids, rejected_ids, cut, row.get("line"), row.get("dataset")
+    )
 
 
 def answer_texts(

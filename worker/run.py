@@ -2,8 +2,8 @@
 
 Started by the worker loop in a fresh process for each attempt, so a crash, an OOM or a leak dies
 with it and the GPU memory is returned. It reads the job, resolves the model and the dataset
-files, runs the recipe with a `DatabaseControl` and a `DatabaseSink`, and writes an
-`AttemptResult` (app/attempt_result.py) to `DataLayout.attempt_result(job, attempt)` before it
+files (mixed by `worker/mix.py` for a job of several datasets), runs the recipe with a
+`DatabaseControl` and a `DatabaseSink`, and writes an `AttemptResult` (app/attempt_result.py) to `DataLayout.attempt_result(job, attempt)` before it
 exits.
 
 Under torchrun (a job with `gpus: N > 1`) every rank runs this module. Rank 0 alone talks to the
@@ -36,6 +36,7 @@ from app.layout import DataLayout
 from app.models import BaseModelEntry, Dataset
 from app.settings import Settings
 from app.train_config import TrainConfig
+from worker import mix
 from worker.failures import hint_for
 from worker.job_io import (
     DatabaseControl,
@@ -167,13 +168,18 @@ def train(
     config = TrainConfig.model_validate(job.config)
     recipe_class = recipe_class or recipe_for(config.method)
     with db.read() as s:
-        if s.get(Dataset, job.dataset_id) is None:
-            raise ChildError("dataset", "The job's dataset was deleted.")
+        if any(s.get(Dataset, share.id) is None for share in config.dataset_shares):
+            raise ChildError("dataset", "A dataset of the job was deleted.")
     output_dir = settings.layout.run_dir(job_id)
     output_dir.mkdir(parents=True, exist_ok=True)
-    rows_path, eval_rows_path = dataset_files(
-        settings.layout, job.dataset_id, job_id, config.eval_fraction
-    )
+    if config.datasets is None:
+        rows_path, eval_rows_path = dataset_files(
+            settings.layout, job.dataset_id, job_id, config.eval_fraction
+        )
+    else:
+        rows_path, eval_rows_path = mix.write_mixed_rows(
+            settings.layout, config.datasets, job_id, config.eval_fraction, config.seed
+        )
     model_path = model_location(db, settings, job.base_model, control)
     recipe = recipe_class(
         config,
@@ -186,6 +192,10 @@ def train(
     )
     try:
         recipe.setup()
+        if config.datasets is not None and rank() == 0:
+            mix.record_tokens(
+                settings.layout.run_mix(job_id), recipe.train_examples, recipe.eval_examples
+            )
         recipe.train()
         sink.flush()
         control.flush()

@@ -1,8 +1,10 @@
 """What the job pages show beyond the job row: ETA, loss sparklines, the adapter, the charts,
-run comparison."""
+run comparison, the mix of a job of several datasets."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -11,8 +13,9 @@ from sqlmodel import col, select
 
 from app.db import Database
 from app.errors import UserError, whole_number
-from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric
-from app.train_config import PREFERENCE_METHODS
+from app.layout import DataLayout
+from app.models import FINISHED_STATUSES, Adapter, Dataset, Job, JobStatus, Metric
+from app.train_config import PREFERENCE_METHODS, TrainConfig
 
 SPARKLINE_POINTS = 60
 _finished_sparklines: dict[tuple[int, datetime | None], list[float | None]] = {}
@@ -365,3 +368,49 @@ def run_facts(db: Database, job: Job) -> RunFacts:
         final_eval_loss=eval_loss.eval_loss if eval_loss else None,
         steps=job.progress_step,
     )
+
+
+@dataclass
+class MixRow:
+    """One dataset of a job of several: its weight, and once an attempt has cut the rows (the
+    worker's `runs/<job>/mix.json`), the rows and tokens it gave the training and eval splits."""
+
+    dataset_id: str
+    name: str | None  # None: the dataset was deleted
+    weight: float
+    share: float  # of the training rows, 0..1
+    train_rows: int | None = None
+    drawn_rows: int | None = None
+    eval_rows: int | None = None
+    drawn_tokens: int | None = None
+    eval_tokens: int | None = None
+
+
+def dataset_mix(db: Database, layout: DataLayout, job: Job) -> list[MixRow]:
+    """The mix of a job of several datasets ([] for a job of one)."""
+    config = TrainConfig.model_validate(job.config)
+    if config.datasets is None or job.id is None:
+        return []
+    recorded: dict[str, dict[str, Any]] = {}
+    path = layout.run_mix(job.id)
+    if path.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            recorded = {
+                d["id"]: d for d in json.loads(path.read_text(encoding="utf-8"))["datasets"]
+            }
+    whole = sum(share.weight for share in config.datasets)
+    with db.read() as s:
+        names = {
+            share.id: getattr(s.get(Dataset, share.id), "name", None) for share in config.datasets
+        }
+    fields = ("train_rows", "drawn_rows", "eval_rows", "drawn_tokens", "eval_tokens")
+    return [
+        MixRow(
+            dataset_id=share.id,
+            name=names[share.id],
+            weight=share.weight,
+            share=share.weight / whole,
+            **{name: recorded.get(share.id, {}).get(name) for name in fields},
+        )
+        for share in config.datasets
+    ]

@@ -21,29 +21,69 @@ from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
 from app.services import datasets, log_noise, model_registry, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
-from app.train_config import METHOD_DEFAULTS, METHOD_FIELDS, PRESETS, Method, TrainConfig
+from app.train_config import (
+    MAX_DATASETS,
+    METHOD_DEFAULTS,
+    METHOD_FIELDS,
+    PRESETS,
+    Method,
+    TrainConfig,
+)
 
 
 def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
-    """Queue a job after checking that its model is registered, its dataset is usable and its
-    experiment tracker is installed."""
+    """Queue a job after checking that its model is registered, its datasets are usable and of
+    one shape, and its experiment tracker is installed."""
     model_registry.get_model(db, config.base_model)
     trackers.check_installed(config.report_to)
+    chosen = _job_datasets(db, config)
+    for dataset in chosen:
+        if dataset.status != DatasetStatus.ready:
+            raise Conflict(
+                f"Dataset {dataset.name} has {dataset.error_count} unresolved errors and cannot "
+                "be used for training.",
+                "Fix the file and upload it again, or re-import it with 'drop bad rows'.",
+            )
+    _check_one_shape(chosen)
+    _check_method_suits(config, chosen[0])
+    return queue.enqueue(db, config, max_attempts=settings.max_attempts)
+
+
+def _job_datasets(db: Database, config: TrainConfig) -> list[Dataset]:
+    """The job's datasets, in its order; an unknown one is refused (its dataset_id with a 404,
+    one of its `datasets` with a 422 naming the field)."""
     with db.read() as s:
-        dataset = s.get(Dataset, config.dataset_id)
-    if dataset is None:
+        found = {share.id: s.get(Dataset, share.id) for share in config.dataset_shares}
+    if config.datasets is None and found[config.dataset_id] is None:
         raise NotFound(
             f"There is no dataset {config.dataset_id}.",
             "Upload a dataset on the Datasets page and use its id.",
         )
-    if dataset.status != DatasetStatus.ready:
-        raise Conflict(
-            f"Dataset {dataset.name} has {dataset.error_count} unresolved errors and cannot be "
-            "used for training.",
-            "Fix the file and upload it again, or re-import it with 'drop bad rows'.",
+    unknown = [dataset_id for dataset_id, dataset in found.items() if dataset is None]
+    if unknown:
+        raise InvalidDatasets(
+            f"datasets: there is no dataset {', '.join(unknown)}.",
+            "Use the ids of datasets on the Datasets page (GET /api/datasets lists them).",
         )
-    _check_method_suits(config, dataset)
-    return queue.enqueue(db, config, max_attempts=settings.max_attempts)
+    return [dataset for dataset in found.values() if dataset is not None]
+
+
+def _check_one_shape(chosen: list[Dataset]) -> None:
+    """Datasets trained together hold one shape: SFT examples, or preference pairs."""
+    shapes = {tuple(datasets.suited_methods(d)): d for d in chosen}
+    if len(shapes) > 1:
+        sft = next(d for methods, d in shapes.items() if "sft" in methods)
+        pairs = next(d for methods, d in shapes.items() if "sft" not in methods)
+        raise InvalidDatasets(
+            f"datasets: {sft.name} holds SFT examples and {pairs.name} holds preference pairs; "
+            "one job trains on one shape.",
+            "Mix SFT datasets in an sft job, or preference datasets in a dpo or orpo job.",
+        )
+
+
+class InvalidDatasets(UserError):
+    status_code = 422
+    code = "invalid"
 
 
 def _check_method_suits(config: TrainConfig, dataset: Dataset) -> None:
@@ -167,9 +207,15 @@ BASIC_FIELDS = {
 }
 
 
+# Drawn by the form's own dataset mix rows (`mix_rows`), not as a field.
+NOT_FORM_FIELDS = ("datasets",)
+
+
 def form_fields(values: dict[str, Any]) -> list[FormField]:
     fields = []
     for name, info in TrainConfig.model_fields.items():
+        if name in NOT_FORM_FIELDS:
+            continue
         annotation = info.annotation
         if get_origin(annotation) in (Union, types.UnionType):
             annotation = next(a for a in get_args(annotation) if a is not type(None))
@@ -267,6 +313,42 @@ def suggested_preset(
     return "demo" if dataset is not None and dataset.is_demo else None
 
 
+@dataclass
+class MixRow:
+    """One more dataset of the form's mix: `datasets-N-id` and `datasets-N-weight`."""
+
+    index: int
+    dataset_id: str
+    weight: str
+
+
+def mix_rows(values: dict[str, Any]) -> tuple[str, list[MixRow]]:
+    """The form's mix: the first dataset's weight, and the rows of more datasets (those sent
+    back, then one blank row to add another; app.js adds more)."""
+    rows = [
+        MixRow(index, values[f"datasets-{index}-id"], values.get(f"datasets-{index}-weight", ""))
+        for index in range(1, MAX_DATASETS)
+        if str(values.get(f"datasets-{index}-id", "")).strip()
+    ]
+    rows = [MixRow(n, row.dataset_id, row.weight) for n, row in enumerate(rows, start=1)]
+    if len(rows) < MAX_DATASETS - 1:
+        rows.append(MixRow(len(rows) + 1, "", "1"))
+    return str(values.get("dataset_weight") or "1"), rows
+
+
+def _mix_from_form(form: dict[str, str]) -> list[dict[str, str]] | None:
+    """`datasets` from the form's mix rows, the chosen dataset first; None when no more dataset
+    is chosen (a job of one dataset)."""
+    first_weight, rows = mix_rows(form)
+    chosen = [row for row in rows if row.dataset_id.strip()]
+    if not chosen:
+        return None
+    first = {"id": form.get("dataset_id", "").strip(), "weight": first_weight.strip() or "1"}
+    return [first] + [
+        {"id": row.dataset_id.strip(), "weight": row.weight.strip() or "1"} for row in chosen
+    ]
+
+
 def config_from_form(form: dict[str, str]) -> TrainConfig:
     """Turn submitted form fields into a TrainConfig (blank optional fields mean 'default').
 
@@ -278,6 +360,8 @@ def config_from_form(form: dict[str, str]) -> TrainConfig:
         methods = field_methods(name)
         if methods and method in set(Method) and method not in methods:
             continue
+        if name in NOT_FORM_FIELDS:
+            continue
         if info.annotation is bool:
             data[name] = form.get(name) in ("on", "true", "1")
             continue
@@ -288,6 +372,8 @@ def config_from_form(form: dict[str, str]) -> TrainConfig:
             data[name] = [part.strip() for part in raw.split(",") if part.strip()]
         else:
             data[name] = raw
+    if (mix := _mix_from_form(form)) is not None:
+        data["datasets"] = mix
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:

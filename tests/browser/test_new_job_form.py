@@ -95,3 +95,33 @@ def test_choosing_dpo_shows_its_settings_and_queues_a_dpo_job(live_server, serve
     assert not page.is_visible("form.job-form [name=beta]")
     assert page.is_visible("form.job-form [name=train_on]")
     assert page.js_errors == []
+
+
+def test_add_a_dataset_mixes_several_datasets_at_their_weights(live_server, server_db, page):
+    settings = Settings(data_dir=live_server.data_dir, database_url="")
+    first, second, third = (add_dataset(server_db, settings) for _ in range(3))
+
+    page.goto(live_server.url + "/jobs/new")
+    page.select_option("form.job-form [name=dataset_id]", first)
+    page.fill("form.job-form [name=dataset_weight]", "2")
+    # One blank row is there; "Add a dataset" adds another, blank, at weight 1.
+    assert page.locator(".dataset-mix .mix-row").count() == 1
+    page.select_option("form.job-form [name='datasets-1-id']", second)
+    page.click("button.add-dataset")
+    assert page.locator(".dataset-mix .mix-row").count() == 2
+    assert value(page, "'datasets-2-id'") == "" and value(page, "'datasets-2-weight'") == "1"
+    page.select_option("form.job-form [name='datasets-2-id']", third)
+    page.fill("form.job-form [name='datasets-2-weight']", "0.5")
+    page.click("form.job-form button[type=submit]")
+    page.wait_for_url("**/jobs/*")
+
+    (job,) = queue.list_jobs(server_db)
+    assert job.config["datasets"] == [
+        {"id": first, "weight": 2.0},
+        {"id": second, "weight": 1.0},
+        {"id": third, "weight": 0.5},
+    ]
+    # The job page lists the mix with each dataset's share.
+    shares = page.locator("section.dataset-mix tbody tr td:nth-child(3)").all_inner_texts()
+    assert shares == ["57%", "29%", "14%"]
+    assert page.js_errors == []

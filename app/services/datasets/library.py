@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app import faults
 from app.dataset_errors import DatasetError
@@ -240,11 +240,18 @@ def get_dataset(db: Database, dataset_id: str) -> Dataset:
 def jobs_using(db: Database, dataset_id: str) -> list[Job]:
     """Jobs that refer to the dataset, newest first."""
     with db.read() as session:
-        return list(
-            session.exec(
-                select(Job).where(Job.dataset_id == dataset_id).order_by(col(Job.id).desc())
-            )
-        )
+        return _jobs_using(session, dataset_id)
+
+
+def _jobs_using(session: Session, dataset_id: str) -> list[Job]:
+    """The jobs that train on the dataset, newest first: as their dataset, or as one of their
+    `datasets` (a job's config lists those; only the first is its `dataset_id`)."""
+    return [
+        job
+        for job in session.exec(select(Job).order_by(col(Job.id).desc()))
+        if job.dataset_id == dataset_id
+        or any(share.get("id") == dataset_id for share in job.config.get("datasets") or [])
+    ]
 
 
 def delete_refusal(jobs: list[Job]) -> DatasetInUse | None:
@@ -278,9 +285,7 @@ def delete_dataset(db: Database, settings: Settings, dataset_id: str) -> None:
         if not faults.is_disk_full(error):
             raise
         with db.read() as session:
-            refusal = delete_refusal(
-                list(session.exec(select(Job).where(Job.dataset_id == dataset.id)))
-            )
+            refusal = delete_refusal(_jobs_using(session, dataset.id))
         if refusal is not None:
             raise refusal from None
         _remove_folder(settings, dataset.id)
@@ -291,7 +296,7 @@ def delete_dataset(db: Database, settings: Settings, dataset_id: str) -> None:
 
 def _delete_dataset_rows(db: Database, dataset_id: str) -> None:
     with db.write() as session:
-        jobs = list(session.exec(select(Job).where(Job.dataset_id == dataset_id)))
+        jobs = _jobs_using(session, dataset_id)
         refusal = delete_refusal(jobs)
         if refusal is not None:
             raise refusal

@@ -1,5 +1,6 @@
 """Datasets: the list and dataset pages, their partials and form actions, and /api/datasets
-(upload, list, show, delete, token reports). Thin: parse, call `app.services`, render."""
+(upload, Hub import, list, show, delete, token reports). Thin: parse, call `app.services`,
+render."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from app.dataset_errors import DatasetError
 from app.errors import UserError, whole_number
 from app.models import Dataset, DatasetReport, SideWorkStatus
 from app.services import datasets, model_registry, system
-from app.services.datasets import DatasetServiceError
+from app.services.datasets import DatasetServiceError, hub
 from app.services.datasets import reports as dataset_reports
 from app.services.datasets.formats import MAPPABLE_FIELDS
 from app.train_config import TokenReportSettings
@@ -127,6 +128,18 @@ def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:
     }
 
 
+@router.post("/api/datasets/import", status_code=202)
+def import_from_hub(body: hub.HubImportRequest, db: DbDep) -> Any:
+    """Import a dataset from the Hugging Face Hub: a worker fetches the split (202: queued);
+    GET /api/datasets/imports/{id} follows it to the dataset it becomes."""
+    return JSONResponse(hub.import_public(hub.request_import(db, body)), status_code=202)
+
+
+@router.get("/api/datasets/imports/{import_id}")
+def get_import(import_id: RowId, db: DbDep, settings: SettingsDep) -> Any:
+    return hub.import_public(hub.settled(db, settings, import_id))
+
+
 @router.get("/api/datasets")
 def list_datasets(request: Request) -> Any:
     return [datasets.dataset_public(d) for d in datasets.list_datasets(request.app.state.db)]
@@ -182,15 +195,51 @@ def delete_dataset(request: Request, dataset_id: str) -> Response:
 # --- pages ----------------------------------------------------------------------------------------
 
 
+def _list_context(db: DbDep, settings: SettingsDep) -> dict[str, Any]:
+    return {
+        "imports": hub.recent_imports(db, settings),  # settled first: a new dataset is listed
+        "datasets": datasets.list_datasets(db),
+        "max_bytes": settings.upload_max_bytes,
+        "mappable_fields": MAPPABLE_FIELDS,
+        "hf_offline": settings.hf_offline,
+    }
+
+
 @router.get("/datasets", response_class=HTMLResponse, include_in_schema=False)
 def datasets_page(request: Request, db: DbDep, settings: SettingsDep) -> HTMLResponse:
-    return render(
-        request,
-        "datasets/list.html",
-        datasets=datasets.list_datasets(db),
-        max_bytes=settings.upload_max_bytes,
-        mappable_fields=MAPPABLE_FIELDS,
-    )
+    return render(request, "datasets/list.html", **_list_context(db, settings))
+
+
+@router.post("/datasets/import", include_in_schema=False, response_model=None)
+async def import_from_page(
+    request: Request, db: DbDep, settings: SettingsDep
+) -> HTMLResponse | RedirectResponse:
+    """The Hub import form: queue it and go back to the list, where its progress shows."""
+    form = {k: str(v) for k, v in (await request.form()).items()}
+    try:
+        task = hub.request_import(db, hub.request_from_form(form))
+    except UserError as exc:
+        context = _list_context(db, settings)
+        return render(
+            request,
+            "datasets/list.html",
+            status_code=exc.status_code,
+            error=exc,
+            import_form=form,
+            **context,
+        )
+    return RedirectResponse(f"/datasets#import-{task.id}", status_code=303)
+
+
+@router.get(
+    "/partials/datasets/imports/{import_id}",
+    response_class=HTMLResponse,
+    include_in_schema=False,
+)
+def import_partial(
+    request: Request, import_id: RowId, db: DbDep, settings: SettingsDep
+) -> HTMLResponse:
+    return render(request, "datasets/_import.html", task=hub.settled(db, settings, import_id))
 
 
 def _report_context(db: DbDep, settings: SettingsDep, dataset: Dataset) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from app.errors import NotFound, whole_number
 from app.models import Dataset, Job
 from app.services import job_events, job_views, jobs, model_registry
 from app.services.demo import DEMO_MODEL
-from app.train_config import PRESETS, TrainConfig
+from app.train_config import MAX_DATASETS, PRESETS, TrainConfig
 from app.web.deps import SQL_INT_MAX, DbDep, JobStreamsDep, RowId, SettingsDep
 from app.web.templating import render
 
@@ -181,8 +181,12 @@ def job_action(
 
 
 def _form_context(db: DbDep, values: dict[str, Any], preset: str | None) -> dict[str, Any]:
+    first_weight, mix_rows = jobs.mix_rows(values)
     return {
         "fields": jobs.form_fields(values),
+        "first_weight": first_weight,
+        "mix_rows": mix_rows,
+        "max_mix_rows": MAX_DATASETS - 1,
         "models": model_registry.list_models(db),
         "datasets": jobs.ready_datasets(db),
         "presets": list(PRESETS),
@@ -266,6 +270,7 @@ def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) 
         request,
         "jobs/detail.html",
         dataset=dataset,
+        mix=job_views.dataset_mix(db, settings.layout, job),
         run=job_views.run_facts(db, job),
         log_lines=jobs.log_tail(settings, job),
         config=TrainConfig.model_validate(job.config),

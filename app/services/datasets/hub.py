@@ -1,0 +1,191 @@
+"""Datasets imported from the Hugging Face Hub: ask a worker for the rows, then ingest them as an
+upload.
+
+`request_import` checks the request and queues a `HubImport` (side work: the worker's
+`worker/hub_import.py` runs `datasets.load_dataset`, which this process never imports). When the
+worker has written the split's rows, `settled` ingests that file through `create_dataset`, the
+upload's own path (the same validation, errors by line, split and token reports), once: the first
+reader to move the import from `downloaded` to `ingesting` does it, and records the dataset (or
+why the file as a whole was refused). Pages and the API read imports through `settled`, so an
+import finishes as soon as anyone looks at it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from app.dataset_errors import DatasetError
+from app.db import Database
+from app.errors import NotFound, UserError
+from app.models import HubImport, SideWorkStatus
+from app.services.datasets import reports
+from app.services.datasets.formats import MAPPABLE_FIELDS
+from app.services.datasets.library import create_dataset
+from app.settings import Settings
+
+# "name" or "owner/name", as the Hub spells repository ids: no "..", no scheme, no path.
+HUB_ID_PATTERN = r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+# A config name, or a split with the `datasets` slicing syntax ("train", "train[:1000]").
+CONFIG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$"
+SPLIT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\[\]:%+-]{0,199}$"
+COLUMN_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"
+IMPORTS_SHOWN = 10
+
+
+class HubImportRequest(BaseModel):
+    """`POST /api/datasets/import`: a Hub dataset's split, and how its columns map to a format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hub_id: Annotated[str, Field(pattern=HUB_ID_PATTERN)]
+    """The dataset's id on the Hub, e.g. "tatsu-lab/alpaca"."""
+    config: Annotated[str | None, Field(pattern=CONFIG_PATTERN)] = None
+    """The dataset's configuration (subset); empty for a dataset with one."""
+    split: Annotated[str, Field(pattern=SPLIT_PATTERN)] = "train"
+    """The split to import; `datasets` slicing works ("train[:1000]")."""
+    column_mapping: dict[str, Annotated[str, Field(pattern=COLUMN_PATTERN)]] = {}
+    """Format fields to the dataset's columns, as for an upload ({"prompt": "question", ...})."""
+    name: Annotated[str | None, Field(max_length=200)] = None
+    """The dataset's name here (default: the Hub id, config and split)."""
+    drop_bad_rows: bool = False
+    """Keep the valid rows and drop the bad ones, as for an upload."""
+
+    @field_validator("column_mapping")
+    @classmethod
+    def _known_fields(cls, mapping: dict[str, str]) -> dict[str, str]:
+        unknown = [field for field in mapping if field not in MAPPABLE_FIELDS]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(map(repr, unknown))} is not a field of any format; the fields are: "
+                f"{', '.join(MAPPABLE_FIELDS)}"
+            )
+        return mapping
+
+    @field_validator("config", "name", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class InvalidImport(UserError):
+    status_code = 422
+    code = "invalid"
+
+
+def request_from_form(form: dict[str, str]) -> HubImportRequest:
+    """The Datasets page's import form: its `column_<field>` inputs are the mapping, as on the
+    upload form."""
+    mapping = {
+        field: form[f"column_{field}"].strip()
+        for field in MAPPABLE_FIELDS
+        if form.get(f"column_{field}", "").strip()
+    }
+    try:
+        return HubImportRequest.model_validate(
+            {
+                "hub_id": form.get("hub_id", "").strip(),
+                "config": form.get("config", ""),
+                "split": form.get("split", "").strip() or "train",
+                "column_mapping": mapping,
+                "name": form.get("name", ""),
+                "drop_bad_rows": form.get("drop_bad_rows") in ("on", "true", "1"),
+            }
+        )
+    except ValidationError as exc:
+        raise InvalidImport(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
+            "Give the Hub id as owner/name (as on the dataset's Hub page), and a config and "
+            "split the dataset has.",
+        ) from exc
+
+
+def import_public(task: HubImport) -> dict[str, Any]:
+    """An import as the API shows it; `url` is its dataset's page once ingested."""
+    body = task.model_dump(mode="json", exclude={"worker_id", "rows_file"})
+    body["config"] = body.pop("config_name")
+    body["url"] = f"/datasets/{task.dataset_id}" if task.dataset_id else None
+    return body
+
+
+def request_import(db: Database, request: HubImportRequest) -> HubImport:
+    """Queue the import for a worker."""
+    config = f" ({request.config})" if request.config else ""
+    task = HubImport(
+        hub_id=request.hub_id,
+        config_name=request.config,
+        split=request.split,
+        column_mapping=dict(request.column_mapping),
+        name=(request.name or f"{request.hub_id}{config} {request.split}").strip()[:200],
+        drop_bad_rows=request.drop_bad_rows,
+    )
+    with db.write() as session:
+        session.add(task)
+        session.flush()
+        session.refresh(task)
+    return task
+
+
+def settled(db: Database, settings: Settings, import_id: int) -> HubImport:
+    """The import, ingested first if its rows are waiting (NotFound for an unknown id)."""
+    with db.read() as session:
+        task = session.get(HubImport, import_id)
+    if task is None:
+        raise NotFound(f"There is no Hub import {import_id}.", "Start one on the Datasets page.")
+    if task.status == SideWorkStatus.succeeded and task.stage == "downloaded":
+        _ingest(db, settings, task)
+        with db.read() as session:
+            task = session.get(HubImport, import_id)
+        assert task is not None
+    return task
+
+
+def recent_imports(db: Database, settings: Settings) -> list[HubImport]:
+    """The newest imports, settled, for the Datasets page."""
+    with db.read() as session:
+        ids = session.exec(
+            select(HubImport.id).order_by(col(HubImport.id).desc()).limit(IMPORTS_SHOWN)
+        ).all()
+    return [settled(db, settings, import_id) for import_id in ids if import_id is not None]
+
+
+def _ingest(db: Database, settings: Settings, task: HubImport) -> None:
+    """Ingest the worker's rows as an upload, if this call is the one that takes them."""
+    take = (
+        update(HubImport)
+        .where(col(HubImport.id) == task.id, col(HubImport.stage) == "downloaded")
+        .values(stage="ingesting")
+    )
+    with db.write() as session:
+        if session.connection().execute(take).rowcount != 1:
+            return  # another request is ingesting it, or has
+    rows = settings.layout.root / (task.rows_file or "")
+    outcome: dict[str, Any]
+    try:
+        if not task.rows_file or not rows.is_file():
+            raise DatasetError(
+                "The imported rows are gone from the data dir.", "Import the dataset again."
+            )
+        dataset = create_dataset(
+            db,
+            settings,
+            upload_path=rows,
+            size_bytes=rows.stat().st_size,
+            filename=f"{task.hub_id.replace('/', '__')}-{task.id}.jsonl",
+            name=task.name,
+            column_mapping=task.column_mapping or None,
+            drop_bad_rows=task.drop_bad_rows,
+        )
+        outcome = {"stage": "done", "dataset_id": dataset.id}
+    except (DatasetError, UserError) as exc:
+        rows.unlink(missing_ok=True)
+        outcome = {"stage": "refused", "ingest_error": exc.message, "ingest_hint": exc.hint}
+    with db.write() as session:
+        session.connection().execute(
+            update(HubImport).where(col(HubImport.id) == task.id).values(**outcome)
+        )
+    if outcome["stage"] == "done":
+        reports.request_default_report(db, dataset)  # as after an upload
