@@ -12,6 +12,7 @@ bindings, so the converter writes what the loader reads.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tarfile
@@ -47,6 +48,21 @@ def script(name: str) -> Path:
             "Run `make setup` or `python -m worker.gguf_converter --install` on the worker."
         )
     return path
+
+
+_REGISTER = re.compile(r"@ModelBase\.register\(([^)]*)\)")
+_QUOTED = re.compile(r"[\"']([A-Za-z0-9_]+)[\"']")
+
+
+def supported_architectures() -> frozenset[str]:
+    """The `architectures` names (config.json) the converter has a class for, read from its
+    `@ModelBase.register(...)` lines without importing it (it imports torch)."""
+    script("convert_hf_to_gguf.py")
+    names: set[str] = set()
+    for source in sorted((converter_dir() / "conversion").glob("*.py")):
+        for arguments in _REGISTER.findall(source.read_text(encoding="utf-8")):
+            names.update(_QUOTED.findall(arguments))
+    return frozenset(names)
 
 
 def _installed_bindings() -> str | None:

@@ -1,4 +1,4 @@
-"""Work a worker does beside training: dataset token reports and adapter merges (and what comes).
+"""Work a worker does beside training: dataset token reports, adapter merges and exports.
 
 A thread of the worker loop takes side work from `app.side_queue`, the way the loop takes jobs:
 each round it requeues any worker's tasks whose lease expired, claims the oldest queued task of
@@ -37,7 +37,11 @@ SIDE_TASK_TIMEOUT_SECONDS = 30 * 60
 TICK_SECONDS = 0.1
 
 # kind -> the module whose `python -m ... --task-id N --attempt A` runs one claimed task
-CHILDREN = {"dataset_report": "worker.dataset_report", "merge": "worker.merge"}
+CHILDREN = {
+    "dataset_report": "worker.dataset_report",
+    "merge": "worker.merge",
+    "export": "worker.export",
+}
 
 
 def run_side_work(
