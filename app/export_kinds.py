@@ -11,11 +11,8 @@ from typing import Literal
 
 ExportKindName = Literal["gguf", "gguf-lora", "merged"]
 Quantization = Literal["f16", "q8_0", "q4_K_M"]
-KINDS: tuple[str, ...] = ("gguf", "gguf-lora", "merged")
-QUANTIZATIONS: tuple[str, ...] = ("f16", "q8_0", "q4_K_M")
 # What llama.cpp's LoRA converter writes (`convert_lora_to_gguf.py --outtype`): no k-quants.
 LORA_QUANTIZATIONS: tuple[str, ...] = ("f16", "q8_0")
-CHECK_STATUSES = ("match", "differs", "not run")
 # Bytes per weight in the file (GGUF blocks carry their scales: q8_0 is 34 bytes per 32 weights,
 # q4_K_M about 4.85 bits per weight).
 BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32, "q4_K_M": 4.85 / 8, "bf16": 2.0}

@@ -170,7 +170,6 @@ FAMILY_NAMES = {
     "mistral": "Mistral [INST]",
     "gemma": "Gemma",
 }
-CHATML_GO_TEMPLATE = GO_TEMPLATES["chatml"]
 
 
 class Modelfile:
@@ -209,10 +208,6 @@ def template_family(template: str) -> str | None:
     if "[INST]" in template and "[/INST]" in template:
         return "mistral"
     return None
-
-
-def is_chatml(template: str) -> bool:
-    return template_family(template) == "chatml"
 
 
 def template_lines(template: str) -> tuple[str, str, list[str]]:
