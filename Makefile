@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[worker]"
+	# llama.cpp's GGUF converter scripts, from llama-cpp-python's sdist, once per environment.
+	$(PY) -m worker.gguf_converter --install
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

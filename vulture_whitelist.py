@@ -131,3 +131,8 @@ _._decoder_layers  # worker/training/recipe.py
 
 # A path the layout owns that app/dataset_store.py still builds from its own constant.
 _.normalized_rows  # app/layout.py
+
+# A field of llama-cpp-python's ctypes quantize params, read by llama.cpp (worker/export.py).
+_.nthread  # worker/export.py
+# Runs queued exports in the calling process: tests and `python -c` by hand (like run_pending_merges).
+run_pending_exports  # worker/export.py

@@ -144,6 +144,18 @@ class DataLayout:
         """Where a merge writes before it renames the folder to `merged_dir`."""
         return self.run_dir(job_id) / f".{MERGED}.partial"
 
+    def exports_dir(self, job_id: int) -> Path:
+        """A job's exports (GGUF files, merged models), each named after its export's id."""
+        return self.run_dir(job_id) / "exports"
+
+    def export_path(self, job_id: int, export_id: int, name: str) -> Path:
+        """One export's file or folder; `name` is the worker's (e.g. "model-q4_K_M.gguf")."""
+        return self.exports_dir(job_id) / f"{int(export_id)}-{Path(name).name}"
+
+    def export_staging(self, job_id: int, export_id: int) -> Path:
+        """Where an export is built; never offered for download, removed after a failure."""
+        return self.exports_dir(job_id) / f".{int(export_id)}.partial"
+
 
 # A recipe is handed its run folder, not the job: these name the same places from the folder.
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index
+from sqlalchemy import JSON, BigInteger, Column, Index
 from sqlmodel import Field, SQLModel
 
 
@@ -328,3 +328,27 @@ class HubImport(SideWork, table=True):
     )
     ingest_error: str | None = None
     ingest_hint: str | None = None
+
+
+class ModelExport(SideWork, table=True):
+    """An export of an adapter that runs elsewhere: a GGUF of the merged model (f16, q8_0,
+    q4_K_M), a LoRA GGUF for llama.cpp's `--lora`, or the merged safetensors model. A worker
+    claims and builds it (worker/export.py); a GGUF is then checked against the adapter's own
+    answers (`check_status`: "match", "differs" or "not run")."""
+
+    __tablename__ = "model_exports"
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: str = Field(foreign_key="adapters.id", index=True, max_length=64)
+    kind: str = Field(max_length=20)  # gguf | gguf-lora | merged
+    quantization: str | None = Field(default=None, max_length=20)  # f16 | q8_0 | q4_K_M
+    stage: str = ""  # e.g. "merging the adapter", "converting to GGUF", "checking the answers"
+    progress_done: int = 0  # steps of the build done
+    progress_total: int = 0
+    # the size expected, checked against the free disk before a start (GGUFs pass 2 GiB: bigint)
+    estimate_bytes: int = Field(default=0, sa_type=BigInteger)
+    output_path: str | None = Field(default=None, max_length=500)  # relative to the data dir
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
+    sha256: str | None = Field(default=None, max_length=64)
+    check_status: str = Field(default="not run", max_length=20)  # match | differs | not run
+    check_details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))

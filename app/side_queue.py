@@ -1,4 +1,4 @@
-"""The side-work queue: dataset reports, merges and every later kind of work a worker does beside
+"""The side-work queue: dataset reports, merges, exports and every later kind of work a worker does beside
 training. The only code that changes a side task's status.
 
 One claim mechanism for every kind: each kind is its own table (its own columns and foreign keys)
@@ -20,16 +20,30 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from app.db import Database
-from app.models import DatasetReport, HubImport, MergeRequest, SideWork, SideWorkStatus, utcnow
+from app.models import (
+    DatasetReport,
+    HubImport,
+    MergeRequest,
+    ModelExport,
+    SideWork,
+    SideWorkStatus,
+    utcnow,
+)
 
 # kind -> its table; the kind is what the worker's side loop and its children are told.
 KINDS: dict[str, type[SideWork]] = {
     "dataset_report": DatasetReport,
     "merge": MergeRequest,
     "hub_import": HubImport,
+    "export": ModelExport,
 }
 # in the user's words
-NAMES = {"dataset_report": "token report", "merge": "merge", "hub_import": "Hub import"}
+NAMES = {
+    "dataset_report": "token report",
+    "merge": "merge",
+    "hub_import": "Hub import",
+    "export": "export",
+}
 FINISHED = (SideWorkStatus.succeeded, SideWorkStatus.failed)
 LOST_HINT = (
     "A worker killed by the host (most often out of RAM) or stopped past its time limit stops "

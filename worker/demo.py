@@ -161,33 +161,64 @@ def _rendered_texts(dataset_path: Path) -> list[str]:
     return texts
 
 
-def build_demo_tokenizer(dataset_path: Path, vocab_size: int = 3000):
-    """A byte-level BPE tokenizer trained on the dataset, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def build_demo_tokenizer(dataset_path: Path, vocab_size: int = 3000, folder: Path | None = None):
+    """A SentencePiece BPE tokenizer (Llama 2's kind: byte fallback, `▁` for spaces) trained on
+    the dataset, as a transformers tokenizer whose folder keeps `tokenizer.model`.
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
+    SentencePiece, not a byte-level BPE: llama.cpp's GGUF converter reads a `tokenizer.model` as
+    it is, while it recognises a byte-level BPE only by the hash of a known pre-tokenizer, which a
+    tokenizer trained here never has. No space is prepended to text (`add_prefix_space` false),
+    so transformers and llama.cpp cut a prompt into the same tokens after a special token.
+    `tokenizer.model` is written to `folder` (the model's; a temporary one when None).
+    """
+    import io
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_rendered_texts(dataset_path)),
+        model_writer=model,
+        model_type="bpe",
         vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=[END_OF_TEXT, IM_START, IM_END],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        hard_vocab_limit=False,  # the demo's small corpus has fewer pieces than that
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",  # keep newlines and every character as written
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        user_defined_symbols=[END_OF_TEXT, IM_START, IM_END],
+        num_threads=1,  # deterministic
+        minloglevel=2,
     )
-    tokenizer.train_from_iterator(_rendered_texts(dataset_path), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=IM_END,
-        pad_token=END_OF_TEXT,
-        unk_token=None,
-        bos_token=None,
-        model_max_length=2048,
-    )
-    wrapped.chat_template = DEMO_CHAT_TEMPLATE
-    return wrapped
+    with tempfile.TemporaryDirectory() as scratch:
+        where = Path(folder or scratch)
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "tokenizer.model").write_bytes(model.getvalue())
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_prefix_space": False,
+            "legacy": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "bos_token": None,
+            "eos_token": IM_END,
+            "pad_token": END_OF_TEXT,
+            "unk_token": "<unk>",
+            "model_max_length": 2048,
+        }
+        (where / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_demo_model(out_dir: Path, dataset_path: Path, *, hidden_size: int = 256) -> Path:
@@ -200,7 +231,7 @@ def build_demo_model(out_dir: Path, dataset_path: Path, *, hidden_size: int = 25
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_demo_tokenizer(dataset_path)
+    tokenizer = build_demo_tokenizer(dataset_path, folder=out_dir)
     im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     config = LlamaConfig(

@@ -35,19 +35,8 @@ def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim) -> Path:
-    """Run one claimed merge; returns the merged model folder."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with db.read() as s:
-        merge = s.get(MergeRequest, claim.task_id)
-        if merge is None:
-            raise FileNotFoundError(f"there is no merge request {claim.task_id}")
-        adapter = s.get(Adapter, merge.adapter_id)
-        base = s.get(BaseModelEntry, adapter.base_model) if adapter else None
-    if adapter is None or base is None:
-        raise FileNotFoundError(f"adapter {merge.adapter_id} or its base model is not registered")
+def checked_adapter_dir(settings: Settings, adapter: Adapter) -> Path:
+    """The adapter's folder under runs/, with its safetensors weights (never a pickle)."""
     runs = settings.runs_dir.resolve()
     run = settings.layout.run_dir(adapter.job_id).resolve()
     adapter_dir = settings.layout.adapter_dir(adapter.job_id)
@@ -58,19 +47,44 @@ def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim)
         raise FileNotFoundError(
             f"adapter {adapter.id} has no adapter_model.safetensors; pickle weights are never loaded"
         )
+    return adapter_dir
+
+
+def merged_model(base: BaseModelEntry, adapter_dir: Path, dtype: Any, progress: Any) -> Any:
+    """The base loaded on the CPU in `dtype` ("auto": its checkpoint's) with the adapter merged
+    in by `merge_and_unload`; `progress(stage=...)` is told when the adapter is applied."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_model: Any = AutoModelForCausalLM.from_pretrained(
+        base.source,
+        dtype=dtype,
+        trust_remote_code=base.trust_remote_code,
+        use_safetensors=True,
+    )
+    progress(stage="applying the adapter")
+    return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+
+
+def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim) -> Path:
+    """Run one claimed merge; returns the merged model folder."""
+    from transformers import AutoTokenizer
+
+    with db.read() as s:
+        merge = s.get(MergeRequest, claim.task_id)
+        if merge is None:
+            raise FileNotFoundError(f"there is no merge request {claim.task_id}")
+        adapter = s.get(Adapter, merge.adapter_id)
+        base = s.get(BaseModelEntry, adapter.base_model) if adapter else None
+    if adapter is None or base is None:
+        raise FileNotFoundError(f"adapter {merge.adapter_id} or its base model is not registered")
+    adapter_dir = checked_adapter_dir(settings, adapter)
 
     def progress(**fields: object) -> None:
         side_queue.update_progress(db, claim, **fields)
 
     progress(stage="loading the base model in bf16")
-    base_model: Any = AutoModelForCausalLM.from_pretrained(
-        base.source,
-        dtype=torch.bfloat16,
-        trust_remote_code=base.trust_remote_code,
-        use_safetensors=True,
-    )
-    progress(stage="applying the adapter")
-    model: Any = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+    model = merged_model(base, adapter_dir, torch.bfloat16, progress)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     progress(stage="saving", progress_total=total, progress_done=0)
 

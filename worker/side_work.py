@@ -1,4 +1,5 @@
-"""Work a worker does beside training: dataset token reports, adapter merges, Hub imports.
+"""Work a worker does beside training: dataset token reports, adapter merges, exports and Hub
+imports.
 
 A thread of the worker loop takes side work from `app.side_queue`, the way the loop takes jobs:
 each round it requeues any worker's tasks whose lease expired, claims the oldest queued task of
@@ -41,6 +42,7 @@ CHILDREN = {
     "dataset_report": "worker.dataset_report",
     "merge": "worker.merge",
     "hub_import": "worker.hub_import",
+    "export": "worker.export",
 }
 
 

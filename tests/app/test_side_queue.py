@@ -11,7 +11,14 @@ from sqlmodel import select
 
 from app import side_queue
 from app.db import Database
-from app.models import Adapter, DatasetReport, HubImport, MergeRequest, SideWorkStatus
+from app.models import (
+    Adapter,
+    DatasetReport,
+    HubImport,
+    MergeRequest,
+    ModelExport,
+    SideWorkStatus,
+)
 from app.settings import Settings
 from tests.fakes import racers
 from tests.fakes.jobs import MODEL, add_dataset, add_job
@@ -33,7 +40,7 @@ def add_adapter(db: Database, settings: Settings) -> str:
 
 
 def add_side_work(db: Database, dataset_id: str, adapter_id: str, n: int) -> dict[str, int]:
-    """One queued task of each kind (a report, a merge, a Hub import), as the web adds them."""
+    """One queued task of each kind (a report, a merge, a Hub import, an export), as the web adds them."""
     with db.write() as s:
         report = DatasetReport(dataset_id=dataset_id, base_model=MODEL, max_seq_len=64 + n)
         merge = MergeRequest(adapter_id=adapter_id)
@@ -41,11 +48,14 @@ def add_side_work(db: Database, dataset_id: str, adapter_id: str, n: int) -> dic
         s.add(report)
         s.add(merge)
         s.add(hub_import)
+        export = ModelExport(adapter_id=adapter_id, kind="gguf", quantization="f16")
+        s.add(export)
         s.flush()
         return {
             "dataset_report": report.id or 0,
             "merge": merge.id or 0,
             "hub_import": hub_import.id or 0,
+            "export": export.id or 0,
         }
 
 

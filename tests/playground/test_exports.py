@@ -51,7 +51,8 @@ def test_modelfile_uses_the_base_the_adapter_and_the_chatml_template(web, traine
     body = web.get(f"/api/adapters/{ADAPTER_ID}/modelfile").json()
     text = body["modelfile"]
     assert body["template"] == "chatml"
-    assert f"FROM {trained['model_dir'].resolve()}" in text
+    # FROM points into the unpacked zip, never at a path on the server.
+    assert "FROM ./base" in text and str(trained["model_dir"].resolve()) not in text
     assert "ADAPTER ./" in text
     assert "{{ .Role }}" in text and "<|im_start|>assistant" in text
     assert 'PARAMETER stop "<|im_end|>"' in text

@@ -2,7 +2,7 @@
 
 A new table; nothing else changes.
 
-Revision ID: 0009_multidata_hub_imports
+Revision ID: 0009
 Revises: 0008
 """
 
@@ -13,7 +13,7 @@ import sqlmodel
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0009_multidata_hub_imports"
+revision: str = "0009"
 down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
