@@ -19,6 +19,7 @@ from app.db import Database
 from app.errors import UserError
 from app.queue import QueueError
 from app.services.datasets import sweep_orphan_datasets, sweep_stale_uploads
+from app.services.inference_client import openai_error
 from app.settings import Settings
 from app.web.body_limit import BodyLimitMiddleware
 from app.web.routes import (
@@ -134,9 +135,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
         message = "; ".join(str(p) for p in problems[:10]) or "Invalid request."
-        return error_response(
-            request, 422, "invalid", message, "Fix the fields named above and send it again."
-        )
+        hint = "Fix the fields named above and send it again."
+        if request.url.path.startswith("/v1/"):
+            # OpenAI's clients expect its error shape, and 400 for a bad parameter.
+            error = UserError(message, hint, code="invalid")
+            return JSONResponse(openai_error(error), status_code=400)
+        return error_response(request, 422, "invalid", message, hint)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

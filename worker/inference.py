@@ -13,6 +13,9 @@ comes from a request.
                    -> text/event-stream: `data: {"token": "..."}` lines, then
                       `data: {"done": true, "finish_reason", "prompt_tokens", "completion_tokens"}`
                    errors before the stream starts: JSON {"error": {code, message, hint}}
+    POST /complete {"model", "prompt", ..., "echo", "logprobs", "seed"} (app/generation.py's
+                   CompletionRequest; worker/completion.py) -> the same stream, each token event
+                   `{"token", "logprob", "top", "prompt"}` (the prompt's first when echoed)
     POST /unload   frees the model (the worker calls it before a training job needs the GPU)
 
 Every request needs `Authorization: Bearer <secret>`: a secret per server that only the worker
@@ -53,9 +56,10 @@ from transformers import (
 )
 
 from app.db import Database
-from app.generation import GenerationRequest
+from app.generation import CompletionRequest, GenerationRequest
 from app.models import Adapter, BaseModelEntry, Job, JobStatus, Worker
 from app.settings import LOOPBACK_NAMES, Settings, host_name
+from worker.completion import Completion, CompletionError, held_back
 from worker.data import use_chatml_if_missing
 
 log = logging.getLogger("tuneboard.inference")
@@ -86,10 +90,14 @@ class InferenceError(Exception):
         return {"error": {"code": self.code, "message": self.message, "hint": self.hint}}
 
 
-def parse_generation_request(body: Any) -> GenerationRequest:
-    """The posted body as a GenerationRequest (app/generation.py), or a 400 naming what is wrong."""
+def parse_generation_request(
+    body: Any, path: str = "/generate"
+) -> GenerationRequest | CompletionRequest:
+    """The posted body as a GenerationRequest (`/generate`) or a CompletionRequest (`/complete`)
+    (app/generation.py), or a 400 naming what is wrong."""
+    kind = CompletionRequest if path == "/complete" else GenerationRequest
     try:
-        return GenerationRequest.model_validate(body)
+        return kind.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "the body"
@@ -109,17 +117,6 @@ class _Watch(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> bool:
         self.generated = int(input_ids.shape[-1]) - self.prompt_tokens
         return self.cancel.is_set()
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of `text` could be the start of a stop string."""
-    keep = 0
-    for stop in stops:
-        for length in range(min(len(stop) - 1, len(text)), keep, -1):
-            if text.endswith(stop[:length]):
-                keep = length
-                break
-    return keep
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the only adapter weights ever loaded
@@ -415,7 +412,7 @@ class Engine:
                     pending = pending[: min(hits)]
                     reason = "stop"
                     cancel.set()
-                keep = 0 if reason else _held_back(pending, request.stop)
+                keep = 0 if reason else held_back(pending, request.stop)
                 out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
                 if out:
                     try:
@@ -461,6 +458,40 @@ class Engine:
             first_token_ms=round((first_token_at - started) * 1000, 1) if first_token_at else None,
             tokens_per_second=round(completion / elapsed, 2) if elapsed > 0 else None,
         )
+        return summary
+
+    def completion(
+        self, request: CompletionRequest, adapter: Adapter | None, tokenizer: Any
+    ) -> Completion:
+        """A raw-prompt completion (worker/completion.py), checked; call after `prepare`."""
+        try:
+            return Completion(
+                self.model,
+                tokenizer,
+                request,
+                base_only=adapter is None and _is_peft(self.model),
+                stop_token_ids=_stop_token_ids(self.model, tokenizer),
+            )
+        except CompletionError as exc:
+            raise InferenceError(400, exc.code, exc.message, exc.hint) from exc
+
+    def complete(self, completion: Completion, emit: Any) -> dict[str, Any]:
+        """Run it with `self.lock` held, streaming its tokens through `emit`; its summary."""
+        summary: dict[str, Any] = {"model": completion.request.model, "finished": False}
+        self.generating, self.last_generation = True, summary
+        try:
+            summary.update(completion.run(emit), finished=True)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise InferenceError(
+                503,
+                "gpu_busy",
+                "The GPU ran out of memory while completing.",
+                "Send a shorter prompt or lower max_tokens, or wait for the training job.",
+            ) from exc
+        finally:
+            self.generating = False
+            self.generations += 1
         return summary
 
     def status(self) -> dict[str, Any]:
@@ -590,7 +621,7 @@ class InferenceHandler(BaseHTTPRequestHandler):
                 engine.unload()
             self._json(200, {"unloaded": True})
             return
-        if self.path != "/generate":
+        if self.path not in ("/generate", "/complete"):
             self._json(404, InferenceError(404, "not_found", "No such address.").as_json())
             return
         try:
@@ -601,7 +632,7 @@ class InferenceHandler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(length) or b"null")
             except ValueError as exc:
                 raise InferenceError(400, "invalid", "The body is not JSON.") from exc
-            request = parse_generation_request(body)
+            request = parse_generation_request(body, self.path)
             base, adapter = engine.resolve(request.model)
         except InferenceError as exc:
             self._json(exc.status, exc.as_json())
@@ -613,9 +644,22 @@ class InferenceHandler(BaseHTTPRequestHandler):
             self._json(503, error.as_json())
             return
         try:
-            self._generate(engine, request, base, adapter)
+            if isinstance(request, CompletionRequest):
+                self._complete(engine, request, base, adapter)
+            else:
+                self._generate(engine, request, base, adapter)
         finally:
             engine.lock.release()
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
 
     def _generate(
         self,
@@ -629,24 +673,41 @@ class InferenceHandler(BaseHTTPRequestHandler):
         except InferenceError as exc:
             self._json(exc.status, exc.as_json())
             return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-
-        def send(payload: dict[str, Any]) -> None:
-            self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-            self.wfile.flush()
-
+        self._start_stream()
         try:
-            summary = engine.generate(request, adapter, tokenizer, lambda t: send({"token": t}))
+            summary = engine.generate(
+                request, adapter, tokenizer, lambda t: self._send({"token": t})
+            )
             if not summary["disconnected"]:
-                send({"done": True, **summary})
+                self._send({"done": True, **summary})
         except InferenceError as exc:
             with contextlib.suppress(OSError):
-                send(exc.as_json())
+                self._send(exc.as_json())
         except OSError:
             pass  # the client left after the last token
+
+    def _complete(
+        self,
+        engine: Engine,
+        request: CompletionRequest,
+        base: BaseModelEntry,
+        adapter: Adapter | None,
+    ) -> None:
+        try:
+            tokenizer = engine.prepare(base, adapter)
+            completion = engine.completion(request, adapter, tokenizer)
+        except InferenceError as exc:
+            self._json(exc.status, exc.as_json())
+            return
+        self._start_stream()
+        try:
+            summary = engine.complete(completion, self._send)
+            self._send({"done": True, **summary})
+        except InferenceError as exc:
+            with contextlib.suppress(OSError):
+                self._send(exc.as_json())
+        except OSError:
+            pass  # the client left: the completion stopped at its next token
 
 
 def publish_url(db: Database, worker_id: str, url: str | None, secret: str | None) -> None:

@@ -13,17 +13,19 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlmodel import col, select
 
 from app.db import Database
 from app.errors import NotFound, UserError
-from app.generation import GenerationRequest
+from app.generation import CompletionRequest, GenerationRequest
 from app.models import Adapter, BaseModelEntry, Worker
 from app.settings import Settings
+
+Request = TypeVar("Request", bound=BaseModel)
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 # A model load (first request after a start) can take minutes on a large model.
@@ -99,9 +101,14 @@ def list_choices(db: Database) -> tuple[list[BaseModelEntry], list[Adapter]]:
 
 
 def generation_request(**fields: Any) -> GenerationRequest:
-    """The request to post to a worker (app/generation.py); a UserError when it is not one."""
+    """The chat request to post to a worker (app/generation.py); a UserError when it is not one."""
+    return worker_request(GenerationRequest, **fields)
+
+
+def worker_request(kind: type[Request], **fields: Any) -> Request:
+    """A request to post to a worker (app/generation.py); a UserError when it is not one."""
     try:
-        return GenerationRequest(**fields)
+        return kind(**fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -111,13 +118,17 @@ def generation_request(**fields: Any) -> GenerationRequest:
 
 
 class Generation:
-    """One streamed generation on a worker. `await start()` first: it raises a UserError for
+    """One streamed generation on a worker: a chat (`/generate`) or a raw-prompt completion
+    (`/complete`, `params` a CompletionRequest). `await start()` first: it raises a UserError for
     errors the worker answers before streaming (unknown model, GPU busy), so a route can still
     answer with the right status code. Always `await aclose()`."""
 
-    def __init__(self, server: InferenceServer, params: GenerationRequest) -> None:
+    def __init__(
+        self, server: InferenceServer, params: GenerationRequest | CompletionRequest
+    ) -> None:
         self.url = server.url.rstrip("/")
         self.params = params
+        self.path = "/complete" if isinstance(params, CompletionRequest) else "/generate"
         self._client = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {server.secret}"},
             timeout=httpx.Timeout(FIRST_BYTE_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
@@ -128,7 +139,7 @@ class Generation:
 
     async def start(self) -> None:
         request = self._client.build_request(
-            "POST", f"{self.url}/generate", json=self.params.model_dump()
+            "POST", f"{self.url}{self.path}", json=self.params.model_dump()
         )
         try:
             self._response = await self._client.send(request, stream=True)
@@ -145,6 +156,14 @@ class Generation:
 
     async def events(self) -> AsyncIterator[str]:
         """The generated text, piece by piece; `summary` holds the worker's final report."""
+        async for event in self.token_events():
+            token = str(event.get("token", ""))
+            self.text += token
+            yield token
+
+    async def token_events(self) -> AsyncIterator[dict[str, Any]]:
+        """The worker's token events (`{"token": ...}`, and for a completion its log-probs);
+        `summary` holds the worker's final report."""
         assert self._response is not None, "call start() first"
         async for line in self._response.aiter_lines():
             if not line.startswith("data:"):
@@ -161,9 +180,7 @@ class Generation:
             if event.get("done"):
                 self.summary = event
                 return
-            token = str(event.get("token", ""))
-            self.text += token
-            yield token
+            yield event
         raise UserError(
             "The worker's inference server closed the stream early.",
             "Look at the worker's log; a restarted worker serves the next request.",
@@ -195,7 +212,9 @@ def _error_from(status: int, body: bytes) -> UserError:
         )
 
 
-def open_generation(db: Database, settings: Settings, params: GenerationRequest) -> Generation:
+def open_generation(
+    db: Database, settings: Settings, params: GenerationRequest | CompletionRequest
+) -> Generation:
     return Generation(find_inference_server(db, settings), params)
 
 

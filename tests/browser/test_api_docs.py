@@ -16,5 +16,6 @@ def test_the_api_reference_renders_under_the_csp(app_server, page):
     page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
     assert "Tuneboard" in page.inner_text(".swagger-ui .info")
     assert page.locator(".opblock-summary-path", has_text="/api/jobs").count() > 0
+    assert page.locator(".opblock-summary-path", has_text="/v1/completions").count() > 0
     assert page.js_errors == []
     assert violations == []

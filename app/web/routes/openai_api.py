@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: GET /v1/models, POST /v1/chat/completions (stream and not)."""
+"""OpenAI-compatible endpoints: GET /v1/models, POST /v1/chat/completions and the legacy
+POST /v1/completions (stream and not)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import UserError
+from app.services import completions
 from app.services import inference_client as inference
 from app.web.deps import DbDep, SettingsDep
 
 router = APIRouter(prefix="/v1")
 
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for the legacy completions
+MAX_PROMPTS = 1000
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] = ""
 
 
@@ -37,6 +41,30 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     stop: str | list[str] | None = None
     stream: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy completions request; other fields (`suffix`, `best_of`, `user`, ...) are
+    accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    """A base model's name or an adapter's id, as GET /v1/models lists them."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """A text, a list of texts, a list of token ids, or a list of lists of token ids; each prompt
+    is one choice of the answer."""
+    max_tokens: int | None = Field(default=DEFAULT_COMPLETION_TOKENS, ge=0, le=4096)
+    """0 with `echo`: the prompt alone comes back (scored when `logprobs` is set)."""
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=128)
+    """Only 1: one completion per prompt."""
+    stop: str | list[str] | None = None
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """Each token's log-probability and this many most likely alternatives (0 to 5)."""
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 
 def _openai_error_response(exc: UserError) -> JSONResponse:
@@ -108,6 +136,64 @@ async def chat_completions(
             # connection is what stops the generation on the GPU.
             with anyio.CancelScope(shield=True):
                 await generation.aclose()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/completions", response_model=None)
+async def create_completion(body: CompletionRequest, db: DbDep, settings: SettingsDep) -> Response:
+    try:
+        if body.n != 1:
+            raise UserError(
+                f"n is {body.n}; Tuneboard returns one completion per prompt (n = 1).",
+                "Leave n out, or send the request again (with another seed) for more samples.",
+                code="invalid_n",
+            )
+        prompts = completions.prompts_of(body.prompt)
+        if len(prompts) > MAX_PROMPTS:
+            raise UserError(
+                f"The request has {len(prompts)} prompts; at most {MAX_PROMPTS} are taken.",
+                "Send them in several requests.",
+                code="too_many_prompts",
+            )
+        inference.resolve_model(db, body.model)
+        requests = completions.completion_requests(
+            prompts,
+            model=body.model,
+            max_new_tokens=DEFAULT_COMPLETION_TOKENS
+            if body.max_tokens is None
+            else body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop,
+            echo=body.echo,
+            logprobs=body.logprobs,
+            seed=body.seed,
+        )
+        run = completions.Completions(db, settings, body.model, requests)
+        await run.start()
+    except UserError as exc:
+        return _openai_error_response(exc)
+
+    if not body.stream:
+        try:
+            return JSONResponse(await run.answer())
+        except UserError as exc:
+            return _openai_error_response(exc)
+        finally:
+            await run.aclose()
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            async for line in run.stream():
+                yield line
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run.aclose()
 
     return StreamingResponse(
         stream(),
