@@ -33,6 +33,32 @@ def lost_contact(job: Job) -> bool:
     )
 
 
+LOST_CONTACT = "lost_contact"
+LOST_CONTACT_HINT = (
+    "A running worker requeues the job (or fails it after its last attempt) as soon as it can "
+    "write to the database; the System page shows the workers and whether the database can be "
+    "written."
+)
+
+
+def api_view(job: Job) -> dict[str, Any]:
+    """A job as /api/jobs shows it: its row, with status "lost_contact" instead of "running"
+    (and why, in error_message and error_hint) when `lost_contact`, as the pages show it."""
+    shown = job.model_dump(mode="json")
+    if lost_contact(job):
+        assert job.lease_expires_at is not None
+        since = _aware(job.lease_expires_at).isoformat(timespec="seconds")
+        shown["status"] = LOST_CONTACT
+        shown["error_kind"] = shown["error_kind"] or LOST_CONTACT
+        shown["error_message"] = shown["error_message"] or (
+            f"No worker has renewed this job's lease since {since}: its worker stopped, or could "
+            "not write to the database, so how attempt "
+            f"{job.attempt} ended was not recorded."
+        )
+        shown["error_hint"] = shown["error_hint"] or LOST_CONTACT_HINT
+    return shown
+
+
 def eta_seconds(db: Database, job: Job) -> float | None:
     """Seconds left for a running job, from the step rate of its current attempt (None: unknown)."""
     if job.status != JobStatus.running:

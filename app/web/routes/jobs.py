@@ -49,13 +49,15 @@ def compare_jobs(db: DbDep, ids: Annotated[list[str], Query()]) -> dict[str, Any
 
 
 @router.get("/api/jobs")
-def list_jobs(db: DbDep) -> dict[str, list[Job]]:
-    return {"jobs": queue.list_jobs(db)}
+def list_jobs(db: DbDep) -> dict[str, list[dict[str, Any]]]:
+    """Every job; a running one whose worker no longer renews its lease reads "lost_contact"."""
+    return {"jobs": [job_views.api_view(job) for job in queue.list_jobs(db)]}
 
 
 @router.get("/api/jobs/{job_id}")
-def get_job(job_id: JobId, db: DbDep) -> Job:
-    return queue.get_job(db, job_id)
+def get_job(job_id: JobId, db: DbDep) -> dict[str, Any]:
+    """The job; status "lost_contact" (not "running") when its worker no longer renews its lease."""
+    return job_views.api_view(queue.get_job(db, job_id))
 
 
 @router.post("/api/jobs/{job_id}/cancel")
