@@ -60,6 +60,7 @@ def metric_row(step: int, seed: float = 0.0) -> dict:
         "vram_reserved_mib": 3600.0,
         "device_used_mib": 4200.0,
         "device_total_mib": 24576.0,
+        "tokens": 512,  # one step of 512 real tokens a row
         "elapsed_seconds": step * 0.1,
     }
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from app.db import Database
 from app.errors import UserError, whole_number
@@ -368,12 +368,13 @@ def config_table(configs: list[dict[str, Any]]) -> list[ConfigRow]:
 
 @dataclass
 class RunFacts:
-    """The Run card's numbers: how long it trained and where the losses ended."""
+    """The Run card's numbers: how long it trained, where the losses ended, how many tokens."""
 
     duration_seconds: float | None
     final_loss: float | None
     final_eval_loss: float | None
     steps: int
+    tokens_trained: int | None  # real tokens of every logged step, all attempts; None: no rows
 
 
 def run_facts(db: Database, job: Job) -> RunFacts:
@@ -385,9 +386,15 @@ def run_facts(db: Database, job: Job) -> RunFacts:
         rows = select(Metric).where(Metric.job_id == job.id).order_by(col(Metric.id).desc())
         loss = s.exec(rows.where(col(Metric.loss).is_not(None)).limit(1)).first()
         eval_loss = s.exec(rows.where(col(Metric.eval_loss).is_not(None)).limit(1)).first()
+        tokens = s.exec(
+            select(func.sum(Metric.tokens)).where(
+                Metric.job_id == job.id, col(Metric.tokens).is_not(None)
+            )
+        ).one()
     return RunFacts(
         duration_seconds=duration,
         final_loss=loss.loss if loss else None,
         final_eval_loss=eval_loss.eval_loss if eval_loss else None,
         steps=job.progress_step,
+        tokens_trained=int(tokens) if tokens is not None else None,
     )

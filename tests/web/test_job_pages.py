@@ -262,7 +262,7 @@ def test_a_tracker_that_is_not_installed_is_neither_offered_nor_accepted(
     assert response.status_code == 201, response.text
 
 
-def test_run_card_shows_duration_final_losses_and_what_ran(client, db):
+def test_run_card_shows_duration_final_losses_tokens_and_what_ran(client, db):
     from devkit.simulated_run import metric_row
 
     claim = start_running_job(db, total=60)
@@ -276,6 +276,7 @@ def test_run_card_shows_duration_final_losses_and_what_ran(client, db):
     assert run.endswith("s") and "not started" not in run
     assert soup.select_one(".run-loss").text == f"{metric_row(60)['loss']:.4f}"
     assert soup.select_one(".run-eval-loss").text == f"{metric_row(50)['eval_loss']:.4f}"
+    assert soup.select_one(".run-tokens").text == f"{60 * metric_row(1)['tokens']:,}"
     # The job asked for nf4 (the default); the page says the CPU run did not use it.
     note = soup.select_one(".quantization-ran").text
     assert "not used: fp32 LoRA on the CPU" in note
