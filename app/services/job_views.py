@@ -3,8 +3,10 @@ run comparison."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlmodel import col, func, select
@@ -12,6 +14,7 @@ from sqlmodel import col, func, select
 from app.db import Database
 from app.errors import UserError, whole_number
 from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric
+from app.settings import Settings
 from app.train_config import PREFERENCE_METHODS
 
 SPARKLINE_POINTS = 60
@@ -375,6 +378,28 @@ class RunFacts:
     final_eval_loss: float | None
     steps: int
     tokens_trained: int | None  # real tokens of every logged step, all attempts; None: no rows
+
+
+@dataclass
+class TensorBoardLogs:
+    """Where a job that reports to TensorBoard writes its event files, and how to open them."""
+
+    folder: Path
+    event_files: int
+
+    @property
+    def command(self) -> str:
+        return f"tensorboard --logdir {shlex.quote(str(self.folder))}"
+
+
+def tensorboard_logs(settings: Settings, job: Job) -> TensorBoardLogs | None:
+    """The job's TensorBoard folder (in its run folder), or None for a job that does not report
+    to TensorBoard."""
+    if job.config.get("report_to") != "tensorboard":
+        return None
+    folder = settings.layout.tensorboard_dir(job.id or 0).resolve()
+    events = sum(1 for _ in folder.rglob("events.out.tfevents.*")) if folder.is_dir() else 0
+    return TensorBoardLogs(folder, events)
 
 
 def run_facts(db: Database, job: Job) -> RunFacts:

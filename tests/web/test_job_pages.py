@@ -282,6 +282,26 @@ def test_run_card_shows_duration_final_losses_tokens_and_what_ran(client, db):
     assert "not used: fp32 LoRA on the CPU" in note
 
 
+def test_a_job_that_reports_to_tensorboard_names_its_event_folder_and_the_command(
+    client, db, settings
+):
+    from tests.fakes.jobs import add_job
+
+    job = add_job(db, settings, report_to="tensorboard")
+    folder = settings.layout.tensorboard_dir(job.id).resolve()
+    logs = page(client, f"/jobs/{job.id}").select_one(".tensorboard-logs")
+    assert "No event files yet" in logs.text
+    assert logs.select_one("pre code").text == f"tensorboard --logdir {folder}"
+
+    folder.mkdir(parents=True)
+    (folder / "events.out.tfevents.1733472000.host.1.0").write_bytes(b"\0" * 16)
+    logs = page(client, f"/jobs/{job.id}").select_one(".tensorboard-logs")
+    assert " ".join(logs.p.text.split()).startswith(f"1 event file in {folder}.")
+
+    plain = add_job(db, settings, name="no tracker")
+    assert page(client, f"/jobs/{plain.id}").select_one(".tensorboard-logs") is None
+
+
 def test_system_page_says_cpu_only_for_a_worker_that_found_no_gpu(client, db):
     with db.write() as s:
         s.add(Worker(id="w1", host="laptop", pid=42, gpus="0", gpu_name=None))

@@ -102,6 +102,25 @@ def test_short_cpu_run_lowers_the_loss_and_saves_a_loadable_adapter(
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+def test_a_run_that_reports_to_tensorboard_writes_its_events_in_the_run_folder(
+    demo_model, demo_rows, tmp_path, monkeypatch
+):
+    pytest.importorskip("tensorboard", reason="the trackers extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from app.layout import tensorboard_in
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "restored after the test")
+    config = _config(max_steps=3, logging_every=1, report_to="tensorboard")
+    _run(config, demo_model, demo_rows, tmp_path)
+
+    (events,) = tensorboard_in(tmp_path).glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3]
+    assert not (tmp_path / "checkpoints" / "runs").exists()
+
+
 @pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(demo_model, demo_rows, tmp_path):
     config = _config(max_steps=6, save_every=3)

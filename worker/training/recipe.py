@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import PrinterCallback, TrainingArguments
 
+from app.layout import tensorboard_in
 from app.train_config import Quantization, TrainConfig
 from worker import checkpoints
 from worker.control import RunControl
@@ -226,6 +227,10 @@ class LoRARecipe:
 
     def _build_trainer(self) -> RecipeTrainer:
         cfg = self.config
+        if str(cfg.report_to) == "tensorboard":
+            # transformers' TensorBoardCallback reads its folder from this variable (else a
+            # dated folder under the checkpoints); the job page names this one.
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_in(self.output_dir))
         on_cuda = self.device.type == "cuda"
         has_eval = bool(self.eval_batches)
         args = TrainingArguments(

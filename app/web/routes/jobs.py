@@ -269,6 +269,7 @@ def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) 
         "jobs/detail.html",
         dataset=dataset,
         run=job_views.run_facts(db, job),
+        tensorboard=job_views.tensorboard_logs(settings, job),
         log_lines=jobs.log_tail(settings, job),
         config=TrainConfig.model_validate(job.config),
         charts=job_views.charts_for(db, job),
