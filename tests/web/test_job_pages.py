@@ -324,6 +324,7 @@ def test_a_setting_of_another_training_method_is_refused_not_ignored(client, db,
         ({"beta": 0.5}, "beta", "beta is a setting of dpo and orpo, not of sft"),
         ({"method": "orpo", "loss_type": "ipo"}, "loss_type", "loss_type is a setting of dpo"),
         ({"method": "dpo", "train_on": "all"}, "train_on", "train_on is a setting of sft"),
+        ({"method": "orpo", "long_text": "cut"}, "long_text", "long_text is a setting of sft"),
         ({"method": "kto"}, "method", "Input should be 'sft', 'dpo' or 'orpo'"),
         ({"method": {}}, "method", "Input should be 'sft', 'dpo' or 'orpo'"),  # found by fuzzing
         ({"method": "dpo", "gpus": 2}, "gpus", "dpo trains on one GPU for now"),
