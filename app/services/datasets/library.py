@@ -130,11 +130,13 @@ def create_dataset(
     name: str | None = None,
     column_mapping: dict[str, str] | None = None,
     drop_bad_rows: bool = False,
+    substitutions: dict[str, str] | None = None,
 ) -> Dataset:
     """Move a received upload into its own folder, ingest it and record it.
 
     Raises DatasetError (nothing is kept) when the file as a whole cannot be used; a file with bad
-    rows is kept with status invalid unless `drop_bad_rows`.
+    rows is kept with status invalid unless `drop_bad_rows`. `substitutions` (placeholder name ->
+    value) are made in the rows and kept in the dataset's report, so a re-import makes them too.
     """
     file_type = file_type_of(filename)
     dataset_id = uuid.uuid4().hex
@@ -151,6 +153,7 @@ def create_dataset(
             column_mapping=column_mapping,
             drop_bad_rows=drop_bad_rows,
             limits=IngestLimits.from_settings(settings),
+            substitutions=substitutions,
         )
         shown_name = display_filename(filename)
         dataset = Dataset(
@@ -335,6 +338,7 @@ def reimport_dataset(
         drop_bad_rows=drop_bad_rows,
         split_seed=dataset.split_seed,
         limits=IngestLimits.from_settings(settings),
+        substitutions=dataset.report.get("substitutions") or None,
     )
     with db.write() as session:
         row = session.get(Dataset, dataset.id)

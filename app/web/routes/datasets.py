@@ -19,6 +19,7 @@ from app.services import datasets, model_registry, system
 from app.services.datasets import DatasetServiceError
 from app.services.datasets import reports as dataset_reports
 from app.services.datasets.formats import MAPPABLE_FIELDS
+from app.services.datasets.ingest import check_substitutions
 from app.train_config import TokenReportSettings
 from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
@@ -62,6 +63,14 @@ async def upload_dataset(request: Request) -> Any:
             return _error(exc)
         except ValueError as exc:
             return _bad_request(str(exc), 'Send it as JSON, e.g. {"prompt": "question"}.')
+        try:
+            substitutions = _substitutions(form.get("substitutions"))
+        except ValueError as exc:
+            return _bad_request(
+                str(exc),
+                "Write one substitution a line, e.g. name = Kettlebot, or send a JSON object "
+                'such as {"name": "Kettlebot", "author": "Acme"}.',
+            )
         drop_bad_rows = str(form.get("drop_bad_rows") or "").lower() in ("1", "true", "on", "yes")
         name = form.get("name")
         try:
@@ -76,6 +85,7 @@ async def upload_dataset(request: Request) -> Any:
                 name=name if isinstance(name, str) and name.strip() else None,
                 column_mapping=column_mapping,
                 drop_bad_rows=drop_bad_rows,
+                substitutions=substitutions,
             )
         except (DatasetServiceError, DatasetError) as exc:
             return _error(exc)
@@ -115,6 +125,36 @@ def _column_mapping(raw: object) -> dict[str, str] | None:
     ):
         raise ValueError("column_mapping must be a JSON object of field -> column name")
     return value or None
+
+
+def _substitutions(raw: object) -> dict[str, str] | None:
+    """The upload's `substitutions`: a JSON object of placeholder name -> value, or (the upload
+    page's text box) one `name = value` a line."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if not isinstance(raw, str):
+        raise ValueError("substitutions must be text")
+    text = raw.strip()
+    if text.startswith(("{", "[")):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"substitutions is not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise ValueError("substitutions is nested too deeply; it is one flat object") from None
+        if not isinstance(value, dict):
+            raise ValueError("substitutions must be a JSON object of name -> value")
+        pairs = value
+    else:
+        pairs = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            name, equals, replacement = line.partition("=")
+            if not equals:
+                raise ValueError(f"Line {number} of substitutions has no '=': {line.strip()!r}")
+            pairs[name.strip()] = replacement.strip()
+    return check_substitutions(pairs) or None
 
 
 def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:
