@@ -58,7 +58,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _non_empty(cls, value: list[str]) -> list[str]:
         if not all(value):
-            raise ValueError("stop strings must not be empty")
+            raise ValueError("Stop strings must not be empty")
         return value[:MAX_STOP_STRINGS]
 
     def chat(self) -> list[dict[str, str]]:

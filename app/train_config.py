@@ -234,7 +234,7 @@ class TrainConfig(BaseModel):
                 "not plain text; leave it out"
             )
         if self.lora_targets is not None and len(set(self.lora_targets)) != len(self.lora_targets):
-            raise ValueError("lora_targets lists a module twice")
+            raise ValueError("The lora_targets list names a module twice")
         return self
 
 

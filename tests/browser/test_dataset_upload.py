@@ -96,7 +96,7 @@ def test_a_refused_file_dropped_on_the_drop_zone_shows_the_reason(app_server, pa
     assert "page.html" in page.inner_text(".dropzone .file-name")
     page.click("form.upload button[type=submit]")
     message = page.wait_for_selector("form.upload .error .error-message")
-    assert '".html" files are not accepted' in message.inner_text()
+    assert 'Files of type ".html" are not accepted' in message.inner_text()
     assert page.url == app_server.url + "/datasets"
     assert dialogs == []
 

@@ -223,10 +223,10 @@ def test_substitutions_as_json_leave_other_placeholders_flagged(client, settings
 def test_bad_substitutions_are_a_400_saying_how_to_write_them(client):
     for given, says in [
         ("name Kettlebot", "Line 1 of substitutions has no '='"),
-        ("my name = Kettlebot", "'my name' is not a placeholder name"),
+        ("my name = Kettlebot", "The name 'my name' is not a placeholder name"),
         ('{"name": 3}', "The value for name must be text"),
-        ('["name"]', "substitutions must be a JSON object of name -> value"),
-        ("{nope", "substitutions is not valid JSON"),
+        ('["name"]', "The substitutions field must be a JSON object of name -> value"),
+        ("{nope", "The substitutions field is not valid JSON"),
         ("name = " + "x" * 1001, "The value for name has 1001 characters; at most 1000"),
     ]:
         response = client.post(

@@ -420,3 +420,23 @@ def test_the_new_job_form_shows_the_chosen_methods_fields_only(client, db, setti
     # The method shows in the jobs list and on the job page.
     assert page(client, "/jobs").select_one(f"#job-{job.id} .method-tag").text == "DPO"
     assert page(client, f"/jobs/{job.id}").select_one("#job-header h1 .method-tag").text == "DPO"
+
+
+def test_every_kind_of_request_error_starts_with_a_capital_letter(client, db, settings):
+    """A 422 names the field inside a sentence, not as its first word ("max_seq_len: ...")."""
+    from tests.fakes.jobs import add_dataset
+
+    dataset_id = add_dataset(db, settings)
+    answers = [
+        client.post("/api/jobs", json={"dataset_id": dataset_id, "max_seq_len": 10**9}),
+        client.post("/api/jobs", json={"dataset_id": dataset_id, "lora_targets": ["q", "q"]}),
+        client.get("/api/jobs/1/events", params={"after": "²"}),
+        client.post("/api/datasets", files={"file": ("notes.txt", b"hello")}),
+        client.post(
+            "/api/datasets", data={"column_mapping": "[]"}, files={"file": ("a.jsonl", b"")}
+        ),
+    ]
+    for answer in answers:
+        message = answer.json()["error"]["message"]
+        assert answer.status_code >= 400 and message[0].isupper(), (answer.status_code, message)
+    assert answers[0].json()["error"]["message"].startswith("Field max_seq_len: ")

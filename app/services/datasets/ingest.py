@@ -226,14 +226,14 @@ def check_substitutions(substitutions: dict[str, Any]) -> dict[str, str]:
     """Placeholder name -> value, as ingest takes it; ValueError saying what is wrong."""
     if len(substitutions) > MAX_SUBSTITUTIONS:
         raise ValueError(
-            f"{len(substitutions)} substitutions; at most {MAX_SUBSTITUTIONS} are taken at once"
+            f"There are {len(substitutions)} substitutions; at most {MAX_SUBSTITUTIONS} are taken"
         )
     checked = {}
     for name, value in substitutions.items():
         name = name.strip().removeprefix("{{").removesuffix("}}").strip()
         if not PLACEHOLDER_NAME.fullmatch(name):
             raise ValueError(
-                f"{name!r} is not a placeholder name: a name is letters, digits, _ and . "
+                f"The name {name!r} is not a placeholder name: a name is letters, digits, _ and . "
                 "(as in {{name}} or {{author}}), starting with a letter or _"
             )
         if not isinstance(value, str):

@@ -80,7 +80,7 @@ def file_type_of(filename: str) -> str:
     suffix = Path(display_filename(filename)).suffix.lower().lstrip(".")
     if suffix not in ACCEPTED_FILE_TYPES:
         accepted = ", ".join(f".{t}" for t in ACCEPTED_FILE_TYPES)
-        shown = f'".{suffix}" files are' if suffix else "files without an extension are"
+        shown = f'Files of type ".{suffix}" are' if suffix else "Files without an extension are"
         raise UnsupportedFileType(
             f"{shown} not accepted; upload one of: {accepted}",
             hint="Export the data as JSON Lines (.jsonl), one example per line.",

@@ -55,7 +55,7 @@ async def upload_dataset(request: Request) -> Any:
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            return _bad_request('no file in the upload; send it as the multipart field "file"')
+            return _bad_request('No file in the upload; send it as the multipart field "file"')
         try:
             datasets.file_type_of(upload.filename or "")  # 415 before copying anything
             column_mapping = _column_mapping(form.get("column_mapping")) or _mapping_fields(form)
@@ -111,19 +111,19 @@ def _column_mapping(raw: object) -> dict[str, str] | None:
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
     if not isinstance(raw, str):
-        raise ValueError("column_mapping must be a JSON object")
+        raise ValueError("The column_mapping field must be a JSON object")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"column_mapping is not valid JSON: {exc.msg}") from None
+        raise ValueError(f"The column_mapping field is not valid JSON: {exc.msg}") from None
     except RecursionError:
         raise ValueError(
-            "column_mapping is nested too deeply; it is one flat JSON object"
+            "The column_mapping field is nested too deeply; it is one flat JSON object"
         ) from None
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
-        raise ValueError("column_mapping must be a JSON object of field -> column name")
+        raise ValueError("The column_mapping field must be a JSON object of field -> column name")
     return value or None
 
 
@@ -133,17 +133,19 @@ def _substitutions(raw: object) -> dict[str, str] | None:
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
     if not isinstance(raw, str):
-        raise ValueError("substitutions must be text")
+        raise ValueError("The substitutions field must be text")
     text = raw.strip()
     if text.startswith(("{", "[")):
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"substitutions is not valid JSON: {exc.msg}") from None
+            raise ValueError(f"The substitutions field is not valid JSON: {exc.msg}") from None
         except RecursionError:
-            raise ValueError("substitutions is nested too deeply; it is one flat object") from None
+            raise ValueError(
+                "The substitutions field is nested too deeply; it is one flat object"
+            ) from None
         if not isinstance(value, dict):
-            raise ValueError("substitutions must be a JSON object of name -> value")
+            raise ValueError("The substitutions field must be a JSON object of name -> value")
         pairs = value
     else:
         pairs = {}
