@@ -13,11 +13,13 @@ from sqlmodel import col, func, select
 
 from app.db import Database
 from app.errors import UserError, whole_number
-from app.models import FINISHED_STATUSES, Adapter, Job, JobStatus, Metric
+from app.models import FINISHED_STATUSES, Adapter, BaseModelEntry, Job, JobStatus, Metric
 from app.settings import Settings
-from app.train_config import PREFERENCE_METHODS
+from app.train_config import PREFERENCE_METHODS, TrainConfig
+from app.verified_versions import LIGER_INSTALL, LIGER_MISSING
 
 SPARKLINE_POINTS = 60
+LOGIT_BYTES = 2 + 4  # a logit in bf16, and its fp32 copy for the cross-entropy
 _finished_sparklines: dict[tuple[int, datetime | None], list[float | None]] = {}
 
 
@@ -60,6 +62,43 @@ def api_view(job: Job) -> dict[str, Any]:
         )
         shown["error_hint"] = shown["error_hint"] or LOST_CONTACT_HINT
     return shown
+
+
+@dataclass
+class MissingKernel:
+    """A kernel the benchmarked GPU recipe uses that the job's run went without: what it costs
+    (`message`) and how to get it (`hint`)."""
+
+    message: str
+    hint: str
+
+
+def missing_kernel(db: Database, job: Job) -> MissingKernel | None:
+    """Liger's kernels, when the job ran on a GPU without them (its compute mode says so). The
+    memory figure is the logits its fused loss never holds: a packed micro-batch's tokens x the
+    model's vocabulary, in bf16 and again in fp32 for the loss."""
+    if LIGER_MISSING not in (job.compute_mode or ""):
+        return None
+    with db.read() as s:
+        model = s.get(BaseModelEntry, job.base_model)
+    config = TrainConfig.model_validate(job.config)
+    tokens = config.micro_batch_size * config.max_seq_len
+    cost = "the loss holds each micro-batch's logits"
+    if model is not None and model.vocab_size:
+        gib = tokens * model.vocab_size * LOGIT_BYTES / 1024**3
+        cost += (
+            f": about {gib:.1f} GiB here ({tokens:,} tokens x {model.vocab_size:,} vocabulary "
+            "entries, in bf16 and again in fp32)"
+        )
+    return MissingKernel(
+        f"This run trained without Liger's kernels, which the benchmarked GPU recipe uses "
+        f"(liger-kernel is not installed where the worker runs). Without its fused "
+        f"cross-entropy {cost}, memory the auto policy then saves by checkpointing more "
+        "activations, which is slower; without its fused RMSNorm, RoPE and SwiGLU each step also "
+        "runs slower than bench/RESULTS.md measures.",
+        f"Install it where the worker runs ({LIGER_INSTALL}; `make run` installs it on a machine "
+        "with an NVIDIA GPU) and restart the worker: the next job uses it.",
+    )
 
 
 def eta_seconds(db: Database, job: Job) -> float | None:

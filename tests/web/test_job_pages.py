@@ -440,3 +440,29 @@ def test_every_kind_of_request_error_starts_with_a_capital_letter(client, db, se
         message = answer.json()["error"]["message"]
         assert answer.status_code >= 400 and message[0].isupper(), (answer.status_code, message)
     assert answers[0].json()["error"]["message"].startswith("Field max_seq_len: ")
+
+
+def test_a_gpu_run_without_liger_says_what_it_cost_and_how_to_install_it(client, db, settings):
+    from app.models import BaseModelEntry
+    from app.verified_versions import LIGER_MISSING
+    from tests.fakes.jobs import MODEL, add_job
+
+    job = add_job(db, settings, micro_batch_size=2, max_seq_len=4096)
+    with db.write() as s:  # a Llama-3 vocabulary
+        entry = s.get(BaseModelEntry, MODEL) or BaseModelEntry(name=MODEL, source="x")
+        entry.vocab_size = 128256
+        s.add(entry)
+    plain = page(client, f"/jobs/{job.id}")
+    assert plain.select_one(".missing-kernel") is None
+
+    claim = queue.claim_next_job(db, "gpu-worker", 60)
+    queue.update_progress(
+        db, claim.job_id, claim.attempt, compute_mode=f"4-bit NF4 QLoRA, {LIGER_MISSING}"
+    )
+    note = page(client, f"/jobs/{job.id}").select_one(".missing-kernel")
+    text = " ".join(note.text.split())
+    # 8,192 tokens x 128,256 entries x (2 + 4) bytes = 5.87 GiB of logits
+    assert "about 5.9 GiB here (8,192 tokens x 128,256 vocabulary entries" in text
+    assert "pip install liger-kernel==0.8.5" in text and "restart the worker" in text
+    header = client.get(f"/partials/jobs/{job.id}/header").text
+    assert "missing-kernel" in header

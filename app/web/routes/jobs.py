@@ -147,6 +147,7 @@ def _header_context(db: DbDep, job_id: int) -> dict[str, Any]:
         "job": job,
         "eta_seconds": job_views.eta_seconds(db, job),
         "adapter": job_views.adapter_for(db, job_id),
+        "missing_kernel": job_views.missing_kernel(db, job),
     }
 
 
