@@ -65,7 +65,7 @@ gpu-test: setup-dev
 # The README's screenshots (docs/*.png), taken by the browser tests.
 screenshots: setup-dev chromium
 	TUNEBOARD_UPDATE_SCREENSHOTS=1 $(PY) -m pytest tests/browser/test_navigation.py \
-	  tests/browser/test_live_job_page.py -k "nav_page or gains_points" $(PYTEST_ARGS)
+	  tests/browser/test_live_job_page.py -k "nav_page or gains_points or cpu_run" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
