@@ -81,6 +81,8 @@ progress_done
 duration_seconds
 final_loss
 final_eval_loss
+tokens_trained
+event_files  # TensorBoardLogs, templates/jobs/detail.html
 help
 advanced
 

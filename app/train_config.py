@@ -71,7 +71,7 @@ class LrScheduler(StrEnum):
 
 
 class LongText(StrEnum):
-    split = "split"
+    chunks = "split"  # (not `split`: that name is str.split)
     cut = "cut"
 
 
@@ -165,7 +165,7 @@ class TrainConfig(BaseModel):
     train_on: TrainOn = TrainOn.assistant
     """assistant: loss on the assistant's replies only; all: loss on every token."""
 
-    long_text: LongText = LongText.split
+    long_text: LongText = LongText.chunks
     """Plain-text rows longer than max_seq_len: split into max_seq_len chunks (continued
     pre-training: every token is trained), or cut at the end (the rest is lost)."""
 
@@ -228,7 +228,7 @@ class TrainConfig(BaseModel):
                 f"train_on is a setting of sft: {self.method.value} always trains on the answers "
                 "of each pair; leave it out"
             )
-        if self.method in PREFERENCE_METHODS and self.long_text != LongText.split:
+        if self.method in PREFERENCE_METHODS and self.long_text != LongText.chunks:
             raise ValueError(
                 f"long_text is a setting of sft: {self.method.value} trains on preference pairs, "
                 "not plain text; leave it out"

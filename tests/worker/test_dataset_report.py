@@ -155,17 +155,22 @@ def test_the_sample_shows_which_tokens_are_trained(db, settings, demo_model, tmp
     assert "&lt;" not in rendered and "<b>this</b>" in rendered  # stored raw; escaped by the page
 
 
+def report_at_64_tokens(db, settings, demo_model, path, rows: list[dict]):
+    """Import `rows` from a file at `path`, compute their report at max length 64: (dataset,
+    the report's result)."""
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dataset = datasets.import_local_file(db, settings, path, name=path.stem)
+    dataset_reports.request_report(db, dataset, base_model=demo_model.name, max_seq_len=64)
+    run_pending_reports(settings)
+    return dataset, dataset_reports.latest_done_report(db, dataset.id).result
+
+
 def test_a_row_with_nothing_trained_after_the_cut_is_counted_as_dropped(
     db, settings, demo_model, tmp_path
 ):
     long_question = " ".join(["kettle"] * 300)
     rows = [conversation(long_question, "Yes.")] * 3
-    path = tmp_path / "long.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    dataset = datasets.import_local_file(db, settings, path, name="long")
-    dataset_reports.request_report(db, dataset, base_model=demo_model.name, max_seq_len=64)
-    run_pending_reports(settings)
-    result = dataset_reports.latest_done_report(db, dataset.id).result
+    _, result = report_at_64_tokens(db, settings, demo_model, tmp_path / "long.jsonl", rows)
     assert result["rows"] == 2 and result["eval_rows"] == 1
     over = result["over_max"]
     assert (over["rows"], over["truncated"], over["dropped"], over["tokens_cut"]) == (2, 0, 2, 0)
@@ -177,12 +182,7 @@ def test_long_plain_text_rows_are_reported_as_split_into_chunks_not_cut(
 ):
     text = " ".join(f"The kettle number {i} boils water." for i in range(60))
     rows = [{"text": text}] * 3 + [{"text": "A short row."}]
-    path = tmp_path / "book.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    dataset = datasets.import_local_file(db, settings, path, name="book")
-    dataset_reports.request_report(db, dataset, base_model=demo_model.name, max_seq_len=64)
-    run_pending_reports(settings)
-    result = dataset_reports.latest_done_report(db, dataset.id).result
+    dataset, result = report_at_64_tokens(db, settings, demo_model, tmp_path / "book.jsonl", rows)
 
     over = result["over_max"]
     long_rows = over["rows"]

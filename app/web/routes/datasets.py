@@ -107,22 +107,34 @@ def _mapping_fields(form: Any) -> dict[str, str] | None:
     return mapping or None
 
 
-def _column_mapping(raw: object) -> dict[str, str] | None:
+def _form_text(raw: object, field: str) -> str | None:
+    """A text field of the upload form, stripped; None when left empty."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
     if not isinstance(raw, str):
-        raise ValueError("The column_mapping field must be a JSON object")
+        raise ValueError(f"The {field} field must be text")
+    return raw.strip()
+
+
+def _flat_json_object(text: str, field: str, shape: str) -> dict[str, str]:
+    """`text` as one flat JSON object of strings (`shape` says what it maps)."""
     try:
-        value = json.loads(raw)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"The column_mapping field is not valid JSON: {exc.msg}") from None
+        raise ValueError(f"The {field} field is not valid JSON: {exc.msg}") from None
     except RecursionError:
-        raise ValueError(
-            "The column_mapping field is nested too deeply; it is one flat JSON object"
-        ) from None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+        raise ValueError(f"The {field} field is nested too deeply; it is one flat object") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"The {field} field must be a JSON object of {shape}")
+    return value
+
+
+def _column_mapping(raw: object) -> dict[str, str] | None:
+    text = _form_text(raw, "column_mapping")
+    if text is None:
+        return None
+    value = _flat_json_object(text, "column_mapping", "field -> column name")
+    if not all(isinstance(v, str) for v in value.values()):
         raise ValueError("The column_mapping field must be a JSON object of field -> column name")
     return value or None
 
@@ -130,23 +142,11 @@ def _column_mapping(raw: object) -> dict[str, str] | None:
 def _substitutions(raw: object) -> dict[str, str] | None:
     """The upload's `substitutions`: a JSON object of placeholder name -> value, or (the upload
     page's text box) one `name = value` a line."""
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
+    text = _form_text(raw, "substitutions")
+    if text is None:
         return None
-    if not isinstance(raw, str):
-        raise ValueError("The substitutions field must be text")
-    text = raw.strip()
     if text.startswith(("{", "[")):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"The substitutions field is not valid JSON: {exc.msg}") from None
-        except RecursionError:
-            raise ValueError(
-                "The substitutions field is nested too deeply; it is one flat object"
-            ) from None
-        if not isinstance(value, dict):
-            raise ValueError("The substitutions field must be a JSON object of name -> value")
-        pairs = value
+        pairs = _flat_json_object(text, "substitutions", "name -> value")
     else:
         pairs = {}
         for number, line in enumerate(text.splitlines(), 1):
