@@ -239,3 +239,31 @@ def test_bad_substitutions_are_a_400_saying_how_to_write_them(client):
         assert says in error["message"], (given, error)
         assert "name = Kettlebot" in error["hint"]
     assert client.get("/api/datasets").json() == []
+
+
+def test_the_placeholders_notice_offers_a_reimport_with_the_values(client, settings):
+    body = upload(client, "identity.jsonl", jsonl(IDENTITY_ROWS))
+    soup = BeautifulSoup(client.get(body["url"], headers=HTML).text, "html.parser")
+    form = soup.select_one("#placeholders form.replace-placeholders")
+    assert form["action"] == f"/datasets/{body['id']}/reimport"
+    assert form.textarea.text.splitlines() == ["name = ", "author = "]
+
+    # One value given, one left empty: only the given one is replaced.
+    done = client.post(
+        form["action"], data={"substitutions": "name = Kettlebot\nauthor = "}, headers=HTML
+    )
+    assert done.status_code == 200 and done.url.path == f"/datasets/{body['id']}"
+    texts = [m["content"] for r in _rows_of(settings, body["id"]) for m in r["messages"]]
+    assert "{{author}} built me, Kettlebot." in texts
+    soup = BeautifulSoup(done.text, "html.parser")
+    assert "{{name}} → “Kettlebot” (3 times)" in " ".join(
+        soup.select_one("#substitutions").text.split()
+    )
+    assert soup.select_one("#placeholders textarea").text.splitlines() == ["author = "]
+    assert client.get(f"/api/datasets/{body['id']}").json()["status"] == "ready"
+
+    refused = client.post(form["action"], data={"substitutions": "name Kettlebot"}, headers=HTML)
+    assert refused.status_code == 400
+    assert "Line 1 of substitutions has no &#39;=&#39;" in refused.text or (
+        "Line 1 of substitutions has no '='" in refused.text
+    )

@@ -314,10 +314,16 @@ def _remove_folder(settings: Settings, dataset_id: str) -> None:
 
 
 def reimport_dataset(
-    db: Database, settings: Settings, dataset_id: str, *, drop_bad_rows: bool = True
+    db: Database,
+    settings: Settings,
+    dataset_id: str,
+    *,
+    drop_bad_rows: bool = True,
+    substitutions: dict[str, str] | None = None,
 ) -> Dataset:
     """Ingest the stored upload again (same column mapping), e.g. dropping bad rows this time,
-    without uploading it again. Its token reports are deleted: the rows may have changed."""
+    or with placeholder `substitutions` (None: those of the last import), without uploading it
+    again. Its token reports are deleted: the rows may have changed."""
     dataset = get_dataset(db, dataset_id)
     refusal = delete_refusal(
         [j for j in jobs_using(db, dataset.id) if j.status in (JobStatus.queued, JobStatus.running)]
@@ -338,7 +344,9 @@ def reimport_dataset(
         drop_bad_rows=drop_bad_rows,
         split_seed=dataset.split_seed,
         limits=IngestLimits.from_settings(settings),
-        substitutions=dataset.report.get("substitutions") or None,
+        substitutions=substitutions
+        if substitutions is not None
+        else dataset.report.get("substitutions") or None,
     )
     with db.write() as session:
         row = session.get(Dataset, dataset.id)

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from app.dataset_errors import DatasetError
 from app.errors import UserError, whole_number
-from app.models import Dataset, DatasetReport, SideWorkStatus
+from app.models import Dataset, DatasetReport, DatasetStatus, SideWorkStatus
 from app.services import datasets, model_registry, system
 from app.services.datasets import DatasetServiceError
 from app.services.datasets import reports as dataset_reports
@@ -141,7 +141,7 @@ def _column_mapping(raw: object) -> dict[str, str] | None:
 
 def _substitutions(raw: object) -> dict[str, str] | None:
     """The upload's `substitutions`: a JSON object of placeholder name -> value, or (the upload
-    page's text box) one `name = value` a line."""
+    page's text box) one `name = value` a line; a line with nothing after `=` is skipped."""
     text = _form_text(raw, "substitutions")
     if text is None:
         return None
@@ -155,7 +155,8 @@ def _substitutions(raw: object) -> dict[str, str] | None:
             name, equals, replacement = line.partition("=")
             if not equals:
                 raise ValueError(f"Line {number} of substitutions has no '=': {line.strip()!r}")
-            pairs[name.strip()] = replacement.strip()
+            if replacement.strip():  # "author =" with nothing after it: not given yet
+                pairs[name.strip()] = replacement.strip()
     return check_substitutions(pairs) or None
 
 
@@ -321,13 +322,45 @@ async def request_report_from_form(
 
 
 @router.post("/datasets/{dataset_id}/reimport", include_in_schema=False, response_model=None)
-def reimport_from_page(
+async def reimport_from_page(
     request: Request, dataset_id: str, db: DbDep, settings: SettingsDep
 ) -> HTMLResponse | RedirectResponse:
-    dataset = _dataset_or_404(db, dataset_id)
+    """Re-import, dropping the bad rows; or, from the placeholders notice (its `substitutions`
+    box), with those substitutions and the rows kept or dropped as they were."""
+    dataset = await run_in_threadpool(_dataset_or_404, db, dataset_id)
+    form = await request.form(max_files=0, max_fields=5)
+    try:
+        substitutions = _substitutions(form.get("substitutions"))
+    except ValueError as exc:
+        error = DatasetServiceError(
+            str(exc), "Write one substitution a line, e.g. name = Kettlebot."
+        )
+        context = await run_in_threadpool(_detail_context, db, settings, dataset)
+        return render(request, "datasets/detail.html", status_code=400, error=error, **context)
+    finally:
+        await form.close()
+    return await run_in_threadpool(
+        _reimport_page, request, db, settings, dataset, substitutions, "substitutions" in form
+    )
+
+
+def _reimport_page(
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    dataset: Dataset,
+    substitutions: dict[str, str] | None,
+    substituting: bool,
+) -> HTMLResponse | RedirectResponse:
     previous = dataset_reports.latest_report(db, dataset.id)
     try:
-        dataset = datasets.reimport_dataset(db, settings, dataset.id, drop_bad_rows=True)
+        dataset = datasets.reimport_dataset(
+            db,
+            settings,
+            dataset.id,
+            drop_bad_rows=not substituting or dataset.status == DatasetStatus.ready,
+            substitutions=substitutions if substituting else None,
+        )
     except (DatasetServiceError, DatasetError) as exc:
         status = exc.status_code
         context = _detail_context(db, settings, dataset)
