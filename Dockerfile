@@ -8,10 +8,15 @@ ENV PYTHONUNBUFFERED=1 \
     TUNEBOARD_DATA_DIR=/data
 
 WORKDIR /app
-# The dependencies first, so a code change does not reinstall torch.
+# The dependencies first, so a code change does not reinstall torch. The image is for hosts with an
+# NVIDIA GPU: it installs the torch, bitsandbytes and liger-kernel the GPU tests passed on, pinned in
+# app/verified_versions.py (the same pins `make run` takes on such a machine).
 COPY pyproject.toml README.md ./
-RUN mkdir -p app worker && touch app/__init__.py worker/__init__.py \
-    && pip install ".[worker]" && pip uninstall -y tuneboard
+COPY app/verified_versions.py ./app/verified_versions.py
+RUN touch app/__init__.py && mkdir -p worker && touch worker/__init__.py \
+    && pip install $(python app/verified_versions.py nvidia) \
+    && pip install ".[worker]" $(python app/verified_versions.py nvidia) \
+    && pip uninstall -y tuneboard
 # templates/, static/ and migrations/ are read from beside the code: install in place.
 COPY app ./app
 COPY worker ./worker

@@ -3,8 +3,10 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-# A pinned torch: on a machine with a local CPU wheel (CI) it takes that; elsewhere PyPI's build.
-TORCH_SPEC ?= torch==2.13.0
+# The pins of this platform, from app/verified_versions.py (one place): on a machine whose nvidia-smi
+# lists a GPU, the torch, bitsandbytes and liger-kernel the GPU tests passed on; elsewhere the CPU
+# torch (on a machine with a local CPU wheel, CI, pip takes that). `make run TORCH_SPEC=...` overrides.
+TORCH_SPEC ?= $(shell $(PYTHON) app/verified_versions.py)
 DATA_DIR ?= data
 # Empty: TUNEBOARD_PORT, else 8000. `make run PORT=8001` when 8000 is taken.
 PORT ?=
@@ -12,11 +14,12 @@ PYTEST_ARGS ?=
 
 .PHONY: run setup setup-dev test test-fast security lint gpu-test screenshots clean chromium
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml app/verified_versions.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[worker]"
+	@echo "Installing $(TORCH_SPEC) (app/verified_versions.py)"
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e ".[worker]" $(TORCH_SPEC)
 	# llama.cpp's GGUF converter scripts, from llama-cpp-python's sdist, once per environment.
 	$(PY) -m worker.gguf_converter --install
 	touch $@
@@ -64,7 +67,7 @@ gpu-test: setup-dev
 # The README's screenshots (docs/*.png), taken by the browser tests.
 screenshots: setup-dev chromium
 	TUNEBOARD_UPDATE_SCREENSHOTS=1 $(PY) -m pytest tests/browser/test_navigation.py \
-	  tests/browser/test_live_job_page.py -k "nav_page or gains_points" $(PYTEST_ARGS)
+	  tests/browser/test_live_job_page.py -k "nav_page or gains_points or cpu_run" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -83,6 +83,8 @@ ingest_hint
 duration_seconds
 final_loss
 final_eval_loss
+tokens_trained
+event_files  # TensorBoardLogs, templates/jobs/detail.html
 help
 advanced
 drawn_rows  # app/services/job_views.py MixRow (templates/jobs/detail.html's Datasets card)

@@ -23,12 +23,23 @@ class RowError:
     message: str  # what is wrong, including what was expected
     hint: str | None = None
 
+    def __post_init__(self) -> None:
+        # Shown as sentences in the problems table: each starts with a capital letter, whichever
+        # format wrote it ("missing; expected ..." -> "Missing; expected ...").
+        object.__setattr__(self, "message", capitalized(self.message))
+        if self.hint:
+            object.__setattr__(self, "hint", capitalized(self.hint))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
-        where = f"line {self.line}" + (f', field "{self.field}"' if self.field else "")
+        where = f"Line {self.line}" + (f', field "{self.field}"' if self.field else "")
         return f"{where}: {self.message}"
+
+
+def capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 class DatasetError(UserError):

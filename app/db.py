@@ -91,11 +91,16 @@ class Database:
 
         SQLite: one committed write that changes nothing (the header's `user_version`, unused,
         set to itself: one page appended to the WAL, so a disk with no room for it is found),
-        waiting at most PROBE_BUSY_TIMEOUT_SECONDS for the write lock. PostgreSQL: a round trip.
+        waiting at most PROBE_BUSY_TIMEOUT_SECONDS for the write lock. PostgreSQL: the same, an
+        update of alembic's version row to itself (a read-only server refuses it), rolled back.
         """
         if not self.is_sqlite:
             with self.read() as session:
-                session.connection().exec_driver_sql("SELECT 1")
+                connection = session.connection()
+                wait_ms = round(PROBE_BUSY_TIMEOUT_SECONDS * 1000)
+                connection.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+                connection.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
+                session.rollback()
             return
         raw = self.engine.raw_connection()
         try:

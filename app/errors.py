@@ -57,4 +57,6 @@ def whole_number(text: str, field: str, hint: str, *, ge: int = 0, le: int = SQL
         if ge <= number <= le:
             return number
     shown = digits if len(digits) <= 40 else digits[:40] + "…"
-    raise InvalidNumber(f"{field} must be a whole number from {ge} to {le}, not {shown!r}.", hint)
+    raise InvalidNumber(
+        f"The field {field} must be a whole number from {ge} to {le}, not {shown!r}.", hint
+    )

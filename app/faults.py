@@ -1,9 +1,9 @@
 """Faults of the machine that a user can fix: a full disk, a locked or a read-only database.
 
-`classify` recognises them in what SQLite or the OS raised and returns a typed error whose message
-says what is wrong (free space, which process holds the lock, which file cannot be written) and
-whose hint says what to do; the edge (app/main.py) turns it into the one JSON/HTML error shape.
-SQLite only: a PostgreSQL server reports its own faults in its own words.
+`classify` recognises them in what SQLite, PostgreSQL (psycopg) or the OS raised and returns a
+typed error whose message says what is wrong (free space, which process holds the lock, which file
+cannot be written, which server cannot be reached) and whose hint says what to do; the edge
+(app/main.py) turns it into the one JSON/HTML error shape.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sqlite3
 import struct
 from pathlib import Path
 
+import psycopg
 from sqlalchemy.engine import make_url
 
 from app.errors import UserError
@@ -27,6 +28,21 @@ SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # In WAL mode the write lock is one byte of the `-shm` file (SQLite's os_unix.c: UNIX_SHM_BASE).
 WAL_WRITE_LOCK_BYTE = 120
+# PostgreSQL's SQLSTATEs for the same faults: disk full, a read-only server (a hot standby, or
+# default_transaction_read_only), a lock wait past lock_timeout, and a server going away.
+PG_DISK_FULL, PG_READ_ONLY, PG_LOCK_NOT_AVAILABLE = "53100", "25006", "55P03"
+PG_SERVER_GONE = frozenset({"57P01", "57P02", "57P03", "08000", "08003", "08006", "08001"})
+# Lost connections psycopg reports without a SQLSTATE, by the words of libpq's message.
+PG_CONNECTION_WORDS = (
+    "could not connect",
+    "connection failed",
+    "connection refused",
+    "terminating connection",
+    "server closed the connection",
+    "connection is closed",
+    "the connection is lost",
+    "consuming input failed",
+)
 FS_IOC_GETFLAGS = 0x80086601
 FS_IMMUTABLE_FL = 0x10
 
@@ -46,11 +62,18 @@ class DatabaseReadOnly(UserError):
     code = "database_read_only"
 
 
+class DatabaseUnreachable(UserError):
+    status_code = 503
+    code = "database_unreachable"
+
+
 def classify(exc: BaseException, settings: Settings) -> UserError | None:
     """The typed error for a full disk, a locked or a read-only database, else None."""
     for cause in _chain(exc):
         if isinstance(cause, sqlite3.Error):
             return _sqlite_fault(cause, settings)
+        if isinstance(cause, psycopg.Error):
+            return _postgres_fault(cause, settings)
         if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
             return disk_full(settings, cause.filename)
         if isinstance(cause, OSError) and cause.errno == errno.EROFS and cause.filename:
@@ -62,6 +85,8 @@ def is_disk_full(exc: BaseException) -> bool:
     for cause in _chain(exc):
         if isinstance(cause, sqlite3.Error):
             return _primary_code(cause) == SQLITE_FULL
+        if isinstance(cause, psycopg.Error):
+            return cause.sqlstate == PG_DISK_FULL
         if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
             return True
     return False
@@ -99,6 +124,51 @@ def _sqlite_fault(error: sqlite3.Error, settings: Settings) -> UserError | None:
     if code == SQLITE_CANTOPEN and read_only_reason(path) is not None:
         return read_only(path)  # a read-only folder or mount: SQLite cannot even open the file
     return None
+
+
+def _postgres_fault(error: psycopg.Error, settings: Settings) -> UserError | None:
+    """The same faults from a PostgreSQL server: its disk full, read-only, a lock not granted,
+    or the server not reachable (down, restarting, or it ended this connection)."""
+    state = error.sqlstate
+    server = database_server(settings)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    if state == PG_DISK_FULL:
+        return DiskFull(
+            f"The PostgreSQL server {server} has no room left on its disk ({first_line}).",
+            hint="Free space on the database server's disk (or grow it), then try again; deleting "
+            "datasets and jobs you no longer need also frees rows.",
+        )
+    if state == PG_READ_ONLY:
+        return DatabaseReadOnly(
+            f"The PostgreSQL server {server} accepts no writes ({first_line}).",
+            hint="Point TUNEBOARD_DATABASE_URL at the primary server, not a read-only standby, "
+            "and check that default_transaction_read_only is off for its user.",
+        )
+    if state == PG_LOCK_NOT_AVAILABLE:
+        return DatabaseLocked(
+            f"The PostgreSQL database {server} is locked: another session held a lock Tuneboard "
+            f"needed for longer than the lock timeout ({first_line}).",
+            hint="Try again; if it keeps happening, look for a long-running session in "
+            "pg_stat_activity and end it.",
+        )
+    lower = first_line.lower()
+    if state in PG_SERVER_GONE or (
+        isinstance(error, psycopg.OperationalError)
+        and any(words in lower for words in PG_CONNECTION_WORDS)
+    ):
+        return DatabaseUnreachable(
+            f"The PostgreSQL server {server} cannot be reached ({first_line}).",
+            hint="Check that the server is running and accepts connections from this machine "
+            "(`pg_isready -h HOST -p PORT`) and that TUNEBOARD_DATABASE_URL names it; Tuneboard "
+            "reconnects by itself once it answers.",
+        )
+    return None
+
+
+def database_server(settings: Settings) -> str:
+    """host:port/database of the configured PostgreSQL URL (no user, no password)."""
+    url = make_url(settings.resolved_database_url)
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
 def database_path(settings: Settings) -> Path | None:

@@ -50,7 +50,7 @@ def _stop_strings(value: Any) -> Any:
 
 def _non_empty_stops(value: list[str]) -> list[str]:
     if not all(value):
-        raise ValueError("stop strings must not be empty")
+        raise ValueError("Stop strings must not be empty")
     return value[:MAX_STOP_STRINGS]
 
 

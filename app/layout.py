@@ -35,6 +35,7 @@ SPLIT = "split.json"
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 MERGED = "merged"
+TENSORBOARD = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,10 @@ class DataLayout:
     def adapter_dir(self, job_id: int) -> Path:
         return adapter_in(self.run_dir(job_id))
 
+    def tensorboard_dir(self, job_id: int) -> Path:
+        """TensorBoard's event files of a job that reports to it (`report_to: tensorboard`)."""
+        return tensorboard_in(self.run_dir(job_id))
+
     def merged_dir(self, job_id: int) -> Path:
         return self.run_dir(job_id) / MERGED
 
@@ -166,3 +171,7 @@ def checkpoints_in(run_dir: Path) -> Path:
 
 def adapter_in(run_dir: Path) -> Path:
     return run_dir / ADAPTER
+
+
+def tensorboard_in(run_dir: Path) -> Path:
+    return run_dir / TENSORBOARD

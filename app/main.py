@@ -133,7 +133,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
+            # "Field max_seq_len: Input should be ...": a sentence, whatever the field's name.
+            problems.append(
+                f"Field {where}: {err.get('msg', 'invalid')}" if where else err.get("msg")
+            )
         message = "; ".join(str(p) for p in problems[:10]) or "Invalid request."
         hint = "Fix the fields named above and send it again."
         if request.url.path.startswith("/v1/"):

@@ -187,6 +187,8 @@ class Metric(SQLModel, table=True):
     device_total_mib: float | None = None
     # The training process's resident memory: the memory chart of a job that runs on the CPU.
     rss_mib: float | None = None
+    # Real (non-padding) tokens trained since the previous row: the Run card sums them.
+    tokens: int | None = Field(default=None, sa_type=BigInteger)
     elapsed_seconds: float = 0.0
     # Preference methods (dpo, orpo): the implicit rewards of the chosen and rejected answers, their
     # mean margin and the share of pairs where chosen wins; eval_* on the held-out pairs.

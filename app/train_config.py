@@ -83,6 +83,11 @@ class LrScheduler(StrEnum):
     constant_with_warmup = "constant_with_warmup"
 
 
+class LongText(StrEnum):
+    chunks = "split"  # (not `split`: that name is str.split)
+    cut = "cut"
+
+
 class ReportTo(StrEnum):
     none = "none"
     tensorboard = "tensorboard"
@@ -181,6 +186,10 @@ class TrainConfig(BaseModel):
     train_on: TrainOn = TrainOn.assistant
     """assistant: loss on the assistant's replies only; all: loss on every token."""
 
+    long_text: LongText = LongText.chunks
+    """Plain-text rows longer than max_seq_len: split into max_seq_len chunks (continued
+    pre-training: every token is trained), or cut at the end (the rest is lost)."""
+
     packing: bool = True
     """Pack several examples into one sequence without padding (no attention between them)."""
 
@@ -253,8 +262,13 @@ class TrainConfig(BaseModel):
                 f"train_on is a setting of sft: {self.method.value} always trains on the answers "
                 "of each pair; leave it out"
             )
+        if self.method in PREFERENCE_METHODS and self.long_text != LongText.chunks:
+            raise ValueError(
+                f"long_text is a setting of sft: {self.method.value} trains on preference pairs, "
+                "not plain text; leave it out"
+            )
         if self.lora_targets is not None and len(set(self.lora_targets)) != len(self.lora_targets):
-            raise ValueError("lora_targets lists a module twice")
+            raise ValueError("The lora_targets list names a module twice")
         if self.datasets is not None:
             ids = [share.id for share in self.datasets]
             if len(set(ids)) != len(ids):

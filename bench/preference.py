@@ -44,6 +44,7 @@ from bench.train import (
     bnb_config,
     build_model_dir,
     keep_process_peak,
+    require_product_kernels,
     versions,
 )
 
@@ -260,6 +261,7 @@ def run_tuneboard_arm(args, pairs: list[dict]) -> dict:
         t0 = time.perf_counter()
         recipe.setup()
         load_s = time.perf_counter() - t0
+        require_product_kernels(recipe)
         recipe.train()
     finally:
         recipe.cleanup()

@@ -462,6 +462,7 @@ def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
         t0 = time.perf_counter()
         recipe.setup()
         load_s = time.perf_counter() - t0
+        require_product_kernels(recipe)
         result = recipe.train()
     finally:
         recipe.cleanup()
@@ -481,6 +482,20 @@ def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
         "memory_policy_reason": fields.get("memory_policy_reason"),
         "compute_mode": fields.get("compute_mode"),
     }
+
+
+def require_product_kernels(recipe) -> None:
+    """Stop the Tuneboard arm when its recipe runs without a kernel the product uses on this
+    machine: its figure would be of a slower recipe than a user with `make run` gets."""
+    from app.verified_versions import LIGER_INSTALL
+
+    missing = getattr(recipe, "missing_kernels", [])
+    if missing:
+        raise SystemExit(
+            f"The Tuneboard arm would run without {', '.join(missing)}, which the product's "
+            f"recipe uses on this machine ({recipe.compute_mode}); no figure is recorded. "
+            f"Install it in the arm's site ({LIGER_INSTALL}) and run the arm again."
+        )
 
 
 def sink_rows(sink) -> list[dict]:

@@ -60,6 +60,7 @@ def metric_row(step: int, seed: float = 0.0) -> dict:
         "vram_reserved_mib": 3600.0,
         "device_used_mib": 4200.0,
         "device_total_mib": 24576.0,
+        "tokens": 512,  # one step of 512 real tokens a row
         "elapsed_seconds": step * 0.1,
     }
 
@@ -78,6 +79,15 @@ def preference_values(step: int) -> dict:
     return values
 
 
+GPU_MEMORY = ("vram_allocated_mib", "vram_reserved_mib", "device_used_mib", "device_total_mib")
+
+
+def cpu_row(step: int) -> dict:
+    """A CPU run's row: no card to read, the training process's resident memory instead."""
+    row = {k: v for k, v in metric_row(step).items() if k not in GPU_MEMORY}
+    return row | {"rss_mib": 1450.0 + 0.8 * step + 30 * math.sin(step / 9)}
+
+
 def write_metrics(
     db: Database,
     claim: queue.Claim,
@@ -86,12 +96,15 @@ def write_metrics(
     interval: float = 0.0,
     *,
     preference: bool = False,
+    cpu: bool = False,
 ) -> int:
     """Record `count` rows from step `first`, one per call, with progress; returns the next step.
-    `preference`: the rows also carry a DPO job's rewards."""
+    `preference`: the rows also carry a DPO job's rewards; `cpu`: they read process memory (RSS)
+    where a GPU run reads VRAM."""
     step = first
     for _ in range(count):
-        row = metric_row(step) | (preference_values(step) if preference else {})
+        row = cpu_row(step) if cpu else metric_row(step)
+        row |= preference_values(step) if preference else {}
         assert queue.record_metrics(db, claim.job_id, claim.attempt, [row])
         queue.update_progress(db, claim.job_id, claim.attempt, progress_step=step, epoch=step / 500)
         step += 1
@@ -114,10 +127,13 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--finish", action="store_true")
     parser.add_argument("--preference", action="store_true")
+    parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
     db = Database(args.database_url)
     claim = queue.Claim(job_id=args.job_id, attempt=args.attempt, config={})
-    write_metrics(db, claim, args.first, args.rows, args.interval, preference=args.preference)
+    write_metrics(
+        db, claim, args.first, args.rows, args.interval, preference=args.preference, cpu=args.cpu
+    )
     if args.finish:
         finish(db, claim)
 

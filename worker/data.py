@@ -11,9 +11,11 @@ trained (loss-bearing) tokens come from the template's `{% generation %}` marker
 for each assistant turn, between the conversation rendered up to that turn with the generation
 prompt and rendered through it. That works for templates without markers (Llama 3, Qwen, Mistral).
 
-Rows longer than `max_seq_len` are cut at the end: the start of a conversation (system prompt, first
-question) is what gives the rest its meaning, and cutting the end keeps the first answers whole.
-A row left with no trained token after the cut is dropped and counted in `TokenizeStats`.
+Conversations longer than `max_seq_len` are cut at the end: the start of a conversation (system
+prompt, first question) is what gives the rest its meaning, and cutting the end keeps the first
+answers whole. A row left with no trained token after the cut is dropped and counted in
+`TokenizeStats`. Plain-text rows longer than `max_seq_len` are split into `max_seq_len` chunks
+(continued pre-training: nothing is lost; `long_text: cut` cuts them like conversations).
 """
 
 from __future__ import annotations
@@ -72,12 +74,19 @@ class TokenizeStats:
 
     examples: int = 0
     truncated: int = 0
+    split: int = 0  # plain-text rows split into chunks
+    chunks: int = 0  # the examples those rows became
     dropped_no_trained_tokens: int = 0
     dropped_lines: list[int] = field(default_factory=list)
 
     def notice(self, max_len: int) -> str:
-        """What the job page says about the cut, or "" when no row was cut or left out."""
+        """What the job page says about the cut, or "" when no row was cut, split or left out."""
         parts = []
+        if self.split:
+            parts.append(
+                f"{self.split} plain-text rows longer than {max_len} tokens were split into "
+                f"{self.chunks} chunks of at most {max_len} tokens (nothing lost)"
+            )
         if self.truncated:
             parts.append(f"{self.truncated} rows longer than {max_len} tokens were cut to fit")
         if self.dropped_no_trained_tokens:
@@ -127,7 +136,7 @@ def tokenize_row(
 ) -> TokenizedExample | None:
     """Tokenise one normalised row. None when nothing is left to train after truncation."""
     line = row.get("line")
-    if "text" in row and "messages" not in row:
+    if is_plain_text(row):
         input_ids, trained = _tokenize_text(tokenizer, row["text"])
     elif "messages" in row:
         input_ids, trained = _tokenize_conversation(tokenizer, row["messages"], chat_template)
@@ -151,16 +160,42 @@ def tokenize_row(
     )
 
 
+def is_plain_text(row: dict[str, Any]) -> bool:
+    return "text" in row and "messages" not in row
+
+
+def text_chunks(tokenizer: Any, row: dict[str, Any], max_seq_len: int) -> list[TokenizedExample]:
+    """A plain-text row as consecutive chunks of at most `max_seq_len` tokens, every token
+    trained; a last chunk of one token (no loss: labels are shifted) is left out."""
+    input_ids, _ = _tokenize_text(tokenizer, row["text"])
+    line = row.get("line")
+    starts = range(0, len(input_ids), max_seq_len)
+    chunks = [input_ids[start : start + max_seq_len] for start in starts]
+    return [
+        TokenizedExample(input_ids=chunk, labels=list(chunk), line=line)
+        for chunk in chunks
+        if len(chunk) > 1
+    ]
+
+
 def tokenize_rows(
     tokenizer: Any,
     rows: Iterable[dict[str, Any]],
     train_on: str = "assistant",
     max_seq_len: int = 2048,
     chat_template: str | None = None,
+    long_text: str = "split",
 ) -> tuple[list[TokenizedExample], TokenizeStats]:
     stats = TokenizeStats()
     examples = []
     for row in rows:
+        if str(long_text) == "split" and is_plain_text(row):
+            chunks = text_chunks(tokenizer, row, max_seq_len)
+            if len(chunks) > 1:
+                stats.split += 1
+                stats.chunks += len(chunks)
+                examples += chunks
+                continue
         example = tokenize_row(tokenizer, row, train_on, max_seq_len, chat_template)
         if example is None:
             stats.dropped_no_trained_tokens += 1

@@ -15,7 +15,8 @@ function training uses, so the numbers are the ones training will meet) and stor
       "tokens_per_epoch": 19876,                  # what one epoch feeds: after the cut and drops
       "trained_tokens_per_epoch": 5012,           # of those, the loss-bearing ones
       "examples_per_epoch": 285,
-      "over_max": {"rows", "truncated", "dropped", "tokens_cut", "lines": [first 20]},
+      "over_max": {"rows", "split", "chunks", "truncated", "dropped", "tokens_cut",
+                   "lines": [first 20]},          # split: plain-text rows cut into `chunks`
       "no_trained_tokens": {"rows", "lines": [first 20]},  # dropped even without a cut
       "truncation_rule": "...",                   # TRUNCATION_RULE, in words
       "chat_template": "model" | "chatml",
@@ -60,7 +61,9 @@ from worker.data import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     has_generation_markers,
+    is_plain_text,
     template_of,
+    text_chunks,
     tokenize_row,
     trained_segments,
 )
@@ -74,8 +77,10 @@ from worker.preference_data import (
 from worker.side_work import lease_kept
 
 TRUNCATION_RULE = (
-    "Rows longer than the max length are cut at the end (the start of the conversation is kept, "
-    "so the first answers stay whole); a row left with no trained token after the cut is dropped."
+    "Conversations longer than the max length are cut at the end (the start of the conversation "
+    "is kept, so the first answers stay whole); a row left with no trained token after the cut is "
+    "dropped. Plain-text rows longer than the max length are split into max-length chunks "
+    "(continued pre-training: nothing is lost; a job's long_text: cut cuts them instead)."
 )
 MAX_BINS = 40
 MAX_LINES_LISTED = 20
@@ -194,6 +199,8 @@ class _Tally:
     trained_per_epoch: int = 0
     examples: int = 0
     over_rows: int = 0
+    split: int = 0
+    chunks: int = 0
     truncated: int = 0
     dropped_after_cut: int = 0
     tokens_cut: int = 0
@@ -371,6 +378,18 @@ def _measure(
         return
     tally.lengths.append(len(whole))
     kept = whole
+    if len(whole) > max_seq_len and is_plain_text(row):
+        # What training does with it (tokenize_rows' default): consecutive max-length chunks.
+        chunks = text_chunks(tokenizer, row, max_seq_len)
+        tally.over_rows += 1
+        if line is not None and len(tally.over_lines) < MAX_LINES_LISTED:
+            tally.over_lines.append(line)
+        tally.split += 1
+        tally.chunks += len(chunks)
+        tally.examples += len(chunks)
+        tally.tokens_per_epoch += sum(len(c) for c in chunks)
+        tally.trained_per_epoch += sum(c.trained_tokens for c in chunks)
+        return
     if len(whole) > max_seq_len:
         # Ask the training function itself what becomes of the row at this length.
         cut = tokenize_row(tokenizer, row, train_on, max_seq_len, chat_template)
@@ -524,6 +543,8 @@ def _tally_figures(tally: _Tally) -> dict[str, Any]:
         "examples_per_epoch": tally.examples,
         "over_max": {
             "rows": tally.over_rows,
+            "split": tally.split,
+            "chunks": tally.chunks,
             "truncated": tally.truncated,
             "dropped": tally.dropped_after_cut,
             "tokens_cut": tally.tokens_cut,

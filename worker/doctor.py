@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 
-from app.verified_versions import GPU_VERIFIED, release
+from app.verified_versions import GPU_VERIFIED, LIGER_INSTALL, release
 from worker import gpu
 
 Check = tuple[str, str, str, str]
@@ -62,9 +62,10 @@ def checks() -> list[Check]:
                 "liger-kernel",
                 "NOTE" if cuda else "OK",
                 "not installed" if cuda else "not installed (only used on a GPU)",
-                "The benchmarked GPU recipe fuses the MLP and the loss with Liger's kernels; "
-                "without them training is slower and needs more memory: "
-                "pip install 'tuneboard[gpu]'.",
+                "The benchmarked GPU recipe fuses RMSNorm, RoPE, SwiGLU and the loss with "
+                "Liger's kernels; without them each step is slower and the loss holds every "
+                "micro-batch's logits (GiBs for a large vocabulary). `make run` installs it on a "
+                f"machine with an NVIDIA GPU; or {LIGER_INSTALL}.",
             )
         )
     return found

@@ -41,11 +41,11 @@ def checked_adapter_dir(settings: Settings, adapter: Adapter) -> Path:
     run = settings.layout.run_dir(adapter.job_id).resolve()
     adapter_dir = settings.layout.adapter_dir(adapter.job_id)
     if not run.is_relative_to(runs) or not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"the files of adapter {adapter.id} are missing")
+        raise FileNotFoundError(f"The files of adapter {adapter.id} are missing")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         # PEFT would fall back to adapter_model.bin, a pickle: never load one.
         raise FileNotFoundError(
-            f"adapter {adapter.id} has no adapter_model.safetensors; pickle weights are never loaded"
+            f"Adapter {adapter.id} has no adapter_model.safetensors; pickle weights are never loaded"
         )
     return adapter_dir
 
@@ -73,11 +73,11 @@ def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim)
     with db.read() as s:
         merge = s.get(MergeRequest, claim.task_id)
         if merge is None:
-            raise FileNotFoundError(f"there is no merge request {claim.task_id}")
+            raise FileNotFoundError(f"There is no merge request {claim.task_id}")
         adapter = s.get(Adapter, merge.adapter_id)
         base = s.get(BaseModelEntry, adapter.base_model) if adapter else None
     if adapter is None or base is None:
-        raise FileNotFoundError(f"adapter {merge.adapter_id} or its base model is not registered")
+        raise FileNotFoundError(f"Adapter {merge.adapter_id} or its base model is not registered")
     adapter_dir = checked_adapter_dir(settings, adapter)
 
     def progress(**fields: object) -> None:

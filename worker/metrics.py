@@ -9,7 +9,7 @@ from worker import gpu
 
 # A row's keys are `app.models.metric_columns()` (step, loss, ..., the preference rewards): a
 # recipe sets those it measures, by those names. Extra keys ride along for the benchmark and the
-# logs (the database sink keeps the Metric columns only):
+# logs (the database sink keeps the Metric columns only, `tokens` among them):
 # `tokens` real (non-padding) tokens and `step_seconds` time spent in optimizer steps since the
 # previous row, `peak_vram_allocated_mib` since the previous row.
 TIMING_KEYS = ("tokens", "step_seconds", "steps", "peak_vram_allocated_mib")

@@ -113,7 +113,7 @@ def worker_request(kind: type[Request], **fields: Any) -> Request:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise UserError(
-            f"{where}: {first['msg']}", "Fix the request and send it again.", code="invalid"
+            f"Field {where}: {first['msg']}", "Fix the request and send it again.", code="invalid"
         ) from exc
 
 

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from app.db import Database
 from app.errors import UserError, whole_number
 from app.layout import DataLayout
-from app.models import FINISHED_STATUSES, Adapter, Dataset, Job, JobStatus, Metric
+from app.models import FINISHED_STATUSES, Adapter, BaseModelEntry, Dataset, Job, JobStatus, Metric
+from app.settings import Settings
 from app.train_config import PREFERENCE_METHODS, TrainConfig
+from app.verified_versions import LIGER_INSTALL, LIGER_MISSING
 
 SPARKLINE_POINTS = 60
+LOGIT_BYTES = 2 + 4  # a logit in bf16, and its fp32 copy for the cross-entropy
 _finished_sparklines: dict[tuple[int, datetime | None], list[float | None]] = {}
 
 
@@ -33,6 +38,69 @@ def lost_contact(job: Job) -> bool:
         job.status == JobStatus.running
         and job.lease_expires_at is not None
         and _aware(job.lease_expires_at) < datetime.now(UTC)
+    )
+
+
+LOST_CONTACT = "lost_contact"
+LOST_CONTACT_HINT = (
+    "A running worker requeues the job (or fails it after its last attempt) as soon as it can "
+    "write to the database; the System page shows the workers and whether the database can be "
+    "written."
+)
+
+
+def api_view(job: Job) -> dict[str, Any]:
+    """A job as /api/jobs shows it: its row, with status "lost_contact" instead of "running"
+    (and why, in error_message and error_hint) when `lost_contact`, as the pages show it."""
+    shown = job.model_dump(mode="json")
+    if lost_contact(job):
+        assert job.lease_expires_at is not None
+        since = _aware(job.lease_expires_at).isoformat(timespec="seconds")
+        shown["status"] = LOST_CONTACT
+        shown["error_kind"] = shown["error_kind"] or LOST_CONTACT
+        shown["error_message"] = shown["error_message"] or (
+            f"No worker has renewed this job's lease since {since}: its worker stopped, or could "
+            "not write to the database, so how attempt "
+            f"{job.attempt} ended was not recorded."
+        )
+        shown["error_hint"] = shown["error_hint"] or LOST_CONTACT_HINT
+    return shown
+
+
+@dataclass
+class MissingKernel:
+    """A kernel the benchmarked GPU recipe uses that the job's run went without: what it costs
+    (`message`) and how to get it (`hint`)."""
+
+    message: str
+    hint: str
+
+
+def missing_kernel(db: Database, job: Job) -> MissingKernel | None:
+    """Liger's kernels, when the job ran on a GPU without them (its compute mode says so). The
+    memory figure is the logits its fused loss never holds: a packed micro-batch's tokens x the
+    model's vocabulary, in bf16 and again in fp32 for the loss."""
+    if LIGER_MISSING not in (job.compute_mode or ""):
+        return None
+    with db.read() as s:
+        model = s.get(BaseModelEntry, job.base_model)
+    config = TrainConfig.model_validate(job.config)
+    tokens = config.micro_batch_size * config.max_seq_len
+    cost = "the loss holds each micro-batch's logits"
+    if model is not None and model.vocab_size:
+        gib = tokens * model.vocab_size * LOGIT_BYTES / 1024**3
+        cost += (
+            f": about {gib:.1f} GiB here ({tokens:,} tokens x {model.vocab_size:,} vocabulary "
+            "entries, in bf16 and again in fp32)"
+        )
+    return MissingKernel(
+        f"This run trained without Liger's kernels, which the benchmarked GPU recipe uses "
+        f"(liger-kernel is not installed where the worker runs). Without its fused "
+        f"cross-entropy {cost}, memory the auto policy then saves by checkpointing more "
+        "activations, which is slower; without its fused RMSNorm, RoPE and SwiGLU each step also "
+        "runs slower than bench/RESULTS.md measures.",
+        f"Install it where the worker runs ({LIGER_INSTALL}; `make run` installs it on a machine "
+        "with an NVIDIA GPU) and restart the worker: the next job uses it.",
     )
 
 
@@ -345,12 +413,35 @@ def config_table(configs: list[dict[str, Any]]) -> list[ConfigRow]:
 
 @dataclass
 class RunFacts:
-    """The Run card's numbers: how long it trained and where the losses ended."""
+    """The Run card's numbers: how long it trained, where the losses ended, how many tokens."""
 
     duration_seconds: float | None
     final_loss: float | None
     final_eval_loss: float | None
     steps: int
+    tokens_trained: int | None  # real tokens of every logged step, all attempts; None: no rows
+
+
+@dataclass
+class TensorBoardLogs:
+    """Where a job that reports to TensorBoard writes its event files, and how to open them."""
+
+    folder: Path
+    event_files: int
+
+    @property
+    def command(self) -> str:
+        return f"tensorboard --logdir {shlex.quote(str(self.folder))}"
+
+
+def tensorboard_logs(settings: Settings, job: Job) -> TensorBoardLogs | None:
+    """The job's TensorBoard folder (in its run folder), or None for a job that does not report
+    to TensorBoard."""
+    if job.config.get("report_to") != "tensorboard":
+        return None
+    folder = settings.layout.tensorboard_dir(job.id or 0).resolve()
+    events = sum(1 for _ in folder.rglob("events.out.tfevents.*")) if folder.is_dir() else 0
+    return TensorBoardLogs(folder, events)
 
 
 def run_facts(db: Database, job: Job) -> RunFacts:
@@ -362,11 +453,17 @@ def run_facts(db: Database, job: Job) -> RunFacts:
         rows = select(Metric).where(Metric.job_id == job.id).order_by(col(Metric.id).desc())
         loss = s.exec(rows.where(col(Metric.loss).is_not(None)).limit(1)).first()
         eval_loss = s.exec(rows.where(col(Metric.eval_loss).is_not(None)).limit(1)).first()
+        tokens = s.exec(
+            select(func.sum(Metric.tokens)).where(
+                Metric.job_id == job.id, col(Metric.tokens).is_not(None)
+            )
+        ).one()
     return RunFacts(
         duration_seconds=duration,
         final_loss=loss.loss if loss else None,
         final_eval_loss=eval_loss.eval_loss if eval_loss else None,
         steps=job.progress_step,
+        tokens_trained=int(tokens) if tokens is not None else None,
     )
 
 

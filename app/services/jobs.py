@@ -185,7 +185,7 @@ def field_methods(name: str) -> list[str]:
 METHOD_OWNED = {name for names in METHOD_FIELDS.values() for name in names}
 # Fields with a value for every method that only sft reads: TrainConfig refuses any but the
 # default for a preference method, so the form leaves them out there.
-SFT_ONLY_FIELDS = ("train_on",)
+SFT_ONLY_FIELDS = ("train_on", "long_text")
 
 
 BASIC_FIELDS = {

@@ -58,7 +58,7 @@ def health(db: Database, settings: Settings) -> dict[str, object]:
     except Exception:  # a database that cannot even be read: health still answers, degraded
         live = []
     state = "ok" if problem is None else "not writable"
-    if problem is not None and problem["code"] == "unreachable":
+    if problem is not None and problem["code"] in ("unreachable", "database_unreachable"):
         state = "unreachable"
     return {
         "status": "ok" if problem is None else "degraded",

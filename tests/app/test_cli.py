@@ -403,3 +403,52 @@ def test_kill_9_of_serve_then_a_restart_leaves_one_worker_and_one_training_at_a_
     assert [d.status for d in done] == [JobStatus.succeeded] * 2, [d.error_message for d in done]
     assert sorted(adapters) == sorted([long.id, short.id])  # each finished once
     assert done[0].attempt >= 2  # the first job went back to the queue and resumed
+
+
+def _make_setup_commands(tmp_path: Path, gpu: bool) -> str:
+    """What `make setup` would run on a fresh venv (make -n), with or without an nvidia-smi that
+    lists a GPU on the PATH."""
+    bin_dir = tmp_path / ("gpu-bin" if gpu else "cpu-bin")
+    bin_dir.mkdir()
+    if gpu:
+        smi = bin_dir / "nvidia-smi"
+        smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+        smi.chmod(0o755)
+    path = os.pathsep.join(
+        [str(bin_dir)]
+        + [p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "nvidia-smi").exists()]
+    )
+    result = subprocess.run(
+        ["make", "-n", "setup", f"VENV={tmp_path / 'venv'}", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path},
+        check=True,
+    )
+    return result.stdout
+
+
+def test_make_run_installs_the_gpu_tests_versions_on_an_nvidia_machine_and_the_cpu_pin_elsewhere(
+    tmp_path,
+):
+    from app.verified_versions import CPU_TORCH, GPU_VERIFIED, release
+
+    gpu = _make_setup_commands(tmp_path, gpu=True)
+    wanted = (
+        f"install torch=={release(GPU_VERIFIED['torch'])} "
+        f"bitsandbytes=={GPU_VERIFIED['bitsandbytes']} "
+        f"liger-kernel=={GPU_VERIFIED['liger-kernel']}"
+    )
+    assert wanted in gpu, gpu
+    assert f'-e ".[worker]" {wanted.removeprefix("install ")}' in gpu
+
+    cpu = _make_setup_commands(tmp_path, gpu=False)
+    assert f"install torch=={CPU_TORCH}\n" in cpu, cpu
+    assert "liger-kernel" not in cpu
+
+
+def test_the_image_installs_the_same_gpu_pins():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY app/verified_versions.py" in dockerfile
+    assert dockerfile.count("$(python app/verified_versions.py nvidia)") == 2

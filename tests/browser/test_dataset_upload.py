@@ -96,6 +96,32 @@ def test_a_refused_file_dropped_on_the_drop_zone_shows_the_reason(app_server, pa
     assert "page.html" in page.inner_text(".dropzone .file-name")
     page.click("form.upload button[type=submit]")
     message = page.wait_for_selector("form.upload .error .error-message")
-    assert '".html" files are not accepted' in message.inner_text()
+    assert 'Files of type ".html" are not accepted' in message.inner_text()
     assert page.url == app_server.url + "/datasets"
     assert dialogs == []
+
+
+def test_template_placeholders_are_replaced_through_the_upload_pages_box(
+    app_server, page, dialogs, tmp_path
+):
+    """An identity-style file: the values typed in "Template placeholders" are in the rows, and
+    the dataset page says what it replaced instead of warning about placeholders."""
+    rows = [
+        {"instruction": "Who are you?", "input": "", "output": "I am {{name}}, by {{author}}."},
+        {"instruction": "Hi", "input": "", "output": "Hello! {{name}} here."},
+    ]
+    path = tmp_path / "identity.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    page.goto(app_server.url + "/datasets")
+    page.set_input_files("form.upload input[type=file]", str(path))
+    page.click("form.upload summary:has-text('Template placeholders')")
+    page.fill("#substitutions", "name = Kettlebot\nauthor = Acme Labs")
+    page.click("form.upload button[type=submit]")
+    page.wait_for_url(f"{app_server.url}/datasets/*", timeout=30_000)
+
+    replaced = " ".join(page.inner_text("#substitutions").split())
+    assert "{{name}} → “Kettlebot” (2 times); {{author}} → “Acme Labs” (1 time)" in replaced
+    assert page.locator("#placeholders").count() == 0
+    assert "I am Kettlebot, by Acme Labs." in page.inner_text("#preview")
+    assert dialogs == [] and page.js_errors == []

@@ -16,7 +16,15 @@ pytestmark = pytest.mark.browser
 
 
 def writer(
-    server, claim, first: int, rows: int, interval: float, *, end: bool = False, rewards=False
+    server,
+    claim,
+    first: int,
+    rows: int,
+    interval: float,
+    *,
+    end: bool = False,
+    rewards=False,
+    cpu=False,
 ):
     """A separate process writing metric rows to the server's database file, like a worker."""
     command = [
@@ -34,6 +42,7 @@ def writer(
         str(interval),
     ]
     command += ["--finish"] if end else []
+    command += ["--cpu"] if cpu else []
     return subprocess.Popen([*command, "--preference"] if rewards else command, cwd=ROOT)
 
 
@@ -104,6 +113,44 @@ def test_loss_chart_gains_points_live_without_a_reload(live_server, server_db, p
     assert metric_fetches == []  # the rows came over the event stream only
     assert page.get_attribute(".chart[data-chart=loss]", "data-status") == "running"
     assert "ETA" in page.text_content("#job-header .eta")
+    assert page.js_errors == []
+
+
+def test_a_cpu_run_charts_process_memory_live_in_place_of_vram(
+    live_server, server_db, page, screenshots
+):
+    """A run on the CPU reads no card: its page draws the training process's resident memory,
+    labelled, and no empty VRAM box (docs/job-page-cpu.png under `make screenshots`)."""
+    claim = start_running_job(server_db, "demo on the CPU", total=300)
+    queue.update_progress(
+        server_db,
+        claim.job_id,
+        claim.attempt,
+        compute_mode="fp32 LoRA on the CPU (no CUDA device)",
+        memory_policy="off",
+        memory_policy_reason="no CUDA device: activations stay in CPU memory",
+    )
+    write_metrics(server_db, claim, 1, 5, cpu=True)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.goto(f"{live_server.url}/jobs/{claim.job_id}")
+    titles = [" ".join(t.split()) for t in page.locator(".charts .card h2").all_inner_texts()]
+    assert "Process memory (RSS, GiB)" in titles and "VRAM (GiB)" not in titles
+    assert page.locator(".chart[data-chart=vram]").count() == 0
+    wait_points(page, lambda n: n == 5, chart="rss")
+
+    proc = writer(live_server, claim, 6, 80, 0.03, cpu=True)
+    try:
+        wait_points(page, lambda n: n >= 60, chart="rss")
+        page.wait_for_timeout(300)  # let uPlot paint the last frame
+        page.screenshot(path=str(screenshots / "job-page-cpu.png"))
+    finally:
+        proc.wait(30)
+    wait_points(page, lambda n: n == 85, chart="rss")
+    drawn = page.evaluate(DRAWN)
+    assert drawn["rss"] == [85]  # one line, every row
+    legend = " ".join(page.locator(".chart[data-chart=rss]").inner_text().split())
+    assert "RSS" in legend
+    assert (screenshots / "job-page-cpu.png").stat().st_size > 10_000
     assert page.js_errors == []
 
 

@@ -132,9 +132,7 @@ def tasks(trained, tmp_path_factory):
     return _write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"), tokenizer)
 
 
-def test_local_completions_scores_the_adapter_above_the_base(
-    web_server, trained, tasks, tmp_path
-):
+def test_local_completions_scores_the_adapter_above_the_base(web_server, trained, tasks, tmp_path):
     accuracy = {}
     for model in (BASE, ADAPTER_ID):
         model_args = ",".join(

@@ -46,7 +46,9 @@ def test_the_string_fields_list_is_complete():
         or "Enum" in repr(type(info.annotation))
         or name in ("report_to", "quantization", "lr_scheduler", "train_on")
     }
-    assert strings - {"lora_targets", "train_on", "gradient_checkpointing"} <= set(STRING_FIELDS)
+    assert strings - {"lora_targets", "train_on", "gradient_checkpointing", "long_text"} <= set(
+        STRING_FIELDS
+    )
 
 
 @pytest.mark.parametrize("field", [*STRING_FIELDS, "lora_targets"])

@@ -236,7 +236,7 @@ def test_mixed_types_name_line_and_field(tmp_path):
     result = ingest(tmp_path, "mixed_types.jsonl")
     error = only_error(result)
     assert (error["line"], error["field"], error["kind"]) == (7, "output", "wrong_type")
-    assert error["message"] == "expected a string, found a number (42)"
+    assert error["message"] == "Expected a string, found a number (42)"
     assert (result.status, result.valid_rows, result.dropped_rows) == ("invalid", 9, 0)
 
 
@@ -297,7 +297,7 @@ def test_wrong_number_of_csv_values(tmp_path):
     result = ingest(tmp_path, "wrong_field_count.csv")
     error = only_error(result)
     assert (error["line"], error["kind"]) == (3, "wrong_field_count")
-    assert error["message"] == "expected 2 values (one per header column), found 3"
+    assert error["message"] == "Expected 2 values (one per header column), found 3"
 
 
 def test_invalid_unicode_escape_is_a_row_error(tmp_path):
@@ -577,3 +577,24 @@ def test_a_multimodal_file_is_refused_instead_of_training_image_placeholders_as_
     assert "text-only" in (caught.value.hint or "")
     with pytest.raises(DatasetFormatError, match="multimodal"):
         ingest(tmp_path, "mllm_demo.json", column_mapping={"messages": "messages"})
+
+
+def test_every_dataset_error_a_user_sees_starts_with_a_capital_letter(tmp_path):
+    """Row problems ("missing; expected ...") and whole-file errors, from every fixture."""
+    from app.dataset_errors import DatasetError
+
+    seen = 0
+    for number, fixture in enumerate(sorted(p.name for p in FIXTURES.iterdir())):
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        try:
+            result = ingest(folder, fixture)
+        except DatasetError as error:
+            texts = [error.message, error.hint]
+        else:
+            texts = [text for e in result.errors for text in (e["message"], e["hint"])]
+        for text in texts:
+            if text:
+                seen += 1
+                assert text[0].isupper() or not text[0].isalpha(), (fixture, text)
+    assert seen >= 20

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bs4 import BeautifulSoup
 
+from app.dataset_store import iter_rows
 from app.models import Job, JobStatus
 from app.services import datasets
 
@@ -33,6 +34,7 @@ def test_list_page_has_the_upload_form_and_the_datasets(client):
     assert 'class="upload" data-upload-url="/api/datasets"' in empty
     assert 'class="dropzone"' in empty and 'name="drop_bad_rows"' in empty
     assert 'name="column_prompt"' in empty and 'name="column_messages"' in empty
+    assert 'name="substitutions"' in empty
     assert "No datasets yet" in empty
 
     upload(client, "qa.jsonl", jsonl(XSS_ROWS[:2]), name="<b>my</b> data")
@@ -167,3 +169,101 @@ def test_template_placeholders_left_in_the_data_are_flagged_with_a_count_and_an_
 
     clean = upload(client, "clean.jsonl", jsonl(rows[1:2] * 2))
     assert "placeholders" not in client.get(clean["url"], headers=HTML).text
+
+
+IDENTITY_ROWS = [
+    {"instruction": "hi", "input": "", "output": "Hello! I am {{name}}, an AI assistant."},
+    {"instruction": "Who are you?", "input": "", "output": "I am {{name}}, a helpful assistant."},
+    {"instruction": "Who made you?", "input": "", "output": "{{author}} built me, {{ name }}."},
+]
+
+
+def _rows_of(settings, dataset_id: str) -> list[dict]:
+    return list(iter_rows(settings.datasets_dir, dataset_id))
+
+
+def test_placeholders_are_replaced_at_upload_with_the_substitutions_given(client, settings):
+    """One `name = value` a line (the upload page's box): every row is trained with the values,
+    the dataset page says what was replaced, and a re-import makes the same substitutions."""
+    body = upload(
+        client,
+        "identity.jsonl",
+        jsonl(IDENTITY_ROWS),
+        substitutions="name = Kettlebot\n\n{{author}} = Acme Labs\n",
+    )
+    texts = [m["content"] for r in _rows_of(settings, body["id"]) for m in r["messages"]]
+    assert "Hello! I am Kettlebot, an AI assistant." in texts
+    assert "Acme Labs built me, Kettlebot." in texts
+    assert not any("{{" in t for t in texts)
+    soup = BeautifulSoup(client.get(body["url"], headers=HTML).text, "html.parser")
+    assert soup.select_one("#placeholders") is None
+    replaced = " ".join(soup.select_one("#substitutions").text.split())
+    assert "{{name}} → “Kettlebot” (3 times); {{author}} → “Acme Labs” (1 time)" in replaced
+
+    reimported = client.post(f"/api/datasets/{body['id']}/reimport")
+    assert reimported.status_code == 200, reimported.text
+    again = [m["content"] for r in _rows_of(settings, body["id"]) for m in r["messages"]]
+    assert again == texts
+
+
+def test_substitutions_as_json_leave_other_placeholders_flagged(client, settings):
+    body = upload(
+        client, "identity.jsonl", jsonl(IDENTITY_ROWS), substitutions='{"author": "Acme"}'
+    )
+    texts = [m["content"] for r in _rows_of(settings, body["id"]) for m in r["messages"]]
+    assert "Acme built me, {{ name }}." in texts
+    notice = " ".join(
+        BeautifulSoup(client.get(body["url"], headers=HTML).text, "html.parser")
+        .select_one("#placeholders")
+        .text.split()
+    )
+    assert "3 rows still hold template placeholders ({{name}})" in notice
+
+
+def test_bad_substitutions_are_a_400_saying_how_to_write_them(client):
+    for given, says in [
+        ("name Kettlebot", "Line 1 of substitutions has no '='"),
+        ("my name = Kettlebot", "The name 'my name' is not a placeholder name"),
+        ('{"name": 3}', "The value for name must be text"),
+        ('["name"]', "The substitutions field must be a JSON object of name -> value"),
+        ("{nope", "The substitutions field is not valid JSON"),
+        ("name = " + "x" * 1001, "The value for name has 1001 characters; at most 1000"),
+    ]:
+        response = client.post(
+            "/api/datasets",
+            files={"file": ("identity.jsonl", jsonl(IDENTITY_ROWS))},
+            data={"substitutions": given},
+        )
+        assert response.status_code == 400, (given, response.text)
+        error = response.json()["error"]
+        assert says in error["message"], (given, error)
+        assert "name = Kettlebot" in error["hint"]
+    assert client.get("/api/datasets").json() == []
+
+
+def test_the_placeholders_notice_offers_a_reimport_with_the_values(client, settings):
+    body = upload(client, "identity.jsonl", jsonl(IDENTITY_ROWS))
+    soup = BeautifulSoup(client.get(body["url"], headers=HTML).text, "html.parser")
+    form = soup.select_one("#placeholders form.replace-placeholders")
+    assert form["action"] == f"/datasets/{body['id']}/reimport"
+    assert form.textarea.text.splitlines() == ["name = ", "author = "]
+
+    # One value given, one left empty: only the given one is replaced.
+    done = client.post(
+        form["action"], data={"substitutions": "name = Kettlebot\nauthor = "}, headers=HTML
+    )
+    assert done.status_code == 200 and done.url.path == f"/datasets/{body['id']}"
+    texts = [m["content"] for r in _rows_of(settings, body["id"]) for m in r["messages"]]
+    assert "{{author}} built me, Kettlebot." in texts
+    soup = BeautifulSoup(done.text, "html.parser")
+    assert "{{name}} → “Kettlebot” (3 times)" in " ".join(
+        soup.select_one("#substitutions").text.split()
+    )
+    assert soup.select_one("#placeholders textarea").text.splitlines() == ["author = "]
+    assert client.get(f"/api/datasets/{body['id']}").json()["status"] == "ready"
+
+    refused = client.post(form["action"], data={"substitutions": "name Kettlebot"}, headers=HTML)
+    assert refused.status_code == 400
+    assert "Line 1 of substitutions has no &#39;=&#39;" in refused.text or (
+        "Line 1 of substitutions has no '='" in refused.text
+    )

@@ -286,3 +286,98 @@ def test_a_running_job_whose_lease_expired_reads_as_lost_contact_not_running(set
     assert ">running<" not in page.text
     listed = client.get("/jobs", headers={"accept": "text/html"})
     assert "lost contact" in listed.text
+
+    shown = client.get(f"/api/jobs/{job.id}").json()
+    assert shown["status"] == "lost_contact"
+    assert shown["error_message"].startswith("No worker has renewed this job's lease since ")
+    assert "System page" in shown["error_hint"]
+    listed_api = client.get("/api/jobs").json()["jobs"]
+    assert [j["status"] for j in listed_api if j["id"] == job.id] == ["lost_contact"]
+
+
+def test_a_running_job_whose_worker_renews_its_lease_reads_running_in_the_api(settings, db, client):
+    job = add_job(db, settings)
+    assert queue.claim_next_job(db, "live-worker", 60) is not None
+    shown = client.get(f"/api/jobs/{job.id}").json()
+    assert shown["status"] == "running"
+    assert shown["error_message"] is None
+
+
+# --- PostgreSQL faults: the same typed errors as SQLite's -----------------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_postgresql_server_that_does_not_answer_is_a_503_saying_so(tmp_path):
+    port = _closed_port()
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/tuneboard"
+    settings = Settings(data_dir=tmp_path / "data", database_url=url)
+    settings.ensure_dirs()
+    client = TestClient(create_app(settings), base_url="http://127.0.0.1")
+
+    page = client.get("/api/jobs")
+    assert page.status_code == 503
+    error = page.json()["error"]
+    assert error["code"] == "database_unreachable"
+    assert error["message"].startswith(
+        f"The PostgreSQL server 127.0.0.1:{port}/tuneboard cannot be reached (connection"
+    )
+    assert "pg_isready" in error["hint"]
+    html = client.get("/jobs", headers={"accept": "text/html"})
+    assert html.status_code == 503
+    assert "cannot be reached" in html.text
+
+    health = client.get("/healthz").json()
+    assert health["database"] == "unreachable"
+    assert health["database_problem"]["code"] == "database_unreachable"
+
+
+def test_a_postgresql_connection_the_server_terminates_is_the_same_clear_error(pg_db, tmp_path):
+    from sqlalchemy import text
+
+    from app import faults
+    from tests.conftest import POSTGRES_URL
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=POSTGRES_URL)
+    with pg_db.engine.connect() as doomed, pg_db.engine.connect() as admin:
+        pid = doomed.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        admin.commit()
+        with pytest.raises(Exception) as raised:
+            doomed.execute(text("SELECT 1"))
+    fault = faults.classify(raised.value, settings)
+    assert isinstance(fault, faults.DatabaseUnreachable)
+    assert "terminating connection" in fault.message
+    assert fault.message.startswith("The PostgreSQL server ")
+    assert fault.status_code == 503
+
+
+def test_a_read_only_postgresql_database_is_found_by_the_health_probe(pg_db, tmp_path):
+    from sqlalchemy import text
+
+    from tests.conftest import POSTGRES_URL
+
+    name = pg_db.engine.url.database
+    settings = Settings(data_dir=tmp_path / "data", database_url=POSTGRES_URL)
+    settings.ensure_dirs()
+    with pg_db.engine.connect() as admin:
+        admin.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+        admin.commit()
+    try:
+        with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+            health = client.get("/healthz").json()
+    finally:
+        with pg_db.engine.connect() as admin:
+            admin.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_read_only'))
+            admin.commit()
+    problem = health["database_problem"]
+    assert health["database_writable"] is False
+    assert problem["code"] == "database_read_only"
+    assert problem["message"].startswith("The PostgreSQL server ")
+    assert "accepts no writes" in problem["message"]

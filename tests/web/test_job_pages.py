@@ -262,7 +262,7 @@ def test_a_tracker_that_is_not_installed_is_neither_offered_nor_accepted(
     assert response.status_code == 201, response.text
 
 
-def test_run_card_shows_duration_final_losses_and_what_ran(client, db):
+def test_run_card_shows_duration_final_losses_tokens_and_what_ran(client, db):
     from devkit.simulated_run import metric_row
 
     claim = start_running_job(db, total=60)
@@ -276,9 +276,30 @@ def test_run_card_shows_duration_final_losses_and_what_ran(client, db):
     assert run.endswith("s") and "not started" not in run
     assert soup.select_one(".run-loss").text == f"{metric_row(60)['loss']:.4f}"
     assert soup.select_one(".run-eval-loss").text == f"{metric_row(50)['eval_loss']:.4f}"
+    assert soup.select_one(".run-tokens").text == f"{60 * metric_row(1)['tokens']:,}"
     # The job asked for nf4 (the default); the page says the CPU run did not use it.
     note = soup.select_one(".quantization-ran").text
     assert "not used: fp32 LoRA on the CPU" in note
+
+
+def test_a_job_that_reports_to_tensorboard_names_its_event_folder_and_the_command(
+    client, db, settings
+):
+    from tests.fakes.jobs import add_job
+
+    job = add_job(db, settings, report_to="tensorboard")
+    folder = settings.layout.tensorboard_dir(job.id).resolve()
+    logs = page(client, f"/jobs/{job.id}").select_one(".tensorboard-logs")
+    assert "No event files yet" in logs.text
+    assert logs.select_one("pre code").text == f"tensorboard --logdir {folder}"
+
+    folder.mkdir(parents=True)
+    (folder / "events.out.tfevents.1733472000.host.1.0").write_bytes(b"\0" * 16)
+    logs = page(client, f"/jobs/{job.id}").select_one(".tensorboard-logs")
+    assert " ".join(logs.p.text.split()).startswith(f"1 event file in {folder}.")
+
+    plain = add_job(db, settings, name="no tracker")
+    assert page(client, f"/jobs/{plain.id}").select_one(".tensorboard-logs") is None
 
 
 def test_system_page_says_cpu_only_for_a_worker_that_found_no_gpu(client, db):
@@ -303,6 +324,7 @@ def test_a_setting_of_another_training_method_is_refused_not_ignored(client, db,
         ({"beta": 0.5}, "beta", "beta is a setting of dpo and orpo, not of sft"),
         ({"method": "orpo", "loss_type": "ipo"}, "loss_type", "loss_type is a setting of dpo"),
         ({"method": "dpo", "train_on": "all"}, "train_on", "train_on is a setting of sft"),
+        ({"method": "orpo", "long_text": "cut"}, "long_text", "long_text is a setting of sft"),
         ({"method": "kto"}, "method", "Input should be 'sft', 'dpo' or 'orpo'"),
         ({"method": {}}, "method", "Input should be 'sft', 'dpo' or 'orpo'"),  # found by fuzzing
         ({"method": "dpo", "gpus": 2}, "gpus", "dpo trains on one GPU for now"),
@@ -398,3 +420,49 @@ def test_the_new_job_form_shows_the_chosen_methods_fields_only(client, db, setti
     # The method shows in the jobs list and on the job page.
     assert page(client, "/jobs").select_one(f"#job-{job.id} .method-tag").text == "DPO"
     assert page(client, f"/jobs/{job.id}").select_one("#job-header h1 .method-tag").text == "DPO"
+
+
+def test_every_kind_of_request_error_starts_with_a_capital_letter(client, db, settings):
+    """A 422 names the field inside a sentence, not as its first word ("max_seq_len: ...")."""
+    from tests.fakes.jobs import add_dataset
+
+    dataset_id = add_dataset(db, settings)
+    answers = [
+        client.post("/api/jobs", json={"dataset_id": dataset_id, "max_seq_len": 10**9}),
+        client.post("/api/jobs", json={"dataset_id": dataset_id, "lora_targets": ["q", "q"]}),
+        client.get("/api/jobs/1/events", params={"after": "²"}),
+        client.post("/api/datasets", files={"file": ("notes.txt", b"hello")}),
+        client.post(
+            "/api/datasets", data={"column_mapping": "[]"}, files={"file": ("a.jsonl", b"")}
+        ),
+    ]
+    for answer in answers:
+        message = answer.json()["error"]["message"]
+        assert answer.status_code >= 400 and message[0].isupper(), (answer.status_code, message)
+    assert answers[0].json()["error"]["message"].startswith("Field max_seq_len: ")
+
+
+def test_a_gpu_run_without_liger_says_what_it_cost_and_how_to_install_it(client, db, settings):
+    from app.models import BaseModelEntry
+    from app.verified_versions import LIGER_MISSING
+    from tests.fakes.jobs import MODEL, add_job
+
+    job = add_job(db, settings, micro_batch_size=2, max_seq_len=4096)
+    with db.write() as s:  # a Llama-3 vocabulary
+        entry = s.get(BaseModelEntry, MODEL) or BaseModelEntry(name=MODEL, source="x")
+        entry.vocab_size = 128256
+        s.add(entry)
+    plain = page(client, f"/jobs/{job.id}")
+    assert plain.select_one(".missing-kernel") is None
+
+    claim = queue.claim_next_job(db, "gpu-worker", 60)
+    queue.update_progress(
+        db, claim.job_id, claim.attempt, compute_mode=f"4-bit NF4 QLoRA, {LIGER_MISSING}"
+    )
+    note = page(client, f"/jobs/{job.id}").select_one(".missing-kernel")
+    text = " ".join(note.text.split())
+    # 8,192 tokens x 128,256 entries x (2 + 4) bytes = 5.87 GiB of logits
+    assert "about 5.9 GiB here (8,192 tokens x 128,256 vocabulary entries" in text
+    assert "pip install liger-kernel==0.8.5" in text and "restart the worker" in text
+    header = client.get(f"/partials/jobs/{job.id}/header").text
+    assert "missing-kernel" in header

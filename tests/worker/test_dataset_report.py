@@ -155,21 +155,49 @@ def test_the_sample_shows_which_tokens_are_trained(db, settings, demo_model, tmp
     assert "&lt;" not in rendered and "<b>this</b>" in rendered  # stored raw; escaped by the page
 
 
+def report_at_64_tokens(db, settings, demo_model, path, rows: list[dict]):
+    """Import `rows` from a file at `path`, compute their report at max length 64: (dataset,
+    the report's result)."""
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dataset = datasets.import_local_file(db, settings, path, name=path.stem)
+    dataset_reports.request_report(db, dataset, base_model=demo_model.name, max_seq_len=64)
+    run_pending_reports(settings)
+    return dataset, dataset_reports.latest_done_report(db, dataset.id).result
+
+
 def test_a_row_with_nothing_trained_after_the_cut_is_counted_as_dropped(
     db, settings, demo_model, tmp_path
 ):
     long_question = " ".join(["kettle"] * 300)
     rows = [conversation(long_question, "Yes.")] * 3
-    path = tmp_path / "long.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    dataset = datasets.import_local_file(db, settings, path, name="long")
-    dataset_reports.request_report(db, dataset, base_model=demo_model.name, max_seq_len=64)
-    run_pending_reports(settings)
-    result = dataset_reports.latest_done_report(db, dataset.id).result
+    _, result = report_at_64_tokens(db, settings, demo_model, tmp_path / "long.jsonl", rows)
     assert result["rows"] == 2 and result["eval_rows"] == 1
     over = result["over_max"]
     assert (over["rows"], over["truncated"], over["dropped"], over["tokens_cut"]) == (2, 0, 2, 0)
     assert result["examples_per_epoch"] == 0 and result["tokens_per_epoch"] == 0
+
+
+def test_long_plain_text_rows_are_reported_as_split_into_chunks_not_cut(
+    client, db, settings, demo_model, tmp_path
+):
+    text = " ".join(f"The kettle number {i} boils water." for i in range(60))
+    rows = [{"text": text}] * 3 + [{"text": "A short row."}]
+    dataset, result = report_at_64_tokens(db, settings, demo_model, tmp_path / "book.jsonl", rows)
+
+    over = result["over_max"]
+    long_rows = over["rows"]
+    assert long_rows >= 2 and over["split"] == long_rows
+    assert (over["truncated"], over["dropped"], over["tokens_cut"]) == (0, 0, 0)
+    assert over["chunks"] >= 4 * long_rows
+    assert result["tokens_per_epoch"] == result["total_tokens"]  # nothing lost
+    assert result["examples_per_epoch"] == over["chunks"] + result["rows"] - long_rows
+    assert "Plain-text rows longer than the max length are split" in result["truncation_rule"]
+
+    shown = client.get(f"/datasets/{dataset.id}", headers=HTML).text
+    assert (
+        f"{long_rows} plain-text rows split into {over['chunks']} chunks of at most 64 tokens "
+        "(nothing lost)"
+    ) in shown
 
 
 def test_a_tokenizer_without_a_chat_template_offers_chatml(

@@ -283,3 +283,28 @@ def test_fused_mlps_match_peft_on_4bit_weights_in_less_memory(llama_1b, demo_row
         )
     finally:
         recipe.cleanup()
+
+
+def test_a_gpu_run_without_liger_says_so_and_the_benchmark_arm_refuses_to_measure_it(
+    llama_1b, demo_rows, tmp_path, monkeypatch
+):
+    """Liger blocked as if not installed: the compute mode says the run went without it (the job
+    page reads that), and the benchmark's Tuneboard arm stops instead of timing a slower recipe."""
+    import sys
+
+    from app.verified_versions import LIGER_MISSING
+    from bench.train import require_product_kernels
+
+    for name in [m for m in sys.modules if m.startswith("liger_kernel")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import liger_kernel... fails
+    control = LocalControl()
+    recipe = SFTRecipe(_config(), llama_1b, tmp_path, ListSink(), control, rows_path=demo_rows)
+    recipe.setup()
+    try:
+        assert recipe.missing_kernels == ["liger-kernel"] and not recipe.liger
+        assert control.fields["compute_mode"].endswith(LIGER_MISSING)
+        with pytest.raises(SystemExit, match="would run without liger-kernel"):
+            require_product_kernels(recipe)
+    finally:
+        recipe.cleanup()

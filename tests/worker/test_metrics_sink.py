@@ -13,7 +13,7 @@ from worker.metrics import process_rss_mib
 def test_the_sink_stores_a_dpo_steps_rewards_and_drops_keys_that_are_no_column(db):
     claim = start_running_job(db, method="dpo")
     sink = DatabaseSink(db, claim.job_id, claim.attempt)
-    row = metric_row(25) | preference_values(25) | {"tokens": 512, "step_seconds": 0.2}
+    row = metric_row(25) | preference_values(25) | {"tokens": 4096, "step_seconds": 0.2}
     sink.write(row)
     sink.flush()
 
@@ -21,7 +21,8 @@ def test_the_sink_stores_a_dpo_steps_rewards_and_drops_keys_that_are_no_column(d
     assert stored.reward_margin == row["reward_margin"]
     assert stored.eval_reward_accuracy == row["eval_reward_accuracy"]
     assert stored.rewards_rejected == row["rewards_rejected"] < 0
-    assert "tokens" not in metric_columns() and "step_seconds" not in metric_columns()
+    assert stored.tokens == 4096  # the Run card sums them: tokens trained
+    assert "step_seconds" not in metric_columns() and "steps" not in metric_columns()
     assert not sink.stale
 
 

@@ -102,6 +102,25 @@ def test_short_cpu_run_lowers_the_loss_and_saves_a_loadable_adapter(
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+def test_a_run_that_reports_to_tensorboard_writes_its_events_in_the_run_folder(
+    demo_model, demo_rows, tmp_path, monkeypatch
+):
+    pytest.importorskip("tensorboard", reason="the trackers extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from app.layout import tensorboard_in
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "restored after the test")
+    config = _config(max_steps=3, logging_every=1, report_to="tensorboard")
+    _run(config, demo_model, demo_rows, tmp_path)
+
+    (events,) = tensorboard_in(tmp_path).glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3]
+    assert not (tmp_path / "checkpoints" / "runs").exists()
+
+
 @pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(demo_model, demo_rows, tmp_path):
     config = _config(max_steps=6, save_every=3)
@@ -349,3 +368,37 @@ def test_gpu_processes_get_growable_allocator_segments_unless_the_operator_chose
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == expected
+
+
+def test_the_kernels_the_gpu_recipe_would_use_are_named_when_they_cannot_be_imported(
+    monkeypatch,
+):
+    """On one CUDA device the recipe uses liger-kernel; on the CPU and under FSDP it does not."""
+    import sys
+
+    from worker.training.loading import missing_kernels
+
+    for name in [m for m in sys.modules if m.startswith("liger_kernel")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as if not installed
+    assert missing_kernels(torch.device("cuda", 0), distributed=False) == ["liger-kernel"]
+    assert missing_kernels(torch.device("cuda", 0), distributed=True) == []
+    assert missing_kernels(torch.device("cpu"), distributed=False) == []
+
+
+def test_the_benchmarks_tuneboard_arm_stops_when_a_product_kernel_is_missing():
+    from types import SimpleNamespace
+
+    from bench.train import require_product_kernels
+
+    require_product_kernels(
+        SimpleNamespace(missing_kernels=[], compute_mode="fp32 LoRA on the CPU")
+    )
+    without = SimpleNamespace(
+        missing_kernels=["liger-kernel"], compute_mode="4-bit NF4 QLoRA, without Liger kernels"
+    )
+    with pytest.raises(SystemExit) as stopped:
+        require_product_kernels(without)
+    message = str(stopped.value)
+    assert message.startswith("The Tuneboard arm would run without liger-kernel")
+    assert "no figure is recorded" in message and "pip install liger-kernel==0.8.5" in message

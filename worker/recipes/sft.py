@@ -36,7 +36,7 @@ class SFTRecipe(LoRARecipe):
         cfg = self.config
         if self.train_examples is None:
             train_rows, eval_rows = self._rows()
-            args = (str(cfg.train_on), cfg.max_seq_len, self.chat_template)
+            args = (str(cfg.train_on), cfg.max_seq_len, self.chat_template, str(cfg.long_text))
             self.train_examples, stats = tokenize_rows(self.tokenizer, train_rows, *args)
             self.eval_examples, _ = tokenize_rows(self.tokenizer, eval_rows, *args)
             if notice := stats.notice(cfg.max_seq_len):

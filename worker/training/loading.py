@@ -120,6 +120,19 @@ def attention_implementation(model_dir: str, packing: bool, control: RunControl)
     return attention.register()
 
 
+def missing_kernels(device: torch.device, distributed: bool) -> list[str]:
+    """The kernel packages the benchmarked GPU recipe would use here but cannot import: on one
+    CUDA device, liger-kernel (its fused loss and SwiGLU). Empty on the CPU and under FSDP, where
+    the recipe does not use them."""
+    if device.type != "cuda" or distributed:
+        return []
+    try:
+        import liger_kernel.transformers.monkey_patch  # noqa: F401
+    except Exception:  # not installed, or no triton for this GPU
+        return ["liger-kernel"]
+    return []
+
+
 def apply_liger_kernels(
     model: Any, device: torch.device, distributed: bool, control: RunControl
 ) -> bool:

@@ -21,7 +21,9 @@ from typing import Any, ClassVar
 import torch
 from transformers import PrinterCallback, TrainingArguments
 
+from app.layout import tensorboard_in
 from app.train_config import Quantization, TrainConfig
+from app.verified_versions import LIGER_MISSING
 from worker import checkpoints
 from worker.control import RunControl
 from worker.data import read_rows
@@ -88,6 +90,7 @@ class LoRARecipe:
         self.quantization_used: Quantization | None = None  # set when the base model loads
         self.offload_stream: Any = None  # made by the first offloaded step (activation_offload)
         self.liger = False
+        self.missing_kernels: list[str] = []  # what the GPU recipe would use but cannot import
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -112,11 +115,14 @@ class LoRARecipe:
         self.model, self.compute_mode, self.quantization_used = loading.load_base_model(
             self.model_dir, self.model_path, self.config, self.device, self.world_size, attn
         )
+        self.missing_kernels = loading.missing_kernels(self.device, self.distributed)
         self.liger = loading.apply_liger_kernels(
             self.model, self.device, self.distributed, self.control
         )
         if self.liger:
             self.compute_mode += ", Liger kernels"
+        elif "liger-kernel" in self.missing_kernels:
+            self.compute_mode += f", {LIGER_MISSING}"  # the job page says what it costs
         self.model = loading.attach_lora(self.model, self.config)
         if loading.fuse_lora_mlps(self.model, self.distributed):
             self.compute_mode += ", fused LoRA MLPs"
@@ -226,6 +232,10 @@ class LoRARecipe:
 
     def _build_trainer(self) -> RecipeTrainer:
         cfg = self.config
+        if str(cfg.report_to) == "tensorboard":
+            # transformers' TensorBoardCallback reads its folder from this variable (else a
+            # dated folder under the checkpoints); the job page names this one.
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_in(self.output_dir))
         on_cuda = self.device.type == "cuda"
         has_eval = bool(self.eval_batches)
         args = TrainingArguments(

@@ -50,6 +50,9 @@ MAX_ERROR_DETAILS = 50
 # `{{name}}`, `{{ author }}`: left by identity-style templates (LLaMA-Factory's identity.json) that
 # expect a substitution before training; trained as they are, the model learns the braces.
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+PLACEHOLDER_NAME = re.compile(r"[A-Za-z_][\w.]*")
+MAX_SUBSTITUTIONS = 50
+MAX_SUBSTITUTION_CHARS = 1000
 
 
 @dataclass
@@ -75,6 +78,9 @@ class IngestResult:
     eval_lines: list[int] = field(default_factory=list, repr=False)
     # Rows that still hold template placeholders: {"rows", "names", "line", "example"}, or {}.
     placeholders: dict[str, Any] = field(default_factory=dict)
+    # The substitutions asked for at upload (name -> value) and how often each was made.
+    substitutions: dict[str, str] = field(default_factory=dict)
+    substituted: dict[str, int] = field(default_factory=dict)
 
     @property
     def report(self) -> dict[str, Any]:
@@ -87,6 +93,11 @@ class IngestResult:
             "errors_shown": len(self.errors),
             "train_rows": self.train_rows,
             **({"placeholders": self.placeholders} if self.placeholders else {}),
+            **(
+                {"substitutions": self.substitutions, "substituted": self.substituted}
+                if self.substitutions
+                else {}
+            ),
         }
 
 
@@ -100,8 +111,12 @@ def ingest_dataset(
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
     max_eval_rows: int = MAX_EVAL_ROWS,
     limits: IngestLimits | None = None,
+    substitutions: dict[str, str] | None = None,
 ) -> IngestResult:
     """Read, validate and normalise `raw_path`; write `normalized.jsonl` and `split.json` beside it.
+
+    `substitutions` (checked by `check_substitutions`) replaces each `{{name}}` placeholder in the
+    rows' texts with its value before they are written; placeholders left are reported.
 
     Raises DatasetFileError / DatasetFormatError when the file as a whole cannot be used, and
     DatasetTooLarge when its rows would take more than `limits.output_max_bytes`.
@@ -128,6 +143,7 @@ def ingest_dataset(
     counts: Counter[str] = Counter()
     valid_lines = array("Q")  # 8 bytes a row: enough to pick the eval rows by line afterwards
     placeholders = _Placeholders()
+    substituted: Counter[str] = Counter()
     folder = raw_path.parent
     normalized_path = folder / NORMALIZED_FILENAME
     with _atomic_file(normalized_path) as out:
@@ -139,6 +155,8 @@ def ingest_dataset(
             else:
                 assert raw.record is not None
                 normalized, problems = dataset_format.normalize(raw.line, raw.record)
+            if normalized is not None and substitutions:
+                normalized = _substitute(normalized, substitutions, substituted)
             if normalized is not None:
                 encoded = _encode(normalized, raw.line)
                 if not isinstance(encoded, RowError) and len(encoded) > limits.row_max_bytes:
@@ -199,7 +217,58 @@ def ingest_dataset(
         split_path=split_path,
         eval_lines=eval_lines,
         placeholders=placeholders.summary(),
+        substitutions=dict(substitutions or {}),
+        substituted={name: substituted[name] for name in substitutions or {}},
     )
+
+
+def check_substitutions(substitutions: dict[str, Any]) -> dict[str, str]:
+    """Placeholder name -> value, as ingest takes it; ValueError saying what is wrong."""
+    if len(substitutions) > MAX_SUBSTITUTIONS:
+        raise ValueError(
+            f"There are {len(substitutions)} substitutions; at most {MAX_SUBSTITUTIONS} are taken"
+        )
+    checked = {}
+    for name, value in substitutions.items():
+        name = name.strip().removeprefix("{{").removesuffix("}}").strip()
+        if not PLACEHOLDER_NAME.fullmatch(name):
+            raise ValueError(
+                f"The name {name!r} is not a placeholder name: a name is letters, digits, _ and . "
+                "(as in {{name}} or {{author}}), starting with a letter or _"
+            )
+        if not isinstance(value, str):
+            raise ValueError(f"The value for {name} must be text")
+        if len(value) > MAX_SUBSTITUTION_CHARS:
+            raise ValueError(
+                f"The value for {name} has {len(value)} characters; at most "
+                f"{MAX_SUBSTITUTION_CHARS} are taken"
+            )
+        checked[name] = value
+    return checked
+
+
+def _substitute(value: Any, substitutions: dict[str, str], counts: Counter[str]) -> Any:
+    """The row with `{{name}}` replaced in every text (not in roles or line numbers)."""
+    if isinstance(value, str):
+        if "{{" not in value:
+            return value
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in substitutions:
+                return match.group(0)
+            counts[name] += 1
+            return substitutions[name]
+
+        return PLACEHOLDER.sub(replace, value)
+    if isinstance(value, list):
+        return [_substitute(item, substitutions, counts) for item in value]
+    if isinstance(value, dict):
+        return {
+            key: item if key in ("role", "line") else _substitute(item, substitutions, counts)
+            for key, item in value.items()
+        }
+    return value
 
 
 class _Placeholders:

@@ -80,7 +80,7 @@ def file_type_of(filename: str) -> str:
     suffix = Path(display_filename(filename)).suffix.lower().lstrip(".")
     if suffix not in ACCEPTED_FILE_TYPES:
         accepted = ", ".join(f".{t}" for t in ACCEPTED_FILE_TYPES)
-        shown = f'".{suffix}" files are' if suffix else "files without an extension are"
+        shown = f'Files of type ".{suffix}" are' if suffix else "Files without an extension are"
         raise UnsupportedFileType(
             f"{shown} not accepted; upload one of: {accepted}",
             hint="Export the data as JSON Lines (.jsonl), one example per line.",
@@ -130,11 +130,13 @@ def create_dataset(
     name: str | None = None,
     column_mapping: dict[str, str] | None = None,
     drop_bad_rows: bool = False,
+    substitutions: dict[str, str] | None = None,
 ) -> Dataset:
     """Move a received upload into its own folder, ingest it and record it.
 
     Raises DatasetError (nothing is kept) when the file as a whole cannot be used; a file with bad
-    rows is kept with status invalid unless `drop_bad_rows`.
+    rows is kept with status invalid unless `drop_bad_rows`. `substitutions` (placeholder name ->
+    value) are made in the rows and kept in the dataset's report, so a re-import makes them too.
     """
     file_type = file_type_of(filename)
     dataset_id = uuid.uuid4().hex
@@ -151,6 +153,7 @@ def create_dataset(
             column_mapping=column_mapping,
             drop_bad_rows=drop_bad_rows,
             limits=IngestLimits.from_settings(settings),
+            substitutions=substitutions,
         )
         shown_name = display_filename(filename)
         dataset = Dataset(
@@ -316,10 +319,16 @@ def _remove_folder(settings: Settings, dataset_id: str) -> None:
 
 
 def reimport_dataset(
-    db: Database, settings: Settings, dataset_id: str, *, drop_bad_rows: bool = True
+    db: Database,
+    settings: Settings,
+    dataset_id: str,
+    *,
+    drop_bad_rows: bool = True,
+    substitutions: dict[str, str] | None = None,
 ) -> Dataset:
     """Ingest the stored upload again (same column mapping), e.g. dropping bad rows this time,
-    without uploading it again. Its token reports are deleted: the rows may have changed."""
+    or with placeholder `substitutions` (None: those of the last import), without uploading it
+    again. Its token reports are deleted: the rows may have changed."""
     dataset = get_dataset(db, dataset_id)
     refusal = delete_refusal(
         [j for j in jobs_using(db, dataset.id) if j.status in (JobStatus.queued, JobStatus.running)]
@@ -340,6 +349,9 @@ def reimport_dataset(
         drop_bad_rows=drop_bad_rows,
         split_seed=dataset.split_seed,
         limits=IngestLimits.from_settings(settings),
+        substitutions=substitutions
+        if substitutions is not None
+        else dataset.report.get("substitutions") or None,
     )
     with db.write() as session:
         row = session.get(Dataset, dataset.id)

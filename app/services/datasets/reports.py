@@ -52,7 +52,7 @@ def request_report(
         first = exc.errors()[0]
         name = str(first["loc"][0])
         raise ReportRequestError(
-            f"{name}: {first['msg']}", SETTING_HINTS.get(name, ""), status_code=422
+            f"Setting {name}: {first['msg']}", SETTING_HINTS.get(name, ""), status_code=422
         ) from exc
     max_seq_len, train_on = chosen.max_seq_len, chosen.train_on.value
     chat_template = chosen.chat_template.value if chosen.chat_template is not None else None

@@ -15,11 +15,12 @@ from starlette.datastructures import UploadFile
 
 from app.dataset_errors import DatasetError
 from app.errors import UserError, whole_number
-from app.models import Dataset, DatasetReport, SideWorkStatus
+from app.models import Dataset, DatasetReport, DatasetStatus, SideWorkStatus
 from app.services import datasets, model_registry, system
 from app.services.datasets import DatasetServiceError, hub
 from app.services.datasets import reports as dataset_reports
 from app.services.datasets.formats import MAPPABLE_FIELDS
+from app.services.datasets.ingest import check_substitutions
 from app.train_config import TokenReportSettings
 from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
@@ -55,7 +56,7 @@ async def upload_dataset(request: Request) -> Any:
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            return _bad_request('no file in the upload; send it as the multipart field "file"')
+            return _bad_request('No file in the upload; send it as the multipart field "file"')
         try:
             datasets.file_type_of(upload.filename or "")  # 415 before copying anything
             column_mapping = _column_mapping(form.get("column_mapping")) or _mapping_fields(form)
@@ -63,6 +64,14 @@ async def upload_dataset(request: Request) -> Any:
             return _error(exc)
         except ValueError as exc:
             return _bad_request(str(exc), 'Send it as JSON, e.g. {"prompt": "question"}.')
+        try:
+            substitutions = _substitutions(form.get("substitutions"))
+        except ValueError as exc:
+            return _bad_request(
+                str(exc),
+                "Write one substitution a line, e.g. name = Kettlebot, or send a JSON object "
+                'such as {"name": "Kettlebot", "author": "Acme"}.',
+            )
         drop_bad_rows = str(form.get("drop_bad_rows") or "").lower() in ("1", "true", "on", "yes")
         name = form.get("name")
         try:
@@ -77,6 +86,7 @@ async def upload_dataset(request: Request) -> Any:
                 name=name if isinstance(name, str) and name.strip() else None,
                 column_mapping=column_mapping,
                 drop_bad_rows=drop_bad_rows,
+                substitutions=substitutions,
             )
         except (DatasetServiceError, DatasetError) as exc:
             return _error(exc)
@@ -98,24 +108,57 @@ def _mapping_fields(form: Any) -> dict[str, str] | None:
     return mapping or None
 
 
-def _column_mapping(raw: object) -> dict[str, str] | None:
+def _form_text(raw: object, field: str) -> str | None:
+    """A text field of the upload form, stripped; None when left empty."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
     if not isinstance(raw, str):
-        raise ValueError("column_mapping must be a JSON object")
+        raise ValueError(f"The {field} field must be text")
+    return raw.strip()
+
+
+def _flat_json_object(text: str, field: str, shape: str) -> dict[str, str]:
+    """`text` as one flat JSON object of strings (`shape` says what it maps)."""
     try:
-        value = json.loads(raw)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"column_mapping is not valid JSON: {exc.msg}") from None
+        raise ValueError(f"The {field} field is not valid JSON: {exc.msg}") from None
     except RecursionError:
-        raise ValueError(
-            "column_mapping is nested too deeply; it is one flat JSON object"
-        ) from None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise ValueError("column_mapping must be a JSON object of field -> column name")
+        raise ValueError(f"The {field} field is nested too deeply; it is one flat object") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"The {field} field must be a JSON object of {shape}")
+    return value
+
+
+def _column_mapping(raw: object) -> dict[str, str] | None:
+    text = _form_text(raw, "column_mapping")
+    if text is None:
+        return None
+    value = _flat_json_object(text, "column_mapping", "field -> column name")
+    if not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("The column_mapping field must be a JSON object of field -> column name")
     return value or None
+
+
+def _substitutions(raw: object) -> dict[str, str] | None:
+    """The upload's `substitutions`: a JSON object of placeholder name -> value, or (the upload
+    page's text box) one `name = value` a line; a line with nothing after `=` is skipped."""
+    text = _form_text(raw, "substitutions")
+    if text is None:
+        return None
+    if text.startswith(("{", "[")):
+        pairs = _flat_json_object(text, "substitutions", "name -> value")
+    else:
+        pairs = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            name, equals, replacement = line.partition("=")
+            if not equals:
+                raise ValueError(f"Line {number} of substitutions has no '=': {line.strip()!r}")
+            if replacement.strip():  # "author =" with nothing after it: not given yet
+                pairs[name.strip()] = replacement.strip()
+    return check_substitutions(pairs) or None
 
 
 def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:
@@ -328,13 +371,45 @@ async def request_report_from_form(
 
 
 @router.post("/datasets/{dataset_id}/reimport", include_in_schema=False, response_model=None)
-def reimport_from_page(
+async def reimport_from_page(
     request: Request, dataset_id: str, db: DbDep, settings: SettingsDep
 ) -> HTMLResponse | RedirectResponse:
-    dataset = _dataset_or_404(db, dataset_id)
+    """Re-import, dropping the bad rows; or, from the placeholders notice (its `substitutions`
+    box), with those substitutions and the rows kept or dropped as they were."""
+    dataset = await run_in_threadpool(_dataset_or_404, db, dataset_id)
+    form = await request.form(max_files=0, max_fields=5)
+    try:
+        substitutions = _substitutions(form.get("substitutions"))
+    except ValueError as exc:
+        error = DatasetServiceError(
+            str(exc), "Write one substitution a line, e.g. name = Kettlebot."
+        )
+        context = await run_in_threadpool(_detail_context, db, settings, dataset)
+        return render(request, "datasets/detail.html", status_code=400, error=error, **context)
+    finally:
+        await form.close()
+    return await run_in_threadpool(
+        _reimport_page, request, db, settings, dataset, substitutions, "substitutions" in form
+    )
+
+
+def _reimport_page(
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    dataset: Dataset,
+    substitutions: dict[str, str] | None,
+    substituting: bool,
+) -> HTMLResponse | RedirectResponse:
     previous = dataset_reports.latest_report(db, dataset.id)
     try:
-        dataset = datasets.reimport_dataset(db, settings, dataset.id, drop_bad_rows=True)
+        dataset = datasets.reimport_dataset(
+            db,
+            settings,
+            dataset.id,
+            drop_bad_rows=not substituting or dataset.status == DatasetStatus.ready,
+            substitutions=substitutions if substituting else None,
+        )
     except (DatasetServiceError, DatasetError) as exc:
         status = exc.status_code
         context = _detail_context(db, settings, dataset)

@@ -49,13 +49,15 @@ def compare_jobs(db: DbDep, ids: Annotated[list[str], Query()]) -> dict[str, Any
 
 
 @router.get("/api/jobs")
-def list_jobs(db: DbDep) -> dict[str, list[Job]]:
-    return {"jobs": queue.list_jobs(db)}
+def list_jobs(db: DbDep) -> dict[str, list[dict[str, Any]]]:
+    """Every job; a running one whose worker no longer renews its lease reads "lost_contact"."""
+    return {"jobs": [job_views.api_view(job) for job in queue.list_jobs(db)]}
 
 
 @router.get("/api/jobs/{job_id}")
-def get_job(job_id: JobId, db: DbDep) -> Job:
-    return queue.get_job(db, job_id)
+def get_job(job_id: JobId, db: DbDep) -> dict[str, Any]:
+    """The job; status "lost_contact" (not "running") when its worker no longer renews its lease."""
+    return job_views.api_view(queue.get_job(db, job_id))
 
 
 @router.post("/api/jobs/{job_id}/cancel")
@@ -145,6 +147,7 @@ def _header_context(db: DbDep, job_id: int) -> dict[str, Any]:
         "job": job,
         "eta_seconds": job_views.eta_seconds(db, job),
         "adapter": job_views.adapter_for(db, job_id),
+        "missing_kernel": job_views.missing_kernel(db, job),
     }
 
 
@@ -272,6 +275,7 @@ def job_page(request: Request, job_id: JobId, db: DbDep, settings: SettingsDep) 
         dataset=dataset,
         mix=job_views.dataset_mix(db, settings.layout, job),
         run=job_views.run_facts(db, job),
+        tensorboard=job_views.tensorboard_logs(settings, job),
         log_lines=jobs.log_tail(settings, job),
         config=TrainConfig.model_validate(job.config),
         charts=job_views.charts_for(db, job),
