@@ -203,7 +203,7 @@ def label(name: str) -> str:
 
 def published_config(name: str) -> Any:
     """The transformers config of a published model's architecture."""
-    return _config(architecture(name))
+    return make_config(architecture(name))
 
 
 def tiny_architecture(family: str, vocab_size: int) -> dict[str, Any]:
@@ -229,7 +229,7 @@ def tiny_architecture(family: str, vocab_size: int) -> dict[str, Any]:
 
 
 def tiny_config(family: str, vocab_size: int) -> Any:
-    return _config(tiny_architecture(family, vocab_size))
+    return make_config(tiny_architecture(family, vocab_size))
 
 
 def save_random_model(config: Any, folder: Path, *, seed: int, dtype: Any = None) -> None:
@@ -249,7 +249,7 @@ def save_random_model(config: Any, folder: Path, *, seed: int, dtype: Any = None
     del model
 
 
-def _config(values: dict[str, Any]) -> Any:
+def make_config(values: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
     values = dict(values)
