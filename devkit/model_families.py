@@ -18,81 +18,71 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-_LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
+# What every Llama-3.x config.json shares; each model's own values follow.
+_LLAMA3 = {
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
 }
+
+
+def _llama3(rope_factor: float, **values: Any) -> dict[str, Any]:
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": rope_factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    return {**_LLAMA3, "rope_parameters": rope, **values}
+
 
 # name -> (label, model_type, the published config.json's architecture values)
 PUBLISHED: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama-3.2-1b": (
         "Llama-3.2-1B",
         "llama",
-        {
-            "hidden_size": 2048,
-            "intermediate_size": 8192,
-            "num_hidden_layers": 16,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 64,
-            "vocab_size": 128256,
-            "max_position_embeddings": 131072,
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": True,
-            "rope_parameters": {**_LLAMA3_ROPE, "factor": 32.0},
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "bos_token_id": 128000,
-            "eos_token_id": 128001,
-        },
+        _llama3(
+            32.0,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            head_dim=64,
+            tie_word_embeddings=True,
+        ),
     ),
     "llama-3.2-3b": (
         "Llama-3.2-3B",
         "llama",
-        {
-            "hidden_size": 3072,
-            "intermediate_size": 8192,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 24,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "vocab_size": 128256,
-            "max_position_embeddings": 131072,
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": True,
-            "rope_parameters": {**_LLAMA3_ROPE, "factor": 32.0},
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "bos_token_id": 128000,
-            "eos_token_id": 128001,
-        },
+        _llama3(
+            32.0,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=28,
+            num_attention_heads=24,
+            tie_word_embeddings=True,
+        ),
     ),
     "llama-3.1-8b": (
         "Llama-3.1-8B",
         "llama",
-        {
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "vocab_size": 128256,
-            "max_position_embeddings": 131072,
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False,
-            "rope_parameters": {**_LLAMA3_ROPE, "factor": 8.0},
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "bos_token_id": 128000,
-            "eos_token_id": 128001,
-        },
+        _llama3(
+            8.0,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            tie_word_embeddings=False,
+        ),
     ),
     # Qwen2 hard-codes bias on q, k and v (not o); sliding windows are off (use_sliding_window).
     "qwen2.5-7b": (
