@@ -126,3 +126,6 @@ _._decoder_layers  # worker/training/recipe.py
 
 # A path the layout owns that app/dataset_store.py still builds from its own constant.
 _.normalized_rows  # app/layout.py
+
+# The start timing's figures as numbers: bench/train.py reports them (the job page takes `summary`).
+_.as_dict  # worker/training/start_timing.py

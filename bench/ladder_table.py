@@ -119,6 +119,8 @@ def note(r: dict) -> str:
     parts = []
     if r.get("memory_policy"):
         parts.append(f"checkpointing {r['memory_policy']}")
+    if r.get("start") and r["start"].get("total_s") is not None:
+        parts.append(train.start_note(r))
     if r.get("alloc_retries"):
         parts.append(f"{r['alloc_retries']} allocator retries")
     return _clean(", ".join(parts))

@@ -444,6 +444,7 @@ def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
         "memory_policy_reason": fields.get("memory_policy_reason"),
         "compute_mode": fields.get("compute_mode"),
         "notice": fields.get("notice"),
+        "start": recipe.start_timing.as_dict(),
     }
 
 
@@ -661,13 +662,24 @@ def throughput_rows(args, results: list[dict]) -> list[str]:
                 f"{r['step0_loss']:.4f}" if r.get("step0_loss") is not None else "-",
                 f"{r['steps_run']} steps, {r['real_tokens_per_step']:,.0f} real tok/step"
                 + (f", checkpointing {r['memory_policy']}" if r.get("memory_policy") else "")
-                + (", packed" if r["arm"].startswith("tuneboard") else ""),
+                + (", packed" if r["arm"].startswith("tuneboard") else "")
+                + (f", {start_note(r)}" if r.get("start") else ""),
             ]
         else:
             note = short_status(r).replace("|", "/").replace("\n", " ")[:160]
             cells += ["-"] * 8 + [note]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def start_note(r: dict) -> str:
+    """Tuneboard's setup to first optimizer step, itemised (worker/training/start_timing.py)."""
+    t = r["start"]
+    return (
+        f"start {t['total_s']:.1f} s (model load {t.get('model_load_s', 0):.1f}, "
+        f"{t['trial_steps']} trial steps {t.get('memory_policy_s', 0):.1f}, "
+        f"first step {t['first_step_s']:.1f})"
+    )
 
 
 def fmt_gib(x) -> str:

@@ -41,6 +41,8 @@ def test_the_ladder_measures_each_cap_and_finds_the_longest_sequence_that_fits(
         assert cells[(arm, 8.0)].get("ok"), cells[(arm, 8.0)]
         assert cells[(arm, 8.0)]["tokens_per_s"] > 0
     assert "import unsloth failed" in cells[("unsloth", 8.0)]["skipped"]
+    start = cells[("tuneboard", 8.0)]["start"]  # setup to first step, itemised
+    assert start["total_s"] >= start["model_load_s"] + start["first_step_s"] > 0
     # 1 "GiB" (64 tokens): 128 x 2 does not fit; halving finds 64, bisection rules out 96.
     tuneboard = cells[("tuneboard", 1.0)]
     assert tuneboard["oom"] and tuneboard["fits_longest"] == 64
@@ -60,6 +62,7 @@ def test_the_ladder_measures_each_cap_and_finds_the_longest_sequence_that_fits(
         line for line in table.splitlines() if line.startswith("| tiny-gemma2 (smoke) | fp32")
     )
     assert "no fused LoRA MLPs" in kernels and "soft-capping" in kernels
+    assert "start " in next(line for line in table.splitlines() if "| 8 | tuneboard |" in line)
 
     # The stages of one machine merge into one table; a later file's cell wins.
     later = json.loads((out / "ladder.json").read_text())
