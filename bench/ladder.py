@@ -54,27 +54,36 @@ def longest_fit(run: argparse.Namespace, arm: str, shape: str, model_path: Path)
     """The longest single sequence that trains one step under the cap, in --fit-probes probes:
     halving from --seq until one fits, then one bisection probe if any are left."""
     granule = run.fit_granule
-    longest, first_fail, probes = 0, run.seq, []
+    longest, probes = 0, []
+    first_fail: int | None = None  # at batch 1; None when --seq itself fits one sequence
 
-    def probe(seq: int) -> bool:
+    def probe(seq: int) -> str:
         tag = f"fit-{shape}-{arm}-cap{run.cap_gib:g}-{seq}"
         res = train.launch(run, arm, shape, "fixed", seq, 1, 1, 0, model_path, tag)
         probes.append((seq, train.outcome(res)))
-        return bool(res.get("ok"))
+        return probes[-1][1]
 
     seq = run.seq
     while len(probes) < run.fit_probes and seq >= granule:
-        if probe(seq):
+        result = probe(seq)
+        if result == "ok":
             longest = seq
+        if result != "oom":  # it fits; or the search was cut short (deadline) or broke
             break
         first_fail, seq = seq, seq // 2
-    middle = (longest + first_fail) // 2 // granule * granule
-    if longest and len(probes) < run.fit_probes and longest < middle < first_fail:
-        if probe(middle):
+    middle = (longest + (first_fail or 0)) // 2 // granule * granule
+    if first_fail and longest and len(probes) < run.fit_probes and longest < middle < first_fail:
+        result = probe(middle)
+        if result == "ok":
             longest = middle
-        else:
+        elif result == "oom":
             first_fail = middle
-    return {"fits_longest": longest, "fit_first_fail": first_fail, "fit_probes": probes}
+    searched = longest or all(outcome == "oom" for _, outcome in probes)
+    return {
+        "fits_longest": longest if searched else None,  # None: the search did not finish
+        "fit_first_fail": first_fail,
+        "fit_probes": probes,
+    }
 
 
 def main(argv: list[str]) -> None:
