@@ -138,3 +138,5 @@ _.normalized_rows  # app/layout.py
 _.nthread  # worker/export.py
 # Runs queued exports in the calling process: tests and `python -c` by hand (like run_pending_merges).
 run_pending_exports  # worker/export.py
+# The start timing's figures as numbers: bench/train.py reports them (the job page takes `summary`).
+_.as_dict  # worker/training/start_timing.py

@@ -154,6 +154,8 @@ class Job(SQLModel, table=True):
     memory_policy: str | None = None
     memory_policy_reason: str | None = None
     compute_mode: str | None = None  # e.g. "NF4 QLoRA on CUDA", "fp32 LoRA on CPU"
+    # claim to the first optimizer step, in parts (worker/training/start_timing.py)
+    start_timing: str | None = None
     download_done_bytes: int = 0
     download_total_bytes: int = 0
     vram_before_mib: int | None = None

@@ -140,6 +140,7 @@ def claim_next_job(
             error_kind=None,
             error_message=None,
             error_hint=None,
+            start_timing=None,  # the new attempt's, once its first step is done
         )
         .returning(col(Job.id), col(Job.attempt), col(Job.config))
     )
@@ -187,6 +188,7 @@ def update_progress(db: Database, job_id: int, attempt: int, **fields: Any) -> b
         "download_total_bytes",
         "vram_before_mib",
         "vram_after_mib",
+        "start_timing",
     }
     unknown = set(fields) - allowed
     if unknown:

@@ -14,6 +14,10 @@
 #   profile      8B step time and top operators per memory policy (bench/profile_step.py)
 #   dpo          DPO pairs/s, 8B shape, 22.5 GiB cap: TRL, Unsloth, Tuneboard (bench/preference.py)
 #   smoke        the CPU smoke run (checks the harness itself)
+#   ladder-first the consumer ladder's first stage (bench/ladder.py): Qwen2.5-7B, Gemma-2-9B,
+#                Llama-3.2-3B, Llama-3.2-1B at 7.5 and 11 GiB, fixed 2048, Unsloth vs Tuneboard
+#   ladder-CAP   the ladder at one cap (7.5, 11, 14.5, 22.5): LADDER_SHAPES (default all six),
+#                LADDER_DATA (default fixed; fixed,variable), BENCH_ARMS; LADDER_ARGS passes options
 # Env: GPU_TESTS_S: at most this long for the tests stage. BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too
 # late are listed as skipped. BENCH_ARMS (default standard,unsloth,tuneboard). BENCH_ARGS: extra
 # arguments for every bench/train.py call (e.g. "--steps 5 --warmup 2"). BENCH_DEADLINE: an
@@ -75,6 +79,14 @@ bench() {  # name, then bench/train.py arguments
     --deadline "$DEADLINE" --quiet-children "$@" ${BENCH_ARGS:-}
 }
 
+ladder() {  # name, then bench/ladder.py arguments; --reuse: a stage called again resumes
+  local name=$1; shift
+  # shellcheck disable=SC2086
+  python3 bench/ladder.py --name "$name" --out "$OUT" --work "$WORK" --cache "$CACHE" \
+    --site /tmp/site-tuneboard --unsloth-site /tmp/site-unsloth --deadline "$DEADLINE" \
+    --reuse --quiet-children "$@" ${LADDER_ARGS:-}
+}
+
 status=0
 for stage in "$@"; do
   left=$(( DEADLINE - $(date +%s) ))
@@ -102,6 +114,11 @@ for stage in "$@"; do
       --deadline "$DEADLINE" ${PREFERENCE_ARGS:-} || status=$? ;;
     smoke) python3 bench/train.py --smoke --name smoke --out "$OUT" --work "$WORK" \
       --cache "$CACHE" || status=$? ;;
+    ladder-first) ladder ladder-first --shapes qwen7b,gemma9b,3b,1b --caps 7.5,11 --data fixed \
+      --arms "${BENCH_ARMS:-unsloth,tuneboard}" --fit-probes 2 || status=$? ;;
+    ladder-7.5|ladder-11|ladder-14.5|ladder-22.5) ladder "$stage" --caps "${stage#ladder-}" \
+      --shapes "${LADDER_SHAPES:-1b,3b,8b,qwen7b,mistral7b,gemma9b}" \
+      --data "${LADDER_DATA:-fixed}" --arms "$ARMS" || status=$? ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done

@@ -23,100 +23,51 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # devkit, when run as a script
+
+from devkit import model_families as families  # noqa: E402
+
 ARMS = ("standard", "unsloth", "tuneboard")
 # Tuneboard with its memory policy forced instead of "auto" (e.g. to compare VRAM at equal policy).
 TUNEBOARD_VARIANTS = ("tuneboard-on", "tuneboard-off", "tuneboard-offload", "tuneboard-tiled")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 H200_BF16_PEAK_FLOPS = 790e12  # measured 8192^3 bf16 matmul on this workplace's H200 (KINDS.md)
 GIB = 1024**3
+SMOKE_TOKENS_PER_GIB = 64  # --smoke on the CPU: what a memory cap lets a step hold, in tokens
 
-# Exact architecture configs (meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B config.json).
+# The published architectures (devkit.model_families: each model's config.json values) and how
+# the harness runs them: `batch` sequences of --seq tokens a step (fixed data; Tuneboard's packed
+# rows), `var_batch` examples a step for the padded arms on variable-length data.
+RUN_KEYS = ("label", "batch", "var_batch")
+_PUBLISHED_SHAPES = {
+    "1b": ("llama-3.2-1b", 4, 16),
+    "3b": ("llama-3.2-3b", 2, 8),
+    "8b": ("llama-3.1-8b", 2, 8),
+    "qwen7b": ("qwen2.5-7b", 2, 8),
+    "mistral7b": ("mistral-7b-v0.3", 2, 8),
+    "gemma9b": ("gemma-2-9b", 2, 8),
+}
 SHAPES: dict[str, dict] = {
-    "1b": {
-        "label": "Llama-3.2-1B",
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "vocab_size": 128256,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        "batch": 4,
-        "var_batch": 16,
-    },
-    "8b": {
-        "label": "Llama-3.1-8B",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 128256,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        "batch": 2,
-        "var_batch": 8,
-    },
-    # The harness's own test shape: tiny, CPU, seconds.
-    "smoke": {
-        "label": "tiny-llama (smoke)",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "vocab_size": 1024,
-        "max_position_embeddings": 1024,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    key: {"label": families.label(name), **families.architecture(name), "batch": b, "var_batch": v}
+    for key, (name, b, v) in _PUBLISHED_SHAPES.items()
+}
+# The harness's own test shapes: tiny, CPU, seconds; one per family (`smoke` is the Llama).
+for _family in families.FAMILY_MODELS:
+    SHAPES["smoke" if _family == "llama" else f"smoke-{_family}"] = {
+        "label": f"tiny-{_family} (smoke)",
+        **families.tiny_architecture(_family, vocab_size=1024),
         "batch": 2,
         "var_batch": 4,
-    },
-}
-ARCH_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "rope_parameters",
-)
+    }
 
 
 def matmul_params(shape: dict) -> int:
     """N on the 4N basis: weights that take part in matrix products (every projection and lm_head;
     the embedding lookup is not a product)."""
     h, inter = shape["hidden_size"], shape["intermediate_size"]
-    q = shape["num_attention_heads"] * shape["head_dim"]
-    kv = shape["num_key_value_heads"] * shape["head_dim"]
+    head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
+    q = shape["num_attention_heads"] * head_dim
+    kv = shape["num_key_value_heads"] * head_dim
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter
     return shape["num_hidden_layers"] * per_layer + h * shape["vocab_size"]
 
@@ -167,37 +118,39 @@ def padded_batches(examples: list[list[int]], batch: int, pad_id: int) -> list[d
 
 def build_model_dir(shape_name: str, cache: Path, seed: int) -> Path:
     shape = SHAPES[shape_name]
-    arch = {k: shape[k] for k in ARCH_KEYS}
+    arch = {k: v for k, v in shape.items() if k not in RUN_KEYS}
     import hashlib
 
     tag = f"{shape_name}-{hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:8]}"
     path = cache / tag
     if (path / "DONE").exists():
+        os.utime(path)  # recently used: the last that make_room removes
         return path
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        **arch,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=128000 if shape["vocab_size"] > 128000 else 1,
-        eos_token_id=128001 if shape["vocab_size"] > 128000 else 2,
-        dtype="bfloat16",
-    )
-    torch.manual_seed(seed)
-    # On the GPU the random init of 8B takes seconds; save_pretrained then moves one shard at a
-    # time to host memory, so the host never holds the whole model in fp32.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True, max_shard_size="5GB")
-    del model
+    cache.mkdir(parents=True, exist_ok=True)
+    make_room(cache, keep=path, need_bytes=2 * matmul_params(shape) + 2 * GIB)
+    config = families.make_config(arch)
+    config.dtype = "bfloat16"
+    families.save_random_model(config, path, seed=seed, dtype=torch.bfloat16)
     save_tokenizer(path, shape["vocab_size"])
     (path / "DONE").write_text("ok\n")
     return path
+
+
+def make_room(cache: Path, keep: Path, need_bytes: int) -> None:
+    """Delete the least recently used cached models until `need_bytes` are free: the ladder's six
+    bf16 models (about 75 GB) do not fit the GPU machine's disk together."""
+    import shutil
+
+    cached = sorted(
+        (p for p in cache.iterdir() if p.is_dir() and p != keep),
+        key=lambda p: p.stat().st_mtime,
+    )
+    while shutil.disk_usage(cache).free < need_bytes and cached:
+        victim = cached.pop(0)
+        print(f"model cache: removing {victim.name} to make room", flush=True)
+        shutil.rmtree(victim, ignore_errors=True)
 
 
 def save_tokenizer(path: Path, vocab_size: int) -> None:
@@ -240,6 +193,14 @@ def child_main(args: argparse.Namespace) -> None:
             result["skipped"] = f"import unsloth failed: {type(exc).__name__}: {exc}"[:300]
             Path(args.result).write_text(json.dumps(result))
             return
+    tokens = args.seq * args.batch
+    if args.smoke and args.cap_gib and tokens > args.cap_gib * SMOKE_TOKENS_PER_GIB:
+        # The CPU has no card to fill: a smoke cap stands for a token budget, so that the
+        # ladder's does-not-fit search runs in tests/bench.
+        budget = int(args.cap_gib * SMOKE_TOKENS_PER_GIB)
+        result["oom"] = f"smoke cap: {tokens} tokens a step, over the stand-in budget of {budget}"
+        Path(args.result).write_text(json.dumps(result))
+        return
     if args.arm.startswith("tuneboard"):
         import worker  # noqa: F401  (its GPU-process settings, before CUDA starts, as in the worker)
     import torch
@@ -310,10 +271,12 @@ def load_standard(args: argparse.Namespace):
     non-4-bit weight, reentrant gradient checkpointing), LoRA on every projection."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
+    if getattr(AutoConfig.from_pretrained(args.model_path), "attn_logit_softcapping", None):
+        kwargs["attn_implementation"] = "eager"  # Gemma-2: sdpa has no soft-capping (HF's advice)
     if cuda and not args.smoke:
         kwargs |= {"quantization_config": bnb_config(), "device_map": {"": 0}}
     model = AutoModelForCausalLM.from_pretrained(args.model_path, **kwargs)
@@ -481,6 +444,8 @@ def run_tuneboard(args: argparse.Namespace, examples: list[list[int]]) -> dict:
         "memory_policy": fields.get("memory_policy"),
         "memory_policy_reason": fields.get("memory_policy_reason"),
         "compute_mode": fields.get("compute_mode"),
+        "notice": fields.get("notice"),
+        "start": recipe.start_timing.as_dict(),
     }
 
 
@@ -712,13 +677,24 @@ def throughput_rows(args, results: list[dict]) -> list[str]:
                 f"{r['step0_loss']:.4f}" if r.get("step0_loss") is not None else "-",
                 f"{r['steps_run']} steps, {r['real_tokens_per_step']:,.0f} real tok/step"
                 + (f", checkpointing {r['memory_policy']}" if r.get("memory_policy") else "")
-                + (", packed" if r["arm"].startswith("tuneboard") else ""),
+                + (", packed" if r["arm"].startswith("tuneboard") else "")
+                + (f", {start_note(r)}" if r.get("start") else ""),
             ]
         else:
             note = short_status(r).replace("|", "/").replace("\n", " ")[:160]
             cells += ["-"] * 8 + [note]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def start_note(r: dict) -> str:
+    """Tuneboard's setup to first optimizer step, itemised (worker/training/start_timing.py)."""
+    t = r["start"]
+    return (
+        f"start {t['total_s']:.1f} s (model load {t.get('model_load_s', 0):.1f}, "
+        f"{t['trial_steps']} trial steps {t.get('memory_policy_s', 0):.1f}, "
+        f"first step {t['first_step_s']:.1f})"
+    )
 
 
 def fmt_gib(x) -> str:

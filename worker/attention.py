@@ -39,12 +39,19 @@ def register() -> str:
 
 
 def unsupported_reason(config: Any) -> str | None:
-    """Why a model cannot use NAME (then the recipe keeps `sdpa`), or None."""
+    """Why a model cannot use NAME (then the recipe takes `dense_implementation`), or None."""
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping has no varlen kernel"
     if getattr(config, "attention_dropout", 0.0):
         return "attention dropout has no varlen kernel"
     return None
+
+
+def dense_implementation(config: Any) -> str:
+    """transformers' attention for what NAME does not take: `sdpa`, or `eager` for a model that
+    soft-caps its attention logits (Gemma-2): sdpa has no soft-capping (transformers refuses it for
+    such a model, and a kernel that skipped the cap would train a different model); eager caps."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
 
 
 def packed_or_padded_mask(**kwargs: Any) -> Any:

@@ -14,7 +14,7 @@ checkpointing and takes less time with every layer checkpointed; the measurement
 bench/RESULTS.md (session 5). Fusing each projection on its own, without the SwiGLU, did not pay.
 
 The SwiGLU runs on Liger's Triton kernels on CUDA, on torch elsewhere. An MLP qualifies when it is
-SwiGLU (`config.hidden_act` silu) and its three projections carry one plain LoRA adapter each
+SwiGLU (its own `act_fn` is SiLU: Gemma's GeGLU is not) and its three projections carry one plain LoRA adapter each
 (no dropout, no DoRA); any other MLP keeps peft's path, as does an MLP whose adapter is disabled or
 merged (the playground's "base model" answers).
 
@@ -65,9 +65,14 @@ def unfuse_mlps(model: Any) -> None:
 
 
 def _qualifies(mlp: Any) -> bool:
-    act = getattr(getattr(mlp, "config", None), "hidden_act", None)
     projections = [getattr(mlp, name, None) for name in PROJECTIONS]
-    return act in ("silu", "swish") and all(_plain_lora(p) for p in projections)
+    return _is_silu(getattr(mlp, "act_fn", None)) and all(_plain_lora(p) for p in projections)
+
+
+def _is_silu(act: Any) -> bool:
+    """The activation the MLP itself applies (a config's `hidden_act` need not be it: Gemma's
+    MLP reads `hidden_activation`)."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 def _plain_lora(module: Any) -> bool:

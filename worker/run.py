@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import traceback
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from worker.job_io import (
     write_result,
 )
 from worker.recipes import recipe_for
+from worker.training.start_timing import StartTiming
 
 log = logging.getLogger("worker.run")
 
@@ -190,6 +192,10 @@ def train(
         rows_path=rows_path,
         eval_rows_path=eval_rows_path,
     )
+    if job.started_at is not None:  # the claim: the job page's start timing counts from it
+        claimed = job.started_at
+        claimed = claimed if claimed.tzinfo else claimed.replace(tzinfo=UTC)
+        recipe.start_timing = StartTiming(began=claimed.timestamp())
     try:
         recipe.setup()
         if config.datasets is not None and rank() == 0:

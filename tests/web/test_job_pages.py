@@ -267,11 +267,17 @@ def test_run_card_shows_duration_final_losses_tokens_and_what_ran(client, db):
 
     claim = start_running_job(db, total=60)
     write_metrics(db, claim, 1, 60)  # eval rows at steps 25 and 50
+    start = "claim to first step 9.1 s: tokenisation 0.2 s, model load 4.0 s, first step 1.2 s"
     queue.update_progress(
-        db, claim.job_id, claim.attempt, compute_mode="fp32 LoRA on the CPU (no CUDA device)"
+        db,
+        claim.job_id,
+        claim.attempt,
+        compute_mode="fp32 LoRA on the CPU (no CUDA device)",
+        start_timing=start,
     )
     finish(db, claim)
     soup = page(client, f"/jobs/{claim.job_id}")
+    assert soup.select_one(".start-timing").text == start
     run = " ".join(soup.select_one(".run-duration").text.split())
     assert run.endswith("s") and "not started" not in run
     assert soup.select_one(".run-loss").text == f"{metric_row(60)['loss']:.4f}"

@@ -166,6 +166,7 @@ def test_the_demo_trained_through_the_queue_answers_in_the_demos_words(
         f"{done.error_kind}: {done.error_message}\n{attempt_log.read_text()[-3000:]}"
     )
     assert done.compute_mode.startswith("fp32 LoRA on the CPU")
+    assert done.start_timing.startswith("claim to first step "), done.start_timing
 
     # The metric rows: one per step, and the loss fell a long way (random weights start ~8).
     with db.read() as s:

@@ -307,6 +307,9 @@ def test_a_dpo_job_runs_through_the_queue_and_writes_reward_rows(
     finally:
         workers.stop_all()
     assert done.status == JobStatus.succeeded, (done.error_kind, done.error_message)
+    # The job page's start timing, dated from the claim by the training child.
+    assert done.start_timing.startswith("claim to first step "), done.start_timing
+    assert "model load" in done.start_timing and "trial steps" in done.start_timing
     with database.read() as s:
         rows = list(s.exec(select(Metric).where(Metric.job_id == job.id).order_by(col(Metric.id))))
         adapter = s.get(Adapter, f"job-{job.id}")

@@ -402,3 +402,39 @@ def test_the_benchmarks_tuneboard_arm_stops_when_a_product_kernel_is_missing():
     message = str(stopped.value)
     assert message.startswith("The Tuneboard arm would run without liger-kernel")
     assert "no figure is recorded" in message and "pip install liger-kernel==0.8.5" in message
+
+
+def test_the_start_is_timed_in_parts_up_to_the_first_optimizer_step(
+    demo_model, demo_rows, tmp_path, monkeypatch
+):
+    """Tokenisation, model load and the memory policy's trial steps, itemised: the job page's
+    start timing (from the claim in a job; here from setup) and the benchmark's."""
+    config = _config(max_steps=2, eval_fraction=0.0, gradient_checkpointing="auto")
+    result, _sink, control, _adapter = _run(config, demo_model, demo_rows, tmp_path)
+    assert result.global_step == 2
+    sentence = control.fields["start_timing"]
+    assert sentence.startswith("setup to first step ")
+    for part in ("tokenisation", "model load", "memory policy", "(0 trial steps)", "first step"):
+        assert part in sentence, sentence
+
+    # A card's `auto` (a stand-in: no checkpointing runs out of memory) counts its trial steps.
+    def measured(recipe):
+        def trial_step(batch):
+            if recipe.memory_policy == "off":
+                raise torch.OutOfMemoryError("stand-in card is full")
+            return 100
+
+        monkeypatch.setattr(recipe, "_trial_step", trial_step)
+        monkeypatch.setattr(recipe, "_usable_memory", lambda: 1000)
+        recipe._set_memory_policy(*[recipe._measure_memory_policy()[i] for i in (0, 2)])
+        measured.timing = recipe.start_timing
+
+    _run(config, demo_model, demo_rows, tmp_path / "b", before_train=measured)
+    timing = measured.timing.as_dict()
+    assert timing["trial_steps"] >= 2, timing
+    assert f"({timing['trial_steps']} trial steps)" in measured.timing.summary()
+    parts = [
+        timing[k] for k in ("tokenisation_s", "model_load_s", "memory_policy_s", "first_step_s")
+    ]
+    assert all(seconds > 0 for seconds in parts), timing
+    assert timing["total_s"] >= sum(parts)

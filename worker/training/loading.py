@@ -108,16 +108,19 @@ def load_base_model(
 
 
 def attention_implementation(model_dir: str, packing: bool, control: RunControl) -> str:
-    """Packed rows attend per example (worker.attention); otherwise transformers' sdpa."""
-    if not packing:
-        return "sdpa"
+    """Packed rows attend per example (worker.attention); otherwise, or for a model whose
+    attention that path cannot compute, transformers' own (`attention.dense_implementation`)."""
     from transformers import AutoConfig
 
-    reason = attention.unsupported_reason(AutoConfig.from_pretrained(model_dir))
-    if reason:
-        control.update(notice=f"Packed attention uses sdpa's dense mask: {reason}.")
-        return "sdpa"
-    return attention.register()
+    config = AutoConfig.from_pretrained(model_dir)
+    dense = attention.dense_implementation(config)
+    reason = attention.unsupported_reason(config)
+    if packing and not reason:
+        return attention.register()
+    if reason and (packing or dense != "sdpa"):
+        where = "Packed attention uses" if packing else "Attention uses"
+        control.update(notice=f"{where} transformers' {dense} path with a dense mask: {reason}.")
+    return dense
 
 
 def missing_kernels(device: torch.device, distributed: bool) -> list[str]:

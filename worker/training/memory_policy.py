@@ -218,6 +218,7 @@ def try_policy(
 ) -> int | None:
     """Peak memory of one trial step under a policy, or None when it ran out of memory."""
     recipe._set_memory_policy(policy, kept)
+    recipe.start_timing.trial_steps += 1  # the job page's start timing counts them
     try:
         return recipe._trial_step(batch)
     except torch.OutOfMemoryError:

@@ -30,6 +30,7 @@ from worker.data import read_rows
 from worker.errors import DatasetError, DiskFull, OutOfMemory
 from worker.metrics import MetricsSink
 from worker.training import distributed, loading, memory_policy
+from worker.training.start_timing import StartTiming
 from worker.training.trainer import (
     CheckpointDiskFull,
     ListDataset,
@@ -91,6 +92,7 @@ class LoRARecipe:
         self.offload_stream: Any = None  # made by the first offloaded step (activation_offload)
         self.liger = False
         self.missing_kernels: list[str] = []  # what the GPU recipe would use but cannot import
+        self.start_timing = StartTiming()  # worker/run.py dates it from the claim
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -105,12 +107,22 @@ class LoRARecipe:
                 )
             torch.cuda.set_device(self.local_rank)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer = self._load_tokenizer()
-        self._prepare_data()
+        timing = self.start_timing
+        with timing.part("tokenisation"):
+            self.tokenizer = self._load_tokenizer()
+            self._prepare_data()
         if not self.train_batches:
             raise DatasetError(
                 "No training examples are left after tokenisation.", self.NOTHING_LEFT_HINT
             )
+        with timing.part("model load"):
+            self._load_model()
+        with timing.part("memory policy"):
+            memory_policy.choose(self)
+        self.trainer = self._build_trainer()
+
+    def _load_model(self) -> None:
+        """The base model, the kernels that apply to it and the LoRA adapter, in training mode."""
         attn = loading.attention_implementation(self.model_dir, self.config.packing, self.control)
         self.model, self.compute_mode, self.quantization_used = loading.load_base_model(
             self.model_dir, self.model_path, self.config, self.device, self.world_size, attn
@@ -127,8 +139,6 @@ class LoRARecipe:
         if loading.fuse_lora_mlps(self.model, self.distributed):
             self.compute_mode += ", fused LoRA MLPs"
         self.model.train()  # from_pretrained returns eval mode; checkpointing only acts in train
-        memory_policy.choose(self)
-        self.trainer = self._build_trainer()
 
     def _load_tokenizer(self) -> Any:
         self.model_dir = loading.resolve_model(self.model_path)

@@ -170,8 +170,15 @@ class RecipeCallback(TrainerCallback):
         if self.saw_non_finite:
             control.should_save = False
 
+        fields: dict[str, Any] = {}
+        if recipe.start_timing.total_s is None:  # this attempt's first step: how long it took
+            recipe.start_timing.first_step_done(time.perf_counter() - self.step_started)
+            fields["start_timing"] = recipe.start_timing.summary()
         recipe.control.update(
-            progress_step=state.global_step, progress_total=state.max_steps, epoch=state.epoch
+            progress_step=state.global_step,
+            progress_total=state.max_steps,
+            epoch=state.epoch,
+            **fields,
         )
         reason = recipe.control.should_stop()
         if recipe.distributed:

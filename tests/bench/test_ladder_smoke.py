@@ -1,0 +1,88 @@
+"""The ladder harness (bench/ladder.py, bench/ladder_table.py) on the CPU: a tiny Gemma-2, each arm
+in its own process under two caps (on the CPU a cap stands for a token budget), a does-not-fit
+search, and the tables for RESULTS.md. The GPU figures come from the same scripts
+(bench/README.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+
+def test_the_ladder_measures_each_cap_and_finds_the_longest_sequence_that_fits(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "bench/ladder.py", "--smoke", "--shapes", "smoke-gemma2",
+         "--caps", "1,8", "--arms", "standard,unsloth,tuneboard", "--fit-probes", "3",
+         "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet-children"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    cells = {
+        (r["arm"], r["cap_gib"]): r
+        for r in json.loads((out / "ladder.json").read_text())["results"]
+    }
+    # 8 "GiB" (512 tokens): a step of 128 x 2 fits; both arms measured on the same model.
+    for arm in ("standard", "tuneboard"):
+        assert cells[(arm, 8.0)].get("ok"), cells[(arm, 8.0)]
+        assert cells[(arm, 8.0)]["tokens_per_s"] > 0
+    assert "import unsloth failed" in cells[("unsloth", 8.0)]["skipped"]
+    start = cells[("tuneboard", 8.0)]["start"]  # setup to first step, itemised
+    assert start["total_s"] >= start["model_load_s"] + start["first_step_s"] > 0
+    # 1 "GiB" (64 tokens): 128 x 2 does not fit; halving finds 64, bisection rules out 96.
+    tuneboard = cells[("tuneboard", 1.0)]
+    assert tuneboard["oom"] and tuneboard["fits_longest"] == 64
+    assert tuneboard["fit_first_fail"] == 96
+    assert [tuple(p) for p in tuneboard["fit_probes"]] == [(128, "oom"), (64, "ok"), (96, "oom")]
+
+    table = (out / "ladder.md").read_text()
+    assert table.strip() in proc.stdout  # the printed tables are the written ones
+    row = next(
+        line for line in table.splitlines() if line.startswith("| tiny-gemma2 (smoke) | fixed")
+    )
+    one_gib, eight_gib = [c.strip() for c in row.split("|")][3:5]
+    assert one_gib == "Tuneboard does not fit (longest 64)"
+    assert eight_gib.startswith("U skipped; ") and eight_gib.endswith("x std")
+    # Gemma-2: GeGLU is not the fused SwiGLU, soft-capping has no varlen kernel; the table says so.
+    kernels = next(
+        line for line in table.splitlines() if line.startswith("| tiny-gemma2 (smoke) | fp32")
+    )
+    assert "no fused LoRA MLPs" in kernels and "soft-capping" in kernels
+    assert "start " in next(line for line in table.splitlines() if "| 8 | tuneboard |" in line)
+
+    # The stages of one machine merge into one table; a later file's cell wins.
+    later = json.loads((out / "ladder.json").read_text())
+    later["results"] = [r | {"tokens_per_s": 1.0} for r in later["results"] if r.get("ok")]
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    merged = subprocess.run(
+        [sys.executable, "bench/ladder_table.py", str(out / "ladder.json"),
+         str(tmp_path / "later.json")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert merged.returncode == 0, merged.stderr
+    assert "| 1.00x std |" in merged.stdout.replace("U skipped; ", "")
+    assert "Tuneboard does not fit (longest 64)" in merged.stdout
+
+
+def test_an_unknown_shape_is_refused_with_the_choices() -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/ladder.py", "--smoke", "--shapes", "gemma3"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown shapes ['gemma3']: choose from" in proc.stderr and "gemma9b" in proc.stderr
