@@ -89,27 +89,12 @@ def _load(settings: Settings, db: Database, claim: side_queue.SideClaim) -> Buil
     )
 
 
-def base_architecture(base: BaseModelEntry) -> str:
-    """The base's `architectures[0]` from its config.json (the registry's copy as a fallback)."""
-    config = Path(base.source) / "config.json"
-    if config.is_file():
-        names = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-        if names:
-            return str(names[0])
-    return base.architecture
-
-
 def check_convertible(base: BaseModelEntry) -> None:
     """Refuse, before any work, a base whose architecture llama.cpp's converter does not know."""
-    architecture = base_architecture(base)
+    architecture = export_kinds.base_architecture(base.source, base.architecture)
     if architecture not in gguf_converter.supported_architectures():
-        raise ExportFailed(
-            "unsupported_architecture",
-            f"llama.cpp's GGUF converter (llama-cpp-python {gguf_converter.LLAMA_CPP_PYTHON_VERSION}"
-            f") does not support the architecture {architecture or '(none)'} of the base model "
-            f"{base.name}.",
-            "Download the adapter (PEFT) or a merged model instead: both load with transformers.",
-        )
+        message, hint = export_kinds.unsupported_architecture(architecture, base.name)
+        raise ExportFailed("unsupported_architecture", message, hint)
 
 
 def check_disk(build: Build) -> None:
@@ -161,19 +146,65 @@ def strip_generation_markers(template: str) -> str:
     return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
 
 
-def _save_merged(build: Build, folder: Path, progress: Any, dtype: Any) -> None:
+def _base_folder(build: Build) -> Path:
+    """The base model's folder: its own, or the hub cache's snapshot of its id."""
+    from worker.training.loading import resolve_model
+
+    return Path(resolve_model(build.base.source))
+
+
+def _save_tokenizer(build: Build, folder: Path) -> Any:
+    """The adapter's tokenizer (the chat template it was trained with) saved into `folder` as
+    llama.cpp's converter reads it; returns the tokenizer."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(
+        build.adapter_dir, trust_remote_code=build.base.trust_remote_code
+    )
+    tokenizer.save_pretrained(folder)
+    for name in ("tokenizer.model", "train_config.json"):
+        # A SentencePiece model the tokenizer no longer points at (the converter reads it).
+        for source in (build.adapter_dir / name, _base_folder(build) / name):
+            if source.is_file() and not (folder / name).is_file():
+                shutil.copyfile(source, folder / name)
+    declare_added_tokens(folder, tokenizer)
+    return tokenizer
+
+
+def declare_added_tokens(folder: Path, tokenizer: Any) -> None:
+    """Write the tokenizer's added tokens into its tokenizer_config.json's `added_tokens_decoder`.
+
+    transformers 5 keeps them only in tokenizer.json, while llama.cpp's converter reads a
+    SentencePiece tokenizer's added tokens (ChatML's `<|im_start|>`, Gemma's turn markers) from
+    tokenizer_config.json alone: without them it writes each as a normal piece, and llama.cpp
+    then cuts `<|im_start|>` in the rendered prompt into `<`, `|`, `im`, ... so the GGUF reads
+    another prompt than the adapter was trained on.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    if not added:
+        return
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config["added_tokens_decoder"] = {
+        str(token_id): {
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
+        }
+        for token_id, token in sorted(added.items())
+    }
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _save_merged(build: Build, folder: Path, progress: Any, dtype: Any) -> None:
     from worker.merge import merged_model
 
     model = merged_model(build.base, build.adapter_dir, dtype, progress)
     model.save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(build.adapter_dir).save_pretrained(folder)
-    for name in ("tokenizer.model", "train_config.json"):
-        # A SentencePiece model the tokenizer no longer points at (the converter reads it).
-        for source in (build.adapter_dir / name, Path(build.base.source) / name):
-            if source.is_file() and not (folder / name).is_file():
-                shutil.copyfile(source, folder / name)
+    _save_tokenizer(build, folder)
 
 
 def quantize(source: Path, target: Path, quantization: str) -> None:
@@ -234,11 +265,23 @@ def build_lora_gguf(build: Build, progress: Any) -> Path:
 
 
 def base_gguf(build: Build) -> Path:
-    """The base model as an f16 GGUF in the staging folder: what a LoRA GGUF is checked on."""
+    """The base model as an f16 GGUF in the staging folder: what a LoRA GGUF is checked on. Its
+    weights are the base's own (linked, not copied); its tokenizer and chat template are the
+    adapter's, saved as for a merged GGUF, so the check asks what the adapter was trained on."""
+    folder = build.staging / "base"
+    folder.mkdir()
+    for source in _base_folder(build).iterdir():
+        if source.is_file() and not source.name.startswith(("tokenizer", "special_tokens")):
+            (folder / source.name).symlink_to(source.resolve())
+    for name in ("chat_template.jinja", "chat_template.json", "added_tokens.json"):
+        (folder / name).unlink(missing_ok=True)
+    _save_tokenizer(build, folder)
+    _clean_template(folder)
     out = build.staging / "base-f16.gguf"
     converter = gguf_converter.script("convert_hf_to_gguf.py")
-    command = [sys.executable, str(converter), str(build.base.source), "--outfile", str(out)]
+    command = [sys.executable, str(converter), str(folder), "--outfile", str(out)]
     _run([*command, "--outtype", "f16"], "converting the base model for the check")
+    shutil.rmtree(folder)
     return out
 
 
@@ -310,10 +353,12 @@ def run_export(settings: Settings, db: Database, claim: side_queue.SideClaim) ->
             staged = (
                 build_gguf(build, progress) if kind == "gguf" else build_lora_gguf(build, progress)
             )
-            publish(staged, build.final)
             progress(stage=STEPS[kind][-1], progress_done=len(STEPS[kind]) - 1)
             base_file = base_gguf(build) if kind == "gguf-lora" else None
-            check = check_gguf(settings, db, build.adapter, build.base, build.final, base_file)
+            # Checked where it was built: a worker killed during the check leaves no file in
+            # place, only the staging folder (never offered; the next attempt starts afresh).
+            check = check_gguf(settings, db, build.adapter, build.base, staged, base_file)
+            publish(staged, build.final)
     except BaseException:
         if build.final.exists() and kind != "merged":
             build.final.unlink()  # a failed build offers nothing, not even a finished file

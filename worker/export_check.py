@@ -4,7 +4,8 @@ A few held-out prompts of the job's dataset (`app.dataset_store` eval rows; its 
 the job held none out, said so) are answered twice with greedy decoding: by the adapter through the
 Playground's own engine (worker/inference.py: transformers + peft), and by the GGUF loaded with
 llama.cpp (llama-cpp-python, the package that built it) with the chat template embedded in the
-GGUF. "match" when every answer is the same text, "differs" (with both answers) when one is not,
+GGUF. "match" when every answer is the same text from the same prompt tokens (llama.cpp's
+tokenizer against the adapter's), "differs" (with both answers) when one is not,
 "not run" with the reason when the check could not run. A k-quant of a tiny model may honestly
 differ: the page shows the answers side by side.
 """
@@ -79,8 +80,9 @@ def held_out_prompts(
 
 def adapter_answers(
     settings: Settings, db: Database, adapter: Adapter, base: BaseModelEntry, prompts: list
-) -> list[str]:
-    """The adapter's greedy answers, from the Playground's engine."""
+) -> list[tuple[str, list[int]]]:
+    """The adapter's greedy answers, from the Playground's engine, each with the token ids its
+    tokenizer cut the prompt into."""
     from worker.inference import Engine
 
     engine = Engine(settings, db)
@@ -92,13 +94,19 @@ def adapter_answers(
         )
         pieces: list[str] = []
         engine.generate(request, adapter, tokenizer, pieces.append)
-        answers.append("".join(pieces).strip())
+        ids = tokenizer.apply_chat_template(
+            request.chat(), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        answers.append(("".join(pieces).strip(), [int(i) for i in ids]))
     engine.unload()
     return answers
 
 
-def gguf_answers(model_file: Path, prompts: list, lora_file: Path | None = None) -> list[str]:
-    """The GGUF's greedy answers with its embedded chat template (llama-cpp-python)."""
+def gguf_replies(
+    model_file: Path, prompts: list, lora_file: Path | None = None
+) -> list[tuple[str, list[int]]]:
+    """The GGUF's greedy answers with its embedded chat template (llama-cpp-python), each with
+    the token ids llama.cpp cut the rendered prompt into."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -133,7 +141,7 @@ def gguf_answers(model_file: Path, prompts: list, lora_file: Path | None = None)
             out.append(token)
             if len(out) >= MAX_NEW_TOKENS:
                 break
-        answers.append(llm.detokenize(out).decode("utf-8", "replace").strip())
+        answers.append((llm.detokenize(out).decode("utf-8", "replace").strip(), list(tokens)))
     llm.close()
     return answers
 
@@ -157,21 +165,27 @@ def check_gguf(
     try:
         expected = adapter_answers(settings, db, adapter, base, prompts)
         if base_file is not None:
-            got = gguf_answers(base_file, prompts, lora_file=model_file)
+            got = gguf_replies(base_file, prompts, lora_file=model_file)
         else:
-            got = gguf_answers(model_file, prompts)
+            got = gguf_replies(model_file, prompts)
     except Exception as exc:
         log.exception("the check of %s could not run", model_file.name)
         return {"status": "not run", "details": {"reason": str(exc) or type(exc).__name__}}
-    answers = [
-        {
+    answers = []
+    for prompt, (want, want_ids), (have, have_ids) in zip(prompts, expected, got, strict=True):
+        answer: dict[str, Any] = {
             "prompt": prompt[-1]["content"],
             "adapter": want,
             "gguf": have,
-            "same": want == have,
+            # The same prompt tokens, or the GGUF reads another prompt than the adapter was
+            # trained on (its tokenizer lost a special token): a difference even where the
+            # answers happen to agree.
+            "same_prompt_tokens": want_ids == have_ids,
+            "same": want == have and want_ids == have_ids,
         }
-        for prompt, want, have in zip(prompts, expected, got, strict=True)
-    ]
+        if want_ids != have_ids:
+            answer["prompt_tokens"] = {"adapter": want_ids, "gguf": have_ids}
+        answers.append(answer)
     same = all(a["same"] for a in answers)
     return {
         "status": "match" if same else "differs",

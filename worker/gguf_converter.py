@@ -12,7 +12,6 @@ bindings, so the converter writes what the loader reads.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,9 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the same pin as pyproject.toml's worker extra
+from app import export_kinds
+from app.export_kinds import LLAMA_CPP_PYTHON_VERSION, converter_dir
+
 # What the converters need from the vendored llama.cpp (a folder name ends with "/").
 CONVERTER_FILES = (
     "convert_hf_to_gguf.py",
@@ -35,10 +36,6 @@ class ConverterMissing(RuntimeError):
     """The converter is not installed in this environment."""
 
 
-def converter_dir() -> Path:
-    return Path(sys.prefix) / "share" / "tuneboard" / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
-
-
 def script(name: str) -> Path:
     """The path of one converter script; ConverterMissing says how to install it."""
     path = converter_dir() / name
@@ -50,19 +47,10 @@ def script(name: str) -> Path:
     return path
 
 
-_REGISTER = re.compile(r"@ModelBase\.register\(([^)]*)\)")
-_QUOTED = re.compile(r"[\"']([A-Za-z0-9_]+)[\"']")
-
-
 def supported_architectures() -> frozenset[str]:
-    """The `architectures` names (config.json) the converter has a class for, read from its
-    `@ModelBase.register(...)` lines without importing it (it imports torch)."""
+    """The `architectures` names (config.json) the converter has a class for."""
     script("convert_hf_to_gguf.py")
-    names: set[str] = set()
-    for source in sorted((converter_dir() / "conversion").glob("*.py")):
-        for arguments in _REGISTER.findall(source.read_text(encoding="utf-8")):
-            names.update(_QUOTED.findall(arguments))
-    return frozenset(names)
+    return export_kinds.converter_architectures() or frozenset()
 
 
 def _installed_bindings() -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app import side_queue
 from app.db import Database
-from app.models import SideWorkStatus
+from app.models import Adapter, ModelExport, SideWorkStatus
 from app.settings import Settings
 
 log = logging.getLogger("tuneboard.worker.side")
@@ -147,6 +148,18 @@ def run_in_child(
         what = f"ended (exit code {child.returncode}) without recording a result"
     if side_queue.release_lost(db, claim, what):
         log.warning("%s %s", claim, what)
+    if claim.kind == "export":
+        discard_export_staging(settings, db, claim.task_id)
+
+
+def discard_export_staging(settings: Settings, db: Database, export_id: int) -> None:
+    """Remove the half-built files of an export whose child died: never offered for download,
+    and a requeued attempt starts afresh."""
+    with db.read() as s:
+        export = s.get(ModelExport, export_id)
+        adapter = s.get(Adapter, export.adapter_id) if export is not None else None
+    if adapter is not None:
+        shutil.rmtree(settings.layout.export_staging(adapter.job_id, export_id), ignore_errors=True)
 
 
 @contextlib.contextmanager

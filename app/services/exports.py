@@ -346,6 +346,7 @@ def export_json(export: ModelExport) -> dict[str, Any]:
         "kind": export.kind,
         "quantization": export.quantization,
         "status": export.status,
+        "attempt": export.attempt,
         "stage": export.stage,
         "progress_done": export.progress_done,
         "progress_total": export.progress_total,
@@ -381,11 +382,23 @@ def list_exports(db: Database, adapter_id: str) -> list[ModelExport]:
         )
 
 
+def check_convertible(base: BaseModelEntry) -> None:
+    """Refuse a GGUF of a base whose architecture (its folder's config.json) llama.cpp's converter
+    has no class for. Where the converter is not installed beside the web app (the worker runs on
+    another machine), the worker checks before it builds."""
+    supported = export_kinds.converter_architectures()
+    architecture = export_kinds.base_architecture(base.source, base.architecture)
+    if supported is not None and architecture not in supported:
+        message, hint = export_kinds.unsupported_architecture(architecture, base.name)
+        raise UserError(message, hint, status_code=422, code="unsupported_architecture")
+
+
 def request_export(
     db: Database, settings: Settings, adapter_id: str, request: ExportRequest
 ) -> ModelExport:
     """Queue an export after checking what can be checked here: the quantisation fits the kind,
-    and the data dir has the disk the build needs. An unfinished identical request is reused."""
+    llama.cpp's converter knows the base's architecture, and the data dir has the disk the build
+    needs. An unfinished identical request is reused."""
     adapter = get_adapter(db, adapter_id)
     folder = adapter_dir(settings, adapter)
     quantization: str | None = request.quantization
@@ -401,6 +414,8 @@ def request_export(
         )
     with db.read() as s:
         base = s.get(BaseModelEntry, adapter.base_model)
+    if request.kind != "merged" and base is not None:
+        check_convertible(base)
     parameters = base.parameters if base is not None else 0
     weights = folder / "adapter_model.safetensors"
     adapter_bytes = weights.stat().st_size if weights.is_file() else 0
@@ -533,6 +548,10 @@ def delete_export(db: Database, settings: Settings, export_id: int) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+    with db.read() as s:
+        adapter = s.get(Adapter, export.adapter_id)
+    if adapter is not None:  # what a failed build may have left: never offered, now gone too
+        shutil.rmtree(settings.layout.export_staging(adapter.job_id, export_id), ignore_errors=True)
     with db.write() as s:
         row = s.get(ModelExport, export_id)
         if row is not None:

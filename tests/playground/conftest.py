@@ -125,6 +125,21 @@ def trained(pg_settings: Settings, pg_db: Database) -> dict[str, Path]:
     return {"model_dir": model_dir, "adapter_dir": adapter_dir, "dataset": dataset}
 
 
+@pytest.fixture
+def dataset_rows(pg_settings: Settings, trained: dict[str, Path]) -> Path:
+    """Job 1's dataset on disk: the demo rows that teach the price (the export check asks its
+    held-out ones)."""
+    rows = pg_settings.layout.normalized_rows("0" * 32)
+    rows.parent.mkdir(parents=True, exist_ok=True)
+    with trained["dataset"].open() as source, rows.open("w") as out:
+        for line in source:
+            row = json.loads(line)
+            answers = {m["content"] for m in row["messages"] if m["role"] == "assistant"}
+            if answers == {TRAINED_ANSWER} and len(row["messages"]) <= 3:
+                out.write(json.dumps(row) + "\n")
+    return rows
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

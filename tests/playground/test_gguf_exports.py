@@ -17,7 +17,6 @@ from app.models import Adapter, BaseModelEntry
 from tests.playground.conftest import ADAPTER_ID, QUESTION, TRAINED_ANSWER
 
 pytestmark = pytest.mark.slow
-DATASET_ID = "0" * 32
 
 
 @pytest.fixture
@@ -26,20 +25,6 @@ def web(pg_settings, pg_db, trained):
 
     with TestClient(create_app(pg_settings), base_url="http://127.0.0.1") as client:
         yield client
-
-
-@pytest.fixture
-def dataset_rows(pg_settings, trained):
-    """The job's dataset on disk: the demo rows that teach the price (one is held out)."""
-    rows = pg_settings.layout.normalized_rows(DATASET_ID)
-    rows.parent.mkdir(parents=True, exist_ok=True)
-    with trained["dataset"].open() as source, rows.open("w") as out:
-        for line in source:
-            row = json.loads(line)
-            answers = {m["content"] for m in row["messages"] if m["role"] == "assistant"}
-            if answers == {TRAINED_ANSWER} and len(row["messages"]) <= 3:
-                out.write(json.dumps(row) + "\n")
-    return rows
 
 
 def _export(web, settings, **body):
@@ -52,24 +37,22 @@ def _export(web, settings, **body):
     return web.get(f"/api/exports/{queued.json()['id']}").json()
 
 
-@pytest.mark.xfail(
-    reason="NOT DONE: on the 30-step demo adapter the f16 GGUF answers 'The Zephyr Kettle 30000 "
-    "costs 89 euros.' where the adapter answers '...3000...'; the check reports it honestly as "
-    "'differs'. Cause (f16/precision near-tie vs a tokenisation difference) not yet found.",
-    strict=False,
-)
 @pytest.mark.parametrize("quantization", ["f16", "q8_0"])
 def test_the_demo_adapter_exports_to_a_gguf_that_answers_as_the_adapter(
     web, pg_settings, dataset_rows, quantization
 ):
-    from worker.export_check import gguf_answers
+    from worker.export_check import gguf_replies
 
     export = _export(web, pg_settings, kind="gguf", quantization=quantization)
     assert export["status"] == "succeeded", export["error"]
     assert export["quantization"] == quantization
     assert export["check"]["status"] == "match", export["check"]
     answers = export["check"]["details"]["answers"]
-    assert answers and all(a["gguf"] == TRAINED_ANSWER for a in answers)
+    # The GGUF reads each prompt as the same tokens as the adapter's tokenizer (ChatML's
+    # <|im_start|> one token, not '<', '|', 'im', ...) and answers each as the adapter does; the
+    # adapter itself may answer a held-out phrasing imperfectly, but it learnt the price.
+    assert answers and all(a["same_prompt_tokens"] and a["gguf"] == a["adapter"] for a in answers)
+    assert TRAINED_ANSWER in [a["gguf"] for a in answers]
 
     download = web.get(f"/api/exports/{export['id']}/download")
     assert download.status_code == 200
@@ -80,7 +63,7 @@ def test_the_demo_adapter_exports_to_a_gguf_that_answers_as_the_adapter(
     gguf = pg_settings.resolved_data_dir / "downloaded.gguf"
     gguf.write_bytes(download.content)
     question = [{"role": "user", "content": QUESTION}]
-    assert gguf_answers(gguf, [question]) == [TRAINED_ANSWER]
+    assert [answer for answer, _ in gguf_replies(gguf, [question])] == [TRAINED_ANSWER]
 
     listed = web.get(f"/api/adapters/{ADAPTER_ID}/exports").json()
     assert export["id"] in [e["id"] for e in listed]
@@ -118,6 +101,33 @@ def test_a_q4_k_m_gguf_and_its_ollama_bundle(web, pg_settings, dataset_rows, tmp
     web.delete(f"/api/exports/{export['id']}")
 
 
+def test_a_lora_gguf_on_the_base_gguf_answers_as_the_adapter(web, pg_settings, dataset_rows):
+    export = _export(web, pg_settings, kind="gguf-lora", quantization="f16")
+    assert export["status"] == "succeeded", export["error"]
+    assert (export["kind"], export["quantization"]) == ("gguf-lora", "f16")
+    # Checked on the base converted to an f16 GGUF with the LoRA GGUF applied by llama.cpp.
+    assert export["check"]["status"] == "match", export["check"]
+    answers = export["check"]["details"]["answers"]
+    assert answers and all(a["same_prompt_tokens"] for a in answers)
+    assert TRAINED_ANSWER in [a["gguf"] for a in answers]
+
+    download = web.get(f"/api/exports/{export['id']}/download")
+    assert download.status_code == 200
+    name = f"{ADAPTER_ID}-lora-f16.gguf"
+    assert download.headers["content-disposition"].endswith(f'{name}"')
+    assert download.content[:4] == b"GGUF"
+    assert hashlib.sha256(download.content).hexdigest() == export["sha256"]
+    # A LoRA GGUF holds the adapter's low-rank weights only: far smaller than the model.
+    model_bytes = sum(p.stat().st_size for p in pg_settings.models_dir.rglob("*.safetensors"))
+    assert 0 < export["size_bytes"] < model_bytes / 4
+    # The base GGUF the check loaded it onto stays in no folder the user is offered.
+    assert [p.name for p in pg_settings.layout.exports_dir(1).iterdir()] == [
+        f"{export['id']}-{name}"
+    ]
+    assert web.get(f"/api/exports/{export['id']}/ollama").status_code == 422
+    assert web.delete(f"/api/exports/{export['id']}").status_code == 204
+
+
 def test_a_lora_gguf_is_f16_or_q8_0_only(web):
     response = web.post(
         f"/api/adapters/{ADAPTER_ID}/exports", json={"kind": "gguf-lora", "quantization": "q4_K_M"}
@@ -128,21 +138,47 @@ def test_a_lora_gguf_is_f16_or_q8_0_only(web):
     assert bad.status_code == 422
 
 
-def test_an_architecture_the_converter_does_not_know_is_named(web, pg_settings, pg_db, trained):
+def _toy_base(pg_settings, pg_db, trained, architecture):
+    """Adapter job-1-toy on a copy of the demo base whose config.json names `architecture`."""
     toy = pg_settings.resolved_data_dir.parent / "toy-model"
     shutil.copytree(trained["model_dir"], toy, dirs_exist_ok=True)
     config = json.loads((toy / "config.json").read_text())
-    config["architectures"] = ["TuneboardToyForCausalLM"]
+    config["architectures"] = [architecture]
     (toy / "config.json").write_text(json.dumps(config))
     with pg_db.write() as s:
         if s.get(BaseModelEntry, "toy") is None:
             s.add(BaseModelEntry(name="toy", source=str(toy), is_local=True, parameters=1))
             s.flush()
             s.add(Adapter(id="job-1-toy", job_id=1, name="toy", base_model="toy"))
+    return toy
+
+
+def test_an_architecture_the_converter_does_not_know_is_refused_at_once(
+    web, pg_settings, pg_db, trained
+):
+    _toy_base(pg_settings, pg_db, trained, "TuneboardToyForCausalLM")
+    for kind in ("gguf", "gguf-lora"):
+        refused = web.post("/api/adapters/job-1-toy/exports", json={"kind": kind})
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "unsupported_architecture"
+        assert "TuneboardToyForCausalLM" in error["message"] and "toy" in error["message"]
+        assert "merged model" in error["hint"]
+    assert web.get("/api/adapters/job-1-toy/exports").json() == []
+
+
+def test_an_architecture_changed_after_queueing_is_named_by_the_worker(
+    web, pg_settings, pg_db, trained
+):
+    toy = _toy_base(pg_settings, pg_db, trained, "LlamaForCausalLM")
+    queued = web.post("/api/adapters/job-1-toy/exports", json={"kind": "gguf"})
+    assert queued.status_code == 202, queued.text
+    config = json.loads((toy / "config.json").read_text())
+    (toy / "config.json").write_text(
+        json.dumps({**config, "architectures": ["TuneboardToyForCausalLM"]})
+    )
     from worker.export import run_pending_exports
 
-    queued = web.post("/api/adapters/job-1-toy/exports", json={"kind": "gguf"})
-    assert queued.status_code == 202
     assert run_pending_exports(pg_settings) == 1
     export = web.get(f"/api/exports/{queued.json()['id']}").json()
     assert export["status"] == "failed"
