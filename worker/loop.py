@@ -117,6 +117,8 @@ def child_environment(settings: Settings, gpus: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if settings.gpu_lock_dir is not None:
+        env["TUNEBOARD_GPU_LOCK_DIR"] = str(settings.gpu_lock_dir)
     if settings.hf_offline:
         env["HF_HUB_OFFLINE"] = "1"
     return env
@@ -163,6 +165,7 @@ class WorkerLoop:
         self.gpus = gpus
         self.gpu_indices = gpu.parse_gpus(gpus)
         self.locks = GpuLocks(self.gpu_indices, settings.gpu_lock_dir)
+        self.compute = GpuLocks(self.gpu_indices, settings.gpu_lock_dir, role="compute")
         self.parent_pid = parent_pid
         self.child_command = child_command
         self.db = Database(settings.resolved_database_url, settings.database_busy_timeout_seconds)
@@ -239,8 +242,14 @@ class WorkerLoop:
         log.info("worker %s started (gpus=%r)", self.id, self.gpus)
         try:
             while not self.stopping.is_set():
+                # One computation a GPU: an evaluation report that holds the card goes first
+                # (it is short); the next job is claimed once it is done.
+                if not self.compute.try_acquire():
+                    self.stopping.wait(self.settings.poll_seconds)
+                    continue
                 claim = self._next_claim()
                 if claim is None:
+                    self.compute.release()
                     self.stopping.wait(self.settings.poll_seconds)
                     continue
                 try:
@@ -251,6 +260,8 @@ class WorkerLoop:
                         "job %s attempt %s: the worker failed", claim.job_id, claim.attempt
                     )
                     self._fail_quietly(claim)
+                finally:
+                    self.compute.release()
         finally:
             self._stop_inference()
             self._heartbeat_done.set()
