@@ -101,3 +101,15 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         check=True,
     )
     return {"model_dir": model_dir, "dataset": dataset}
+
+
+@pytest.fixture(scope="session")
+def evaluated_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """The demo job trained by a real worker, and its adapter evaluated by that worker's side loop
+    without being asked (tests/fakes/evaluated_demo.py): once a session, shared by every test
+    that reads a report. Tests that add evaluations of their own leave the first one as it is."""
+    from tests.fakes.evaluated_demo import train_and_evaluate
+
+    demo = train_and_evaluate(tmp_path_factory.mktemp("evaluated") / "data")
+    yield demo
+    demo.db.dispose()

@@ -346,6 +346,7 @@ def evaluate(settings: Settings, db: Database, claim: side_queue.SideClaim) -> d
     else:
         base, adapter = sft_losses(engine, tokenizer, subject.config, rows, progress.step)
     base["rows"] = adapter["rows"] = len(rows)
+    base["compute_mode"] = adapter["compute_mode"] = engine.compute_mode  # e.g. "bf16 on CUDA"
 
     progress.stage("answering held-out prompts")
     answered: list[dict[str, Any]] = []

@@ -129,7 +129,7 @@ def _figures(evaluation: Evaluation, side: Literal["base", "adapter"]) -> dict[s
     if evaluation.status != SideWorkStatus.succeeded:
         return {}
     return {name: stored.get(name) for name in figure_names(evaluation)} | {
-        k: stored[k] for k in ("rows", "prompts", "pairs") if k in stored
+        k: stored[k] for k in ("rows", "prompts", "pairs", "compute_mode") if k in stored
     }
 
 
