@@ -21,7 +21,6 @@ from app import side_queue
 from app.dataset_store import iter_rows
 from app.main import create_app
 from app.models import Evaluation, SideWorkStatus, utcnow
-from app.services import evaluations
 from app.train_config import TrainConfig
 from tests.fakes.evaluated_demo import REPO, EvaluatedDemo, worker_environment
 from worker.evaluation import prompt_and_reference

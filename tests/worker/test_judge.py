@@ -91,7 +91,7 @@ def test_verdicts_and_what_a_bad_judge_says(fake_judge: FakeJudge):
     fake_judge.misbehave = {"slowly": "slow", "oddly": "nonsense", "badly": "error"}
     with pytest.raises(JudgeError, match="within 1 s"):
         judge.verdict("answer slowly", "r", "a", "b")
-    with pytest.raises(JudgeError, match="turtles.*not A, B or tie"):
+    with pytest.raises(JudgeError, match=r"turtles.*not A, B or tie"):
         judge.verdict("answer oddly", "r", "a", "b")
     with pytest.raises(JudgeError, match="HTTP 500"):
         judge.verdict("answer badly", "r", "a", "b")
