@@ -1,4 +1,5 @@
-"""The side-work queue's promises (dataset reports, merges), on a real SQLite file and PostgreSQL."""
+"""The side-work queue's promises (dataset reports, merges, evaluations), on a real SQLite file
+and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlmodel import select
 
 from app import side_queue
 from app.db import Database
-from app.models import Adapter, DatasetReport, MergeRequest, SideWorkStatus
+from app.models import Adapter, DatasetReport, Evaluation, MergeRequest, SideWorkStatus
 from app.settings import Settings
 from tests.fakes import racers
 from tests.fakes.jobs import MODEL, add_dataset, add_job
@@ -33,14 +34,20 @@ def add_adapter(db: Database, settings: Settings) -> str:
 
 
 def add_side_work(db: Database, dataset_id: str, adapter_id: str, n: int) -> dict[str, int]:
-    """One queued report and one queued merge, as the web process adds them."""
+    """One queued task of each kind, as the web process adds them."""
     with db.write() as s:
         report = DatasetReport(dataset_id=dataset_id, base_model=MODEL, max_seq_len=64 + n)
         merge = MergeRequest(adapter_id=adapter_id)
+        evaluation = Evaluation(adapter_id=adapter_id)
         s.add(report)
         s.add(merge)
+        s.add(evaluation)
         s.flush()
-        return {"dataset_report": report.id or 0, "merge": merge.id or 0}
+        return {
+            "dataset_report": report.id or 0,
+            "merge": merge.id or 0,
+            "evaluation": evaluation.id or 0,
+        }
 
 
 def test_eight_processes_racing_claim_each_side_task_exactly_once(any_db, settings):
