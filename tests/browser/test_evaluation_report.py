@@ -11,7 +11,7 @@ import pytest
 from app.models import Evaluation, SideWorkStatus, utcnow
 from devkit.live_server import LiveServer
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture

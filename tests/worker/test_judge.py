@@ -114,6 +114,7 @@ def _run(demo: EvaluatedDemo, evaluation_id: int, **settings: object) -> Evaluat
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_each_pair_is_judged_both_ways_and_bad_verdicts_stay_on_their_row(
     evaluated_demo: EvaluatedDemo, fake_judge: FakeJudge
 ):
