@@ -105,6 +105,14 @@ def test_the_api_gives_the_report_and_queues_a_rerun(evaluated_demo, api):
     assert missing.status_code == 404 and "no adapter" in missing.text
 
 
+def _claim_rerun(demo: EvaluatedDemo, api, **body: object) -> side_queue.SideClaim:
+    """A re-run asked for through the API and claimed as a worker would."""
+    queued = api.post(f"/api/adapters/{demo.adapter.id}/evaluation", json=body).json()
+    claim = side_queue.claim_next(demo.db, "evaluation", "test-worker", 60, queued["id"])
+    assert claim is not None
+    return claim
+
+
 def _start_child(demo: EvaluatedDemo, claim: side_queue.SideClaim) -> subprocess.Popen:
     command = [sys.executable, "-m", "worker.evaluation"]
     command += ["--task-id", str(claim.task_id), "--attempt", str(claim.attempt)]
@@ -130,9 +138,7 @@ def _row(demo: EvaluatedDemo, task_id: int) -> Evaluation:
 
 def test_a_killed_evaluation_is_never_complete_and_a_restart_finishes_it(evaluated_demo, api):
     demo, adapter_id = evaluated_demo, evaluated_demo.adapter.id
-    queued = api.post(f"/api/adapters/{adapter_id}/evaluation", json={"max_prompts": 3}).json()
-    claim = side_queue.claim_next(demo.db, "evaluation", "doomed-worker", 60, queued["id"])
-    assert claim is not None
+    claim = _claim_rerun(demo, api, max_prompts=3)
     child = _start_child(demo, claim)
     try:
         _wait(lambda: len(_row(demo, claim.task_id).rows) >= 1, "a first answered prompt")
@@ -181,9 +187,7 @@ def test_a_killed_evaluation_is_never_complete_and_a_restart_finishes_it(evaluat
 
 def test_a_cancelled_running_evaluation_keeps_nothing(evaluated_demo, api):
     demo, adapter_id = evaluated_demo, evaluated_demo.adapter.id
-    queued = api.post(f"/api/adapters/{adapter_id}/evaluation", json={"max_prompts": 5}).json()
-    claim = side_queue.claim_next(demo.db, "evaluation", "test-worker", 60, queued["id"])
-    assert claim is not None
+    claim = _claim_rerun(demo, api, max_prompts=5)
     child = _start_child(demo, claim)
     try:
         _wait(lambda: _row(demo, claim.task_id).progress_done >= 1, "progress")
@@ -203,9 +207,7 @@ def test_an_evaluation_whose_dataset_is_gone_fails_with_a_message(evaluated_demo
     from worker.evaluation import run_claimed_evaluation
 
     demo, adapter_id = evaluated_demo, evaluated_demo.adapter.id
-    queued = api.post(f"/api/adapters/{adapter_id}/evaluation").json()
-    claim = side_queue.claim_next(demo.db, "evaluation", "test-worker", 60, queued["id"])
-    assert claim is not None
+    claim = _claim_rerun(demo, api)
     rows = demo.settings.layout.dataset_dir(demo.job.dataset_id) / "normalized.jsonl"
     moved = rows.with_suffix(".away")
     rows.rename(moved)
