@@ -4,6 +4,7 @@ deleted adapter's report is a clear 404; a queued one is cancelled at once."""
 
 from __future__ import annotations
 
+from pydantic import SecretStr
 from sqlmodel import select
 
 from app import queue
@@ -78,3 +79,23 @@ def test_a_queued_report_cancels_at_once_and_a_deleted_adapter_has_none(client, 
     ):
         assert response.status_code == 404
         assert "no adapter" in response.text
+
+
+def test_the_system_page_names_the_judge_but_never_its_key(db, settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    key = "sk-judge-secret-0123456789"
+    judged = settings.model_copy(
+        update={
+            "judge_url": "http://127.0.0.1:8080/v1",
+            "judge_model": "qwen",
+            "judge_api_key": SecretStr(key),
+        }
+    )
+    with TestClient(create_app(judged), base_url="http://127.0.0.1") as client:
+        page = client.get("/system").text
+        api = client.get("/api/system").text
+    assert "qwen at http://127.0.0.1:8080/v1 (a key is set)" in page
+    assert key not in page and key not in api

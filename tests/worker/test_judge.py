@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from pydantic import SecretStr
 
 from app import side_queue
 from app.models import Evaluation, SideWorkStatus
@@ -134,7 +135,7 @@ def test_each_pair_is_judged_both_ways_and_bad_verdicts_stay_on_their_row(
     done = _run(
         demo,
         int(asked.id or 0),
-        judge_api_key=KEY,
+        judge_api_key=SecretStr(KEY),
         judge_timeout_seconds=1.0,
     )
     assert done.status == SideWorkStatus.succeeded, done.error_message
