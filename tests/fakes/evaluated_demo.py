@@ -114,3 +114,32 @@ def train_and_evaluate(data_dir: Path, gpus: str = "") -> EvaluatedDemo:
         adapter = s.get(Adapter, adapter_id)
     assert adapter is not None
     return EvaluatedDemo(settings, db, queue.get_job(db, job.id), adapter)
+
+
+def untrained_adapter(data_dir: Path) -> EvaluatedDemo:
+    """The demo installed and a demo job with an adapter of random LoRA weights saved by PEFT
+    (no training): for tests of the report's machinery that need an adapter, not a good one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = Settings(data_dir=data_dir, database_url="", eval_max_new_tokens=8)
+    settings.ensure_dirs()
+    upgrade(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url)
+    demo = install_demo(db, settings)
+    config = TrainConfig(
+        name="untrained", base_model=demo.model_name, dataset_id=demo.dataset_id, max_steps=1
+    )
+    job = jobs.create_job(db, settings, config)
+    model_dir = settings.models_dir / demo.model_name
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    adapter_dir = settings.layout.adapter_dir(int(job.id or 0))
+    model.save_pretrained(adapter_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter_dir)
+    with db.write() as s:
+        s.add(Adapter(id=f"job-{job.id}", job_id=job.id, name=job.name, base_model=job.base_model))
+    with db.read() as s:
+        adapter = s.get(Adapter, f"job-{job.id}")
+    assert adapter is not None
+    return EvaluatedDemo(settings, db, job, adapter)

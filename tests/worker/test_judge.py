@@ -14,9 +14,12 @@ import pytest
 from pydantic import SecretStr
 
 from app import side_queue
+from app.dataset_store import iter_rows
 from app.models import Evaluation, SideWorkStatus
 from app.services import evaluations
-from tests.fakes.evaluated_demo import EvaluatedDemo
+from app.train_config import TrainConfig
+from tests.fakes.evaluated_demo import EvaluatedDemo, untrained_adapter
+from worker.evaluation import prompt_and_reference, prompt_text
 from worker.judge import Judge, JudgeError
 
 KEY = "judge-key-0123456789"
@@ -29,11 +32,24 @@ class FakeJudge(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.keys: list[str] = []
         self.bodies: list[dict] = []
-        self.misbehave: dict[str, str] = {}  # a word of the prompt -> slow | nonsense | error
+        self.misbehave: dict[str, str] = {}  # a prompt -> slow | nonsense | error
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+def asked(question: str) -> str:
+    """The prompt inside a judge's question."""
+    return question.split("Question:\n")[1].split("\n\nReference answer:")[0]
+
+
+def answers(question: str) -> tuple[str, str, str]:
+    """The reference, answer A and answer B inside a judge's question."""
+    reference = question.split("Reference answer:\n")[1].split("\n\nAnswer A:")[0]
+    first = question.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+    second = question.split("Answer B:\n")[1].split("\n\nWhich answer")[0]
+    return reference, first, second
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -47,19 +63,17 @@ class Handler(BaseHTTPRequestHandler):
         self.server.keys.append(self.headers.get("Authorization", ""))
         self.server.bodies.append(body)
         question = body["messages"][-1]["content"]
-        for word, how in self.server.misbehave.items():
-            if word in question:
-                if how == "slow":
-                    time.sleep(3)
-                if how == "error":
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                if how == "nonsense":
-                    return self._reply("I like turtles")
-        reference = question.split("Reference answer:\n")[1].split("\n\nAnswer A:")[0]
-        first = question.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
-        second = question.split("Answer B:\n")[1].split("\n\nWhich answer")[0]
+        how = self.server.misbehave.get(asked(question))
+        if how == "slow":
+            time.sleep(3)  # past the client's timeout: it has gone
+            return
+        if how == "error":
+            self.send_response(500)
+            self.end_headers()
+            return
+        if how == "nonsense":
+            return self._reply("I like turtles")
+        reference, first, second = answers(question)
         if first == second:
             return self._reply("tie")
         return self._reply("A" if first == reference else "B" if second == reference else "tie")
@@ -89,7 +103,8 @@ def test_verdicts_and_what_a_bad_judge_says(fake_judge: FakeJudge):
     assert judge.verdict("q?", "right", "same", "same") == "tie"
     assert fake_judge.keys[-1] == f"Bearer {KEY}"
     assert fake_judge.bodies[-1]["model"] == "judge-model"
-    fake_judge.misbehave = {"slowly": "slow", "oddly": "nonsense", "badly": "error"}
+    fake_judge.misbehave = {"answer slowly": "slow", "answer oddly": "nonsense"}
+    fake_judge.misbehave["answer badly"] = "error"
     with pytest.raises(JudgeError, match="within 1 s"):
         judge.verdict("answer slowly", "r", "a", "b")
     with pytest.raises(JudgeError, match=r"turtles.*not A, B or tie"):
@@ -114,46 +129,56 @@ def _run(demo: EvaluatedDemo, evaluation_id: int, **settings: object) -> Evaluat
     return done
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EvaluatedDemo]:
+    found = untrained_adapter(tmp_path_factory.mktemp("judged") / "data")
+    yield found
+    found.db.dispose()
+
+
 def test_each_pair_is_judged_both_ways_and_bad_verdicts_stay_on_their_row(
-    evaluated_demo: EvaluatedDemo, fake_judge: FakeJudge
+    demo: EvaluatedDemo, fake_judge: FakeJudge
 ):
-    demo = evaluated_demo
-    first = demo.db.read
-    with first() as s:
-        report = s.get(Evaluation, 1)
-    assert report is not None and report.status == SideWorkStatus.succeeded
-    prompts = [row["prompt"] for row in report.rows[:4]]
+    config = TrainConfig.model_validate(demo.job.config)
+    rows = iter_rows(demo.settings, config.dataset_id, "eval", eval_fraction=config.eval_fraction)
+    held_out = [prompt_text(p[0]) for p in map(prompt_and_reference, rows) if p is not None]
+    # Four prompts asked once each (the fake judge misbehaves by prompt).
+    chosen = [i for i, prompt in enumerate(held_out) if held_out.count(prompt) == 1][:4]
+    assert len(chosen) == 4, held_out
+    prompts = [held_out[i] for i in chosen]
     # The second prompt's verdicts time out, the third's are nonsense, the fourth's an HTTP error.
     fake_judge.misbehave = {prompts[1]: "slow", prompts[2]: "nonsense", prompts[3]: "error"}
     request = evaluations.EvaluationRequest(
-        max_prompts=4,
+        max_prompts=chosen[-1] + 1,
         judge=evaluations.JudgeRequest(url=fake_judge.url, model="judge-model", rubric="Be fair."),
     )
-    asked = evaluations.request_evaluation(demo.db, demo.adapter.id, request)
+    queued = evaluations.request_evaluation(demo.db, demo.adapter.id, request)
     done = _run(
         demo,
-        int(asked.id or 0),
+        int(queued.id or 0),
         judge_api_key=SecretStr(KEY),
         judge_timeout_seconds=1.0,
     )
     assert done.status == SideWorkStatus.succeeded, done.error_message
-    verdicts = [row["judge"] for row in done.rows]
+    verdicts = [done.rows[i]["judge"] for i in chosen]
+    assert [done.rows[i]["prompt"] for i in chosen] == prompts
     assert "adapter_score" in verdicts[0] and len(verdicts[0]["verdicts"]) == 2
     assert "within 1 s" in verdicts[1]["error"]
     assert "not A, B or tie" in verdicts[2]["error"]
     assert "HTTP 500" in verdicts[3]["error"]
     figures = done.judge_figures
-    assert figures["judged"] == 1 and figures["errors"] == 3 and figures["model"] == "judge-model"
-    assert figures["adapter_win_rate"] == verdicts[0]["adapter_score"]
+    assert figures["errors"] == 3 and figures["model"] == "judge-model"
+    assert figures["judged"] == len(done.rows) - 3
+    judged = [r["judge"]["adapter_score"] for r in done.rows if "adapter_score" in r["judge"]]
+    assert figures["adapter_win_rate"] == pytest.approx(sum(judged) / len(judged))
     # Both orders were asked for the judged pair: base first, then adapter first.
-    asked_first = [b for b in fake_judge.bodies if prompts[0] in b["messages"][-1]["content"]]
-    assert len(asked_first) == 2
-    a_then_b = [b["messages"][-1]["content"] for b in asked_first]
-    row = done.rows[0]
-    assert a_then_b[0].index(row["base_answer"]) < a_then_b[0].index("Answer B:")
-    assert a_then_b[1].index(row["adapter_answer"]) < a_then_b[1].index("Answer B:")
+    questions = [b["messages"][-1]["content"] for b in fake_judge.bodies]
+    row = done.rows[chosen[0]]
+    both = [answers(q) for q in questions if asked(q) == prompts[0]]
+    assert both == [
+        (row["reference"], row["base_answer"], row["adapter_answer"]),
+        (row["reference"], row["adapter_answer"], row["base_answer"]),
+    ]
     # The key went to the judge, and nowhere else.
     assert set(fake_judge.keys) == {f"Bearer {KEY}"}
     with demo.db.read() as s:
