@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     database_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     """How long a SQLite write waits for another process's write lock before it fails as "locked"."""
 
+    evaluate_after_training: bool = True
+    """Queue an adapter's evaluation report (base vs adapter on the held-out rows) when its job succeeds."""
+
     eval_max_prompts: int = Field(default=50, ge=0, le=1000)
     """Held-out prompts that base and adapter both answer in an adapter's evaluation report (0: loss only)."""
 

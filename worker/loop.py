@@ -528,7 +528,13 @@ class WorkerLoop:
         else:
             adapter = result.adapter.model_dump() if result.adapter is not None else None
             recorded = queue.finish(
-                self.db, job_id, attempt, JobStatus(status), adapter=adapter, **extra
+                self.db,
+                job_id,
+                attempt,
+                JobStatus(status),
+                adapter=adapter,
+                evaluate=self.settings.evaluate_after_training,
+                **extra,
             )
         if recorded:
             log.info("job %s attempt %s: %s", job_id, attempt, status)

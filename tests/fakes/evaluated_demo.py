@@ -59,6 +59,7 @@ def worker_environment(settings: Settings, gpus: str = "") -> dict[str, str]:
         "TUNEBOARD_POLL_SECONDS": "0.2",
         "TUNEBOARD_HF_OFFLINE": "true",
         "TUNEBOARD_EVAL_MAX_NEW_TOKENS": str(settings.eval_max_new_tokens),
+        "TUNEBOARD_EVALUATE_AFTER_TRAINING": "true",
         "TUNEBOARD_GPU_LOCK_DIR": str(settings.resolved_data_dir / "gpu-locks"),
         "CUDA_VISIBLE_DEVICES": gpus,
     }
