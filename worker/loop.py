@@ -56,6 +56,9 @@ log = logging.getLogger("worker")
 SHUTDOWN_GRACE_SECONDS = 60.0  # how long a stopping worker waits for the child's checkpoint
 SUPERVISE_TICK_SECONDS = 0.1
 LOG_TAIL_LINES = 20
+WAITING_FOR_EVALUATION = (
+    "GPU %s is computing an evaluation report; the next job starts when it is done"
+)
 RELEASED_NOTICE = (
     "The worker stopped while this job ran; it went back to the queue and resumes from its last "
     "complete checkpoint."
@@ -240,13 +243,18 @@ class WorkerLoop:
         if self.serve_inference:
             self._start_inference()
         log.info("worker %s started (gpus=%r)", self.id, self.gpus)
+        waiting = False
         try:
             while not self.stopping.is_set():
                 # One computation a GPU: an evaluation report that holds the card goes first
                 # (it is short); the next job is claimed once it is done.
                 if not self.compute.try_acquire():
+                    if not waiting:
+                        log.info(WAITING_FOR_EVALUATION, self.gpus)
+                        waiting = True
                     self.stopping.wait(self.settings.poll_seconds)
                     continue
+                waiting = False
                 claim = self._next_claim()
                 if claim is None:
                     self.compute.release()
