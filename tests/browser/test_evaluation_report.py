@@ -96,9 +96,7 @@ def test_a_running_evaluation_streams_its_progress_and_rows_into_the_page(
             found = s.get(Evaluation, running_id)
             found.progress_done, found.rows = 2, [row]
             s.add(found)
-        page.wait_for_function(
-            "document.querySelector('#evaluation-progress')?.textContent.includes('2 of 4')"
-        )
+        page.locator("#evaluation-progress", has_text="2 of 4").wait_for()
         assert page.text_content("#evaluation-rows .adapter-answer") == row["adapter_answer"]
         with demo.db.write() as s:
             found = s.get(Evaluation, running_id)
