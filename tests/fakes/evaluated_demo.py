@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app import queue
 from app.db import Database
@@ -65,19 +66,24 @@ def worker_environment(settings: Settings, gpus: str = "") -> dict[str, str]:
     }
 
 
-def train_and_evaluate(data_dir: Path, gpus: str = "") -> EvaluatedDemo:
-    settings = Settings(data_dir=data_dir, database_url="", eval_max_new_tokens=24)
+def demo_job(data_dir: Path, max_new_tokens: int, **config: Any) -> tuple[Settings, Database, Job]:
+    """A fresh data dir with the demo installed and a queued job on it."""
+    settings = Settings(data_dir=data_dir, database_url="", eval_max_new_tokens=max_new_tokens)
     settings.ensure_dirs()
     upgrade(settings.resolved_database_url)
     db = Database(settings.resolved_database_url)
     demo = install_demo(db, settings)
-    config = TrainConfig(
-        name="kettle facts",
-        base_model=demo.model_name,
-        dataset_id=demo.dataset_id,
-        **(jobs.preset_values("demo") | STEPS),
+    job = jobs.create_job(
+        db,
+        settings,
+        TrainConfig(base_model=demo.model_name, dataset_id=demo.dataset_id, **config),
     )
-    job = jobs.create_job(db, settings, config)
+    return settings, db, job
+
+
+def train_and_evaluate(data_dir: Path, gpus: str = "") -> EvaluatedDemo:
+    config = jobs.preset_values("demo") | STEPS
+    settings, db, job = demo_job(data_dir, 24, name="kettle facts", **config)
     log = data_dir / "worker.out"
     with log.open("wb") as out:
         worker = subprocess.Popen(
@@ -123,16 +129,8 @@ def untrained_adapter(data_dir: Path) -> EvaluatedDemo:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    settings = Settings(data_dir=data_dir, database_url="", eval_max_new_tokens=8)
-    settings.ensure_dirs()
-    upgrade(settings.resolved_database_url)
-    db = Database(settings.resolved_database_url)
-    demo = install_demo(db, settings)
-    config = TrainConfig(
-        name="untrained", base_model=demo.model_name, dataset_id=demo.dataset_id, max_steps=1
-    )
-    job = jobs.create_job(db, settings, config)
-    model_dir = settings.models_dir / demo.model_name
+    settings, db, job = demo_job(data_dir, 8, name="untrained", max_steps=1)
+    model_dir = settings.models_dir / job.base_model
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
     adapter_dir = settings.layout.adapter_dir(int(job.id or 0))

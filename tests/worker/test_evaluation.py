@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -25,6 +24,7 @@ from app.main import create_app
 from app.models import Evaluation, SideWorkStatus, utcnow
 from app.train_config import TrainConfig
 from tests.fakes.evaluated_demo import REPO, EvaluatedDemo, worker_environment
+from tests.worker.test_loop import wait_for
 from worker.evaluation import prompt_and_reference
 from worker.side_work import run_side_work
 
@@ -129,14 +129,8 @@ def _start_child(demo: EvaluatedDemo, claim: side_queue.SideClaim) -> subprocess
     return subprocess.Popen(command, cwd=REPO, env=worker_environment(demo.settings))
 
 
-def _wait(predicate, what: str, timeout: float = 300.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+def _wait(predicate, what: str):
+    return wait_for(predicate, timeout=300, what=what)
 
 
 def _row(demo: EvaluatedDemo, task_id: int) -> Evaluation:
