@@ -356,3 +356,29 @@ class ModelExport(SideWork, table=True):
     sha256: str | None = Field(default=None, max_length=64)
     check_status: str = Field(default="not run", max_length=20)  # match | differs | not run
     check_details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class Evaluation(SideWork, table=True):
+    """The evaluation report of one adapter against its base on the job's held-out rows, queued
+    when the job succeeds (`app/queue.py`) or again on request; a worker computes it
+    (`worker/evaluation.py`). The figures and rows are shapes of that module; while it runs
+    they hold what is done so far, and only a `succeeded` evaluation is a complete report."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_adapter_id_id", "adapter_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: str = Field(foreign_key="adapters.id", max_length=64, ondelete="CASCADE")
+    max_prompts: int | None = None  # held-out prompts answered by both; None: the setting
+    # The optional judge: {"url", "model", "rubric"}; never its key (a setting of the worker).
+    judge: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    cancel_requested: bool = False
+    stage: str = ""  # e.g. "waiting for the GPU", "loss on held-out rows", "answering prompts"
+    progress_done: int = 0  # steps done of progress_total (rows scored, prompts answered)
+    progress_total: int = 0
+    eta_seconds: float | None = None
+    method: str = Field(default="", max_length=20)  # the job's method: sft, dpo, orpo
+    base_figures: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    adapter_figures: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    judge_figures: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    rows: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))

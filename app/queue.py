@@ -20,6 +20,7 @@ from app.db import Database
 from app.models import (
     FINISHED_STATUSES,
     Adapter,
+    Evaluation,
     Job,
     JobStatus,
     Metric,
@@ -236,12 +237,14 @@ def finish(
     error_message: str | None = None,
     error_hint: str | None = None,
     adapter: dict[str, Any] | None = None,
+    evaluate: bool = True,
     **fields: Any,
 ) -> bool:
     """End a running attempt as succeeded, failed or cancelled. False if the attempt is stale.
 
     `adapter` (`size_bytes`, `eval_loss`) registers the trained adapter in the same transaction,
-    so a job is never shown as succeeded without its adapter, and a stale attempt registers none.
+    so a job is never shown as succeeded without its adapter, and a stale attempt registers none;
+    with `evaluate`, the adapter's evaluation report is queued with it (side work).
     """
     if status not in FINISHED_STATUSES:
         raise ValueError(f"{status} is not a finished status")
@@ -268,7 +271,13 @@ def finish(
                     eval_loss=adapter.get("eval_loss"),
                 )
             )
+            if evaluate:
+                s.add(Evaluation(adapter_id=f"job-{job_id}", method=_method(job)))
         return True
+
+
+def _method(job: Job) -> str:
+    return str((job.config or {}).get("method") or "sft")
 
 
 def release(
@@ -433,6 +442,13 @@ def delete_finished(db: Database, job_id: int) -> Job:
                 f"Job {job_id} is {job.status}; cancel it before deleting it.", "Cancel it first."
             )
         s.connection().execute(text("DELETE FROM metrics WHERE job_id = :id"), {"id": job_id})
+        s.connection().execute(
+            text(
+                "DELETE FROM evaluations WHERE adapter_id IN "
+                "(SELECT id FROM adapters WHERE job_id = :id)"
+            ),
+            {"id": job_id},
+        )
         s.connection().execute(text("DELETE FROM adapters WHERE job_id = :id"), {"id": job_id})
         s.delete(job)
         return job

@@ -100,6 +100,30 @@ class Settings(BaseSettings):
     database_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     """How long a SQLite write waits for another process's write lock before it fails as "locked"."""
 
+    evaluate_after_training: bool = True
+    """Queue an adapter's evaluation report (base vs adapter on the held-out rows) when its job succeeds."""
+
+    eval_max_prompts: int = Field(default=50, ge=0, le=1000)
+    """Held-out prompts that base and adapter both answer in an adapter's evaluation report (0: loss only)."""
+
+    eval_max_new_tokens: int = Field(default=128, ge=1, le=4096)
+    """Longest answer, in tokens, that base and adapter write for an evaluation report (greedy)."""
+
+    judge_url: str = ""
+    """OpenAI-compatible endpoint (base URL ending in /v1) of the evaluation report's judge. Empty: no judge."""
+
+    judge_model: str = ""
+    """Model name the judge endpoint is asked for."""
+
+    judge_rubric: str = ""
+    """What the judge weighs when it picks the better answer. Empty: helpful, correct, matches the reference."""
+
+    judge_api_key: SecretStr | None = None
+    """Bearer key of the judge endpoint. Only the worker reads it; it never goes into a job, a log or a report."""
+
+    judge_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """How long the judge gets for one verdict before that row is marked as a judge error."""
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if not self.binds_loopback and self.token is None:

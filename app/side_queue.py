@@ -22,6 +22,7 @@ from sqlmodel import col, select
 from app.db import Database
 from app.models import (
     DatasetReport,
+    Evaluation,
     HubImport,
     MergeRequest,
     ModelExport,
@@ -36,6 +37,7 @@ KINDS: dict[str, type[SideWork]] = {
     "merge": MergeRequest,
     "hub_import": HubImport,
     "export": ModelExport,
+    "evaluation": Evaluation,
 }
 # in the user's words
 NAMES = {
@@ -43,6 +45,7 @@ NAMES = {
     "merge": "merge",
     "hub_import": "Hub import",
     "export": "export",
+    "evaluation": "evaluation",
 }
 FINISHED = (SideWorkStatus.succeeded, SideWorkStatus.failed)
 LOST_HINT = (
@@ -107,6 +110,20 @@ def _holding(s: Any, claim: SideClaim) -> Any:
     return row
 
 
+def note_queued(db: Database, kind: str, notice: str) -> None:
+    """Tell the queued tasks of a kind why they wait (e.g. the GPU is training): their notice."""
+    table: Any = KINDS[kind]
+    note = (
+        update(table)
+        .where(
+            col(table.status) == SideWorkStatus.queued, col(table.notice).is_distinct_from(notice)
+        )
+        .values(notice=notice)
+    )
+    with db.write() as s:
+        s.connection().execute(note)
+
+
 def heartbeat(db: Database, claim: SideClaim, lease_seconds: float) -> bool:
     """Extend the lease. False means the claim is stale: stop and write nothing more."""
     table: Any = claim.table
@@ -164,6 +181,41 @@ def finish(
         row.lease_expires_at = None
         s.add(row)
         return True
+
+
+# What a cancelled evaluation is left with: no figures, no rows, and the reason.
+CANCELLED: dict[str, Any] = {
+    "error_kind": "cancelled",
+    "error_message": "The evaluation was cancelled; it has no report.",
+    "error_hint": "Run it again from the report page (or POST /api/adapters/{id}/evaluation).",
+    "stage": "cancelled",
+    "base_figures": {},
+    "adapter_figures": {},
+    "judge_figures": {},
+    "rows": [],
+    "eta_seconds": None,
+}
+
+
+def cancel_evaluation(db: Database, evaluation_id: int) -> Evaluation | None:
+    """Cancel an evaluation: a queued one fails at once as cancelled; a running one is asked to
+    stop (its child sees `cancel_requested`, drops what it has and fails as cancelled). Either
+    way nothing it computed is kept. None if there is no such evaluation."""
+    with db.write() as s:
+        row = s.get(Evaluation, evaluation_id)
+        if row is None or row.status in FINISHED:
+            return row
+        if row.status == SideWorkStatus.queued:
+            row.status = SideWorkStatus.failed
+            row.finished_at = utcnow()
+            for name, value in CANCELLED.items():
+                setattr(row, name, value)
+        else:
+            row.cancel_requested = True
+        s.add(row)
+        s.flush()
+        s.refresh(row)
+        return row
 
 
 def _requeue_or_fail(row: SideWork, kind: str, what_happened: str, now: datetime) -> None:

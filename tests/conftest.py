@@ -20,8 +20,12 @@ POSTGRES_URL = os.environ.get(
 @pytest.fixture(autouse=True)
 def own_gpu_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test's workers take their per-GPU locks in a folder of the test's own (and pass it
-    to the processes they start), so a test never waits on a worker of another test run."""
+    to the processes they start), so a test never waits on a worker of another test run. And
+    they do not evaluate the adapters they train unless a test says so."""
     monkeypatch.setenv("TUNEBOARD_GPU_LOCK_DIR", str(tmp_path / "gpu-locks"))
+    # Workers of tests that train fakes do not evaluate what they train (a torch child each);
+    # the evaluation tests' workers say "true" (tests/fakes/evaluated_demo.py).
+    monkeypatch.setenv("TUNEBOARD_EVALUATE_AFTER_TRAINING", "false")
 
 
 @pytest.fixture
@@ -101,3 +105,15 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         check=True,
     )
     return {"model_dir": model_dir, "dataset": dataset}
+
+
+@pytest.fixture(scope="session")
+def evaluated_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """The demo job trained by a real worker, and its adapter evaluated by that worker's side loop
+    without being asked (tests/fakes/evaluated_demo.py): once a session, shared by every test
+    that reads a report. Tests that add evaluations of their own leave the first one as it is."""
+    from tests.fakes.evaluated_demo import train_and_evaluate
+
+    demo = train_and_evaluate(tmp_path_factory.mktemp("evaluated") / "data")
+    yield demo
+    demo.db.dispose()

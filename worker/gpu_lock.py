@@ -1,5 +1,7 @@
 """One worker per GPU on a host: an exclusive lock file per GPU index that a worker holds while it
-lives, and that the children it starts (training, inference) hold with it.
+lives, and that the children it starts (training, inference) hold with it. And one computation per
+GPU: a second lock per GPU (`role="compute"`) that a training attempt holds while it runs, and an
+evaluation report (worker/evaluation.py) while it runs, so the two never share a card.
 
 The lock is `flock` on `<folder>/tuneboard-gpu-<index>.lock`, a folder every worker on the host
 shares (the system temp folder unless `TUNEBOARD_GPU_LOCK_DIR` says otherwise). The kernel drops
@@ -20,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def lock_path(folder: Path | None, index: int) -> Path:
-    return (folder or Path(tempfile.gettempdir())) / f"tuneboard-gpu-{index}.lock"
+def lock_path(folder: Path | None, index: int, role: str = "") -> Path:
+    name = f"tuneboard-gpu-{index}{'-' + role if role else ''}.lock"
+    return (folder or Path(tempfile.gettempdir())) / name
 
 
 def _open(path: Path) -> int:
@@ -45,7 +48,22 @@ class GpuLocks:
 
     indices: list[int]
     folder: Path | None = None
+    role: str = ""  # "": the worker's lock; "compute": the one computation's
     fds: list[int] = field(default_factory=list)
+
+    def try_acquire(self) -> bool:
+        """Take every lock now, or none (False) when another process holds one."""
+        for index in sorted(set(self.indices)):
+            path = lock_path(self.folder, index, self.role)
+            fd = _open(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.release()
+                return False
+            self._mark(fd)
+        return True
 
     def acquire(
         self, stopping: threading.Event, on_wait: Callable[[int, Path, str], None] | None = None
@@ -53,7 +71,7 @@ class GpuLocks:
         """Take every lock, waiting while another worker holds one; False if `stopping` was set
         first. `on_wait(index, path, owner)` is called once per GPU it has to wait for."""
         for index in sorted(set(self.indices)):
-            path = lock_path(self.folder, index)
+            path = lock_path(self.folder, index, self.role)
             fd = _open(path)
             told = False
             while True:
@@ -68,11 +86,14 @@ class GpuLocks:
                         os.close(fd)
                         self.release()
                         return False
-            self.fds.append(fd)
-            with contextlib.suppress(OSError):  # a read-only descriptor keeps the old owner line
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"worker pid {os.getpid()}\n".encode(), 0)
+            self._mark(fd)
         return True
+
+    def _mark(self, fd: int) -> None:
+        self.fds.append(fd)
+        with contextlib.suppress(OSError):  # a read-only descriptor keeps the old owner line
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{self.role or 'worker'} pid {os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         for fd in self.fds:

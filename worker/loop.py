@@ -56,6 +56,9 @@ log = logging.getLogger("worker")
 SHUTDOWN_GRACE_SECONDS = 60.0  # how long a stopping worker waits for the child's checkpoint
 SUPERVISE_TICK_SECONDS = 0.1
 LOG_TAIL_LINES = 20
+WAITING_FOR_EVALUATION = (
+    "GPU %s is computing an evaluation report; the next job starts when it is done"
+)
 RELEASED_NOTICE = (
     "The worker stopped while this job ran; it went back to the queue and resumes from its last "
     "complete checkpoint."
@@ -117,6 +120,8 @@ def child_environment(settings: Settings, gpus: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if settings.gpu_lock_dir is not None:
+        env["TUNEBOARD_GPU_LOCK_DIR"] = str(settings.gpu_lock_dir)
     if settings.hf_offline:
         env["HF_HUB_OFFLINE"] = "1"
     return env
@@ -163,6 +168,7 @@ class WorkerLoop:
         self.gpus = gpus
         self.gpu_indices = gpu.parse_gpus(gpus)
         self.locks = GpuLocks(self.gpu_indices, settings.gpu_lock_dir)
+        self.compute = GpuLocks(self.gpu_indices, settings.gpu_lock_dir, role="compute")
         self.parent_pid = parent_pid
         self.child_command = child_command
         self.db = Database(settings.resolved_database_url, settings.database_busy_timeout_seconds)
@@ -237,10 +243,21 @@ class WorkerLoop:
         if self.serve_inference:
             self._start_inference()
         log.info("worker %s started (gpus=%r)", self.id, self.gpus)
+        waiting = False
         try:
             while not self.stopping.is_set():
+                # One computation a GPU: an evaluation report that holds the card goes first
+                # (it is short); the next job is claimed once it is done.
+                if not self.compute.try_acquire():
+                    if not waiting:
+                        log.info(WAITING_FOR_EVALUATION, self.gpus)
+                        waiting = True
+                    self.stopping.wait(self.settings.poll_seconds)
+                    continue
+                waiting = False
                 claim = self._next_claim()
                 if claim is None:
+                    self.compute.release()
                     self.stopping.wait(self.settings.poll_seconds)
                     continue
                 try:
@@ -251,6 +268,8 @@ class WorkerLoop:
                         "job %s attempt %s: the worker failed", claim.job_id, claim.attempt
                     )
                     self._fail_quietly(claim)
+                finally:
+                    self.compute.release()
         finally:
             self._stop_inference()
             self._heartbeat_done.set()
@@ -517,7 +536,13 @@ class WorkerLoop:
         else:
             adapter = result.adapter.model_dump() if result.adapter is not None else None
             recorded = queue.finish(
-                self.db, job_id, attempt, JobStatus(status), adapter=adapter, **extra
+                self.db,
+                job_id,
+                attempt,
+                JobStatus(status),
+                adapter=adapter,
+                evaluate=self.settings.evaluate_after_training,
+                **extra,
             )
         if recorded:
             log.info("job %s attempt %s: %s", job_id, attempt, status)

@@ -1,9 +1,10 @@
-"""Work a worker does beside training: dataset token reports, adapter merges, exports and Hub
-imports.
+"""Work a worker does beside training: dataset token reports, adapter merges, exports, Hub
+imports and evaluation reports.
 
 A thread of the worker loop takes side work from `app.side_queue`, the way the loop takes jobs:
 each round it requeues any worker's tasks whose lease expired, claims the oldest queued task of
-each kind, and runs it in a child Python (`python -m worker.merge --task-id N --attempt A`) while
+each kind (an evaluation only while no training attempt holds the GPU), and runs it in a child
+Python (`python -m worker.merge --task-id N --attempt A`) while
 renewing the task's lease. So the loop process never imports the ML stack, a report never waits
 behind the training job on the same worker (merges load the base on the CPU), and a child that
 dies (the OOM killer, a crash) leaves a task that is requeued or, after its last attempt, failed
@@ -31,6 +32,8 @@ from app import side_queue
 from app.db import Database
 from app.models import Adapter, ModelExport, SideWorkStatus
 from app.settings import Settings
+from worker import gpu
+from worker.gpu_lock import GpuLocks
 
 log = logging.getLogger("tuneboard.worker.side")
 
@@ -38,12 +41,18 @@ EXIT_GRACE_SECONDS = 5.0  # a child that recorded its end exits within this
 SIDE_TASK_TIMEOUT_SECONDS = 30 * 60
 TICK_SECONDS = 0.1
 
+# kinds whose child computes on the worker's GPU (the others load tokenizers, or the CPU)
+ON_THE_GPU = ("evaluation",)
+GPU_BUSY_NOTICE = "Waiting for the GPU: a training job is using it."
+LOCK_HELD_ENV = "TUNEBOARD_GPU_COMPUTE_LOCK_HELD"  # read by the child (worker/evaluation.py)
+
 # kind -> the module whose `python -m ... --task-id N --attempt A` runs one claimed task
 CHILDREN = {
     "dataset_report": "worker.dataset_report",
     "merge": "worker.merge",
     "hub_import": "worker.hub_import",
     "export": "worker.export",
+    "evaluation": "worker.evaluation",
 }
 
 
@@ -68,13 +77,25 @@ def run_side_work(
         for kind in CHILDREN:
             if stopping.is_set():
                 break
+            # An evaluation computes on the GPU: claimed only with the GPU's compute lock, which
+            # its child shares, so it never runs beside a training attempt (worker/gpu_lock.py).
+            locks = GpuLocks(
+                gpu.parse_gpus(env.get("CUDA_VISIBLE_DEVICES", "")),
+                settings.gpu_lock_dir,
+                role="compute",
+            )
             try:
+                if kind in ON_THE_GPU and not locks.try_acquire():
+                    side_queue.note_queued(db, kind, GPU_BUSY_NOTICE)
+                    continue
                 claim = side_queue.claim_next(db, kind, worker_id, settings.lease_seconds)
                 if claim is not None:
                     ran = True
-                    run_in_child(settings, db, claim, env, log_path, stopping)
+                    run_in_child(settings, db, claim, env, log_path, stopping, locks.fds)
             except SQLAlchemyError:
                 log.exception("side work (%s): could not reach the queue; will try again", kind)
+            finally:
+                locks.release()
         if not ran:
             stopping.wait(settings.poll_seconds)
 
@@ -86,10 +107,14 @@ def run_in_child(
     env: dict[str, str],
     log_path: Path,
     stopping: threading.Event,
+    lock_fds: list[int] | None = None,
 ) -> None:
-    """Run one claimed task in a child, renewing its lease; settle it if the child could not."""
+    """Run one claimed task in a child, renewing its lease; settle it if the child could not.
+    `lock_fds`: GPU locks this thread holds for the task, held by the child with it."""
     command = [sys.executable, "-m", CHILDREN[claim.kind]]
     command += ["--task-id", str(claim.task_id), "--attempt", str(claim.attempt)]
+    if lock_fds:
+        env = {**env, LOCK_HELD_ENV: "1"}
     with log_path.open("ab") as out:
         out.write(f"=== {claim}: {command}\n".encode())
         out.flush()
@@ -100,6 +125,7 @@ def run_in_child(
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            pass_fds=tuple(lock_fds or ()),
         )
     name = side_queue.NAMES[claim.kind]
     deadline = time.monotonic() + SIDE_TASK_TIMEOUT_SECONDS

@@ -84,4 +84,14 @@ def facts(settings: Settings) -> dict[str, str]:
         "python": platform.python_version(),
         "data_dir": str(settings.resolved_data_dir),
         "database": shown,
+        "judge": judge_fact(settings),
     }
+
+
+def judge_fact(settings: Settings) -> str:
+    """The evaluation report's judge as the System page says it: never its key, only whether
+    one is set."""
+    if not settings.judge_url or not settings.judge_model:
+        return "none (set TUNEBOARD_JUDGE_URL and TUNEBOARD_JUDGE_MODEL, or name one on a re-run)"
+    key = "a key is set" if settings.judge_api_key else "no key"
+    return f"{settings.judge_model} at {settings.judge_url} ({key})"

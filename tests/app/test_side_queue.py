@@ -1,4 +1,5 @@
-"""The side-work queue's promises (dataset reports, merges), on a real SQLite file and PostgreSQL."""
+"""The side-work queue's promises (dataset reports, merges, evaluations), on a real SQLite file
+and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from app.db import Database
 from app.models import (
     Adapter,
     DatasetReport,
+    Evaluation,
     HubImport,
     MergeRequest,
     ModelExport,
@@ -40,7 +42,7 @@ def add_adapter(db: Database, settings: Settings) -> str:
 
 
 def add_side_work(db: Database, dataset_id: str, adapter_id: str, n: int) -> dict[str, int]:
-    """One queued task of each kind (a report, a merge, a Hub import, an export), as the web adds them."""
+    """One queued task of each kind, as the web process adds them."""
     with db.write() as s:
         report = DatasetReport(dataset_id=dataset_id, base_model=MODEL, max_seq_len=64 + n)
         merge = MergeRequest(adapter_id=adapter_id)
@@ -50,12 +52,15 @@ def add_side_work(db: Database, dataset_id: str, adapter_id: str, n: int) -> dic
         s.add(hub_import)
         export = ModelExport(adapter_id=adapter_id, kind="gguf", quantization="f16")
         s.add(export)
+        evaluation = Evaluation(adapter_id=adapter_id)
+        s.add(evaluation)
         s.flush()
         return {
             "dataset_report": report.id or 0,
             "merge": merge.id or 0,
             "hub_import": hub_import.id or 0,
             "export": export.id or 0,
+            "evaluation": evaluation.id or 0,
         }
 
 

@@ -335,3 +335,23 @@ def test_training_children_find_the_users_hub_token_and_cache_models_in_the_data
     token, cache = out.stdout.split()
     assert token == "hf_the_users_token"
     assert Path(cache) == settings.resolved_data_dir / "hf" / "hub"
+
+
+def test_a_job_waits_while_an_evaluation_report_computes_on_its_gpu(db, settings, workers):
+    from worker.gpu_lock import GpuLocks
+
+    # What the side-work thread holds while an evaluation's child runs on GPU 0.
+    evaluation = GpuLocks([0], Path(os.environ["TUNEBOARD_GPU_LOCK_DIR"]), role="compute")
+    assert evaluation.try_acquire()
+    try:
+        job = add_job(db, settings)
+        workers.start(gpus="0")
+        wait_for(
+            lambda: "computing an evaluation report" in workers.output(0),
+            what="the worker to say it waits for the evaluation",
+        )
+        assert queue.get_job(db, job.id).status == JobStatus.queued
+    finally:
+        evaluation.release()
+    done = wait_for(lambda: finished(db, job.id), timeout=30, what="the job after the evaluation")
+    assert done.status == JobStatus.succeeded

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from app import queue
 from app.errors import NotFound, whole_number
 from app.models import Dataset, Job
-from app.services import job_events, job_views, jobs, model_registry
+from app.services import evaluations, job_events, job_views, jobs, model_registry
 from app.services.demo import DEMO_MODEL
 from app.train_config import MAX_DATASETS, PRESETS, TrainConfig
 from app.web.deps import SQL_INT_MAX, DbDep, JobStreamsDep, RowId, SettingsDep
@@ -45,7 +45,12 @@ def create_job(config: TrainConfig, db: DbDep, settings: SettingsDep) -> Job:
 @router.get("/api/jobs/compare")
 def compare_jobs(db: DbDep, ids: Annotated[list[str], Query()]) -> dict[str, Any]:
     """Loss and eval-loss curves and configs of several jobs (`?ids=1,2,3`)."""
-    return {"jobs": job_views.compare(db, job_views.parse_ids(ids))}
+    chosen = job_views.parse_ids(ids)
+    # each run's adapter's latest complete evaluation report, by job id
+    return {
+        "jobs": job_views.compare(db, chosen),
+        "evaluations": evaluations.figures_by_job(db, chosen),
+    }
 
 
 @router.get("/api/jobs")
@@ -251,6 +256,8 @@ def compare_page(
 ) -> HTMLResponse:
     chosen = job_views.parse_ids(ids or [])
     compared = job_views.compare(db, chosen) if len(chosen) >= 2 else []
+    compared_ids = [int(c["id"]) for c in compared]
+    report_figures = evaluations.figures_by_job(db, compared_ids)
     return render(
         request,
         "jobs/compare.html",
@@ -259,6 +266,8 @@ def compare_page(
         compared=compared,
         columns=job_views.compare_columns(compared),
         config_rows=job_views.config_table([c["config"] for c in compared]),
+        report_figures=report_figures,
+        report_rows=evaluations.compare_rows(report_figures, compared_ids),
         jobs=queue.list_jobs(db),
     )
 
