@@ -66,3 +66,36 @@ def test_a_model_larger_than_the_free_memory_is_refused_with_gpu_busy(engine, pg
     assert caught.value.status == 503 and caught.value.code == "gpu_busy"
     assert "needs about" in caught.value.message and caught.value.hint
     assert engine.model is None  # nothing was loaded
+
+
+def test_echoed_logprobs_on_the_nf4_engine_are_the_models_own(engine):
+    """/v1/completions' scoring on the GPU's stack (its transformers' KV-cache argument, NF4
+    weights, bf16 compute): the echoed prompt's log-probabilities equal one plain forward pass,
+    and greedy generation continues with the most likely token."""
+    import torch
+
+    from app.generation import CompletionRequest
+
+    base, adapter = engine.resolve(ADAPTER_ID)
+    request = CompletionRequest(
+        model=ADAPTER_ID, prompt=QUESTION, max_new_tokens=4, temperature=0, echo=True, logprobs=2
+    )
+    events: list[dict] = []
+    with engine.lock:
+        tokenizer = engine.prepare(base, adapter)
+        completion = engine.completion(request, adapter, tokenizer)
+        summary = engine.complete(completion, events.append)
+        ids = torch.tensor([completion.prompt_ids], device=engine.model.device)
+        with torch.inference_mode():
+            logits = engine.model(input_ids=ids).logits[0].float()
+    assert summary["finished"], summary
+    prompt = [e for e in events if e["prompt"]]
+    answer = [e for e in events if not e["prompt"]]
+    assert len(prompt) == len(completion.prompt_ids) and prompt[0]["logprob"] is None
+    expected = torch.log_softmax(logits[:-1], -1)
+    for position, event in enumerate(prompt[1:], start=1):
+        token = completion.prompt_ids[position]
+        assert abs(event["logprob"] - float(expected[position - 1, token])) < 0.05, position
+    assert answer, events
+    first = torch.log_softmax(logits[-1], -1)
+    assert abs(answer[0]["logprob"] - float(first.max())) < 0.05
