@@ -16,12 +16,22 @@ import shutil
 import sqlite3
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psycopg
 from sqlalchemy.engine import make_url
 
 from app.errors import UserError
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    import psycopg
+
+try:
+    from psycopg import Error as _PostgresError
+
+    POSTGRES_ERRORS: tuple[type[Exception], ...] = (_PostgresError,)
+except ImportError:  # a SQLite-only worker (the GPU machine's site) may have no PostgreSQL driver
+    POSTGRES_ERRORS = ()
 
 # SQLite's primary result codes (the low byte of an extended code).
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 8, 13, 14
@@ -72,8 +82,8 @@ def classify(exc: BaseException, settings: Settings) -> UserError | None:
     for cause in _chain(exc):
         if isinstance(cause, sqlite3.Error):
             return _sqlite_fault(cause, settings)
-        if isinstance(cause, psycopg.Error):
-            return _postgres_fault(cause, settings)
+        if isinstance(cause, POSTGRES_ERRORS):
+            return _postgres_fault(cause, settings)  # type: ignore[arg-type]
         if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
             return disk_full(settings, cause.filename)
         if isinstance(cause, OSError) and cause.errno == errno.EROFS and cause.filename:
@@ -85,8 +95,8 @@ def is_disk_full(exc: BaseException) -> bool:
     for cause in _chain(exc):
         if isinstance(cause, sqlite3.Error):
             return _primary_code(cause) == SQLITE_FULL
-        if isinstance(cause, psycopg.Error):
-            return cause.sqlstate == PG_DISK_FULL
+        if isinstance(cause, POSTGRES_ERRORS):
+            return getattr(cause, "sqlstate", None) == PG_DISK_FULL
         if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
             return True
     return False
@@ -129,6 +139,8 @@ def _sqlite_fault(error: sqlite3.Error, settings: Settings) -> UserError | None:
 def _postgres_fault(error: psycopg.Error, settings: Settings) -> UserError | None:
     """The same faults from a PostgreSQL server: its disk full, read-only, a lock not granted,
     or the server not reachable (down, restarting, or it ended this connection)."""
+    import psycopg
+
     state = error.sqlstate
     server = database_server(settings)
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
