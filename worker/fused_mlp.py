@@ -66,7 +66,15 @@ def unfuse_mlps(model: Any) -> None:
 
 def _qualifies(mlp: Any) -> bool:
     projections = [getattr(mlp, name, None) for name in PROJECTIONS]
-    return _is_silu(getattr(mlp, "act_fn", None)) and all(_plain_lora(p) for p in projections)
+    return _applies_silu(mlp) and all(_plain_lora(p) for p in projections)
+
+
+def _applies_silu(mlp: Any) -> bool:
+    """SwiGLU: the MLP's own `act_fn` is SiLU, or it is Liger's SwiGLU MLP (which has no
+    `act_fn`: it applies SiLU by construction and refuses any other activation)."""
+    if any(cls.__name__ == "LigerSwiGLUMLP" for cls in type(mlp).__mro__):
+        return True
+    return _is_silu(getattr(mlp, "act_fn", None))
 
 
 def _is_silu(act: Any) -> bool:

@@ -52,7 +52,8 @@ class EvaluatedDemo:
 def worker_environment(settings: Settings, gpus: str = "") -> dict[str, str]:
     return {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        # the repo first; then what this process had (the GPU machine's site of packages)
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "TUNEBOARD_DATA_DIR": str(settings.resolved_data_dir),
         "TUNEBOARD_DATABASE_URL": settings.resolved_database_url,
         "TUNEBOARD_LEASE_SECONDS": "60",

@@ -161,3 +161,19 @@ def test_a_geglu_mlp_is_not_fused_whatever_its_config_s_hidden_act_says(
         assert fuse_mlps(recipe.model) == 0
     finally:
         recipe.cleanup()
+
+
+def test_liger_s_swiglu_mlp_is_still_fused(tmp_path_factory, demo_dataset, tmp_path):
+    """On the GPU Liger swaps a Llama MLP for its `LigerSwiGLUMLP`, which has no `act_fn` (it
+    applies SiLU by construction): the fused MLP must still take it, as the benchmark measured."""
+    folder = _build("llama", tmp_path_factory, demo_dataset)
+    recipe = _recipe(folder, tmp_path, _examples(recipe_vocab(folder)))
+    try:
+        for layer in recipe._decoder_layers():
+            mlp = layer.mlp
+            # what liger_kernel's patch leaves: its own class, the same projections, no act_fn
+            mlp.__class__ = type("LigerSwiGLUMLP", (type(mlp),), {})
+            del mlp.act_fn
+        assert fuse_mlps(recipe.model) == len(recipe._decoder_layers())
+    finally:
+        recipe.cleanup()
