@@ -75,6 +75,7 @@ class IngestResult:
     eval_lines: list[int] = field(default_factory=list, repr=False)
     # Rows that still hold template placeholders: {"rows", "names", "line", "example"}, or {}.
     placeholders: dict[str, Any] = field(default_factory=dict)
+    tool_rows: int = 0  # rows that define tools: only models whose template takes tools train them
 
     @property
     def report(self) -> dict[str, Any]:
@@ -87,6 +88,7 @@ class IngestResult:
             "errors_shown": len(self.errors),
             "train_rows": self.train_rows,
             **({"placeholders": self.placeholders} if self.placeholders else {}),
+            **({"tool_rows": self.tool_rows} if self.tool_rows else {}),
         }
 
 
@@ -123,7 +125,7 @@ def ingest_dataset(
         )
     dataset_format = detect_format(records, column_mapping)
 
-    rows = valid_rows = bad_rows = error_count = written = 0
+    rows = valid_rows = bad_rows = error_count = written = tool_rows = 0
     details: list[dict[str, Any]] = []
     counts: Counter[str] = Counter()
     valid_lines = array("Q")  # 8 bytes a row: enough to pick the eval rows by line afterwards
@@ -154,6 +156,7 @@ def ingest_dataset(
                         )
                     out.write(encoded)
                     placeholders.look_at(normalized)
+                    tool_rows += "tools" in normalized
                     valid_lines.append(raw.line)
                     valid_rows += 1
                     continue
@@ -199,6 +202,7 @@ def ingest_dataset(
         split_path=split_path,
         eval_lines=eval_lines,
         placeholders=placeholders.summary(),
+        tool_rows=tool_rows,
     )
 
 
