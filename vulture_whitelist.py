@@ -126,3 +126,7 @@ _._decoder_layers  # worker/training/recipe.py
 
 # A path the layout owns that app/dataset_store.py still builds from its own constant.
 _.normalized_rows  # app/layout.py
+
+# Read by templates (models/list.html) and pydantic fields that travel in model_dump (tool calling).
+_.has_chat_template  # app/models.py, templates/models/list.html
+_.tool_call_id  # app/generation.py, app/web/routes/openai_api.py: the chat template reads it

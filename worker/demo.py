@@ -24,10 +24,9 @@ DEMO_CHAT_TEMPLATE = (
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
     "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- 'You may call functions. The tools:\\n<tools>' }}"
+    "{{- 'Tools:\\n<tools>' }}"
     "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    '{{- \'\\n</tools>\\nTo call one, answer <tool_call>{"name": ..., "arguments": {...}}'
-    "</tool_call>.<|im_end|>\\n' }}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if not (tools and loop.first and message['role'] == 'system') %}"

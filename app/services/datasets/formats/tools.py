@@ -73,7 +73,7 @@ def tool_list(
     for index, tool in enumerate(value):
         function = tool.get("function") if isinstance(tool, dict) and "function" in tool else tool
         name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name.strip():
+        if not isinstance(function, dict) or not isinstance(name, str) or not name.strip():
             errors.append(
                 RowError(
                     line,

@@ -1,0 +1,213 @@
+"""Tool calling end to end: LLaMA-Factory glaive_toolcall and OpenAI tool transcripts upload with
+no refused row, an adapter trains on them on the demo model (its template takes tools) on the CPU,
+and the official `openai` client gets the call back from /v1 as `tool_calls`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+
+from app.models import Adapter, BaseModelEntry, Dataset, DatasetStatus, Job, JobStatus
+from app.services.datasets.ingest import ingest_dataset
+from tests.playground.conftest import BASE
+
+pytestmark = pytest.mark.slow
+
+TOOL_ADAPTER = "job-2"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+QUESTION = "What is the weather in Paris?"
+CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+def _tool_files(folder: Path) -> list[Path]:
+    """The same tool transcript, many times, in both shapes: LLaMA-Factory's glaive_toolcall
+    (a JSON array, `tools` as JSON text) and OpenAI's messages (ending on the call)."""
+    glaive = [
+        {
+            "conversations": [
+                {"from": "human", "value": QUESTION},
+                {"from": "function_call", "value": json.dumps(CALL)},
+                {"from": "observation", "value": '{"temperature": 18}'},
+                {"from": "gpt", "value": "It is 18 degrees in Paris."},
+            ],
+            "tools": json.dumps([TOOLS[0]["function"]]),
+        }
+    ] * 24
+    openai_rows = [
+        {
+            "messages": [
+                {"role": "user", "content": QUESTION},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": f"call_{i}",
+                            "type": "function",
+                            "function": {"name": CALL["name"], "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
+            ],
+            "tools": TOOLS,
+        }
+        for i in range(24)
+    ]
+    (folder / "glaive").mkdir()
+    (folder / "openai").mkdir()
+    glaive_file = folder / "glaive" / "original.json"
+    glaive_file.write_text(json.dumps(glaive, indent=2))
+    openai_file = folder / "openai" / "original.jsonl"
+    openai_file.write_text("".join(json.dumps(row) + "\n" for row in openai_rows))
+    return [glaive_file, openai_file]
+
+
+@pytest.fixture(scope="module")
+def tool_adapter(pg_settings, pg_db, trained, tmp_path_factory) -> str:
+    from app.train_config import TrainConfig
+    from worker.metrics import ListSink
+    from worker.recipes.sft import LocalControl, SFTRecipe
+
+    rows = tmp_path_factory.mktemp("tool-rows") / "rows.jsonl"
+    with rows.open("w") as out:
+        for path in _tool_files(tmp_path_factory.mktemp("tool-files")):
+            result = ingest_dataset(path, path.suffix[1:], eval_fraction=0.0)
+            assert (result.status, result.bad_rows, result.tool_rows) == ("ready", 0, 24)
+            out.write(result.normalized_path.read_text())
+    config = TrainConfig(
+        dataset_id="1" * 32,
+        base_model=BASE,
+        max_steps=40,
+        micro_batch_size=4,
+        grad_accum_steps=1,
+        max_seq_len=512,
+        learning_rate=5e-3,
+        warmup_ratio=0.0,
+        lr_scheduler="linear",
+        lora_r=16,
+        lora_alpha=32,
+        quantization="nf4",  # falls back to fp32 on the CPU
+        eval_fraction=0.0,
+        eval_every=1000,
+        save_every=1000,
+        seed=7,
+    )
+    run_dir = pg_settings.runs_dir / "2"
+    recipe = SFTRecipe(
+        config, trained["model_dir"], run_dir, ListSink(), LocalControl(), rows_path=rows
+    )
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.save()
+    finally:
+        recipe.cleanup()
+    with pg_db.write() as s:
+        s.add(Dataset(id="1" * 32, name="tools", status=DatasetStatus.ready, rows=48))
+        s.flush()
+        s.add(
+            Job(
+                id=2, name="tools", base_model=BASE, dataset_id="1" * 32, status=JobStatus.succeeded
+            )
+        )
+        s.flush()
+        s.add(Adapter(id=TOOL_ADAPTER, job_id=2, name="tools", base_model=BASE))
+        if s.get(BaseModelEntry, "plain-model") is None:
+            s.add(BaseModelEntry(name="plain-model", source="/nowhere", has_chat_template=True))
+    return TOOL_ADAPTER
+
+
+@pytest.fixture
+def client(web_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{web_server}/v1", api_key="unused-on-loopback")
+
+
+def test_the_adapter_calls_the_tool_through_v1(client, tool_adapter):
+    answer = client.chat.completions.create(
+        model=tool_adapter,
+        messages=[{"role": "user", "content": QUESTION}],
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=60,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_a_streamed_tool_call_reaches_the_client_whole(client, tool_adapter):
+    stream = client.chat.completions.create(
+        model=tool_adapter,
+        messages=[
+            {"role": "developer", "content": "Use tools."},
+            {"role": "user", "content": QUESTION},
+        ],
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    calls, reasons = [], []
+    for part in stream:
+        delta = part.choices[0].delta
+        calls += delta.tool_calls or []
+        reasons.append(part.choices[0].finish_reason)
+    assert reasons[-1] == "tool_calls"
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_the_tool_result_goes_back_to_the_model(client, tool_adapter):
+    """A whole transcript (the call, its result) renders and answers with text."""
+    answer = client.chat.completions.create(
+        model=tool_adapter,
+        messages=[
+            {"role": "user", "content": QUESTION},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18}'},
+        ],
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=30,
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.choices[0].message.tool_calls is None
+    assert "18 degrees" in answer.choices[0].message.content
+
+
+def test_tools_for_a_model_without_tool_support_are_a_clear_400(client, tool_adapter):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="plain-model",
+            messages=[{"role": "user", "content": QUESTION}],
+            tools=TOOLS,
+        )
+    error = caught.value.body
+    assert error["code"] == "tools_unsupported"
+    assert "chat template of plain-model has no tool support" in error["message"]
+    assert BASE in error["hint"]
