@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from app.tool_calls import parse_tool_calls, template_message, template_takes_tools
-from worker.dataset_report import _tool_pieces
 
 
 def _calls(text: str, names: set[str] | None = None) -> tuple[str, list[tuple[str, dict]]]:
@@ -62,13 +61,3 @@ def test_request_messages_get_object_arguments_for_the_template():
         "content": "",
         "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": {"a": 1}}}],
     }
-
-
-def test_the_report_sample_marks_tool_definitions_and_calls():
-    pieces = _tool_pieces('sys <tools>{"name": "f"}</tools> ok <tool_call>{}</tool_call>', True)
-    assert [(p["text"], p.get("tool")) for p in pieces] == [
-        ("sys ", None),
-        ('<tools>{"name": "f"}</tools>', "definitions"),
-        (" ok ", None),
-        ("<tool_call>{}</tool_call>", "call"),
-    ]

