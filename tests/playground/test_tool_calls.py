@@ -244,6 +244,10 @@ def test_the_playground_takes_tools_and_streams_the_call_as_a_call(web_server, t
     calls = [call for delta in deltas for call in delta.get("tool_calls", [])]
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    page = httpx.get(
+        f"{web_server}/playground/sessions/{session_id}", headers={"accept": "text/html"}
+    ).text
+    assert 'class="tool-call" data-tool="get_weather"' in page  # kept, and shown as a call
 
 
 def test_the_playground_says_what_is_wrong_with_its_tools(web_server, tool_adapter):
