@@ -115,8 +115,10 @@ def parse_tools(text: str) -> list[dict[str, Any]] | None:
     )
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise UserError(f"The tools are not JSON ({exc.msg}, line {exc.lineno}).", hint) from exc
+    except RecursionError as exc:
+        raise UserError("The tools are nested too deeply to read.", hint) from exc
     if not isinstance(value, list):
         raise UserError("The tools must be a JSON list of tool definitions.", hint)
     tools = []

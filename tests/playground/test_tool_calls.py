@@ -5,6 +5,7 @@ and the official `openai` client gets the call back from /v1 as `tool_calls`."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -23,11 +24,11 @@ TOOL_ADAPTER = "job-2"
 TOOLS = [
     {
         "type": "function",
-        "function": {"name": "get_weather", "parameters": {"properties": {"city": {}}}},
+        "function": {"name": "weather", "parameters": {"properties": {"city": {}}}},
     }
 ]
 QUESTION = "What is the weather in Paris?"
-CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+CALL = {"name": "weather", "arguments": {"city": "Paris"}}
 
 
 def _tool_files(folder: Path) -> list[Path]:
@@ -89,8 +90,8 @@ def tool_adapter(pg_settings, pg_db, trained, tmp_path_factory) -> str:
     config = TrainConfig(
         dataset_id="1" * 32,
         base_model=BASE,
-        max_steps=50,
-        micro_batch_size=2,
+        max_steps=60,
+        micro_batch_size=4,
         grad_accum_steps=1,
         max_seq_len=256,
         learning_rate=5e-3,
@@ -108,12 +109,14 @@ def tool_adapter(pg_settings, pg_db, trained, tmp_path_factory) -> str:
     recipe = SFTRecipe(
         config, trained["model_dir"], run_dir, ListSink(), LocalControl(), rows_path=rows
     )
+    started = time.monotonic()
     try:
         recipe.setup()
         recipe.train()
         recipe.save()
     finally:
         recipe.cleanup()
+    print(f"trained the tool adapter in {time.monotonic() - started:.0f} s")
     with pg_db.write() as s:
         s.add(Dataset(id="1" * 32, name="tools", status=DatasetStatus.ready, rows=24))
         s.flush()
@@ -146,7 +149,7 @@ def test_the_adapter_calls_the_tool_through_v1(client, tool_adapter):
     assert choice.finish_reason == "tool_calls", choice.message
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.id.startswith("call_")
-    assert call.function.name == "get_weather"
+    assert call.function.name == "weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
 
 
@@ -168,7 +171,7 @@ def test_a_streamed_tool_call_reaches_the_client_whole(client, tool_adapter):
         calls += delta.tool_calls or []
         reasons.append(part.choices[0].finish_reason)
     assert reasons[-1] == "tool_calls"
-    assert [c.function.name for c in calls] == ["get_weather"]
+    assert [c.function.name for c in calls] == ["weather"]
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
 
 
@@ -186,7 +189,7 @@ def test_a_transcript_with_the_call_and_its_result_is_taken(client, tool_adapter
                     {
                         "id": "call_1",
                         "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
                     }
                 ],
             },
@@ -242,17 +245,17 @@ def test_the_playground_takes_tools_and_streams_the_call_as_a_call(web_server, t
         if line.startswith("data: {")
     ]
     calls = [call for delta in deltas for call in delta.get("tool_calls", [])]
-    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert [c["function"]["name"] for c in calls] == ["weather"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     page = httpx.get(
         f"{web_server}/playground/sessions/{session_id}", headers={"accept": "text/html"}
     ).text
-    assert 'class="tool-call" data-tool="get_weather"' in page  # kept, and shown as a call
+    assert 'class="tool-call" data-tool="weather"' in page  # kept, and shown as a call
 
 
 def test_the_playground_says_what_is_wrong_with_its_tools(web_server, tool_adapter):
     session_id = _new_session(web_server, tool_adapter)
-    response = _playground_turn(web_server, session_id, "[{name: get_weather}]")
+    response = _playground_turn(web_server, session_id, "[{name: weather}]")
     assert response.status_code == 400
     assert "The tools are not JSON" in response.json()["error"]["message"]
     plain = _new_session(web_server, "plain-model")
