@@ -46,7 +46,7 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str, list[dict[st
         return text, []
     try:
         value = json.loads(bare)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text, []
     found = [_from_object(item) for item in (value if isinstance(value, list) else [value])]
     if found and all(call is not None and call[0] in tool_names for call in found):
@@ -57,7 +57,7 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str, list[dict[st
 def _call(block: str) -> dict[str, Any] | None:
     try:
         value = json.loads(block)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     found = _from_object(value)
     return _response_call(*found) if found else None
@@ -70,7 +70,7 @@ def _from_object(value: Any) -> tuple[str, Any] | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return (value["name"], arguments) if isinstance(arguments, dict) else None
 
@@ -99,6 +99,6 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         # Not JSON: the template writes it as the text it is.
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             function["arguments"] = json.loads(arguments) if arguments.strip() else {}
     return {**call, "function": function}

@@ -47,7 +47,7 @@ def tool_list(
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             errors.append(
                 RowError(
                     line,
@@ -94,7 +94,7 @@ def parse_call(value: Any, path: str, line: int, errors: list[RowError]) -> list
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             errors.append(
                 RowError(
                     line,
@@ -137,7 +137,7 @@ def openai_call(
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             errors.append(
                 RowError(
                     line,
