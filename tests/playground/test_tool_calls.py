@@ -90,8 +90,8 @@ def tool_adapter(pg_settings, pg_db, trained, tmp_path_factory) -> str:
     config = TrainConfig(
         dataset_id="1" * 32,
         base_model=BASE,
-        max_steps=60,
-        micro_batch_size=4,
+        max_steps=200,
+        micro_batch_size=2,
         grad_accum_steps=1,
         max_seq_len=256,
         learning_rate=5e-3,
