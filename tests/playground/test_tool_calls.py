@@ -143,7 +143,7 @@ def test_the_adapter_calls_the_tool_through_v1(client, tool_adapter):
         messages=[{"role": "user", "content": QUESTION}],
         tools=TOOLS,
         temperature=0,
-        max_tokens=60,
+        max_tokens=100,
     )
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls", choice.message
@@ -162,7 +162,7 @@ def test_a_streamed_tool_call_reaches_the_client_whole(client, tool_adapter):
         ],
         tools=TOOLS,
         temperature=0,
-        max_tokens=60,
+        max_tokens=100,
         stream=True,
     )
     calls, reasons = [], []
@@ -229,7 +229,7 @@ def _new_session(web_server: str, model: str) -> int:
 def _playground_turn(web_server: str, session_id: int, tools: str) -> httpx.Response:
     return httpx.post(
         f"{web_server}/playground/sessions/{session_id}/chat?pane=0",
-        json={"message": QUESTION, "temperature": 0, "max_new_tokens": 60, "tools": tools},
+        json={"message": QUESTION, "temperature": 0, "max_new_tokens": 100, "tools": tools},
         headers={"origin": web_server},
         timeout=300,
     )
