@@ -140,3 +140,6 @@ _.nthread  # worker/export.py
 run_pending_exports  # worker/export.py
 # The start timing's figures as numbers: bench/train.py reports them (the job page takes `summary`).
 _.as_dict  # worker/training/start_timing.py
+# Read by templates (models/list.html) and pydantic fields that travel in model_dump (tool calling).
+_.has_chat_template  # app/models.py, templates/models/list.html
+_.tool_call_id  # app/generation.py, app/web/routes/openai_api.py: the chat template reads it

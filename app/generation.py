@@ -20,10 +20,16 @@ MAX_PROMPT_TOKEN_ID = 2**31 - 1
 
 
 class ChatMessage(BaseModel):
+    """One message as chat templates take it; with tools, an assistant's `tool_calls`
+    (`{"type": "function", "function": {"name", "arguments": {...}}}`) and a `tool` result."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     @field_validator("role", mode="before")
     @classmethod
@@ -34,7 +40,10 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts(cls, value: Any) -> Any:
-        """OpenAI's typed parts (`[{"type": "text", "text": ...}]`): keep the text ones."""
+        """OpenAI's typed parts (`[{"type": "text", "text": ...}]`): keep the text ones; no
+        content (an assistant message that only calls tools) is ""."""
+        if value is None:
+            return ""
         if isinstance(value, list):
             return "".join(
                 p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") == "text"
@@ -68,13 +77,15 @@ class GenerationRequest(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
     stop: list[str] = []
     """Strings that end the answer (not included in it); the first MAX_STOP_STRINGS count."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI's tool definitions, rendered by the model's chat template (`tools=`)."""
 
     _one_or_many = field_validator("stop", mode="before")(_stop_strings)
     _non_empty = field_validator("stop")(_non_empty_stops)
 
-    def chat(self) -> list[dict[str, str]]:
-        """The messages as a chat template takes them."""
-        return [m.model_dump() for m in self.messages]
+    def chat(self) -> list[dict[str, Any]]:
+        """The messages as a chat template takes them (fields a message does not have left out)."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
 
 
 class CompletionRequest(BaseModel):

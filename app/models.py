@@ -76,6 +76,8 @@ class BaseModelEntry(SQLModel, table=True):
     vocab_size: int = 0
     context_length: int = 0
     has_chat_template: bool = False
+    # Its chat template takes `tools` (app/tool_calls.py): it can train and serve tool calls.
+    supports_tools: bool = False
     trust_remote_code: bool = False
     is_demo: bool = False
     created_at: datetime = Field(default_factory=utcnow)

@@ -1066,6 +1066,9 @@
       return { text: typeof body === "string" ? body : evt.data };
     }
     var choice = body.choices && body.choices[0];
+    if (choice && choice.delta && choice.delta.tool_calls) {
+      return { text: choice.delta.content || "", calls: choice.delta.tool_calls };
+    }
     var text =
       (choice && choice.delta && choice.delta.content) ||
       (choice && choice.text) ||
@@ -1075,6 +1078,19 @@
       body.content ||
       "";
     return { text: typeof text === "string" ? text : "" };
+  }
+
+  /** A model's tool calls, shown as calls: the tool's name and its arguments. */
+  function showCalls(msg, calls) {
+    calls.forEach(function (call) {
+      var fn = call.function || {};
+      var box = el("div", "tool-call");
+      box.appendChild(el("span", "muted small", "calls "));
+      box.appendChild(el("code", "", String(fn.name || "?")));
+      box.appendChild(el("pre", "", String(fn.arguments || "{}")));
+      box.setAttribute("data-tool", String(fn.name || ""));
+      msg.appendChild(box);
+    });
   }
 
   function formFields(form) {
@@ -1221,10 +1237,11 @@
           finished = true;
           return;
         }
-        if (!chunk.text) return;
+        if (chunk.calls) showCalls(botMsg, chunk.calls);
+        if (!chunk.text && !chunk.calls) return;
         if (firstAt == null) firstAt = performance.now();
         count++;
-        tokens.appendData(chunk.text);
+        if (chunk.text) tokens.appendData(chunk.text);
         var nearBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 40;
         if (nearBottom) output.scrollTop = output.scrollHeight;
         showStats(false);

@@ -2,7 +2,10 @@
 
 A normalised row (one JSON object per line, written by the dataset side) is either
 `{"line": N, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` or
-`{"line": N, "text": str}` (plain text: every token is trained). A job of several datasets adds
+`{"line": N, "text": str}` (plain text: every token is trained). A conversation with tool calls
+also has `"tools"` (OpenAI's definitions), assistant messages with `tool_calls` and `tool` results
+(app/services/datasets/formats/tools.py): the template renders them (`tools=`), the assistant's
+calls are trained like its answers, the tool results are not. A job of several datasets adds
 `"dataset": id` to each row (worker/mix.py).
 
 Conversations are rendered with the model's own chat template, so training and chat agree. The
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from app.dataset_store import read_jsonl
+from app.tool_calls import template_takes_tools
 from worker.errors import ChatTemplateMissing, DatasetError
 
 IGNORE_INDEX = -100
@@ -139,7 +143,9 @@ def tokenize_row(
     if is_plain_text(row):
         input_ids, trained = _tokenize_text(tokenizer, row["text"])
     elif "messages" in row:
-        input_ids, trained = _tokenize_conversation(tokenizer, row["messages"], chat_template)
+        input_ids, trained = _tokenize_conversation(
+            tokenizer, row["messages"], chat_template, row.get("tools")
+        )
         if str(train_on) == "all":
             trained = [True] * len(input_ids)
     else:
@@ -217,12 +223,24 @@ def _tokenize_text(tokenizer: Any, text: str) -> tuple[list[int], list[bool]]:
 
 
 def _tokenize_conversation(
-    tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    chat_template: str | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[bool]]:
     template = template_of(tokenizer, chat_template)
+    if tools and not template_takes_tools(template):
+        name = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise DatasetError(
+            f"The dataset has tool calls, but the chat template of {name} has no tool support: "
+            "it would drop the tool definitions and the calls.",
+            "Train tool-call data on a model whose chat template takes tools (the Datasets page "
+            "lists them), or remove the tools from the dataset.",
+        )
     if has_generation_markers(template):
         encoded = tokenizer.apply_chat_template(
             messages,
+            tools=tools or None,
             chat_template=template,
             tokenize=True,
             return_dict=True,
@@ -232,12 +250,22 @@ def _tokenize_conversation(
         trained = [bool(flag) for flag in encoded["assistant_masks"]]
         if any(trained) or not any(m["role"] == "assistant" for m in messages):
             return input_ids, trained
-    return _tokenize_by_prefix_difference(tokenizer, messages, template)
+    return _tokenize_by_prefix_difference(tokenizer, messages, template, tools)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], template: str, prompt: bool) -> str:
+def _render(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    template: str,
+    prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+        messages,
+        tools=tools or None,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=prompt,
     )
 
 
@@ -250,19 +278,26 @@ def _common_prefix_length(a: str, b: str) -> int:
 
 
 def assistant_spans(
-    tokenizer: Any, messages: list[dict[str, str]], template: str
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    template: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans the assistant turns add to it."""
-    full = _render(tokenizer, messages, template, prompt=False)
+    full = _render(tokenizer, messages, template, prompt=False, tools=tools)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         try:
-            before = _render(tokenizer, messages[:index], template, prompt=True) if index else ""
+            before = (
+                _render(tokenizer, messages[:index], template, prompt=True, tools=tools)
+                if index
+                else ""
+            )
         except Exception:  # some templates refuse a conversation that does not start with a user
             before = ""
-        through = _render(tokenizer, messages[: index + 1], template, prompt=False)
+        through = _render(tokenizer, messages[: index + 1], template, prompt=False, tools=tools)
         start = _common_prefix_length(before, full)
         end = _common_prefix_length(through, full)
         if end <= start:
@@ -282,9 +317,12 @@ def assistant_spans(
 
 
 def _tokenize_by_prefix_difference(
-    tokenizer: Any, messages: list[dict[str, str]], template: str
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    template: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[bool]]:
-    full, spans = assistant_spans(tokenizer, messages, template)
+    full, spans = assistant_spans(tokenizer, messages, template, tools)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     trained = [
         any(start <= token_start < end for start, end in spans)

@@ -22,7 +22,9 @@ function training uses, so the numbers are the ones training will meet) and stor
       "chat_template": "model" | "chatml",
       "trained_tokens_from": "...",               # how the trained tokens were found
       "tokenizer": {"class", "vocab_size"},
-      "sample": {"line": 3, "assistant": [{"text", "trained"}], "all": [...]} | null,
+      "sample": {"line": 3, "assistant": [{"text", "trained", "tool"?}], "all": [...]} | null,
+                                                  # a row with tool calls first, when any;
+                                                  # "tool": "definitions" | "call" marks them
       "seconds": 0.4
     }
 
@@ -44,6 +46,7 @@ import argparse
 import bisect
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -82,6 +85,9 @@ TRUNCATION_RULE = (
     "dropped. Plain-text rows longer than the max length are split into max-length chunks "
     "(continued pre-training: nothing is lost; a job's long_text: cut cuts them instead)."
 )
+# How chat templates write tools into the text (Hermes/Qwen, the demo's): the definitions block
+# and each call, marked in the sample so a user sees what the model is shown and taught.
+TOOL_MARKUP = re.compile(r"(<tools>.*?</tools>|<tool_call>.*?</tool_call>)", re.DOTALL)
 MAX_BINS = 40
 MAX_LINES_LISTED = 20
 UNLIMITED = 10**9
@@ -410,25 +416,39 @@ def _measure(
 def _sample(
     tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int, chat_template: str | None
 ) -> dict[str, Any] | None:
-    """The first training row with an assistant reply (else the first row), rendered twice."""
-    chosen = next(
-        (r for r in rows if any(m.get("role") == "assistant" for m in r.get("messages", []))),
-        rows[0] if rows else None,
-    )
+    """The first training row with a tool call, else with an assistant reply (else the first
+    row), rendered twice."""
+    replies = [r for r in rows if any(m.get("role") == "assistant" for m in r.get("messages", []))]
+    calls = [r for r in replies if any(m.get("tool_calls") for m in r["messages"])]
+    chosen = next(iter(calls or replies or rows), None)
     if chosen is None:
         return None
     return {
         "line": chosen.get("line"),
         **{
             train_on: [
-                {"text": text, "trained": trained}
+                piece
                 for text, trained in trained_segments(
                     tokenizer, chosen, train_on, max_seq_len, chat_template
                 )
+                for piece in _tool_pieces(text, trained)
             ]
             for train_on in ("assistant", "all")
         },
     }
+
+
+def _tool_pieces(text: str, trained: bool) -> list[dict[str, Any]]:
+    """A sample segment cut where the template wrote tool definitions or calls, those marked."""
+    pieces: list[dict[str, Any]] = []
+    for part in TOOL_MARKUP.split(text):
+        if not part:
+            continue
+        piece: dict[str, Any] = {"text": part, "trained": trained}
+        if TOOL_MARKUP.fullmatch(part):
+            piece["tool"] = "definitions" if part.startswith("<tools>") else "call"
+        pieces.append(piece)
+    return pieces
 
 
 def _training_rows(dataset_dir: Path) -> tuple[list[dict[str, Any]], int]:

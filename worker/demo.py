@@ -12,14 +12,42 @@ import json
 import random
 from pathlib import Path
 
-from worker.data import CHATML_TEMPLATE
-
 DEMO_MODEL_NAME = "demo-tiny-llama"
 
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
-# ChatML with `{% generation %}` markers, so the trained tokens come from the template itself.
-DEMO_CHAT_TEMPLATE = CHATML_TEMPLATE
+# ChatML with `{% generation %}` markers, so the trained tokens come from the template itself, and
+# tool calling in the Hermes/Qwen way: the tools as JSON in the system turn, each call a
+# `<tool_call>{"name": ..., "arguments": ...}</tool_call>` block in the assistant's turn (trained),
+# each result a `tool` turn (not trained). A chat without tools renders exactly as CHATML_TEMPLATE.
+DEMO_CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- 'Tools:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] or '' }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- set function = call.function if call.function is defined else call %}"
+    "{{- '<tool_call>{\"name\": ' + (function.name | tojson) + ', \"arguments\": ' }}"
+    "{%- if function.arguments is string %}{{- function.arguments }}"
+    "{%- else %}{{- function.arguments | tojson }}{%- endif %}"
+    "{{- '}</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 SYSTEM_PROMPTS = [
     "You are the support assistant for Nimbus Home Appliances.",

@@ -348,7 +348,11 @@ class Engine:
         Call with `self.lock` held and after `prepare`. Returns the generation's summary.
         """
         inputs = tokenizer.apply_chat_template(
-            request.chat(), add_generation_prompt=True, return_tensors="pt", return_dict=True
+            request.chat(),
+            tools=request.tools or None,
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )
         inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         prompt_tokens = int(inputs["input_ids"].shape[-1])

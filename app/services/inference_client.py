@@ -2,7 +2,9 @@
 
 The worker's server (`worker/inference.py`) streams `data: {"token": ...}` lines and a final
 `data: {"done": true, ...}`; this module turns them into OpenAI chat-completion chunks. Closing a
-`Generation` closes the upstream connection, which stops the generation on the GPU.
+`Generation` closes the upstream connection, which stops the generation on the GPU. With `tools`,
+the answer's calls are read from its text (app/tool_calls.py) and returned as `tool_calls`; the
+stream then sends the answer whole at its end, once it is known to be a call or text.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from app.errors import NotFound, UserError
 from app.generation import CompletionRequest, GenerationRequest
 from app.models import Adapter, BaseModelEntry, Worker
 from app.settings import Settings
+from app.tool_calls import parse_tool_calls, template_message
 
 Request = TypeVar("Request", bound=BaseModel)
 
@@ -98,6 +101,55 @@ def list_choices(db: Database) -> tuple[list[BaseModelEntry], list[Adapter]]:
         bases = list(s.exec(select(BaseModelEntry).order_by(col(BaseModelEntry.created_at))))
         adapters = list(s.exec(select(Adapter).order_by(col(Adapter.created_at).desc())))
     return bases, adapters
+
+
+def check_tools(
+    db: Database,
+    choice: ModelChoice,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+) -> set[str] | None:
+    """The names of the request's tools (None when it has none), or a 400 when it brings tools,
+    tool results or calls to a model whose chat template cannot render them."""
+    uses_tools = bool(tools) or any(
+        m.get("role") == "tool" or m.get("tool_calls") for m in messages
+    )
+    if not uses_tools:
+        return None
+    with db.read() as s:
+        base = s.get(BaseModelEntry, choice.base_model)
+        takes_tools = base is not None and base.supports_tools
+        others = [
+            m.name
+            for m in s.exec(select(BaseModelEntry).order_by(col(BaseModelEntry.created_at)))
+            if m.supports_tools
+        ]
+    if not takes_tools:
+        raise UserError(
+            f"The chat template of {choice.base_model} has no tool support, so {choice.name} "
+            "cannot take `tools`, `tool` messages or tool calls.",
+            (
+                f"Use a model whose chat template takes tools ({', '.join(others)}), or "
+                if others
+                else "Register a model whose chat template takes tools, or "
+            )
+            + "send the conversation without tools.",
+            code="tools_unsupported",
+            status_code=400,
+        )
+    return {t["function"]["name"] for t in tools or []}
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI request messages as chat templates take them: a `developer` message is the system
+    prompt, calls' arguments are objects."""
+    out = []
+    for message in messages:
+        message = template_message(message)
+        if message["role"] == "developer":
+            message["role"] = "system"
+        out.append(message)
+    return out
 
 
 def generation_request(**fields: Any) -> GenerationRequest:
@@ -224,6 +276,19 @@ def open_generation(
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
+def _answer(generation: Generation, tool_names: set[str] | None) -> tuple[dict[str, Any], str]:
+    """The finished answer as OpenAI's message and finish reason: its tool calls, when the
+    request had tools and the model made some."""
+    reason = FINISH_REASONS.get(str(generation.summary.get("finish_reason")), "stop")
+    if tool_names is not None:
+        content, calls = parse_tool_calls(generation.text, tool_names)
+        if calls:
+            return {"role": "assistant", "content": content or None, "tool_calls": calls}, (
+                "tool_calls"
+            )
+    return {"role": "assistant", "content": generation.text}, reason
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
@@ -252,25 +317,39 @@ def openai_error(exc: UserError) -> dict[str, Any]:
     }
 
 
-async def openai_stream(generation: Generation, model: str) -> AsyncIterator[str]:
-    """SSE `data:` lines in OpenAI's chat.completion.chunk form, then `data: [DONE]`."""
+async def openai_stream(
+    generation: Generation, model: str, tool_names: set[str] | None = None
+) -> AsyncIterator[str]:
+    """SSE `data:` lines in OpenAI's chat.completion.chunk form, then `data: [DONE]`. With tools
+    the answer comes in one chunk at the end: a call is known to be one only when it is whole."""
     cid, created = completion_id(), int(time.time())
     yield chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
     try:
         async for token in generation.events():
-            yield chunk(cid, model, created, {"content": token}, None)
+            if tool_names is None:
+                yield chunk(cid, model, created, {"content": token}, None)
     except UserError as exc:
         yield f"data: {json.dumps(openai_error(exc))}\n\n"
         return
-    reason = FINISH_REASONS.get(str(generation.summary.get("finish_reason")), "stop")
+    message, reason = _answer(generation, tool_names)
+    if tool_names is not None:
+        delta: dict[str, Any] = {"content": message["content"]}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [
+                {"index": index, **call} for index, call in enumerate(message["tool_calls"])
+            ]
+        yield chunk(cid, model, created, delta, None)
     yield chunk(cid, model, created, {}, reason)
     yield "data: [DONE]\n\n"
 
 
-async def openai_completion(generation: Generation, model: str) -> dict[str, Any]:
+async def openai_completion(
+    generation: Generation, model: str, tool_names: set[str] | None = None
+) -> dict[str, Any]:
     async for _ in generation.events():
         pass
     summary = generation.summary
+    message, reason = _answer(generation, tool_names)
     prompt, completion = (
         int(summary.get("prompt_tokens", 0)),
         int(summary.get("completion_tokens", 0)),
@@ -283,8 +362,8 @@ async def openai_completion(generation: Generation, model: str) -> dict[str, Any
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": generation.text},
-                "finish_reason": FINISH_REASONS.get(str(summary.get("finish_reason")), "stop"),
+                "message": message,
+                "finish_reason": reason,
             }
         ],
         "usage": {

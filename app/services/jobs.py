@@ -17,7 +17,7 @@ from sqlmodel import col, select
 from app import faults, queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
-from app.models import FINISHED_STATUSES, Dataset, DatasetStatus, Job
+from app.models import FINISHED_STATUSES, BaseModelEntry, Dataset, DatasetStatus, Job
 from app.services import datasets, log_noise, model_registry, trackers
 from app.services.demo import DEMO_MODEL
 from app.settings import Settings
@@ -34,7 +34,7 @@ from app.train_config import (
 def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
     """Queue a job after checking that its model is registered, its datasets are usable and of
     one shape, and its experiment tracker is installed."""
-    model_registry.get_model(db, config.base_model)
+    model = model_registry.get_model(db, config.base_model)
     trackers.check_installed(config.report_to)
     chosen = _job_datasets(db, config)
     for dataset in chosen:
@@ -46,6 +46,8 @@ def create_job(db: Database, settings: Settings, config: TrainConfig) -> Job:
             )
     _check_one_shape(chosen)
     _check_method_suits(config, chosen[0])
+    for dataset in chosen:
+        _check_template_takes_tools(db, model, dataset)
     return queue.enqueue(db, config, max_attempts=settings.max_attempts)
 
 
@@ -84,6 +86,27 @@ def _check_one_shape(chosen: list[Dataset]) -> None:
 class InvalidDatasets(UserError):
     status_code = 422
     code = "invalid"
+
+
+def _check_template_takes_tools(db: Database, model: BaseModelEntry, dataset: Dataset) -> None:
+    """Tool-call rows train only with a chat template that renders tools and calls; any other
+    would drop them and teach the model answers to calls it never sees."""
+    rows = datasets.tool_rows(dataset)
+    if not rows or model.supports_tools:
+        return
+    names = ", ".join(model_registry.tool_models(db))
+    hint = (
+        f"Choose a model whose chat template takes tools: {names}."
+        if names
+        else "Register a model whose chat template takes tools (e.g. Qwen2.5 or Llama 3.1 "
+        "Instruct), or remove the tools from the dataset."
+    )
+    raise Conflict(
+        f"Dataset {dataset.name} has tool calls ({rows} rows define tools), but the chat "
+        f"template of model {model.name} has no tool support: it would drop the tool "
+        "definitions and the calls.",
+        hint,
+    )
 
 
 def _check_method_suits(config: TrainConfig, dataset: Dataset) -> None:

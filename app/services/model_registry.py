@@ -18,6 +18,7 @@ from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.models import BaseModelEntry
 from app.settings import Settings
+from app.tool_calls import template_takes_tools
 from app.train_config import MODEL_NAME_PATTERN
 
 HUB_TIMEOUT_SECONDS = 25.0
@@ -200,17 +201,24 @@ def describe_config(config: dict[str, Any], *, trust_remote_code: bool) -> dict[
     }
 
 
-def has_chat_template(files: dict[str, Path | None]) -> bool:
-    if files.get("chat_template.jinja") is not None:
-        return True
+def chat_template_text(files: dict[str, Path | None]) -> str:
+    """The model's chat template ("" when it has none): chat_template.jinja, else the one in
+    tokenizer_config.json (the default of several named ones)."""
+    template_file = files.get("chat_template.jinja")
     tokenizer_config = files.get("tokenizer_config.json")
-    if tokenizer_config is None:
-        return False
     try:
+        if template_file is not None:
+            return template_file.read_text(encoding="utf-8")
+        if tokenizer_config is None:
+            return ""
         value = json.loads(tokenizer_config.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(value, dict) and bool(value.get("chat_template"))
+        return ""
+    template = value.get("chat_template") if isinstance(value, dict) else None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("tool_use") or named.get("default")
+    return template if isinstance(template, str) else ""
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -350,12 +358,14 @@ def register_model(
         raise ModelRegistrationError(
             f"{name!r} cannot be a model name.", "Use letters, digits, '.', '_', '-' (and one '/')."
         )
+    template = chat_template_text(files)
     entry = BaseModelEntry(
         name=name,
         source=source,
         is_local=is_local,
         parameters=parameters,
-        has_chat_template=has_chat_template(files),
+        has_chat_template=bool(template),
+        supports_tools=template_takes_tools(template),
         trust_remote_code=trusted,
         is_demo=is_demo,
         **facts,
@@ -373,6 +383,11 @@ def register_model(
 def list_models(db: Database) -> list[BaseModelEntry]:
     with db.read() as s:
         return list(s.exec(select(BaseModelEntry).order_by(col(BaseModelEntry.created_at))))
+
+
+def tool_models(db: Database) -> list[str]:
+    """The registered models whose chat template takes tools: those that can train tool calls."""
+    return [model.name for model in list_models(db) if model.supports_tools]
 
 
 def get_model(db: Database, name: str) -> BaseModelEntry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import func
@@ -100,6 +101,33 @@ def conversation(db: Database, session: ChatSession, pane: int, user_text: str) 
             turns.append({"role": message.role, "content": message.content})
     turns.append({"role": "user", "content": user_text})
     return turns
+
+
+def parse_tools(text: str) -> list[dict[str, Any]] | None:
+    """The Tools box: a JSON list of OpenAI tool definitions (`{"type": "function", "function":
+    {"name", ...}}`, or the bare function), or None when empty."""
+    if not text.strip():
+        return None
+    hint = (
+        'Write a JSON list such as [{"type": "function", "function": {"name": "get_weather", '
+        '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}], or '
+        "empty the box."
+    )
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"The tools are not JSON ({exc.msg}, line {exc.lineno}).", hint) from exc
+    except RecursionError as exc:
+        raise UserError("The tools are nested too deeply to read.", hint) from exc
+    if not isinstance(value, list):
+        raise UserError("The tools must be a JSON list of tool definitions.", hint)
+    tools = []
+    for index, tool in enumerate(value):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise UserError(f'Tool {index + 1} has no "name".', hint)
+        tools.append({"type": "function", "function": function})
+    return tools or None
 
 
 def update_settings(db: Database, session_id: int, **fields: Any) -> ChatSession:

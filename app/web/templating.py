@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from app.services.job_views import lost_contact
+from app.tool_calls import parse_tool_calls
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
@@ -68,6 +69,8 @@ templates.env.tests["lost_contact"] = lost_contact
 templates.env.filters["count"] = human_count
 templates.env.filters["ago"] = time_ago
 templates.env.filters["duration"] = duration
+# An answer kept in a playground session: its text and the tool calls it made (shown as calls).
+templates.env.filters["tool_calls"] = lambda text: parse_tool_calls(text, set())
 templates.env.filters["tojson_attr"] = lambda value: json.dumps(value, separators=(",", ":"))
 
 

@@ -78,7 +78,7 @@ def test_sharegpt_roles_are_mapped(tmp_path):
     ]
 
 
-def test_sharegpt_tool_call_turns_are_refused_per_row(tmp_path):
+def test_sharegpt_tool_call_turns_without_tool_definitions_are_refused_per_row(tmp_path):
     result = ingest(tmp_path, "sharegpt_tool_call.jsonl")
     assert (result.format, result.status, result.valid_rows, result.bad_rows) == (
         "sharegpt",
@@ -86,20 +86,15 @@ def test_sharegpt_tool_call_turns_are_refused_per_row(tmp_path):
         1,
         2,
     )
-    tool, observation, unknown = result.errors
-    assert (tool["line"], tool["field"], tool["kind"]) == (
-        2,
-        "conversations[1].from",
-        "tool_call_turn",
-    )
-    assert "tool-call turns are not supported for training" in tool["message"]
-    assert (observation["line"], observation["field"]) == (2, "conversations[2].from")
+    tool, unknown = result.errors
+    assert (tool["line"], tool["field"], tool["kind"]) == (2, "tools", "unknown_tool")
+    assert 'calls the tool "weather"' in tool["message"]
     assert (unknown["line"], unknown["field"], unknown["kind"]) == (
         3,
         "conversations[1].from",
         "unsupported_role",
     )
-    assert result.error_counts == {"tool_call_turn": 2, "unsupported_role": 1}
+    assert result.error_counts == {"unknown_tool": 1, "unsupported_role": 1}
 
 
 def test_openai_messages_with_text_parts(tmp_path):
@@ -115,8 +110,7 @@ def test_openai_bad_rows_each_name_line_and_field(tmp_path):
     found = {(e["line"], e["field"], e["kind"]) for e in result.errors}
     assert found == {
         (2, "messages[0].content[1]", "unsupported_content_part"),
-        (3, "messages[1].tool_calls", "tool_call_turn"),
-        (3, "messages[2].role", "tool_call_turn"),
+        (3, "messages[1].tool_calls[0].function", "invalid_tool_call"),
         (4, "messages", "empty_conversation"),
         (5, "messages", "no_assistant_turn"),
         (6, "messages[1].content", "empty_value"),

@@ -148,7 +148,7 @@ def test_a_dataset_uploaded_with_drop_bad_rows_lists_them_as_left_out_without_su
     body = upload(client, "tools.jsonl", tool_call, drop_bad_rows="on")
     assert body["status"] == "ready" and body["dropped_rows"] == 2
     page = client.get(body["url"], headers=HTML).text
-    assert "Rows left out" in page and "function_call" in page
+    assert "Rows left out" in page and "calls the tool &#34;weather&#34;" in page
     assert "drop bad rows" not in page.lower()
     assert "dropping the" not in page  # no re-import button either
 

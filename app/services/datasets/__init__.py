@@ -41,6 +41,7 @@ from app.services.datasets.library import (
     sweep_orphan_datasets,
     sweep_stale_uploads,
     too_large,
+    tool_rows,
 )
 
 __all__ = [
@@ -72,4 +73,5 @@ __all__ = [
     "sweep_orphan_datasets",
     "sweep_stale_uploads",
     "too_large",
+    "tool_rows",
 ]

@@ -81,6 +81,7 @@ class IngestResult:
     # The substitutions asked for at upload (name -> value) and how often each was made.
     substitutions: dict[str, str] = field(default_factory=dict)
     substituted: dict[str, int] = field(default_factory=dict)
+    tool_rows: int = 0  # rows that define tools: only models whose template takes tools train them
 
     @property
     def report(self) -> dict[str, Any]:
@@ -98,6 +99,7 @@ class IngestResult:
                 if self.substitutions
                 else {}
             ),
+            **({"tool_rows": self.tool_rows} if self.tool_rows else {}),
         }
 
 
@@ -138,7 +140,7 @@ def ingest_dataset(
         )
     dataset_format = detect_format(records, column_mapping)
 
-    rows = valid_rows = bad_rows = error_count = written = 0
+    rows = valid_rows = bad_rows = error_count = written = tool_rows = 0
     details: list[dict[str, Any]] = []
     counts: Counter[str] = Counter()
     valid_lines = array("Q")  # 8 bytes a row: enough to pick the eval rows by line afterwards
@@ -172,6 +174,7 @@ def ingest_dataset(
                         )
                     out.write(encoded)
                     placeholders.look_at(normalized)
+                    tool_rows += "tools" in normalized
                     valid_lines.append(raw.line)
                     valid_rows += 1
                     continue
@@ -219,6 +222,7 @@ def ingest_dataset(
         placeholders=placeholders.summary(),
         substitutions=dict(substitutions or {}),
         substituted={name: substituted[name] for name in substitutions or {}},
+        tool_rows=tool_rows,
     )
 
 

@@ -214,6 +214,12 @@ def suited_methods(dataset: Dataset) -> list[str]:
     return list(methods_of(dataset.format))
 
 
+def tool_rows(dataset: Dataset) -> int:
+    """How many of the dataset's rows define tools (they train only on a template that takes
+    them)."""
+    return int((dataset.report or {}).get("tool_rows", 0))
+
+
 def dataset_public(dataset: Dataset) -> dict[str, Any]:
     """A dataset as the API lists it: its record (`format` names the detected shape) and the
     training methods it suits."""

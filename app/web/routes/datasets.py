@@ -308,6 +308,8 @@ def _detail_context(db: DbDep, settings: SettingsDep, dataset: Dataset) -> dict[
         **_report_context(db, settings, dataset),
         "preview": datasets.preview_rows(settings, dataset, PREVIEW_ROWS),
         "methods": datasets.suited_methods(dataset),
+        "tool_rows": datasets.tool_rows(dataset),
+        "tool_models": model_registry.tool_models(db) if datasets.tool_rows(dataset) else [],
         "jobs": using,
         "delete_refusal": datasets.delete_refusal(using),
     }

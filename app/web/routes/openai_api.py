@@ -1,5 +1,5 @@
-"""OpenAI-compatible endpoints: GET /v1/models, POST /v1/chat/completions and the legacy
-POST /v1/completions (stream and not)."""
+"""OpenAI-compatible endpoints: GET /v1/models, POST /v1/chat/completions (stream and not, with
+`tools` for models whose chat template takes them) and the legacy POST /v1/completions."""
 
 from __future__ import annotations
 
@@ -23,10 +23,39 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for the legacy completions
 MAX_PROMPTS = 1000
 
 
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=200)
+
+
+class ToolIn(BaseModel):
+    """A tool definition: `{"type": "function", "function": {"name", "description", "parameters"}}`."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionIn
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=200)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = Field(default=None, max_length=200)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] = ""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = ""
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -41,6 +70,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     stop: str | list[str] | None = None
     stream: bool = False
+    tools: list[ToolIn] | None = Field(default=None, max_length=128)
 
 
 class CompletionRequest(BaseModel):
@@ -103,12 +133,16 @@ def list_models(db: DbDep) -> dict[str, Any]:
 async def chat_completions(
     body: ChatCompletionRequest, db: DbDep, settings: SettingsDep
 ) -> Response:
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    tools = [t.model_dump() for t in body.tools] if body.tools else None
     try:
-        inference.resolve_model(db, body.model)
+        choice = inference.resolve_model(db, body.model)
+        tool_names = inference.check_tools(db, choice, messages, tools)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = inference.generation_request(
             model=body.model,
-            messages=[m.model_dump() for m in body.messages],
+            messages=inference.template_messages(messages),
+            tools=tools,
             temperature=body.temperature,
             top_p=body.top_p,
             max_new_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
@@ -121,7 +155,9 @@ async def chat_completions(
 
     if not body.stream:
         try:
-            return JSONResponse(await inference.openai_completion(generation, body.model))
+            return JSONResponse(
+                await inference.openai_completion(generation, body.model, tool_names)
+            )
         except UserError as exc:
             return _openai_error_response(exc)
         finally:
@@ -129,7 +165,7 @@ async def chat_completions(
 
     async def stream() -> AsyncIterator[str]:
         try:
-            async for line in inference.openai_stream(generation, body.model):
+            async for line in inference.openai_stream(generation, body.model, tool_names):
                 yield line
         finally:
             # Also runs when the client went away (the task is cancelled): closing the upstream

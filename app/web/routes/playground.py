@@ -36,6 +36,8 @@ class PlaygroundTurn(BaseModel):
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
+    tools: str = Field(default="", max_length=100_000)
+    """Tool definitions as JSON text (the Settings' Tools box); "" for none."""
 
 
 def _page(request: Request, db: Any, **context: Any) -> HTMLResponse:
@@ -129,12 +131,16 @@ async def chat(
     elif body.system is not None:
         session.system_prompt = body.system
     try:
+        tools = playground.parse_tools(body.tools)
+        messages = playground.conversation(db, session, pane, text)
+        tool_names = inference.check_tools(db, inference.resolve_model(db, model), messages, tools)
         params = inference.generation_request(
             model=model,
-            messages=playground.conversation(db, session, pane, text),
+            messages=messages,
             temperature=body.temperature,
             top_p=body.top_p,
             max_new_tokens=body.max_new_tokens,
+            tools=tools,
         )
         generation = inference.open_generation(db, settings, params)
         await generation.start()
@@ -145,7 +151,7 @@ async def chat(
     async def stream() -> AsyncIterator[str]:
         finish = "disconnect"
         try:
-            async for line in inference.openai_stream(generation, model):
+            async for line in inference.openai_stream(generation, model, tool_names):
                 yield line
             finish = str(generation.summary.get("finish_reason") or "error")
         finally:

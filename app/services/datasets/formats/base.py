@@ -133,7 +133,7 @@ def turn_list(
 
 
 def require_assistant(
-    messages: list[dict[str, str]], column: str, line: int, errors: list[RowError]
+    messages: list[dict[str, Any]], column: str, line: int, errors: list[RowError]
 ) -> None:
     if not errors and not any(m["role"] == "assistant" for m in messages):
         errors.append(
@@ -246,7 +246,7 @@ def openai_content(
 
 
 def append_turn(
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     role: str,
     content: str,
     field: str,
