@@ -303,7 +303,7 @@ def test_a_gpu_run_without_liger_says_so_and_the_benchmark_arm_refuses_to_measur
     recipe.setup()
     try:
         assert recipe.missing_kernels == ["liger-kernel"] and not recipe.liger
-        assert control.fields["compute_mode"].endswith(LIGER_MISSING)
+        assert LIGER_MISSING in control.fields["compute_mode"]  # what the job page looks for
         with pytest.raises(SystemExit, match="would run without liger-kernel"):
             require_product_kernels(recipe)
     finally:
