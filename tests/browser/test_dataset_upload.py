@@ -125,3 +125,39 @@ def test_template_placeholders_are_replaced_through_the_upload_pages_box(
     assert page.locator("#placeholders").count() == 0
     assert "I am Kettlebot, by Acme Labs." in page.inner_text("#preview")
     assert dialogs == [] and page.js_errors == []
+
+
+def test_tools_for_every_row_through_the_upload_pages_box(app_server, page, dialogs, tmp_path):
+    """A file whose rows call a tool they do not define: a bad list in "Tools for every row" is
+    refused on the page, naming the definition; a good one makes every row ready."""
+    call = {
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    row = {
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": '{"temperature": -3}'},
+            {"role": "assistant", "content": "It is -3 degrees in Oslo."},
+        ]
+    }
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+
+    page.goto(app_server.url + "/datasets")
+    page.set_input_files("form.upload input[type=file]", str(path))
+    page.click("form.upload summary:has-text('Tools for every row')")
+    page.fill("#tools", '[{"type": "function", "function": {"description": "no name"}}]')
+    page.click("form.upload button[type=submit]")
+    message = page.wait_for_selector("form.upload .error .error-message")
+    assert "tools[0].function.name is missing" in message.inner_text()
+    assert page.url == app_server.url + "/datasets"
+
+    page.fill("#tools", '[{"type": "function", "function": {"name": "get_weather"}}]')
+    page.click("form.upload button[type=submit]")
+    page.wait_for_url(f"{app_server.url}/datasets/*", timeout=30_000)
+    facts = " ".join(page.inner_text("#tool-calls").split())
+    assert "1 rows define tools" in facts
+    assert "given at upload: get_weather." in facts
+    assert dialogs == [] and page.js_errors == []

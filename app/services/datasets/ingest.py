@@ -31,7 +31,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
-from app.dataset_errors import DatasetFileError, RowError
+from app.dataset_errors import DatasetFileError, DatasetFormatError, RowError
 from app.dataset_store import (
     DEFAULT_EVAL_FRACTION,
     DEFAULT_SPLIT_SEED,
@@ -43,6 +43,7 @@ from app.dataset_store import (
 )
 from app.models import DatasetStatus
 from app.services.datasets.formats import detect_format, format_title
+from app.services.datasets.formats.tools import with_file_tools
 from app.services.datasets.readers import IngestLimits, read_rows, row_too_large
 
 DETECTION_SAMPLE_ROWS = 50
@@ -81,6 +82,8 @@ class IngestResult:
     # The substitutions asked for at upload (name -> value) and how often each was made.
     substitutions: dict[str, str] = field(default_factory=dict)
     substituted: dict[str, int] = field(default_factory=dict)
+    # The upload's tools for every row (OpenAI tool definitions), taken by rows without their own.
+    tools: list[dict[str, Any]] = field(default_factory=list)
     tool_rows: int = 0  # rows that define tools: only models whose template takes tools train them
 
     @property
@@ -99,6 +102,7 @@ class IngestResult:
                 if self.substitutions
                 else {}
             ),
+            **({"tools": self.tools} if self.tools else {}),
             **({"tool_rows": self.tool_rows} if self.tool_rows else {}),
         }
 
@@ -114,11 +118,14 @@ def ingest_dataset(
     max_eval_rows: int = MAX_EVAL_ROWS,
     limits: IngestLimits | None = None,
     substitutions: dict[str, str] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> IngestResult:
     """Read, validate and normalise `raw_path`; write `normalized.jsonl` and `split.json` beside it.
 
     `substitutions` (checked by `check_substitutions`) replaces each `{{name}}` placeholder in the
-    rows' texts with its value before they are written; placeholders left are reported.
+    rows' texts with its value before they are written; placeholders left are reported. `tools`
+    (checked by `formats.tools.check_tool_definitions`) go to every row without tools of its own
+    (nor the file's top-level `tools`); only formats with tool calls take them.
 
     Raises DatasetFileError / DatasetFormatError when the file as a whole cannot be used, and
     DatasetTooLarge when its rows would take more than `limits.output_max_bytes`.
@@ -139,6 +146,15 @@ def ingest_dataset(
             hint=first.hint,
         )
     dataset_format = detect_format(records, column_mapping)
+    tools_column = dataset_format.columns.get("tools")
+    if tools and tools_column is None:
+        raise DatasetFormatError(
+            f"Tools for every row were given, but this file is {format_title(dataset_format.name)}"
+            ", whose rows have no tool calls",
+            field="tools",
+            hint="Tools go with OpenAI messages or ShareGPT conversations that call them; leave "
+            "the field empty for this file.",
+        )
 
     rows = valid_rows = bad_rows = error_count = written = tool_rows = 0
     details: list[dict[str, Any]] = []
@@ -156,7 +172,10 @@ def ingest_dataset(
                 problems = [raw.error]
             else:
                 assert raw.record is not None
-                normalized, problems = dataset_format.normalize(raw.line, raw.record)
+                record = raw.record
+                if tools and tools_column is not None:
+                    record = with_file_tools(record, tools_column, tools)
+                normalized, problems = dataset_format.normalize(raw.line, record)
             if normalized is not None and substitutions:
                 normalized = _substitute(normalized, substitutions, substituted)
             if normalized is not None:
@@ -222,6 +241,7 @@ def ingest_dataset(
         placeholders=placeholders.summary(),
         substitutions=dict(substitutions or {}),
         substituted={name: substituted[name] for name in substitutions or {}},
+        tools=list(tools or []),
         tool_rows=tool_rows,
     )
 

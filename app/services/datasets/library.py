@@ -131,12 +131,14 @@ def create_dataset(
     column_mapping: dict[str, str] | None = None,
     drop_bad_rows: bool = False,
     substitutions: dict[str, str] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Dataset:
     """Move a received upload into its own folder, ingest it and record it.
 
     Raises DatasetError (nothing is kept) when the file as a whole cannot be used; a file with bad
     rows is kept with status invalid unless `drop_bad_rows`. `substitutions` (placeholder name ->
-    value) are made in the rows and kept in the dataset's report, so a re-import makes them too.
+    value) are made in the rows and kept in the dataset's report, so a re-import makes them too;
+    so are `tools` (for every row without its own).
     """
     file_type = file_type_of(filename)
     dataset_id = uuid.uuid4().hex
@@ -154,6 +156,7 @@ def create_dataset(
             drop_bad_rows=drop_bad_rows,
             limits=IngestLimits.from_settings(settings),
             substitutions=substitutions,
+            tools=tools,
         )
         shown_name = display_filename(filename)
         dataset = Dataset(
@@ -334,7 +337,7 @@ def reimport_dataset(
 ) -> Dataset:
     """Ingest the stored upload again (same column mapping), e.g. dropping bad rows this time,
     or with placeholder `substitutions` (None: those of the last import), without uploading it
-    again. Its token reports are deleted: the rows may have changed."""
+    again; the upload's tools for every row are given again. Its token reports are deleted: the rows may have changed."""
     dataset = get_dataset(db, dataset_id)
     refusal = delete_refusal(
         [j for j in jobs_using(db, dataset.id) if j.status in (JobStatus.queued, JobStatus.running)]
@@ -358,6 +361,7 @@ def reimport_dataset(
         substitutions=substitutions
         if substitutions is not None
         else dataset.report.get("substitutions") or None,
+        tools=dataset.report.get("tools") or None,
     )
     with db.write() as session:
         row = session.get(Dataset, dataset.id)

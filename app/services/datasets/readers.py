@@ -11,6 +11,10 @@ metadata says it decompresses past `output_max_bytes` is refused before decoding
 decoded in groups of at most DECODE_BATCH_BYTES, so a small file that expands enormously (one long
 string dictionary-encoded in every row) costs bounded memory.
 
+A .json file may be an array of rows or an object holding one list of them, maybe beside a
+`tools` list that every row without its own takes (checked as a whole: a bad one is a
+DatasetFileError naming the definition).
+
 Plain json/csv/pyarrow on purpose: the web process must stay light (no `datasets` library here).
 """
 
@@ -29,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.dataset_errors import DatasetFileError, DatasetTooLarge, RowError, describe_type
+from app.services.datasets.formats.tools import check_tool_definitions, with_file_tools
 from app.settings import Settings
 
 ACCEPTED_FILE_TYPES = ("jsonl", "json", "csv", "parquet")
@@ -232,8 +237,10 @@ def _read_json(path: Path, limits: IngestLimits) -> Iterator[RawRow]:
         yield from _read_json_elements(text, limits)
         return
     del text
-    rows = _rows_of_document(document)
+    rows, tools = _rows_of_document(document)
     for line, value in enumerate(rows, start=1):
+        if tools and isinstance(value, dict):
+            value = with_file_tools(value, "tools", tools)
         yield _as_row(line, value, limits)
 
 
@@ -322,31 +329,52 @@ def _cut_short(exc: json.JSONDecodeError) -> bool:
     return exc.msg.startswith("Unterminated string") or exc.pos >= len(exc.doc.rstrip())
 
 
-def _rows_of_document(document: Any) -> list[Any]:
+def _rows_of_document(document: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The examples of a JSON document, and the tools it gives every row: an array, or an object
+    with one list of examples (`{"data": [...]}`), maybe beside a `tools` list."""
     if isinstance(document, list):
-        return document
+        return document, []
     if not isinstance(document, dict):
         raise DatasetFileError(
             f"Expected a JSON array of examples, found {describe_type(document)}",
             hint='Write the file as [{"instruction": ..., "output": ...}, ...].',
         )
     list_fields = [key for key, value in document.items() if isinstance(value, list)]
-    if len(list_fields) == 1:
-        key = list_fields[0]
-        if key in ("messages", "conversations"):
+    row_fields = [key for key in list_fields if key != "tools"]
+    if len(row_fields) == 1:
+        key = row_fields[0]
+        if key in ("messages", "conversations") and _is_one_conversation(document[key]):
             raise DatasetFileError(
                 f'The file is a single example (one object with a "{key}" list), '
                 "expected an array of examples",
                 field=key,
                 hint="Wrap it in [ ... ] or write one example per line as .jsonl.",
             )
-        return document[key]
+        tools: list[dict[str, Any]] = []
+        if "tools" in document:
+            try:
+                tools = check_tool_definitions(document["tools"])
+            except ValueError as exc:
+                raise DatasetFileError(
+                    f"The file's top-level {exc}",
+                    field="tools",
+                    hint='Write the tools as OpenAI takes them: [{"type": "function", '
+                    '"function": {"name": ..., "description": ..., "parameters": {...}}}].',
+                ) from None
+        return document[key], tools
     found = ", ".join(f'"{k}"' for k in list_fields) if list_fields else "none"
     raise DatasetFileError(
         "Expected a JSON array of examples, or an object with exactly one list field holding "
-        f"them; found an object whose list fields are: {found}",
-        hint='Write the file as [{...}, {...}] or {"data": [{...}, {...}]}.',
+        f'them (and maybe a "tools" list for every row); found an object whose list fields '
+        f"are: {found}",
+        hint='Write the file as [{...}, {...}] or {"tools": [...], "data": [{...}, {...}]}.',
     )
+
+
+def _is_one_conversation(items: list[Any]) -> bool:
+    """Whether a top-level "messages" list holds turns ({"role"}, {"from"}) rather than examples."""
+    first = items[0] if items else None
+    return not isinstance(first, dict) or bool({"role", "from"} & first.keys())
 
 
 def _read_csv(path: Path, limits: IngestLimits) -> Iterator[RawRow]:

@@ -20,6 +20,7 @@ from app.services import datasets, model_registry, system
 from app.services.datasets import DatasetServiceError, hub
 from app.services.datasets import reports as dataset_reports
 from app.services.datasets.formats import MAPPABLE_FIELDS
+from app.services.datasets.formats.tools import check_tool_definitions
 from app.services.datasets.ingest import check_substitutions
 from app.train_config import TokenReportSettings
 from app.web.deps import DbDep, RowId, SettingsDep
@@ -72,6 +73,14 @@ async def upload_dataset(request: Request) -> Any:
                 "Write one substitution a line, e.g. name = Kettlebot, or send a JSON object "
                 'such as {"name": "Kettlebot", "author": "Acme"}.',
             )
+        try:
+            tools = _tools(form.get("tools"))
+        except ValueError as exc:
+            return _bad_request(
+                str(exc),
+                'Send the tools as OpenAI takes them: [{"type": "function", "function": '
+                '{"name": "get_weather", "description": ..., "parameters": {...}}}].',
+            )
         drop_bad_rows = str(form.get("drop_bad_rows") or "").lower() in ("1", "true", "on", "yes")
         name = form.get("name")
         try:
@@ -87,6 +96,7 @@ async def upload_dataset(request: Request) -> Any:
                 column_mapping=column_mapping,
                 drop_bad_rows=drop_bad_rows,
                 substitutions=substitutions,
+                tools=tools,
             )
         except (DatasetServiceError, DatasetError) as exc:
             return _error(exc)
@@ -159,6 +169,22 @@ def _substitutions(raw: object) -> dict[str, str] | None:
             if replacement.strip():  # "author =" with nothing after it: not given yet
                 pairs[name.strip()] = replacement.strip()
     return check_substitutions(pairs) or None
+
+
+def _tools(raw: object) -> list[dict[str, Any]] | None:
+    """The upload's `tools` for every row: a JSON list of OpenAI tool definitions."""
+    text = _form_text(raw, "tools")
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"The tools field is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise ValueError("The tools field is nested too deeply") from None
+    return check_tool_definitions(value) or None
 
 
 def _dataset_public(request: Request, dataset: Dataset) -> dict[str, Any]:

@@ -11,6 +11,9 @@ take (`apply_chat_template(messages, tools=tools)`):
   when the file has one), its `content` possibly "";
 - a result is `{"role": "tool", "content": ..., "name"?, "tool_call_id"?}`.
 
+A file may also give tools for every row (`check_tool_definitions`: the upload's field, or a JSON
+file's top-level `tools` list); a row without tools of its own takes them (`with_file_tools`).
+
 `check_calls` then finds what would train the model wrong: a call to a tool the row does not
 define, and a call with no result (or a result with no call).
 """
@@ -86,6 +89,62 @@ def tool_list(
             continue
         tools.append({"type": "function", "function": dict(function)})
     return tools
+
+
+MAX_FILE_TOOLS = 128  # what OpenAI's `tools` parameter takes
+
+
+def check_tool_definitions(value: Any, where: str = "tools") -> list[dict[str, Any]]:
+    """A list of tools for every row of a file, in OpenAI's form `[{"type": "function",
+    "function": {"name", "description"?, "parameters"?}}]`; ValueError naming what is wrong and
+    where (`tools[1].function.name is missing`)."""
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{where} must be a JSON list of tool definitions, found {describe_type(value)}"
+        )
+    if len(value) > MAX_FILE_TOOLS:
+        raise ValueError(f"{where} lists {len(value)} tools; at most {MAX_FILE_TOOLS} are taken")
+    names: set[str] = set()
+    for index, tool in enumerate(value):
+        at = f"{where}[{index}]"
+        if not isinstance(tool, dict):
+            raise ValueError(f"{at} must be an object, found {describe_type(tool)}")
+        if tool.get("type") != "function":
+            found = "missing" if "type" not in tool else f"{json.dumps(tool['type'])[:40]}"
+            raise ValueError(f'{at}.type must be "function", found {found}')
+        function = tool.get("function")
+        if function is None:
+            raise ValueError(f"{at}.function is missing")
+        if not isinstance(function, dict):
+            raise ValueError(f"{at}.function must be an object, found {describe_type(function)}")
+        name = function.get("name")
+        if name is None or (isinstance(name, str) and not name.strip()):
+            raise ValueError(f"{at}.function.name is missing")
+        if not isinstance(name, str):
+            raise ValueError(f"{at}.function.name must be text, found {describe_type(name)}")
+        if name in names:
+            raise ValueError(f'{at}.function.name "{name}" is defined twice')
+        names.add(name)
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise ValueError(
+                f"{at}.function.description must be text, found {describe_type(description)}"
+            )
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ValueError(
+                f"{at}.function.parameters must be a JSON Schema object, found "
+                f"{describe_type(parameters)}"
+            )
+    return [{"type": "function", "function": dict(tool["function"])} for tool in value]
+
+
+def with_file_tools(
+    record: dict[str, Any], column: str, tools: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The row with the file's tools in `column` when it has none of its own."""
+    own = record.get(column)
+    return record if own not in (None, "", []) else {**record, column: tools}
 
 
 def parse_call(value: Any, path: str, line: int, errors: list[RowError]) -> list[dict[str, Any]]:
@@ -224,8 +283,8 @@ def check_calls(
                         "unknown_tool",
                         f'the row calls the tool "{name}", but its "{tools_column}" defines '
                         f"{defined}",
-                        f'Add the definition of "{name}" to the row\'s tools, or fix the name '
-                        "in the call.",
+                        f'Add the definition of "{name}" to the row\'s tools (or to the tools '
+                        "for every row), or fix the name in the call.",
                     )
                 )
                 return
