@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -18,7 +20,7 @@ from app import faults
 from app.db import Database
 from app.errors import UserError
 from app.queue import QueueError
-from app.services.datasets import sweep_orphan_datasets, sweep_stale_uploads
+from app.services.datasets import hub, sweep_orphan_datasets, sweep_stale_uploads
 from app.services.inference_client import openai_error
 from app.settings import Settings
 from app.web.body_limit import BodyLimitMiddleware
@@ -49,7 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         freeze_startup_objects()
+        settling = asyncio.create_task(settle_hub_imports(app.state.db, settings))
         yield
+        settling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await settling
         await app.state.job_streams.close()
 
     app = FastAPI(
@@ -87,6 +93,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityMiddleware, settings=settings)  # outermost: refusals come first
     _install_error_handlers(app)
     return app
+
+
+async def settle_hub_imports(db: Database, settings: Settings) -> None:
+    """Every few seconds, ingest the Hub imports a worker has downloaded (and those a dead web
+    process left ingesting), so an import becomes a dataset whether or not anyone looks at it."""
+    while True:
+        await asyncio.sleep(settings.hub_import_settle_seconds)
+        try:
+            await asyncio.to_thread(hub.settle_waiting, db, settings)
+        except Exception:  # a database hiccup must not end the task; the next round retries
+            log.exception("settling Hub imports failed")
 
 
 def freeze_startup_objects() -> None:

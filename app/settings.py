@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=1.0, gt=0)
     """How often an idle worker looks for queued work."""
 
+    hub_import_settle_seconds: float = Field(default=3.0, gt=0, le=3600)
+    """How often the web server ingests the Hub imports a worker has downloaded."""
+
+    hub_import_ingest_timeout_seconds: float = Field(default=1800.0, gt=0)
+    """A Hub import left ingesting this long (its web server died) is taken back, ingested again."""
+
     sse_poll_seconds: float = Field(default=0.25, gt=0, le=10)
     """How often the web server looks for new metric rows of a job someone is watching."""
 

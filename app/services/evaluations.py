@@ -3,7 +3,9 @@
 A report is computed by a worker (`worker/evaluation.py`, shapes there); here it is read and
 shaped for the API, the report page and the run-compare page. Only a `succeeded` evaluation is a
 report: while one is queued or running its figures are empty and its rows are the ones answered
-so far, and a failed or cancelled one has neither.
+so far, and a failed or cancelled one has neither. So while a re-run is queued or running, or
+after it failed, the API and the page show the latest succeeded report (`report_evaluation_id`
+names it) beside the newer evaluation's status, progress or error.
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def latest(db: Database, adapter_id: str) -> Evaluation | None:
             .where(Evaluation.adapter_id == adapter_id)
             .order_by(col(Evaluation.id).desc())
         ).first()
+
+
+def latest_complete(db: Database, adapter_id: str) -> Evaluation | None:
+    """The adapter's newest succeeded evaluation: the report shown while a newer one runs."""
+    with db.read() as s:
+        return s.exec(
+            select(Evaluation)
+            .where(Evaluation.adapter_id == adapter_id)
+            .where(Evaluation.status == SideWorkStatus.succeeded)
+            .order_by(col(Evaluation.id).desc())
+        ).first()
+
+
+def shown_report(evaluation: Evaluation, complete: Evaluation | None) -> Evaluation:
+    """The evaluation whose figures and rows are shown: the latest if it succeeded (or none
+    did: its rows so far), else the latest succeeded one."""
+    if evaluation.status == SideWorkStatus.succeeded or complete is None:
+        return evaluation
+    return complete
 
 
 def request_evaluation(
@@ -153,11 +174,16 @@ def report(db: Database, adapter_id: str) -> dict[str, Any]:
             "Adapters are evaluated when their job succeeds; start one with POST "
             f"/api/adapters/{adapter_id}/evaluation.",
         )
-    return as_dict(adapter, evaluation)
+    return as_dict(adapter, evaluation, latest_complete(db, adapter_id))
 
 
-def as_dict(adapter: Adapter, evaluation: Evaluation) -> dict[str, Any]:
+def as_dict(
+    adapter: Adapter, evaluation: Evaluation, complete_report: Evaluation | None = None
+) -> dict[str, Any]:
+    """The latest evaluation's status, progress and error, with the figures and rows of
+    `shown_report` (`report_evaluation_id` says which evaluation they come from)."""
     complete = evaluation.status == SideWorkStatus.succeeded
+    shown = shown_report(evaluation, complete_report)
     return {
         "id": evaluation.id,
         "adapter_id": adapter.id,
@@ -178,10 +204,11 @@ def as_dict(adapter: Adapter, evaluation: Evaluation) -> dict[str, Any]:
             "message": evaluation.error_message,
             "hint": evaluation.error_hint,
         },
-        "base": _figures(evaluation, "base"),
-        "adapter": _figures(evaluation, "adapter"),
-        "judge": evaluation.judge_figures if complete else {},
-        "rows": evaluation.rows or [],
+        "report_evaluation_id": shown.id,
+        "base": _figures(shown, "base"),
+        "adapter": _figures(shown, "adapter"),
+        "judge": shown.judge_figures if shown.status == SideWorkStatus.succeeded else {},
+        "rows": shown.rows or [],
         "created_at": evaluation.created_at,
         "finished_at": evaluation.finished_at,
     }

@@ -1,6 +1,6 @@
 """The evaluation report page in a real browser: base vs adapter figures and the side-by-side
 table of the demo adapter's report (computed by a real worker, `evaluated_demo`), sorting it, and
-a running evaluation's progress and rows arriving without a reload."""
+a re-run's progress arriving without a reload while the earlier complete report stays shown."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.models import Evaluation, SideWorkStatus, utcnow
+from app.services import evaluations
 from devkit.live_server import LiveServer
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -59,7 +60,7 @@ def test_the_report_page_shows_the_figures_and_the_answers_side_by_side(
     assert page.js_errors == []
 
 
-def test_a_running_evaluation_streams_its_progress_and_rows_into_the_page(
+def test_a_re_run_streams_its_progress_under_the_earlier_report(
     evaluated_demo, report_server, page
 ):
     demo = evaluated_demo
@@ -82,7 +83,13 @@ def test_a_running_evaluation_streams_its_progress_and_rows_into_the_page(
         page.goto(f"{report_server.url}/adapters/{demo.adapter.id}/evaluation")
         page.wait_for_selector("#evaluation-progress")
         assert "1 of 4" in page.text_content("#evaluation-progress")
-        assert page.locator("#evaluation-figures").count() == 0  # not complete: no figures
+        # Not complete: the earlier complete report stays, under a line saying a newer one runs.
+        assert "A newer evaluation is running" in page.text_content("#evaluation-status")
+        complete = evaluations.latest_complete(demo.db, demo.adapter.id)
+        assert complete is not None and complete.id != running_id
+        shown = page.text_content("#evaluation-shown")
+        assert f"the complete report of evaluation {complete.id}" in shown
+        assert page.locator("#evaluation-figures").count() == 1
         row = {
             "prompt": "Zephyr Kettle price?",
             "reference": "The Zephyr Kettle 3000 costs 89 euros.",
@@ -97,15 +104,17 @@ def test_a_running_evaluation_streams_its_progress_and_rows_into_the_page(
             found.progress_done, found.rows = 2, [row]
             s.add(found)
         page.locator("#evaluation-progress", has_text="2 of 4").wait_for()
-        assert page.text_content("#evaluation-rows .adapter-answer") == row["adapter_answer"]
+        answers = page.locator("#evaluation-rows .adapter-answer").all_text_contents()
+        assert row["adapter_answer"] not in answers  # the rows are the complete report's
         with demo.db.write() as s:
             found = s.get(Evaluation, running_id)
             found.status = SideWorkStatus.succeeded
             found.base_figures = {"eval_loss": 5.0, "rouge_l": 0.0}
             found.adapter_figures = {"eval_loss": 1.0, "rouge_l": 1.0}
             s.add(found)
-        page.wait_for_selector("#evaluation-figures")
-        assert page.locator("#evaluation[data-status=succeeded]").count() == 1
+        page.wait_for_selector("#evaluation[data-status=succeeded]")
+        assert page.locator("#evaluation-shown").count() == 0
+        assert page.text_content("#evaluation-rows .adapter-answer") == row["adapter_answer"]
         assert page.js_errors == []
     finally:
         with demo.db.write() as s:  # leave the shared demo's first report the latest complete one

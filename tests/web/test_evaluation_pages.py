@@ -81,6 +81,65 @@ def test_a_queued_report_cancels_at_once_and_a_deleted_adapter_has_none(client, 
         assert "no adapter" in response.text
 
 
+def test_a_re_run_keeps_the_earlier_report_shown_while_it_runs_and_after_it_fails(
+    client, db, settings
+):
+    adapter = succeed(db, settings, "kept", 4.0, 1.5)
+    done = client.get(f"/api/adapters/{adapter}/evaluation").json()
+    assert done["status"] == "succeeded" and done["report_evaluation_id"] == done["id"]
+
+    rerun = client.post(f"/api/adapters/{adapter}/evaluation").json()
+    assert rerun["id"] != done["id"] and rerun["report_evaluation_id"] == done["id"]
+    with db.write() as s:  # a worker is partway through the re-run
+        row = s.get(Evaluation, rerun["id"])
+        assert row is not None
+        row.status, row.stage = SideWorkStatus.running, "answering prompts"
+        row.progress_done, row.progress_total = 3, 8
+        s.add(row)
+    running = client.get(f"/api/adapters/{adapter}/evaluation").json()
+    assert (running["id"], running["status"], running["complete"]) == (
+        rerun["id"],
+        "running",
+        False,
+    )
+    assert running["progress"] == {"done": 3, "total": 8, "eta_seconds": None}
+    assert running["report_evaluation_id"] == done["id"]
+    assert running["adapter"]["eval_loss"] == 1.5 and running["rows"] == done["rows"]
+    assert set(running) == set(done)  # the same shape
+    page = client.get(f"/adapters/{adapter}/evaluation").text
+    assert "A newer evaluation is <strong>running</strong>: answering prompts" in page
+    assert "3 of 8 steps" in page
+    assert f"the complete report of evaluation {done['id']}" in page
+    assert 'data-figure="eval_loss"' in page and "&lt;b&gt;kept&lt;/b&gt;?" in page
+
+    with db.write() as s:  # the re-run fails
+        row = s.get(Evaluation, rerun["id"])
+        assert row is not None
+        row.status, row.error_kind = SideWorkStatus.failed, "oom"
+        row.error_message, row.error_hint = "The GPU ran out of memory.", "Evaluate fewer prompts."
+        s.add(row)
+    failed = client.get(f"/api/adapters/{adapter}/evaluation").json()
+    assert failed["status"] == "failed" and failed["error"]["kind"] == "oom"
+    assert failed["report_evaluation_id"] == done["id"] and failed["adapter"]["eval_loss"] == 1.5
+    page = client.get(f"/partials/adapters/{adapter}/evaluation").text
+    assert "A newer evaluation <strong>failed</strong>" in page
+    assert "The GPU ran out of memory." in page and "Evaluate fewer prompts." in page
+    assert 'data-figure="eval_loss"' in page and "Evaluate again" in page
+
+
+def test_a_first_evaluation_still_running_shows_its_rows_so_far(client, db, settings):
+    adapter = succeed(db, settings, "first-run", 4.0, 1.5)
+    with db.write() as s:  # as if the first evaluation were still running
+        row = s.exec(select(Evaluation).where(Evaluation.adapter_id == adapter)).one()
+        row.status = SideWorkStatus.running
+        s.add(row)
+    running = client.get(f"/api/adapters/{adapter}/evaluation").json()
+    assert running["report_evaluation_id"] == running["id"]
+    assert running["adapter"] == {} and len(running["rows"]) == 1
+    page = client.get(f"/adapters/{adapter}/evaluation").text
+    assert "Not complete" in page and "A newer evaluation" not in page
+
+
 def test_the_system_page_names_the_judge_but_never_its_key(db, settings):
     from fastapi.testclient import TestClient
 

@@ -8,12 +8,16 @@ malformed requests."""
 from __future__ import annotations
 
 import threading
+import time
+from datetime import timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import select
 
 from app import side_queue
-from app.models import BaseModelEntry, DatasetReport, HubImport
+from app.models import BaseModelEntry, Dataset, DatasetReport, HubImport, utcnow
+from app.services.datasets import hub
 from app.settings import Settings
 from tests.fakes.hub_cache import cache_hub_dataset
 from tests.fakes.jobs import MODEL
@@ -187,3 +191,78 @@ def test_an_unknown_import_is_a_404(client, db):
     response = client.get("/api/datasets/imports/12345")
     assert response.status_code == 404
     assert "There is no Hub import 12345" in response.json()["error"]["message"]
+
+
+def settle_fast(settings: Settings) -> Settings:
+    """The same data dir, with the web app's settle task every 50 ms."""
+    return settings.model_copy(update={"hub_import_settle_seconds": 0.05})
+
+
+def wait_for_stage(db, import_id: int, stages: tuple[str, ...]) -> HubImport:
+    """The import once its stage is one of `stages` (polled; the test's timeout bounds it)."""
+    while True:
+        with db.read() as session:
+            task = session.get(HubImport, import_id)
+        assert task is not None
+        if task.stage in stages:
+            return task
+        time.sleep(0.05)
+
+
+def test_an_import_nobody_reads_becomes_a_dataset(settings, db, cached):
+    from app.main import create_app
+
+    import_id = hub.request_import(db, hub.HubImportRequest(hub_id="acme/alpaca-mini")).id
+    assert import_id is not None
+    run_worker(settings, db)
+    with TestClient(create_app(settle_fast(settings)), base_url="http://127.0.0.1"):
+        task = wait_for_stage(db, import_id, ("done", "refused"))
+    assert task.stage == "done" and task.dataset_id is not None
+    assert task.lease_expires_at is None
+    with db.read() as session:
+        dataset = session.get(Dataset, task.dataset_id)
+    assert dataset is not None and dataset.valid_rows == 3
+
+
+def test_an_import_left_ingesting_by_a_dead_web_process_is_taken_back(settings, db, cached):
+    from app.main import create_app
+
+    ids = []
+    for _ in range(3):
+        import_id = hub.request_import(db, hub.HubImportRequest(hub_id="acme/alpaca-mini")).id
+        run_worker(settings, db)
+        ids.append(import_id)
+    stale, gone, live = ids
+    past, future = utcnow() - timedelta(seconds=1), utcnow() + timedelta(hours=1)
+    with db.write() as session:  # as a web process killed mid-ingest leaves them
+        for import_id, lease in ((stale, past), (gone, past), (live, future)):
+            task = session.get(HubImport, import_id)
+            assert task is not None
+            task.stage, task.lease_expires_at = "ingesting", lease
+            session.add(task)
+    settings.layout.hub_import_rows(gone).unlink()  # it had moved the rows before it died
+    # An import another web process is still ingesting is left to it.
+    assert hub.settle_waiting(db, settings) == [stale, gone]
+    with db.read() as session:
+        task = session.get(HubImport, live)
+    assert task is not None and task.stage == "ingesting"
+    with db.read() as session:
+        recovered, refused = session.get(HubImport, stale), session.get(HubImport, gone)
+    assert recovered is not None and recovered.stage == "done" and recovered.dataset_id
+    assert refused is not None and refused.stage == "refused"
+    assert refused.ingest_error == (
+        "The imported rows are gone from the data dir (the web server ingesting them stopped)."
+    )
+    assert refused.ingest_hint == "Import the dataset again."
+
+    # The web app's task does the same on its own, once the lease has run out.
+    with db.write() as session:
+        task = session.get(HubImport, live)
+        assert task is not None
+        task.lease_expires_at = past
+        session.add(task)
+    with TestClient(create_app(settle_fast(settings)), base_url="http://127.0.0.1") as client:
+        task = wait_for_stage(db, live, ("done", "refused"))
+        shown = client.get(f"/api/datasets/imports/{live}").json()
+    assert task.stage == "done" and shown["url"] == f"/datasets/{task.dataset_id}"
+    assert len({recovered.dataset_id, task.dataset_id}) == 2

@@ -6,22 +6,27 @@ upload.
 worker has written the split's rows, `settled` ingests that file through `create_dataset`, the
 upload's own path (the same validation, errors by line, split and token reports), once: the first
 reader to move the import from `downloaded` to `ingesting` does it, and records the dataset (or
-why the file as a whole was refused). Pages and the API read imports through `settled`, so an
-import finishes as soon as anyone looks at it.
+why the file as a whole was refused). Pages and the API read imports through `settled`, and the
+web app's `settle_waiting` task (app/main.py) runs it every few seconds, so an import nobody
+looks at finishes too. The claim holds `lease_expires_at` for
+`hub_import_ingest_timeout_seconds`: an import left `ingesting` past it (its web process died)
+is taken back and ingested again.
 """
 
 from __future__ import annotations
 
+import threading
+from datetime import timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import update
+from sqlalchemy import and_, or_, update
 from sqlmodel import col, select
 
 from app.dataset_errors import DatasetError
 from app.db import Database
 from app.errors import NotFound, UserError
-from app.models import HubImport, SideWorkStatus
+from app.models import HubImport, SideWorkStatus, utcnow
 from app.services.datasets import reports
 from app.services.datasets.formats import MAPPABLE_FIELDS
 from app.services.datasets.library import create_dataset
@@ -34,6 +39,10 @@ CONFIG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$"
 SPLIT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\[\]:%+-]{0,199}$"
 COLUMN_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"
 IMPORTS_SHOWN = 10
+# A lock per import this process settles: a reader waits for the settle task's ingest of the
+# same import instead of showing it half done.
+_INGEST_LOCKS: dict[int, threading.Lock] = {}
+_INGEST_LOCKS_GUARD = threading.Lock()
 
 
 class HubImportRequest(BaseModel):
@@ -135,12 +144,38 @@ def settled(db: Database, settings: Settings, import_id: int) -> HubImport:
         task = session.get(HubImport, import_id)
     if task is None:
         raise NotFound(f"There is no Hub import {import_id}.", "Start one on the Datasets page.")
-    if task.status == SideWorkStatus.succeeded and task.stage == "downloaded":
-        _ingest(db, settings, task)
+    if task.status == SideWorkStatus.succeeded and task.stage in ("downloaded", "ingesting"):
+        with _INGEST_LOCKS_GUARD:
+            lock = _INGEST_LOCKS.setdefault(import_id, threading.Lock())
+        with lock:  # an ingesting import may be this process's: wait for it
+            _ingest(db, settings, task)
         with db.read() as session:
             task = session.get(HubImport, import_id)
         assert task is not None
     return task
+
+
+def settle_waiting(db: Database, settings: Settings) -> list[int]:
+    """Ingest every downloaded import, and take back those left ingesting past the timeout;
+    returns their ids. The web app's background task runs it (app/main.py)."""
+    with db.read() as session:
+        ids = session.exec(
+            select(HubImport.id)
+            .where(col(HubImport.status) == SideWorkStatus.succeeded, _waiting())
+            .order_by(col(HubImport.id))
+        ).all()
+    for import_id in ids:
+        assert import_id is not None
+        settled(db, settings, import_id)
+    return [import_id for import_id in ids if import_id is not None]
+
+
+def _waiting() -> Any:
+    """Imports whose rows wait for the web: downloaded, or ingesting by a process that died."""
+    return or_(
+        col(HubImport.stage) == "downloaded",
+        and_(col(HubImport.stage) == "ingesting", col(HubImport.lease_expires_at) < utcnow()),
+    )
 
 
 def recent_imports(db: Database, settings: Settings) -> list[HubImport]:
@@ -154,10 +189,11 @@ def recent_imports(db: Database, settings: Settings) -> list[HubImport]:
 
 def _ingest(db: Database, settings: Settings, task: HubImport) -> None:
     """Ingest the worker's rows as an upload, if this call is the one that takes them."""
+    lease = utcnow() + timedelta(seconds=settings.hub_import_ingest_timeout_seconds)
     take = (
         update(HubImport)
-        .where(col(HubImport.id) == task.id, col(HubImport.stage) == "downloaded")
-        .values(stage="ingesting")
+        .where(col(HubImport.id) == task.id, _waiting())
+        .values(stage="ingesting", lease_expires_at=lease)
     )
     with db.write() as session:
         if session.connection().execute(take).rowcount != 1:
@@ -166,8 +202,11 @@ def _ingest(db: Database, settings: Settings, task: HubImport) -> None:
     outcome: dict[str, Any]
     try:
         if not task.rows_file or not rows.is_file():
+            stopped = task.stage == "ingesting"
+            cut_short = " (the web server ingesting them stopped)" if stopped else ""
             raise DatasetError(
-                "The imported rows are gone from the data dir.", "Import the dataset again."
+                f"The imported rows are gone from the data dir{cut_short}.",
+                "Import the dataset again.",
             )
         dataset = create_dataset(
             db,
@@ -185,7 +224,9 @@ def _ingest(db: Database, settings: Settings, task: HubImport) -> None:
         outcome = {"stage": "refused", "ingest_error": exc.message, "ingest_hint": exc.hint}
     with db.write() as session:
         session.connection().execute(
-            update(HubImport).where(col(HubImport.id) == task.id).values(**outcome)
+            update(HubImport)
+            .where(col(HubImport.id) == task.id)
+            .values(**outcome, lease_expires_at=None)
         )
     if outcome["stage"] == "done":
         reports.request_default_report(db, dataset)  # as after an upload

@@ -29,25 +29,32 @@ def rerun_evaluation(
     body: Annotated[evaluations.EvaluationRequest | None, Body()] = None,
 ) -> dict[str, Any]:
     evaluation = evaluations.request_evaluation(db, adapter_id, body)
-    return evaluations.as_dict(get_adapter(db, adapter_id), evaluation)
+    complete = evaluations.latest_complete(db, adapter_id)
+    return evaluations.as_dict(get_adapter(db, adapter_id), evaluation, complete)
 
 
 @router.delete("/api/adapters/{adapter_id}/evaluation")
 def cancel_evaluation(adapter_id: str, db: DbDep) -> dict[str, Any]:
     evaluation = evaluations.cancel(db, adapter_id)
-    return evaluations.as_dict(get_adapter(db, adapter_id), evaluation)
+    complete = evaluations.latest_complete(db, adapter_id)
+    return evaluations.as_dict(get_adapter(db, adapter_id), evaluation, complete)
 
 
 def _report_context(db: DbDep, adapter_id: str, sort: str) -> dict[str, Any]:
     adapter = get_adapter(db, adapter_id)
     evaluation: Evaluation | None = evaluations.latest(db, adapter_id)
+    shown = None
+    if evaluation is not None:
+        complete = evaluations.latest_complete(db, adapter_id)
+        shown = evaluations.shown_report(evaluation, complete)
     return {
         "adapter": adapter,
-        "evaluation": evaluation,
+        "evaluation": evaluation,  # the latest: its status, progress or error
+        "report": shown,  # whose figures and rows are shown (an earlier one while it runs)
         "sort": sort,
-        "figures": [] if evaluation is None else evaluations.figure_names(evaluation),
+        "figures": [] if shown is None else evaluations.figure_names(shown),
         "figure_names": evaluations.FIGURE_NAMES,
-        "rows": [] if evaluation is None else evaluations.sorted_rows(evaluation, sort),
+        "rows": [] if shown is None else evaluations.sorted_rows(shown, sort),
     }
 
 
