@@ -102,12 +102,15 @@ def test_the_api_gives_the_report_and_queues_a_rerun(evaluated_demo, api):
     assert rerun.status_code == 202 and rerun.json()["status"] == "queued"
     again = api.post(f"/api/adapters/{adapter_id}/evaluation")
     assert again.status_code == 202 and again.json()["id"] == rerun.json()["id"]
-    # Queued is not a report: no figures.
+    # Queued is not a report: the figures shown stay the earlier complete report's.
     queued = api.get(f"/api/adapters/{adapter_id}/evaluation").json()
-    assert queued["complete"] is False and queued["base"] == {} and queued["adapter"] == {}
+    assert queued["complete"] is False and queued["report_evaluation_id"] == report["id"]
+    assert queued["base"] == report["base"]
     cancelled = api.delete(f"/api/adapters/{adapter_id}/evaluation").json()
     assert cancelled["status"] == "failed" and cancelled["error"]["kind"] == "cancelled"
-    assert cancelled["rows"] == [] and cancelled["base"] == {}
+    assert cancelled["report_evaluation_id"] == report["id"]
+    kept = _row(evaluated_demo, cancelled["id"])
+    assert kept.rows == [] and kept.base_figures == {} and kept.adapter_figures == {}
 
     bad = api.post(f"/api/adapters/{adapter_id}/evaluation", json={"max_prompts": -1})
     assert bad.status_code == 422
@@ -151,7 +154,9 @@ def test_a_killed_evaluation_is_never_complete_and_a_restart_finishes_it(evaluat
         child.wait()
     half = api.get(f"/api/adapters/{adapter_id}/evaluation").json()
     assert half["status"] == "running" and half["complete"] is False
-    assert half["base"] == {} and half["adapter"] == {} and half["rows"]
+    assert half["report_evaluation_id"] != claim.task_id  # the earlier complete report is shown
+    partial = _row(demo, claim.task_id)
+    assert partial.base_figures == {} and partial.adapter_figures == {} and partial.rows
 
     # Its worker died too: the lease expires, any worker requeues it and runs it again.
     with demo.db.write() as s:
@@ -204,7 +209,9 @@ def test_a_cancelled_running_evaluation_keeps_nothing(evaluated_demo, api):
     report = api.get(f"/api/adapters/{adapter_id}/evaluation").json()
     assert report["status"] == "failed" and report["complete"] is False
     assert report["error"]["kind"] == "cancelled" and "cancelled" in report["error"]["message"]
-    assert report["rows"] == [] and report["base"] == {} and report["adapter"] == {}
+    assert report["report_evaluation_id"] != claim.task_id
+    kept = _row(demo, claim.task_id)
+    assert kept.rows == [] and kept.base_figures == {} and kept.adapter_figures == {}
 
 
 def test_an_evaluation_whose_dataset_is_gone_fails_with_a_message(evaluated_demo, api):
@@ -222,7 +229,7 @@ def test_an_evaluation_whose_dataset_is_gone_fails_with_a_message(evaluated_demo
     report = api.get(f"/api/adapters/{adapter_id}/evaluation").json()
     assert report["status"] == "failed" and report["error"]["kind"] == "dataset_deleted"
     assert "dataset" in report["error"]["message"] and report["error"]["hint"]
-    assert report["rows"] == []
+    assert report["report_evaluation_id"] != claim.task_id and _row(demo, claim.task_id).rows == []
 
 
 def test_an_evaluation_waits_while_training_holds_the_gpu_and_says_so(
