@@ -11,7 +11,8 @@ A policy may name a variant after a colon, to try a change before it goes into t
 without RNG stashing or the determinism check), `off:compiled` / `on:compiled` (each decoder
 layer under torch.compile), `off:unfused` / `on:unfused` (peft's own path through the MLPs, as
 before worker/fused_mlp.py), `off:fusedinside` (the fused MLP with its forward pass inside the
-autograd function, session 5's form A). The loss and LoRA gradient norm of one step on the same
+autograd function, session 5's form A), `off:unfusedattn` / `on:unfusedattn` (peft's own path
+through the attention projections, as before worker/fused_attention.py). The loss and LoRA gradient norm of one step on the same
 batch are printed per policy: a variant must not change them. The step's CPU time (all threads)
 beside its wall time says whether the GPU waits for the CPU.
 
@@ -149,11 +150,16 @@ def set_policy(recipe, spec: str) -> None:
     """A memory policy as the recipe sets it, then the variant after the colon, if any."""
     import torch
 
+    from worker.fused_attention import fuse_attention, unfuse_attention
     from worker.fused_mlp import fuse_mlps, unfuse_mlps
 
     policy, _, variant = spec.partition(":")
     recipe._set_memory_policy("off")  # untiled, so that the MLPs' forwards can be swapped
     unfuse_mlps(recipe.model)
+    if variant == "unfusedattn":  # peft's path through the attention projections
+        unfuse_attention(recipe.model)
+    else:
+        fuse_attention(recipe.model)
     if variant == "fusedinside":  # form A: the forward pass inside the autograd function
         if not fuse_mlps(recipe.model, forward_inside=True):
             raise ValueError("no fused MLP to run in form A")
@@ -178,7 +184,7 @@ def set_policy(recipe, spec: str) -> None:
         torch._dynamo.config.cache_size_limit = 64
         for layer in layers:
             layer.compile()
-    elif variant in ("unfused", "fusedinside"):
+    elif variant in ("unfused", "fusedinside", "unfusedattn"):
         pass
     elif variant:
         raise ValueError(f"unknown variant {variant!r}")

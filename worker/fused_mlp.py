@@ -26,23 +26,23 @@ autograd function; only the benchmark uses it (bench/profile_step.py compares th
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from worker.forward_swap import replace_forward, restore_forward
+from worker.lora_projection import (
+    Projection,
+    adapter_off,
+    compute_dtype,
+    is_plain_lora,
+    project,
+    project_back,
+    projections_of,
+)
 
 _KEY = "_unfused_forward"
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-class _Projection(NamedTuple):
-    """One LoRA projection: x W^T + scale (x A^T) B^T, W the base layer's (4-bit or not)."""
-
-    base: Any
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    scale: float
 
 
 def fuse_mlps(model: Any, *, forward_inside: bool = False) -> int:
@@ -66,7 +66,7 @@ def unfuse_mlps(model: Any) -> None:
 
 def _qualifies(mlp: Any) -> bool:
     projections = [getattr(mlp, name, None) for name in PROJECTIONS]
-    return _applies_silu(mlp) and all(_plain_lora(p) for p in projections)
+    return _applies_silu(mlp) and all(is_plain_lora(p) for p in projections)
 
 
 def _applies_silu(mlp: Any) -> bool:
@@ -83,25 +83,6 @@ def _is_silu(act: Any) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def _plain_lora(module: Any) -> bool:
-    """One LoRA adapter on a linear (4-bit or not) layer: no dropout, no bias on lora_B, no
-    variant such as DoRA."""
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(module, LoraLayer) or len(module.active_adapters) != 1:
-        return False
-    name = module.active_adapters[0]
-    base = module.get_base_layer()
-    return (
-        name in module.lora_A
-        and not getattr(module, "lora_variant", {}).get(name)
-        and not getattr(module, "use_dora", {}).get(name)
-        and getattr(module.lora_B[name], "bias", None) is None
-        and isinstance(module.lora_dropout[name], torch.nn.Identity)
-        and (hasattr(getattr(base, "weight", None), "quant_state") or type(base) is torch.nn.Linear)
-    )
-
-
 class _FusedForward:
     """Stands in for `mlp.forward` (an instance attribute, so the module's hooks still run)."""
 
@@ -110,9 +91,9 @@ class _FusedForward:
         self.projections = [getattr(mlp, name) for name in PROJECTIONS]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if any(p.disable_adapters or p.merged for p in self.projections):
+        if adapter_off(self.projections):
             return getattr(self.mlp, _KEY)(x)
-        projections, lora = self.lora_projections()
+        projections, lora = projections_of(self.projections)
         # The forward pass runs outside the autograd function: an out-of-memory error raised
         # inside one (torch 2.11, Python 3.12, CUDA) left every activation of the step alive.
         with torch.no_grad():
@@ -121,25 +102,14 @@ class _FusedForward:
             return y
         return _LoraMLP.apply(x, y, projections, *saved, *lora)
 
-    def lora_projections(self) -> tuple[list[_Projection], list[torch.Tensor]]:
-        """Gate, up and down with their active adapter, and the six LoRA weights."""
-        projections: list[_Projection] = []
-        lora: list[torch.Tensor] = []
-        for p in self.projections:
-            name = p.active_adapters[0]
-            a, b = p.lora_A[name].weight, p.lora_B[name].weight
-            projections.append(_Projection(p.get_base_layer(), a, b, p.scaling[name]))
-            lora += [a, b]
-        return projections, lora
-
 
 class _InsideForward(_FusedForward):
     """The earlier form: the forward pass inside the autograd function (for the benchmark)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if any(p.disable_adapters or p.merged for p in self.projections):
+        if adapter_off(self.projections):
             return getattr(self.mlp, _KEY)(x)
-        projections, lora = self.lora_projections()
+        projections, lora = projections_of(self.projections)
         return _ForwardInside.apply(x, projections, *lora)
 
 
@@ -156,16 +126,16 @@ class _ForwardInside(torch.autograd.Function):
 
 
 def _mlp_forward(
-    x: torch.Tensor, projections: list[_Projection]
+    x: torch.Tensor, projections: list[Projection]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """down(silu(gate(x)) * up(x)) and what its backward pass needs."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     (gate_p, up_p, down_p) = projections
     with torch.autocast(x.device.type, enabled=False):
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        gate, xa_gate = _project(flat, gate_p, dtype)
-        up, xa_up = _project(flat, up_p, dtype)
-        y, ha = _project(_swiglu(gate, up), down_p, dtype)
+        gate, xa_gate = project(flat, gate_p, dtype)
+        up, xa_up = project(flat, up_p, dtype)
+        y, ha = project(_swiglu(gate, up), down_p, dtype)
     return y.view(*x.shape[:-1], y.shape[-1]), [flat, gate, up, xa_gate, xa_up, ha]
 
 
@@ -191,66 +161,16 @@ class _LoraMLP(torch.autograd.Function):
         dtype = ctx.dtype
         dy = grad.reshape(-1, grad.shape[-1]).to(dtype)
         h = _swiglu(gate, up)
-        down_a, down_b, dh = _project_back(dy, h, ha, down_p, dtype, None)
+        down_a, down_b, dh = project_back(dy, h, ha, down_p, dtype, None)
         del h
         d_gate, d_up = _swiglu_back(gate, up, dh)  # written over gate and up
         del dh
         wants_x = bool(ctx.needs_input_grad[0])
         grad_x = None if wants_x else False
-        gate_a, gate_b, grad_x = _project_back(d_gate, flat, xa_gate, gate_p, dtype, grad_x)
-        up_a, up_b, grad_x = _project_back(d_up, flat, xa_up, up_p, dtype, grad_x)
+        gate_a, gate_b, grad_x = project_back(d_gate, flat, xa_gate, gate_p, dtype, grad_x)
+        up_a, up_b, grad_x = project_back(d_up, flat, xa_up, up_p, dtype, grad_x)
         dx = grad_x.view(ctx.x_shape).to(ctx.x_dtype) if wants_x else None
         return (dx, None, None, *[None] * 6, gate_a, gate_b, up_a, up_b, down_a, down_b)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight [out, in] in `dtype`: dequantized when it is 4-bit."""
-    weight = base.weight
-    if hasattr(weight, "quant_state"):
-        import bitsandbytes.functional as bnb_functional
-
-        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
-    return weight.to(dtype)
-
-
-def _project(
-    flat: torch.Tensor, p: _Projection, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`flat W^T + s (flat A^T) B^T`, and `flat A^T` for the backward pass."""
-    xa = flat @ p.lora_a.to(dtype).t()
-    y = flat @ _weight(p.base, dtype).t()
-    y.addmm_(xa, p.lora_b.to(dtype).t(), alpha=p.scale)
-    if p.base.bias is not None:
-        y += p.base.bias.to(dtype)
-    return y, xa
-
-
-def _project_back(
-    dy: torch.Tensor,
-    flat: torch.Tensor,
-    xa: torch.Tensor,
-    p: _Projection,
-    dtype: torch.dtype,
-    grad_x: Any,
-) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """One projection's dA and dB; its dx is added into `grad_x` (None: a new one; False: none
-    is wanted)."""
-    a = p.lora_a.to(dtype)
-    dz = dy @ p.lora_b.to(dtype)  # the gradient at x A^T, before the scale
-    if grad_x is None:
-        grad_x = dy @ _weight(p.base, dtype)
-    elif grad_x is not False:
-        grad_x.addmm_(dy, _weight(p.base, dtype))
-    if grad_x is not False:
-        grad_x.addmm_(dz, a, alpha=p.scale)
-    grad_a = (dz.t() @ flat).mul_(p.scale).to(p.lora_a.dtype)
-    grad_b = (dy.t() @ xa).mul_(p.scale).to(p.lora_b.dtype)
-    return grad_a, grad_b, grad_x
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

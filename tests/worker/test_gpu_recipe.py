@@ -246,9 +246,11 @@ def test_offloaded_and_tiled_checkpointing_match_checkpointing_in_less_memory_an
 
 
 def test_fused_mlps_match_peft_on_4bit_weights_in_less_memory(llama_1b, demo_rows, tmp_path):
-    """worker.fused_mlp on NF4 weights and Liger's SwiGLU kernels: peft's loss and LoRA gradients
+    """worker.fused_mlp and worker.fused_attention on NF4 weights and Liger's SwiGLU kernels, each
+    step with one fewer fused: peft's loss and LoRA gradients
     (bf16: to a cosine of 0.999), a lower peak by at least half the SwiGLU products peft keeps.
     Prints the step times."""
+    from worker.fused_attention import unfuse_attention
     from worker.fused_mlp import unfuse_mlps
 
     config = _config(max_steps=1, micro_batch_size=8, lora_dropout=0.0)
@@ -267,9 +269,14 @@ def test_fused_mlps_match_peft_on_4bit_weights_in_less_memory(llama_1b, demo_row
 
     try:
         assert "fused LoRA MLPs" in recipe.compute_mode
+        assert "fused LoRA attention" in recipe.compute_mode
         fused_loss, fused_grads, fused_peak, fused_s = step()
+        unfuse_attention(recipe.model)
+        attention_loss, attention_grads, _, mlp_only_s = step()
         unfuse_mlps(recipe.model)
         loss, grads, peak, s = step()
+        assert attention_loss == pytest.approx(loss, rel=1e-3)
+        assert torch.nn.functional.cosine_similarity(attention_grads, grads, 0) > 0.999
         assert fused_loss == pytest.approx(loss, rel=1e-3)
         assert torch.nn.functional.cosine_similarity(fused_grads, grads, 0) > 0.999
         layers = len(recipe._decoder_layers())
@@ -277,8 +284,9 @@ def test_fused_mlps_match_peft_on_4bit_weights_in_less_memory(llama_1b, demo_row
         products = layers * tokens * recipe.model.config.intermediate_size * 2
         assert fused_peak < peak - products / 2, (fused_peak, peak, products)
         print(
-            f"\n{tokens} tokens, no checkpointing, forward+backward: fused MLPs {fused_s * 1000:.0f}"
-            f" ms, peak {fused_peak / 2**20:.0f} MiB; peft {s * 1000:.0f} ms, peak "
+            f"\n{tokens} tokens, no checkpointing, forward+backward: fused MLPs and attention "
+            f"{fused_s * 1000:.0f} ms, peak {fused_peak / 2**20:.0f} MiB; fused MLPs only "
+            f"{mlp_only_s * 1000:.0f} ms; peft {s * 1000:.0f} ms, peak "
             f"{peak / 2**20:.0f} MiB (SwiGLU products {products / 2**20:.0f} MiB)"
         )
     finally:

@@ -137,6 +137,8 @@ def test_the_recipe_says_which_kernels_of_ours_each_family_runs(family_model, tm
     finally:
         recipe.cleanup()
     notice = str(fields.get("notice", ""))
+    # Every family's attention has four plain LoRA projections: fused, Gemma-2's eager one too.
+    assert "fused LoRA attention" in fields["compute_mode"]
     if family == "gemma2":
         # GeGLU is not the SwiGLU the fused function computes: peft's path, and no claim of it.
         assert "fused LoRA MLPs" not in fields["compute_mode"]

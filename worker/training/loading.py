@@ -1,6 +1,6 @@
 """The base model for training: found (a folder or a hub id), its tokenizer, loaded in 4-bit NF4
 with bf16 compute on CUDA (bf16 LoRA without bitsandbytes, fp32 on the CPU), the kernels that
-apply to it (Liger, our fused LoRA MLPs) and the LoRA adapter."""
+apply to it (Liger, our fused LoRA MLPs and attention projections) and the LoRA adapter."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from worker import attention
 from worker.control import RunControl
 from worker.data import use_chatml_if_missing
 from worker.errors import DatasetError, ModelNotFound
+from worker.fused_attention import fuse_attention
 from worker.fused_mlp import fuse_mlps
 
 
@@ -183,11 +184,16 @@ def attach_lora(model: Any, config: TrainConfig) -> Any:
         ) from error
 
 
-def fuse_lora_mlps(model: Any, distributed: bool) -> bool:
-    """Each LoRA SwiGLU MLP as one autograd function (worker.fused_mlp): it keeps less and is
-    faster with checkpointing (bench/RESULTS.md, session 5). Not under FSDP, whose shards the
-    function would read as whole weights. True when any MLP was fused."""
-    return not distributed and bool(fuse_mlps(model))
+def fuse_lora_layers(model: Any, distributed: bool) -> list[str]:
+    """Each LoRA SwiGLU MLP as one autograd function (worker.fused_mlp: it keeps less and is
+    faster with checkpointing, bench/RESULTS.md session 5) and each attention's LoRA projections
+    as two (worker.fused_attention: less work for the host, session 9). Not under FSDP, whose
+    shards the functions would read as whole weights. Returns what was fused, for the job page's
+    compute mode."""
+    if distributed:
+        return []
+    fused = ["fused LoRA MLPs"] if fuse_mlps(model) else []
+    return fused + (["fused LoRA attention"] if fuse_attention(model) else [])
 
 
 def bitsandbytes_available() -> bool:

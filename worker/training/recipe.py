@@ -136,8 +136,8 @@ class LoRARecipe:
         elif "liger-kernel" in self.missing_kernels:
             self.compute_mode += f", {LIGER_MISSING}"  # the job page says what it costs
         self.model = loading.attach_lora(self.model, self.config)
-        if loading.fuse_lora_mlps(self.model, self.distributed):
-            self.compute_mode += ", fused LoRA MLPs"
+        for fused in loading.fuse_lora_layers(self.model, self.distributed):
+            self.compute_mode += f", {fused}"
         self.model.train()  # from_pretrained returns eval mode; checkpointing only acts in train
 
     def _load_tokenizer(self) -> Any:

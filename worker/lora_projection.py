@@ -1,0 +1,107 @@
+"""One LoRA projection `x W^T + s (x A^T) B^T` computed by hand, W dequantized on the fly when it is
+4-bit (as bitsandbytes does), for the fused functions (worker.fused_mlp, worker.fused_attention):
+they run a layer's projections under `no_grad` and write dx and every dA, dB in their own backward
+pass, instead of the five or six autograd nodes, each with Python on the host, that peft and
+bitsandbytes run per projection."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+
+class Projection(NamedTuple):
+    """One LoRA projection: x W^T + scale (x A^T) B^T, W the base layer's (4-bit or not)."""
+
+    base: Any
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+
+
+def is_plain_lora(module: Any) -> bool:
+    """One LoRA adapter on a linear (4-bit or not) layer: no dropout, no bias on lora_B, no
+    variant such as DoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer) or len(module.active_adapters) != 1:
+        return False
+    name = module.active_adapters[0]
+    base = module.get_base_layer()
+    return (
+        name in module.lora_A
+        and not getattr(module, "lora_variant", {}).get(name)
+        and not getattr(module, "use_dora", {}).get(name)
+        and getattr(module.lora_B[name], "bias", None) is None
+        and isinstance(module.lora_dropout[name], torch.nn.Identity)
+        and (hasattr(getattr(base, "weight", None), "quant_state") or type(base) is torch.nn.Linear)
+    )
+
+
+def adapter_off(modules: list[Any]) -> bool:
+    """The adapter is disabled (the playground's "base model" answers) or merged: peft's path."""
+    return any(m.disable_adapters or m.merged for m in modules)
+
+
+def projections_of(modules: list[Any]) -> tuple[list[Projection], list[torch.Tensor]]:
+    """Each LoRA layer with its active adapter, and their LoRA weights (A, B, A, B, ...)."""
+    projections: list[Projection] = []
+    lora: list[torch.Tensor] = []
+    for m in modules:
+        name = m.active_adapters[0]
+        a, b = m.lora_A[name].weight, m.lora_B[name].weight
+        projections.append(Projection(m.get_base_layer(), a, b, m.scaling[name]))
+        lora += [a, b]
+    return projections, lora
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight [out, in] in `dtype`: dequantized when it is 4-bit."""
+    w = base.weight
+    if hasattr(w, "quant_state"):
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+    return w.to(dtype)
+
+
+def project(
+    flat: torch.Tensor, p: Projection, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`flat W^T + s (flat A^T) B^T` (+ the base layer's bias), and `flat A^T` for the backward
+    pass."""
+    xa = flat @ p.lora_a.to(dtype).t()
+    y = flat @ weight(p.base, dtype).t()
+    y.addmm_(xa, p.lora_b.to(dtype).t(), alpha=p.scale)
+    if p.base.bias is not None:
+        y += p.base.bias.to(dtype)
+    return y, xa
+
+
+def project_back(
+    dy: torch.Tensor,
+    flat: torch.Tensor,
+    xa: torch.Tensor,
+    p: Projection,
+    dtype: torch.dtype,
+    grad_x: Any,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One projection's dA and dB; its dx is added into `grad_x` (None: a new one; False: none
+    is wanted)."""
+    a = p.lora_a.to(dtype)
+    dz = dy @ p.lora_b.to(dtype)  # the gradient at x A^T, before the scale
+    if grad_x is None:
+        grad_x = dy @ weight(p.base, dtype)
+    elif grad_x is not False:
+        grad_x.addmm_(dy, weight(p.base, dtype))
+    if grad_x is not False:
+        grad_x.addmm_(dz, a, alpha=p.scale)
+    grad_a = (dz.t() @ flat).mul_(p.scale).to(p.lora_a.dtype)
+    grad_b = (dy.t() @ xa).mul_(p.scale).to(p.lora_b.dtype)
+    return grad_a, grad_b, grad_x
