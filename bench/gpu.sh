@@ -16,6 +16,9 @@
 #   smoke        the CPU smoke run (checks the harness itself)
 #   ladder-first the consumer ladder's first stage (bench/ladder.py): Qwen2.5-7B, Gemma-2-9B,
 #                Llama-3.2-3B, Llama-3.2-1B at 7.5 and 11 GiB, fixed 2048, Unsloth vs Tuneboard
+#   ladder       the ladder at every cap (LADDER_CAPS, default 7.5,11,14.5,22.5): Unsloth and the
+#                standard recipe run once per model, at the smallest cap they fit (their memory
+#                does not depend on the cap); Tuneboard at each
 #   ladder-CAP   the ladder at one cap (7.5, 11, 14.5, 22.5): LADDER_SHAPES (default all six),
 #                LADDER_DATA (default fixed; fixed,variable), BENCH_ARMS; LADDER_ARGS passes options
 # Env: GPU_TESTS_S: at most this long for the tests stage. BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too
@@ -116,6 +119,9 @@ for stage in "$@"; do
       --cache "$CACHE" || status=$? ;;
     ladder-first) ladder ladder-first --shapes qwen7b,gemma9b,3b,1b --caps 7.5,11 --data fixed \
       --arms "${BENCH_ARMS:-unsloth,tuneboard}" --fit-probes 2 || status=$? ;;
+    ladder) ladder ladder --caps "${LADDER_CAPS:-7.5,11,14.5,22.5}" \
+      --shapes "${LADDER_SHAPES:-1b,3b,8b,qwen7b,mistral7b,gemma9b}" \
+      --data "${LADDER_DATA:-fixed}" --arms "$ARMS" || status=$? ;;
     ladder-7.5|ladder-11|ladder-14.5|ladder-22.5) ladder "$stage" --caps "${stage#ladder-}" \
       --shapes "${LADDER_SHAPES:-1b,3b,8b,qwen7b,mistral7b,gemma9b}" \
       --data "${LADDER_DATA:-fixed}" --arms "$ARMS" || status=$? ;;

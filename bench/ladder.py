@@ -12,7 +12,10 @@ fit" with that length.
     python bench/ladder_table.py bench/out/ladder-*.json    # the tables for RESULTS.md, merged
 
 `bash bench/gpu.sh ladder-first` (and `ladder-<cap>`) is the device command; bench/README.md says
-which stages exist and what each costs. Results are written after every cell, and `--reuse` takes
+which stages exist and what each costs. The standard recipe and Unsloth checkpoint every layer
+whatever the card (their memory does not depend on the cap), so each runs once per model and data,
+at the smallest cap it fits, and that figure stands for the larger caps in the same run
+(`--cap-free-arms`; the table's note says where it was measured). Results are written after every cell, and `--reuse` takes
 a cell's earlier result from --work, so a stage cut short by the device's time limit resumes where
 it stopped on the same machine. `--smoke` runs tiny models of two families on the CPU, where a
 cap stands for a token budget (train.SMOKE_TOKENS_PER_GIB), so tests/bench proves the harness.
@@ -100,9 +103,18 @@ def main(argv: list[str]) -> None:
     for shape in args.shapes:
         model_path = train.ensure_model(args, shape)
         for data in args.data:
-            for cap in args.caps:
+            measured: dict[str, dict] = {}  # a cap-free arm's result at the smallest cap it ran
+            for cap in sorted(args.caps):
                 for arm in args.arms:
+                    earlier = measured.get(arm)
+                    if earlier is not None and not earlier.get("oom"):
+                        results.append(
+                            earlier | {"cap_gib": cap, "measured_at_gib": earlier["cap_gib"]}
+                        )
+                        continue
                     results.append(run_cell(args, shape, data, cap, arm, model_path))
+                    if arm in args.cap_free_arms:
+                        measured[arm] = results[-1]
                     write()
     write()
     print("\n" + (args.out / f"{args.name}.md").read_text(), flush=True)
@@ -132,6 +144,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None, help="unix time; see train.py")
     p.add_argument("--min-arm-s", type=float, default=40, help="see --deadline")
     p.add_argument("--reuse", action="store_true", help="take cells already in --work")
+    p.add_argument(
+        "--cap-free-arms",
+        default="standard,unsloth",
+        help="arms whose memory use does not depend on the cap (their checkpointing is fixed): "
+        "run at the smallest cap they fit, that figure stands for the larger caps",
+    )
     p.add_argument("--quiet-children", action="store_true", help="arm output to WORK/<tag>.log")
     args = p.parse_args(argv)
     smoke = args.smoke
@@ -142,6 +160,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ]
     args.data = args.data.split(",")
     args.arms = args.arms.split(",")
+    args.cap_free_arms = [a for a in args.cap_free_arms.split(",") if a]
     for name, value in (("shapes", train.SHAPES), ("arms", train.ARMS + train.TUNEBOARD_VARIANTS)):
         unknown = [x for x in getattr(args, name) if x not in value]
         if unknown:

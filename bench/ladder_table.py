@@ -117,6 +117,8 @@ def note(r: dict) -> str:
         text += f"; probes {probes}" if probes else ""
         return _clean(f"{text}; {detail}")[:200]
     parts = []
+    if r.get("measured_at_gib"):
+        parts.append(f"measured at {r['measured_at_gib']:g} GiB (the same under any larger cap)")
     if r.get("memory_policy"):
         parts.append(f"checkpointing {r['memory_policy']}")
     if r.get("start") and r["start"].get("total_s") is not None:

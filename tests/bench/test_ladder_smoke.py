@@ -41,6 +41,12 @@ def test_the_ladder_measures_each_cap_and_finds_the_longest_sequence_that_fits(
         assert cells[(arm, 8.0)].get("ok"), cells[(arm, 8.0)]
         assert cells[(arm, 8.0)]["tokens_per_s"] > 0
     assert "import unsloth failed" in cells[("unsloth", 8.0)]["skipped"]
+    # Unsloth's memory does not depend on the cap: run once, at the smallest; Tuneboard's does.
+    assert cells[("unsloth", 8.0)]["measured_at_gib"] == 1.0
+    assert "measured_at_gib" not in cells[("unsloth", 1.0)]
+    assert "measured_at_gib" not in cells[("tuneboard", 8.0)]
+    if cells[("standard", 1.0)].get("oom"):  # one that did not fit is tried again under more
+        assert "measured_at_gib" not in cells[("standard", 8.0)]
     start = cells[("tuneboard", 8.0)]["start"]  # setup to first step, itemised
     assert start["total_s"] >= start["model_load_s"] + start["first_step_s"] > 0
     # 1 "GiB" (64 tokens): 128 x 2 does not fit; halving finds 64, bisection rules out 96.
