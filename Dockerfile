@@ -8,6 +8,11 @@ ENV PYTHONUNBUFFERED=1 \
     TUNEBOARD_DATA_DIR=/data
 
 WORKDIR /app
+# GGUF exports build llama.cpp (llama-cpp-python) from source: a compiler, and code for any x86-64
+# with AVX2 rather than for the build machine's CPU (the Makefile's LLAMA_CMAKE_ARGS).
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 # The dependencies first, so a code change does not reinstall torch. The image is for hosts with an
 # NVIDIA GPU: it installs the torch, bitsandbytes and liger-kernel the GPU tests passed on, pinned in
 # app/verified_versions.py (the same pins `make run` takes on such a machine).

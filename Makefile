@@ -11,6 +11,11 @@ DATA_DIR ?= data
 # Empty: TUNEBOARD_PORT, else 8000. `make run PORT=8001` when 8000 is taken.
 PORT ?=
 PYTEST_ARGS ?=
+# llama.cpp (GGUF exports) built for any x86-64 with AVX2, not for this CPU: a native build used the
+# AMX instructions a virtual machine's CPU listed but did not allow (Illegal instruction, 2026-12-06).
+# Built from source without pip's wheel cache, where a native wheel of an earlier build may wait.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_SPEC := $(shell grep -o '"llama-cpp-python==[^"]*"' pyproject.toml)
 
 .PHONY: run setup setup-dev test test-fast security lint gpu-test screenshots clean chromium
 
@@ -19,6 +24,7 @@ $(VENV)/.installed: pyproject.toml app/verified_versions.py
 	$(PIP) install --upgrade pip setuptools wheel
 	@echo "Installing $(TORCH_SPEC) (app/verified_versions.py)"
 	$(PIP) install $(TORCH_SPEC)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --no-cache-dir $(LLAMA_SPEC)
 	$(PIP) install -e ".[worker]" $(TORCH_SPEC)
 	# llama.cpp's GGUF converter scripts, from llama-cpp-python's sdist, once per environment.
 	$(PY) -m worker.gguf_converter --install
