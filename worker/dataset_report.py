@@ -42,15 +42,13 @@ hand (or `--pending` for all): the page tells a user without a running worker to
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import math
-import os
 import re
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +75,7 @@ from worker.preference_data import (
     answer_texts,
     tokenize_pair,
 )
-from worker.side_work import lease_kept
+from worker.side_work import child_main, run_pending
 
 TRUNCATION_RULE = (
     "Conversations longer than the max length are cut at the end (the start of the conversation "
@@ -101,33 +99,17 @@ class ReportFailed(Exception):
         self.kind, self.message, self.hint = kind, message, hint
 
 
-def run_pending_reports(
-    settings: Settings, *, worker_id: str | None = None, db: Database | None = None
-) -> int:
-    """Claim and compute queued reports until none is left; returns how many were finished.
-
-    Safe to call from several workers at once: each report is claimed by exactly one.
-    """
-    database = db or Database(settings.resolved_database_url)
-    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-    tokenizers: dict[tuple[str, str | None], Any] = {}
-    finished = 0
-    try:
-        while claim := side_queue.claim_next(
-            database, "dataset_report", worker_id, settings.lease_seconds
-        ):
-            with lease_kept(database, claim, settings):
-                compute_and_store(database, settings, claim, tokenizers)
-            finished += 1
-    finally:
-        if db is None:
-            database.dispose()
-    return finished
+def run_pending_reports(settings: Settings, *, worker_id: str | None = None) -> int:
+    """Claim and compute queued reports until none is left, loading each tokenizer once; returns
+    how many were finished."""
+    return run_pending(
+        settings, "dataset_report", partial(compute_and_store, tokenizers={}), worker_id
+    )
 
 
 def compute_and_store(
-    db: Database,
     settings: Settings,
+    db: Database,
     claim: side_queue.SideClaim,
     tokenizers: dict[tuple[str, str | None], Any] | None = None,
 ) -> bool:
@@ -512,47 +494,14 @@ def _pair_tokens(pair: TokenizedPair) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Compute dataset token reports (settings from TUNEBOARD_* variables)."
+    return child_main(
+        "dataset_report",
+        compute_and_store,
+        argv,
+        "Compute dataset token reports (settings from TUNEBOARD_* variables).",
+        pending=run_pending_reports,
+        by_id="--report-id",
     )
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--report-id", type=int, help="compute this queued report")
-    which.add_argument("--pending", action="store_true", help="compute every queued report")
-    which.add_argument("--task-id", type=int, help="the report a worker claimed (with --attempt)")
-    parser.add_argument("--attempt", type=int)
-    args = parser.parse_args(argv)
-    settings = Settings()
-    if args.pending:
-        print(f"{run_pending_reports(settings)} report(s) computed")
-        return 0
-    db = Database(settings.resolved_database_url)
-    try:
-        if args.task_id is not None:
-            if args.attempt is None:
-                parser.error("--task-id needs --attempt")
-            claim = side_queue.SideClaim("dataset_report", args.task_id, args.attempt)
-            return 0 if compute_and_store(db, settings, claim) else 1
-        worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        claimed = side_queue.claim_next(
-            db, "dataset_report", worker_id, settings.lease_seconds, task_id=args.report_id
-        )
-        if claimed is None:
-            print(
-                f"report {args.report_id} is not queued (done, failed, or taken)", file=sys.stderr
-            )
-            return 1
-        with lease_kept(db, claimed, settings):
-            compute_and_store(db, settings, claimed)
-        with db.read() as session:
-            report = session.get(DatasetReport, args.report_id)
-        assert report is not None
-    finally:
-        db.dispose()
-    print(
-        f"report {report.id}: {report.status.value}"
-        + (f": {report.error_message}" if report.error_message else "")
-    )
-    return 0 if report.status == SideWorkStatus.succeeded else 1
 
 
 def _tally_figures(tally: _Tally) -> dict[str, Any]:

@@ -27,7 +27,6 @@ evaluation is ever a report.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -52,7 +51,7 @@ from worker.errors import TrainingError
 from worker.gpu_lock import GpuLocks
 from worker.inference import Engine, InferenceError
 from worker.judge import Judge, JudgeError
-from worker.side_work import LOCK_HELD_ENV
+from worker.side_work import LOCK_HELD_ENV, child_main
 
 log = logging.getLogger("tuneboard.evaluation")
 
@@ -466,25 +465,20 @@ def hold_the_gpu(settings: Settings, db: Database, claim: side_queue.SideClaim) 
     return locks
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m worker.evaluation --task-id N --attempt A`: run the evaluation the worker
-    claimed (settings from TUNEBOARD_*)."""
-    parser = argparse.ArgumentParser(description="Evaluate an adapter against its base.")
-    parser.add_argument("--task-id", type=int, required=True)
-    parser.add_argument("--attempt", type=int, required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    settings = Settings()
-    db = Database(settings.resolved_database_url)
-    claim = side_queue.SideClaim("evaluation", args.task_id, args.attempt)
-    # The side loop hands its child the lock it took; run by hand, the child takes its own.
+def run_with_the_gpu(settings: Settings, db: Database, claim: side_queue.SideClaim) -> bool:
+    """`run_claimed_evaluation` holding the GPU's compute lock: the side loop hands its child the
+    lock it took; run by hand, the child takes its own."""
     locks = None if os.environ.get(LOCK_HELD_ENV) else hold_the_gpu(settings, db, claim)
     try:
-        return 0 if run_claimed_evaluation(settings, db, claim) else 1
+        return run_claimed_evaluation(settings, db, claim)
     finally:
         if locks is not None:
             locks.release()
-        db.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO)
+    return child_main("evaluation", run_with_the_gpu, argv, "Evaluate an adapter against its base.")
 
 
 if __name__ == "__main__":

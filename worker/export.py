@@ -16,7 +16,6 @@ by the claim's attempt.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from app.models import Adapter, BaseModelEntry, ModelExport, SideWorkStatus
 from app.settings import Settings
 from worker import gguf_converter
 from worker.data import has_generation_markers
+from worker.side_work import child_main, run_pending
 
 log = logging.getLogger("tuneboard.export")
 
@@ -416,34 +416,13 @@ def run_claimed_export(settings: Settings, db: Database, claim: side_queue.SideC
     return side_queue.finish(db, claim, SideWorkStatus.succeeded, **fields)
 
 
-def run_pending_exports(settings: Settings, worker_id: str = "export-by-hand") -> int:
-    """Claim and run every queued export in this process, one at a time; returns how many ran."""
-    from worker.side_work import lease_kept
-
-    db = Database(settings.resolved_database_url)
-    ran = 0
-    try:
-        while claim := side_queue.claim_next(db, "export", worker_id, settings.lease_seconds):
-            with lease_kept(db, claim, settings):
-                run_claimed_export(settings, db, claim)
-            ran += 1
-    finally:
-        db.dispose()
-    return ran
+def run_pending_exports(settings: Settings, worker_id: str | None = None) -> int:
+    """Claim and run every queued export in this process; returns how many ran."""
+    return run_pending(settings, "export", run_claimed_export, worker_id)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build a claimed export of an adapter.")
-    parser.add_argument("--task-id", type=int, required=True)
-    parser.add_argument("--attempt", type=int, required=True)
-    args = parser.parse_args(argv)
-    settings = Settings()
-    db = Database(settings.resolved_database_url)
-    try:
-        claim = side_queue.SideClaim("export", args.task_id, args.attempt)
-        return 0 if run_claimed_export(settings, db, claim) else 1
-    finally:
-        db.dispose()
+    return child_main("export", run_claimed_export, argv, "Build a claimed export of an adapter.")
 
 
 if __name__ == "__main__":

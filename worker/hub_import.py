@@ -17,7 +17,6 @@ worker sets HF_HUB_OFFLINE and HF_DATASETS_OFFLINE, and only what is in the cach
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from app import side_queue
 from app.db import Database
 from app.models import HubImport, SideWorkStatus
 from app.settings import Settings
+from worker.side_work import child_main
 
 PROGRESS_EVERY_ROWS = 1000
 
@@ -148,7 +148,7 @@ def write_rows(
     return written
 
 
-def run_import(db: Database, settings: Settings, claim: side_queue.SideClaim) -> bool:
+def run_import(settings: Settings, db: Database, claim: side_queue.SideClaim) -> bool:
     """Fetch a claimed import's rows and record the end. False if the claim went stale."""
     with db.read() as session:
         task = session.get(HubImport, claim.task_id)
@@ -201,19 +201,12 @@ def run_import(db: Database, settings: Settings, claim: side_queue.SideClaim) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Run a claimed Hub import (settings from TUNEBOARD_* variables)."
+    return child_main(
+        "hub_import",
+        run_import,
+        argv,
+        "Run a claimed Hub import (settings from TUNEBOARD_* variables).",
     )
-    parser.add_argument("--task-id", type=int, required=True)
-    parser.add_argument("--attempt", type=int, required=True)
-    args = parser.parse_args(argv)
-    settings = Settings()
-    db = Database(settings.resolved_database_url)
-    try:
-        claim = side_queue.SideClaim("hub_import", args.task_id, args.attempt)
-        return 0 if run_import(db, settings, claim) else 1
-    finally:
-        db.dispose()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from app import side_queue
 from app.db import Database
 from app.models import Adapter, BaseModelEntry, MergeRequest, SideWorkStatus
 from app.settings import Settings
-from worker.side_work import lease_kept
+from worker.side_work import child_main, run_pending
 
 log = logging.getLogger("tuneboard.merge")
 
@@ -149,43 +149,20 @@ def run_claimed_merge(settings: Settings, db: Database, claim: side_queue.SideCl
 
 
 def run_pending_merges(settings: Settings, worker_id: str | None = None) -> int:
-    """Claim and run every queued merge in this process, one at a time; returns how many ran.
-    Safe to call from several workers at once: each merge is claimed by exactly one."""
-    db = Database(settings.resolved_database_url)
-    worker_id = worker_id or f"merge-{os.getpid()}"
-    ran = 0
-    try:
-        while claim := side_queue.claim_next(db, "merge", worker_id, settings.lease_seconds):
-            with lease_kept(db, claim, settings):
-                run_claimed_merge(settings, db, claim)
-            ran += 1
-    finally:
-        db.dispose()
-    return ran
+    """Claim and run every queued merge in this process; returns how many ran."""
+    return run_pending(settings, "merge", run_claimed_merge, worker_id)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m worker.merge --pending`: run every queued merge; `--task-id N --attempt A`: run
-    the merge the worker claimed (settings from TUNEBOARD_*)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Merge adapters into their base models.")
-    parser.add_argument("--pending", action="store_true", help="run every queued merge")
-    parser.add_argument("--task-id", type=int, help="the claimed merge (with --attempt)")
-    parser.add_argument("--attempt", type=int)
-    args = parser.parse_args(argv)
-    settings = Settings()
-    if args.pending:
-        print(f"{run_pending_merges(settings)} merge(s) done")
-        return 0
-    if args.task_id is None or args.attempt is None:
-        parser.error("give --pending, or --task-id and --attempt")
-    db = Database(settings.resolved_database_url)
-    try:
-        claim = side_queue.SideClaim("merge", args.task_id, args.attempt)
-        return 0 if run_claimed_merge(settings, db, claim) else 1
-    finally:
-        db.dispose()
+    """`python -m worker.merge --task-id N --attempt A`: run the merge the worker claimed;
+    `--pending`: every queued merge."""
+    return child_main(
+        "merge",
+        run_claimed_merge,
+        argv,
+        "Merge adapters into their base models.",
+        pending=run_pending_merges,
+    )
 
 
 if __name__ == "__main__":

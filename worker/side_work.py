@@ -9,10 +9,14 @@ renewing the task's lease. So the loop process never imports the ML stack, a rep
 behind the training job on the same worker (merges load the base on the CPU), and a child that
 dies (the OOM killer, a crash) leaves a task that is requeued or, after its last attempt, failed
 with a reason: never one "running" forever.
+
+Each kind's module runs its claimed task with `child_main`, and `run_pending` runs the queued
+tasks of a kind in the calling process (tests, and by hand without a worker).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -23,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -54,6 +58,9 @@ CHILDREN = {
     "export": "worker.export",
     "evaluation": "worker.evaluation",
 }
+
+# runs one claimed task in this process and records how it ended; False if the claim went stale
+RunClaimed = Callable[[Settings, Database, side_queue.SideClaim], bool]
 
 
 def run_side_work(
@@ -210,3 +217,85 @@ def lease_kept(db: Database, claim: side_queue.SideClaim, settings: Settings) ->
     finally:
         done.set()
         renewer.join()
+
+
+def run_pending(
+    settings: Settings,
+    kind: str,
+    run: RunClaimed,
+    worker_id: str | None = None,
+    task_id: int | None = None,
+) -> int:
+    """Claim and run the queued tasks of a kind in this process, one at a time, each under a
+    renewed lease (`task_id`: only that one, if it is queued); returns how many ran. Safe to call
+    from several workers at once: each task is claimed by exactly one."""
+    db = Database(settings.resolved_database_url)
+    worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{kind}"
+    ran = 0
+    try:
+        while claim := side_queue.claim_next(db, kind, worker_id, settings.lease_seconds, task_id):
+            with lease_kept(db, claim, settings):
+                run(settings, db, claim)
+            ran += 1
+    finally:
+        db.dispose()
+    return ran
+
+
+def child_main(
+    kind: str,
+    run: RunClaimed,
+    argv: list[str] | None,
+    description: str,
+    pending: Callable[[Settings], int] | None = None,
+    by_id: str | None = None,
+) -> int:
+    """`python -m worker.<kind> --task-id N --attempt A`: run the task the side loop claimed
+    (settings from TUNEBOARD_*); exit 1 if the claim went stale. For running queued tasks by
+    hand, without a worker: `pending` (the kind's `run_pending_...`) runs them all for
+    `--pending`, and `by_id` ("--report-id") names the option that runs one."""
+    name = side_queue.NAMES[kind]
+    by_hand = pending is not None or by_id is not None
+    parser = argparse.ArgumentParser(description=description)
+    which = parser.add_mutually_exclusive_group(required=True) if by_hand else parser
+    if by_id:
+        which.add_argument(
+            by_id, type=int, dest="by_id", metavar="ID", help=f"run this queued {name}"
+        )
+    if pending:
+        which.add_argument("--pending", action="store_true", help=f"run every queued {name}")
+    which.add_argument(
+        "--task-id", type=int, required=not by_hand, help=f"the {name} a worker claimed"
+    )
+    parser.add_argument("--attempt", type=int, required=not by_hand, help="the claim's attempt")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if pending and args.pending:
+        print(f"{pending(settings)} {name}(s) done")
+        return 0
+    if by_id and args.by_id is not None:
+        return _run_one_by_hand(settings, kind, run, args.by_id)
+    if args.attempt is None:
+        parser.error("--task-id needs --attempt")
+    db = Database(settings.resolved_database_url)
+    try:
+        return 0 if run(settings, db, side_queue.SideClaim(kind, args.task_id, args.attempt)) else 1
+    finally:
+        db.dispose()
+
+
+def _run_one_by_hand(settings: Settings, kind: str, run: RunClaimed, task_id: int) -> int:
+    name = side_queue.NAMES[kind]
+    if not run_pending(settings, kind, run, task_id=task_id):
+        print(f"{name} {task_id} is not queued (done, failed, or taken)", file=sys.stderr)
+        return 1
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.read() as s:
+            task = s.get(side_queue.KINDS[kind], task_id)
+    finally:
+        db.dispose()
+    assert task is not None
+    error = f": {task.error_message}" if task.error_message else ""
+    print(f"{name} {task_id}: {task.status.value}{error}")
+    return 0 if task.status == SideWorkStatus.succeeded else 1

@@ -19,7 +19,7 @@ from app import side_queue
 from app.db import Database
 from app.errors import NotFound
 from app.models import Adapter, Evaluation, SideWorkStatus
-from app.services.exports import get_adapter
+from app.services.exports import get_adapter, newest, unfinished
 
 FIGURES = ("eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l")
 PREFERENCE_FIGURES = ("reward_accuracy", "reward_margin")
@@ -61,22 +61,13 @@ class EvaluationRequest(BaseModel):
 
 def latest(db: Database, adapter_id: str) -> Evaluation | None:
     with db.read() as s:
-        return s.exec(
-            select(Evaluation)
-            .where(Evaluation.adapter_id == adapter_id)
-            .order_by(col(Evaluation.id).desc())
-        ).first()
+        return newest(s, Evaluation, adapter_id)
 
 
 def latest_complete(db: Database, adapter_id: str) -> Evaluation | None:
     """The adapter's newest succeeded evaluation: the report shown while a newer one runs."""
     with db.read() as s:
-        return s.exec(
-            select(Evaluation)
-            .where(Evaluation.adapter_id == adapter_id)
-            .where(Evaluation.status == SideWorkStatus.succeeded)
-            .order_by(col(Evaluation.id).desc())
-        ).first()
+        return newest(s, Evaluation, adapter_id, Evaluation.status == SideWorkStatus.succeeded)
 
 
 def shown_report(evaluation: Evaluation, complete: Evaluation | None) -> Evaluation:
@@ -97,18 +88,10 @@ def request_evaluation(
     request = request or EvaluationRequest()
     side_queue.requeue_expired(db)
     with db.write() as s:
-        existing = s.exec(
-            select(Evaluation)
-            .where(Evaluation.adapter_id == adapter_id)
-            .where(col(Evaluation.status).in_([SideWorkStatus.queued, SideWorkStatus.running]))
-        ).first()
+        existing = unfinished(s, Evaluation, adapter_id)
         if existing is not None:
             return existing
-        previous = s.exec(
-            select(Evaluation)
-            .where(Evaluation.adapter_id == adapter_id)
-            .order_by(col(Evaluation.id).desc())
-        ).first()
+        previous = newest(s, Evaluation, adapter_id)
         judge = request.judge.model_dump(mode="json") if request.judge else {}
         evaluation = Evaluation(
             adapter_id=adapter.id,
@@ -220,12 +203,9 @@ def figures_by_job(db: Database, job_ids: list[int]) -> dict[int, dict[str, Any]
     with db.read() as s:
         adapters = s.exec(select(Adapter).where(col(Adapter.job_id).in_(job_ids))).all()
         for adapter in adapters:
-            evaluation = s.exec(
-                select(Evaluation)
-                .where(Evaluation.adapter_id == adapter.id)
-                .where(Evaluation.status == SideWorkStatus.succeeded)
-                .order_by(col(Evaluation.id).desc())
-            ).first()
+            evaluation = newest(
+                s, Evaluation, adapter.id, Evaluation.status == SideWorkStatus.succeeded
+            )
             if evaluation is not None:
                 found[adapter.job_id] = {
                     "adapter_id": adapter.id,

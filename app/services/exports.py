@@ -12,17 +12,24 @@ import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app import export_kinds, side_queue
 from app.db import Database
 from app.errors import Conflict, NotFound, UserError
 from app.export_kinds import ExportKindName, Quantization
 from app.faults import DiskFull
-from app.models import Adapter, BaseModelEntry, MergeRequest, ModelExport, SideWorkStatus
+from app.models import (
+    Adapter,
+    BaseModelEntry,
+    Evaluation,
+    MergeRequest,
+    ModelExport,
+    SideWorkStatus,
+)
 from app.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
@@ -55,6 +62,23 @@ def get_adapter(db: Database, adapter_id: str) -> Adapter:
             f"There is no adapter {adapter_id!r}.", "Adapters are listed on the Adapters page."
         )
     return adapter
+
+
+# a side task asked for an adapter: what `newest` and `unfinished` look up
+Task = TypeVar("Task", MergeRequest, ModelExport, Evaluation)
+
+
+def newest(s: Session, table: type[Task], adapter_id: str, *where: Any) -> Task | None:
+    """The adapter's newest merge, export or evaluation (of those `where` keeps), or None."""
+    return s.exec(
+        select(table).where(table.adapter_id == adapter_id, *where).order_by(col(table.id).desc())
+    ).first()
+
+
+def unfinished(s: Session, table: type[Task], adapter_id: str, *where: Any) -> Task | None:
+    """The adapter's queued or running task of a kind: the one a new request reuses."""
+    queued_or_running = col(table.status).in_([SideWorkStatus.queued, SideWorkStatus.running])
+    return newest(s, table, adapter_id, queued_or_running, *where)
 
 
 def adapter_dir(settings: Settings, adapter: Adapter) -> Path:
@@ -284,11 +308,7 @@ def request_merge(db: Database, adapter_id: str) -> MergeRequest:
     get_adapter(db, adapter_id)
     side_queue.requeue_expired(db)
     with db.write() as s:
-        existing = s.exec(
-            select(MergeRequest)
-            .where(MergeRequest.adapter_id == adapter_id)
-            .where(col(MergeRequest.status).in_([SideWorkStatus.queued, SideWorkStatus.running]))
-        ).first()
+        existing = unfinished(s, MergeRequest, adapter_id)
         if existing is not None:
             return existing
         merge = MergeRequest(adapter_id=adapter_id)
@@ -300,11 +320,7 @@ def request_merge(db: Database, adapter_id: str) -> MergeRequest:
 
 def latest_merge(db: Database, adapter_id: str) -> MergeRequest | None:
     with db.read() as s:
-        return s.exec(
-            select(MergeRequest)
-            .where(MergeRequest.adapter_id == adapter_id)
-            .order_by(col(MergeRequest.id).desc())
-        ).first()
+        return newest(s, MergeRequest, adapter_id)
 
 
 def merged_zip(db: Database, settings: Settings, merge_id: int) -> tuple[str, Iterator[bytes]]:
@@ -430,13 +446,13 @@ def request_export(
         )
     side_queue.requeue_expired(db)
     with db.write() as s:
-        existing = s.exec(
-            select(ModelExport)
-            .where(ModelExport.adapter_id == adapter_id)
-            .where(ModelExport.kind == request.kind)
-            .where(ModelExport.quantization == quantization)
-            .where(col(ModelExport.status).in_([SideWorkStatus.queued, SideWorkStatus.running]))
-        ).first()
+        existing = unfinished(
+            s,
+            ModelExport,
+            adapter_id,
+            ModelExport.kind == request.kind,
+            ModelExport.quantization == quantization,
+        )
         if existing is not None:
             return existing
         export = ModelExport(

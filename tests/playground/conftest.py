@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,21 +37,31 @@ INFERENCE_SECRET = "test-inference-secret-0123456789"
 INFERENCE_AUTH = {"Authorization": f"Bearer {INFERENCE_SECRET}"}
 
 
-def _train_adapter(model_dir: Path, dataset: Path, run_dir: Path) -> Path:
-    """The recipe's own CPU path (as tests/worker/test_recipe.py drives it) on the demo rows that
-    teach one fact (the price), so a short CPU run learns it exactly."""
+def teaches_the_price(row: dict[str, Any]) -> bool:
+    """A demo row that teaches one fact (the price), so a short CPU run learns it exactly."""
+    return {m["content"] for m in row["messages"] if m["role"] == "assistant"} == {TRAINED_ANSWER}
+
+
+def train_adapter(
+    model_dir: Path,
+    dataset: Path,
+    run_dir: Path,
+    keep: Callable[[dict[str, Any]], bool] = teaches_the_price,
+    **changes: Any,
+) -> Path:
+    """The recipe's own CPU path (as tests/worker/test_recipe.py drives it) on the rows of
+    `dataset` that `keep` keeps; `changes` override the TrainConfig fields set here."""
     from app.train_config import TrainConfig
     from worker.metrics import ListSink
     from worker.recipes.sft import LocalControl, SFTRecipe
 
-    rows = run_dir.parent / "rows.jsonl"
+    rows = run_dir.with_suffix(".rows.jsonl")
     with dataset.open() as source, rows.open("w") as out:
         for number, line in enumerate(source, start=1):
             row = json.loads(line)
-            answers = {m["content"] for m in row["messages"] if m["role"] == "assistant"}
-            if answers == {TRAINED_ANSWER}:
+            if keep(row):
                 out.write(json.dumps({"line": number, **row}) + "\n")
-    config = TrainConfig(
+    defaults: dict[str, Any] = dict(
         dataset_id="0" * 32,
         base_model=BASE,
         max_steps=TRAIN_STEPS,
@@ -69,6 +79,7 @@ def _train_adapter(model_dir: Path, dataset: Path, run_dir: Path) -> Path:
         save_every=1000,
         seed=7,
     )
+    config = TrainConfig(**defaults | changes)
     recipe = SFTRecipe(config, model_dir, run_dir, ListSink(), LocalControl(), rows_path=rows)
     try:
         recipe.setup()
@@ -106,7 +117,7 @@ def trained(pg_settings: Settings, pg_db: Database) -> dict[str, Path]:
     model_dir = build_demo_model(pg_settings.models_dir / BASE, dataset)
     register_model(pg_db, pg_settings, str(model_dir), BASE, is_demo=True)
     started = time.monotonic()
-    adapter_dir = _train_adapter(model_dir, dataset, pg_settings.runs_dir / "1")
+    adapter_dir = train_adapter(model_dir, dataset, pg_settings.runs_dir / "1")
     print(f"trained the test adapter in {time.monotonic() - started:.0f} s")
     with pg_db.write() as s:
         s.add(Dataset(id="0" * 32, name="demo", status=DatasetStatus.ready, rows=300))

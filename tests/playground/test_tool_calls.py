@@ -14,7 +14,7 @@ import pytest
 
 from app.models import Adapter, BaseModelEntry, Dataset, DatasetStatus, Job, JobStatus
 from app.services.datasets.ingest import ingest_dataset
-from tests.playground.conftest import BASE
+from tests.playground.conftest import BASE, train_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +76,6 @@ def _tool_files(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def tool_adapter(pg_settings, pg_db, trained, tmp_path_factory) -> str:
-    from app.train_config import TrainConfig
-    from worker.metrics import ListSink
-    from worker.recipes.sft import LocalControl, SFTRecipe
-
     rows = tmp_path_factory.mktemp("tool-rows") / "rows.jsonl"
     with rows.open("w") as out:
         for path in _tool_files(tmp_path_factory.mktemp("tool-files")):
@@ -87,35 +83,17 @@ def tool_adapter(pg_settings, pg_db, trained, tmp_path_factory) -> str:
             assert (result.status, result.bad_rows, result.dropped_rows) == ("ready", 0, 0)
             assert result.tool_rows == result.valid_rows
             out.write(result.normalized_path.read_text())
-    config = TrainConfig(
+    started = time.monotonic()
+    train_adapter(
+        trained["model_dir"],
+        rows,
+        pg_settings.runs_dir / "2",
+        keep=lambda row: True,
         dataset_id="1" * 32,
-        base_model=BASE,
         max_steps=200,
         micro_batch_size=2,
-        grad_accum_steps=1,
         max_seq_len=256,
-        learning_rate=5e-3,
-        warmup_ratio=0.0,
-        lr_scheduler="linear",
-        lora_r=16,
-        lora_alpha=32,
-        quantization="nf4",  # falls back to fp32 on the CPU
-        eval_fraction=0.0,
-        eval_every=1000,
-        save_every=1000,
-        seed=7,
     )
-    run_dir = pg_settings.runs_dir / "2"
-    recipe = SFTRecipe(
-        config, trained["model_dir"], run_dir, ListSink(), LocalControl(), rows_path=rows
-    )
-    started = time.monotonic()
-    try:
-        recipe.setup()
-        recipe.train()
-        recipe.save()
-    finally:
-        recipe.cleanup()
     print(f"trained the tool adapter in {time.monotonic() - started:.0f} s")
     with pg_db.write() as s:
         s.add(Dataset(id="1" * 32, name="tools", status=DatasetStatus.ready, rows=24))
