@@ -22,3 +22,9 @@ def replace_forward(module: Any, stand_in: Callable[..., Any], key: str) -> None
 def restore_forward(module: Any, key: str) -> None:
     if key in vars(module):
         module.forward = vars(module).pop(key)
+
+
+def restore_all(model: Any, key: str) -> None:
+    """Every module of `model` gets back the forward kept under `key`."""
+    for module in model.modules():
+        restore_forward(module, key)

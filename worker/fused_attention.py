@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from worker.forward_swap import replace_forward, restore_forward
+from worker.forward_swap import replace_forward, restore_all
 from worker.lora_projection import (
     Projection,
     adapter_off,
@@ -57,8 +57,7 @@ def fuse_attention(model: Any) -> int:
 
 
 def unfuse_attention(model: Any) -> None:
-    for module in model.modules():
-        restore_forward(module, _KEY)
+    restore_all(model, _KEY)
 
 
 def _qualifies(module: Any) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from worker.forward_swap import replace_forward, restore_forward
+from worker.forward_swap import replace_forward, restore_all, restore_forward
 from worker.lora_projection import (
     Projection,
     adapter_off,
@@ -60,8 +60,7 @@ def fuse_mlps(model: Any, *, forward_inside: bool = False) -> int:
 
 
 def unfuse_mlps(model: Any) -> None:
-    for module in model.modules():
-        restore_forward(module, _KEY)
+    restore_all(model, _KEY)
 
 
 def _qualifies(mlp: Any) -> bool:

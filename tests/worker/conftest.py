@@ -71,3 +71,38 @@ def llama_1b(tmp_path_factory, demo_dataset) -> Path:
     del model
     gc.collect()
     return folder
+
+
+LAYERS = 4  # the demo model's decoder layers
+
+
+def lora_recipe(demo_model: Path, demo_rows: Path, tmp_path: Path, **overrides):
+    """The demo model's SFT recipe, set up (unquantised, on the CPU), with every LoRA B
+    non-zero: peft starts B at zero, and non-zero B makes every LoRA gradient non-zero."""
+    import torch
+
+    from app.train_config import TrainConfig
+    from worker.metrics import ListSink
+    from worker.recipes.sft import LocalControl, SFTRecipe
+
+    fields = dict(
+        dataset_id="0" * 32, max_steps=1, micro_batch_size=2, max_seq_len=64, lora_r=8,
+        lora_alpha=16, lora_dropout=0.0, quantization="none", eval_fraction=0.0, seed=3,
+    )  # fmt: skip
+    config = TrainConfig(**{**fields, **overrides})
+    recipe = SFTRecipe(
+        config, demo_model, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows
+    )
+    recipe.setup()
+    for name, param in recipe.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return recipe
+
+
+@pytest.fixture
+def recipe(demo_model, demo_rows, tmp_path):
+    """`lora_recipe` with the defaults, cleaned up after the test."""
+    recipe = lora_recipe(demo_model, demo_rows, tmp_path)
+    yield recipe
+    recipe.cleanup()

@@ -8,20 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.worker.test_fused_mlp import LAYERS, _recipe
+from tests.worker.conftest import LAYERS, lora_recipe
 from tests.worker.test_recipe import lora_gradients
 from worker.fused_attention import fuse_attention, unfuse_attention
 
 
 def _fused(model) -> int:
     return sum("_unfused_attention_forward" in vars(m) for m in model.modules())
-
-
-@pytest.fixture
-def recipe(demo_model, demo_rows, tmp_path):
-    recipe = _recipe(demo_model, demo_rows, tmp_path)
-    yield recipe
-    recipe.cleanup()
 
 
 @pytest.mark.parametrize("policy", ["off", "on", "partial"])
@@ -42,21 +35,6 @@ def test_fused_attention_gives_peft_s_loss_and_gradients(recipe, policy):
     for name, grad in peft_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_a_disabled_adapter_answers_as_the_base_model(recipe):
-    batch = {k: v for k, v in recipe._longest_batch().items() if k != "labels"}
-    model = recipe.model
-    model.eval()
-    with torch.no_grad():
-        tuned = model(**batch).logits
-        with model.disable_adapter():
-            base = model(**batch).logits
-        unfuse_attention(model)
-        with model.disable_adapter():
-            torch.testing.assert_close(model(**batch).logits, base)
-        torch.testing.assert_close(model(**batch).logits, tuned, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(tuned, base, atol=1e-3)
 
 
 def test_a_projection_computed_ahead_goes_only_to_a_call_with_the_same_input(recipe):
@@ -89,7 +67,7 @@ def test_a_projection_computed_ahead_goes_only_to_a_call_with_the_same_input(rec
 def test_attention_the_functions_cannot_do_keeps_peft_s_path(
     demo_model, demo_rows, tmp_path, overrides
 ):
-    recipe = _recipe(demo_model, demo_rows, tmp_path, **overrides)
+    recipe = lora_recipe(demo_model, demo_rows, tmp_path, **overrides)
     try:
         assert _fused(recipe.model) == 0
         assert "fused LoRA attention" not in recipe.control.fields["compute_mode"]

@@ -10,40 +10,14 @@ import weakref
 import pytest
 import torch
 
-from app.train_config import TrainConfig
+from tests.worker.conftest import LAYERS, lora_recipe
 from tests.worker.test_recipe import lora_gradients
+from worker.fused_attention import unfuse_attention
 from worker.fused_mlp import fuse_mlps, unfuse_mlps
-from worker.metrics import ListSink
-from worker.recipes.sft import LocalControl, SFTRecipe
-
-LAYERS = 4  # the demo model's
-
-
-def _recipe(demo_model, demo_rows, tmp_path, **overrides) -> SFTRecipe:
-    fields = dict(
-        dataset_id="0" * 32, max_steps=1, micro_batch_size=2, max_seq_len=64, lora_r=8,
-        lora_alpha=16, lora_dropout=0.0, quantization="none", eval_fraction=0.0, seed=3,
-    )  # fmt: skip
-    config = TrainConfig(**{**fields, **overrides})
-    recipe = SFTRecipe(
-        config, demo_model, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows
-    )
-    recipe.setup()
-    for name, param in recipe.model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero; non-zero B makes every gradient non-zero
-            torch.nn.init.normal_(param, std=0.05)
-    return recipe
 
 
 def _fused(model) -> int:
     return sum("_unfused_forward" in vars(m) for m in model.modules())
-
-
-@pytest.fixture
-def recipe(demo_model, demo_rows, tmp_path):
-    recipe = _recipe(demo_model, demo_rows, tmp_path)
-    yield recipe
-    recipe.cleanup()
 
 
 @pytest.mark.parametrize("policy", ["off", "on", "tiled"])
@@ -94,8 +68,10 @@ def test_a_fused_mlp_keeps_less_for_the_backward_pass(recipe):
     assert fused <= unfused - LAYERS * product, (fused, unfused)
 
 
-def test_a_disabled_adapter_answers_as_the_base_model(recipe):
-    """The playground's "base model" answer disables the adapter: the fused MLP steps aside."""
+@pytest.mark.parametrize("unfuse", [unfuse_mlps, unfuse_attention], ids=["mlp", "attention"])
+def test_a_disabled_adapter_answers_as_the_base_model(recipe, unfuse):
+    """The playground's "base model" answer disables the adapter: the fused MLP and the fused
+    attention projections step aside (with the other fused, and with it taken out)."""
     batch = {k: v for k, v in recipe._longest_batch().items() if k != "labels"}
     model = recipe.model
     model.eval()
@@ -103,7 +79,7 @@ def test_a_disabled_adapter_answers_as_the_base_model(recipe):
         tuned = model(**batch).logits
         with model.disable_adapter():
             base = model(**batch).logits
-        unfuse_mlps(model)
+        unfuse(model)
         with model.disable_adapter():
             torch.testing.assert_close(model(**batch).logits, base)
         torch.testing.assert_close(model(**batch).logits, tuned, rtol=1e-4, atol=1e-5)
@@ -118,7 +94,7 @@ def test_a_disabled_adapter_answers_as_the_base_model(recipe):
 def test_an_mlp_the_function_cannot_do_keeps_peft_s_path(
     demo_model, demo_rows, tmp_path, overrides
 ):
-    recipe = _recipe(demo_model, demo_rows, tmp_path, **overrides)
+    recipe = lora_recipe(demo_model, demo_rows, tmp_path, **overrides)
     try:
         assert _fused(recipe.model) == 0
         assert "fused" not in recipe.control.fields["compute_mode"]
@@ -154,7 +130,7 @@ def test_out_of_memory_inside_a_fused_mlp_leaves_no_activation_alive(
     from worker import fused_mlp
     from worker.errors import OutOfMemory
 
-    recipe = _recipe(demo_model, demo_rows, tmp_path, max_steps=2, gradient_checkpointing="off")
+    recipe = lora_recipe(demo_model, demo_rows, tmp_path, max_steps=2, gradient_checkpointing="off")
     made: list[weakref.ref] = []
     original = getattr(fused_mlp, where)
     calls = 0
