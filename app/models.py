@@ -313,8 +313,8 @@ class HubImport(SideWork, table=True):
 
     The worker writes the split's rows to `rows_file` (a JSON Lines file, as an upload leaves
     one) and succeeds; the web then ingests that file exactly as an upload
-    (`app/services/datasets/hub.py`) and records `dataset_id`, or `ingest_error` when the file
-    as a whole cannot be used."""
+    (`app/services/datasets/hub.py`, under a lease it renews, fenced by `ingest_attempt`) and
+    records `dataset_id`, or `ingest_error` when the file as a whole cannot be used."""
 
     __tablename__ = "hub_imports"
 
@@ -334,6 +334,8 @@ class HubImport(SideWork, table=True):
     )
     ingest_error: str | None = None
     ingest_hint: str | None = None
+    # Counts the web's claims on the ingest; fences its writes, as `attempt` does a worker's.
+    ingest_attempt: int = 0
 
 
 class ModelExport(SideWork, table=True):

@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     hub_import_settle_seconds: float = Field(default=3.0, gt=0, le=3600)
     """How often the web server ingests the Hub imports a worker has downloaded."""
 
-    hub_import_ingest_timeout_seconds: float = Field(default=1800.0, gt=0)
-    """A Hub import left ingesting this long (its web server died) is taken back, ingested again."""
+    hub_import_ingest_lease_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """A web server ingesting a Hub import renews its claim every third of this; one not renewed for this long (its web server died) is taken back, ingested again."""
 
     sse_poll_seconds: float = Field(default=0.25, gt=0, le=10)
     """How often the web server looks for new metric rows of a job someone is watching."""

@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app import side_queue
 from app.db import Database
+from app.leases import renewing
 from app.models import Adapter, ModelExport, SideWorkStatus
 from app.settings import Settings
 from worker import gpu
@@ -198,25 +199,12 @@ def discard_export_staging(settings: Settings, db: Database, export_id: int) -> 
 @contextlib.contextmanager
 def lease_kept(db: Database, claim: side_queue.SideClaim, settings: Settings) -> Iterator[None]:
     """Renew a claim's lease while the block runs the task in this process (by hand, in tests)."""
-    done = threading.Event()
-
-    def renew() -> None:
-        while not done.wait(settings.heartbeat_seconds):
-            try:
-                if not side_queue.heartbeat(db, claim, settings.lease_seconds):
-                    return
-            except SQLAlchemyError:
-                log.exception("could not renew the lease of %s; will try again", claim)
-
-    renewer = threading.Thread(
-        target=renew, name=f"lease-{claim.kind}-{claim.task_id}", daemon=True
-    )
-    renewer.start()
-    try:
+    with renewing(
+        lambda: side_queue.heartbeat(db, claim, settings.lease_seconds),
+        settings.heartbeat_seconds,
+        f"{claim.kind}-{claim.task_id}",
+    ):
         yield
-    finally:
-        done.set()
-        renewer.join()
 
 
 def run_pending(

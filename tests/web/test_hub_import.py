@@ -240,7 +240,7 @@ def test_an_import_left_ingesting_by_a_dead_web_process_is_taken_back(settings, 
             assert task is not None
             task.stage, task.lease_expires_at = "ingesting", lease
             session.add(task)
-    settings.layout.hub_import_rows(gone).unlink()  # it had moved the rows before it died
+    settings.layout.hub_import_rows(gone).unlink()  # moved by a web server of an earlier version
     # An import another web process is still ingesting is left to it.
     assert hub.settle_waiting(db, settings) == [stale, gone]
     with db.read() as session:

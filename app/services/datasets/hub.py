@@ -8,29 +8,46 @@ upload's own path (the same validation, errors by line, split and token reports)
 reader to move the import from `downloaded` to `ingesting` does it, and records the dataset (or
 why the file as a whole was refused). Pages and the API read imports through `settled`, and the
 web app's `settle_waiting` task (app/main.py) runs it every few seconds, so an import nobody
-looks at finishes too. The claim holds `lease_expires_at` for
-`hub_import_ingest_timeout_seconds`: an import left `ingesting` past it (its web process died)
-is taken back and ingested again.
+looks at finishes too.
+
+The claim is a lease, as a worker's on its task: it holds `lease_expires_at` for
+`hub_import_ingest_lease_seconds` and a thread renews it every third of that while the ingest
+runs (`app/leases.py`), however long the ingest takes. An import whose lease ran out (its web
+process died) is taken back and ingested again, by the next claim, `ingest_attempt` + 1, which
+fences every write of the earlier one. The rows stay in their file until the outcome is recorded
+(the dataset's folder gets a second name for them), and the dataset's row is written in the same
+transaction as the import's `done`: a process that lost its claim records nothing, removes the
+folder it made and leaves the rows to the one that took over. An import cut short
+`INGEST_MAX_ATTEMPTS` times is refused, with a reason, rather than ingested forever.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import threading
-from datetime import timedelta
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import and_, or_, update
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app.dataset_errors import DatasetError
 from app.db import Database
 from app.errors import NotFound, UserError
-from app.models import HubImport, SideWorkStatus, utcnow
+from app.leases import renewing
+from app.models import Dataset, HubImport, SideWorkStatus, utcnow
 from app.services.datasets import reports
 from app.services.datasets.formats import MAPPABLE_FIELDS
-from app.services.datasets.library import create_dataset
+from app.services.datasets.library import UPLOAD_PREFIX, UPLOAD_SUFFIX, create_dataset
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # "name" or "owner/name", as the Hub spells repository ids: no "..", no scheme, no path.
 HUB_ID_PATTERN = r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
@@ -39,6 +56,8 @@ CONFIG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$"
 SPLIT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\[\]:%+-]{0,199}$"
 COLUMN_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"
 IMPORTS_SHOWN = 10
+# Claims an import's ingest gets; one more finds it cut short each time, and refuses it.
+INGEST_MAX_ATTEMPTS = 3
 # A lock per import this process settles: a reader waits for the settle task's ingest of the
 # same import instead of showing it half done.
 _INGEST_LOCKS: dict[int, threading.Lock] = {}
@@ -114,7 +133,7 @@ def request_from_form(form: dict[str, str]) -> HubImportRequest:
 
 def import_public(task: HubImport) -> dict[str, Any]:
     """An import as the API shows it; `url` is its dataset's page once ingested."""
-    body = task.model_dump(mode="json", exclude={"worker_id", "rows_file"})
+    body = task.model_dump(mode="json", exclude={"worker_id", "rows_file", "ingest_attempt"})
     body["config"] = body.pop("config_name")
     body["url"] = f"/datasets/{task.dataset_id}" if task.dataset_id else None
     return body
@@ -156,8 +175,8 @@ def settled(db: Database, settings: Settings, import_id: int) -> HubImport:
 
 
 def settle_waiting(db: Database, settings: Settings) -> list[int]:
-    """Ingest every downloaded import, and take back those left ingesting past the timeout;
-    returns their ids. The web app's background task runs it (app/main.py)."""
+    """Ingest every downloaded import, and take back those whose ingest lease ran out; returns
+    their ids. The web app's background task runs it (app/main.py)."""
     with db.read() as session:
         ids = session.exec(
             select(HubImport.id)
@@ -187,20 +206,45 @@ def recent_imports(db: Database, settings: Settings) -> list[HubImport]:
     return [settled(db, settings, import_id) for import_id in ids if import_id is not None]
 
 
+@dataclass(frozen=True)
+class _IngestClaim:
+    """What a process ingesting an import holds: the claim number that fences its writes."""
+
+    import_id: int
+    attempt: int
+
+
+class _ClaimLost(Exception):
+    """The import's ingest was taken over (this process stalled past its lease)."""
+
+
 def _ingest(db: Database, settings: Settings, task: HubImport) -> None:
-    """Ingest the worker's rows as an upload, if this call is the one that takes them."""
-    lease = utcnow() + timedelta(seconds=settings.hub_import_ingest_timeout_seconds)
-    take = (
-        update(HubImport)
-        .where(col(HubImport.id) == task.id, _waiting())
-        .values(stage="ingesting", lease_expires_at=lease)
-    )
-    with db.write() as session:
-        if session.connection().execute(take).rowcount != 1:
-            return  # another request is ingesting it, or has
+    """Ingest the worker's rows as an upload, if this call is the one that takes them, renewing
+    the claim's lease while it works."""
+    assert task.id is not None
+    claim = _take(db, settings, task.id)
+    if claim is None:
+        return  # another request is ingesting it, or has
+    every = settings.hub_import_ingest_lease_seconds / 3
+    with renewing(lambda: _renew(db, settings, claim), every, f"hub_import-{task.id}"):
+        dataset = _ingest_claimed(db, settings, task, claim)
+    if dataset is not None:
+        reports.request_default_report(db, dataset)  # as after an upload
+
+
+def _ingest_claimed(
+    db: Database, settings: Settings, task: HubImport, claim: _IngestClaim
+) -> Dataset | None:
+    """Ingest the rows and record the outcome if the claim still holds; the dataset if done."""
     rows = settings.layout.root / (task.rows_file or "")
-    outcome: dict[str, Any]
     try:
+        if claim.attempt > INGEST_MAX_ATTEMPTS:
+            raise DatasetError(
+                f"Ingesting the imported rows was cut short {claim.attempt - 1} times (the web "
+                "server ingesting them stopped).",
+                "The web server's log has the cause (most often it ran out of memory); import a "
+                "smaller split (e.g. 'train[:10000]').",
+            )
         if not task.rows_file or not rows.is_file():
             stopped = task.stage == "ingesting"
             cut_short = " (the web server ingesting them stopped)" if stopped else ""
@@ -211,22 +255,96 @@ def _ingest(db: Database, settings: Settings, task: HubImport) -> None:
         dataset = create_dataset(
             db,
             settings,
-            upload_path=rows,
+            upload_path=_second_name(settings, rows),
             size_bytes=rows.stat().st_size,
             filename=f"{task.hub_id.replace('/', '__')}-{task.id}.jsonl",
             name=task.name,
             column_mapping=task.column_mapping or None,
             drop_bad_rows=task.drop_bad_rows,
+            recorded_with=lambda session, made: _record(
+                session, claim, stage="done", dataset_id=made.id
+            ),
         )
-        outcome = {"stage": "done", "dataset_id": dataset.id}
+    except _ClaimLost:
+        _log_lost(claim)
+        return None
     except (DatasetError, UserError) as exc:
+        try:
+            with db.write() as session:
+                _record(
+                    session, claim, stage="refused", ingest_error=exc.message, ingest_hint=exc.hint
+                )
+        except _ClaimLost:
+            _log_lost(claim)
+            return None
         rows.unlink(missing_ok=True)
-        outcome = {"stage": "refused", "ingest_error": exc.message, "ingest_hint": exc.hint}
-    with db.write() as session:
-        session.connection().execute(
-            update(HubImport)
-            .where(col(HubImport.id) == task.id)
-            .values(**outcome, lease_expires_at=None)
+        return None
+    rows.unlink(missing_ok=True)  # only now: a process taking over before the record needs them
+    return dataset
+
+
+def _second_name(settings: Settings, rows: Path) -> Path:
+    """The rows under an upload's temp name, for `create_dataset` to move into the dataset's
+    folder while the rows file stays for a process that takes the import over: a hard link (a
+    copy where the file system has none). A killed server's is swept as an upload's is."""
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    name = settings.tmp_dir / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}{UPLOAD_SUFFIX}"
+    try:
+        os.link(rows, name)
+    except OSError:
+        shutil.copyfile(rows, name)
+    return name
+
+
+def _take(db: Database, settings: Settings, import_id: int) -> _IngestClaim | None:
+    """Claim a waiting import's ingest (the next claim number), or None if it is not waiting."""
+    take = (
+        update(HubImport)
+        .where(col(HubImport.id) == import_id, _waiting())
+        .values(
+            stage="ingesting",
+            lease_expires_at=_lease_end(settings),
+            ingest_attempt=col(HubImport.ingest_attempt) + 1,
         )
-    if outcome["stage"] == "done":
-        reports.request_default_report(db, dataset)  # as after an upload
+        .returning(col(HubImport.ingest_attempt))
+    )
+    with db.write() as session:
+        attempt = session.connection().execute(take).scalar_one_or_none()
+    return None if attempt is None else _IngestClaim(import_id, attempt)
+
+
+def _renew(db: Database, settings: Settings, claim: _IngestClaim) -> bool:
+    """Extend the claim's lease; False if it was taken over."""
+    renew = update(HubImport).where(*_held(claim)).values(lease_expires_at=_lease_end(settings))
+    with db.write() as session:
+        return session.connection().execute(renew).rowcount == 1
+
+
+def _record(session: Session, claim: _IngestClaim, **outcome: Any) -> None:
+    """Write the ingest's outcome in `session`'s transaction; _ClaimLost (and nothing written)
+    if the claim was taken over."""
+    record = update(HubImport).where(*_held(claim)).values(**outcome, lease_expires_at=None)
+    if session.connection().execute(record).rowcount != 1:
+        raise _ClaimLost
+
+
+def _held(claim: _IngestClaim) -> tuple[Any, ...]:
+    """The import's row while this claim holds its ingest."""
+    return (
+        col(HubImport.id) == claim.import_id,
+        col(HubImport.ingest_attempt) == claim.attempt,
+        col(HubImport.stage) == "ingesting",
+    )
+
+
+def _lease_end(settings: Settings) -> datetime:
+    return utcnow() + timedelta(seconds=settings.hub_import_ingest_lease_seconds)
+
+
+def _log_lost(claim: _IngestClaim) -> None:
+    log.warning(
+        "Hub import %s: lost its claim on the ingest (attempt %s) to another web process, which "
+        "records the outcome; this one's dataset is discarded",
+        claim.import_id,
+        claim.attempt,
+    )

@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -132,13 +133,16 @@ def create_dataset(
     drop_bad_rows: bool = False,
     substitutions: dict[str, str] | None = None,
     tools: list[dict[str, Any]] | None = None,
+    recorded_with: Callable[[Session, Dataset], None] | None = None,
 ) -> Dataset:
     """Move a received upload into its own folder, ingest it and record it.
 
     Raises DatasetError (nothing is kept) when the file as a whole cannot be used; a file with bad
     rows is kept with status invalid unless `drop_bad_rows`. `substitutions` (placeholder name ->
     value) are made in the rows and kept in the dataset's report, so a re-import makes them too;
-    so are `tools` (for every row without its own).
+    so are `tools` (for every row without its own). `recorded_with(session, dataset)` makes the
+    writes that must commit with the dataset's row or not at all (a Hub import's outcome); what
+    it raises leaves nothing kept, as a DatasetError does.
     """
     file_type = file_type_of(filename)
     dataset_id = uuid.uuid4().hex
@@ -181,6 +185,9 @@ def create_dataset(
         )
         with db.write() as session:
             session.add(dataset)
+            if recorded_with is not None:
+                session.flush()  # the row first: what it records may refer to it
+                recorded_with(session, dataset)
         (folder / INGEST_LOCK_FILENAME).unlink()
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
