@@ -59,7 +59,7 @@ def test_the_step_profile_times_each_memory_policy_and_tables_its_operators(
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "bench/profile_step.py", "--shape", "smoke", "--policies",
-         "off,on,off:unfused,off:fusedinside,offload", "--timed", "2",
+         "off,on,off:unfused,off:unfusedattn,off:fusedinside,offload", "--timed", "2",
          "--out", str(tmp_path / "out"),
          "--cache", str(tmp_path / "cache")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -72,7 +72,14 @@ def test_the_step_profile_times_each_memory_policy_and_tables_its_operators(
         if line.startswith(("| off", "| on "))
         for cells in [[c.strip() for c in line.split("|")]]
     }
-    assert set(rows) == {"off", "on", "off:unfused", "off:fusedinside", "offload"}, report
+    assert set(rows) == {
+        "off",
+        "on",
+        "off:unfused",
+        "off:unfusedattn",
+        "off:fusedinside",
+        "offload",
+    }
     assert all(float(cells[0]) > 0 for cells in rows.values())
     # The same batch under every policy and variant: the same loss and LoRA gradient norm.
     assert len({(cells[3], cells[4]) for cells in rows.values()}) == 1, rows
