@@ -109,14 +109,6 @@ def _finish_reason(summary: dict[str, Any]) -> str:
     return inference.FINISH_REASONS.get(str(summary.get("finish_reason")), "stop")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
 class Completions:
     """One /v1/completions request: its prompts run one after another on the serving worker.
     `await start()` opens the first, so that errors the worker answers before streaming (unknown
@@ -164,23 +156,21 @@ class Completions:
 
     async def answer(self) -> dict[str, Any]:
         """The whole answer: a choice per prompt, and the usage of all of them."""
-        choices, prompt_tokens, completion_tokens = [], 0, 0
+        choices, summaries = [], []
         async for index, generation in self._runs():
             choice = Choice(index, self.requests[index].logprobs is not None)
             async for event in generation.token_events():
                 choice.add(event)
-            summary = generation.summary
-            prompt_tokens += int(summary.get("prompt_tokens", 0))
-            completion_tokens += int(summary.get("completion_tokens", 0))
+            summaries.append(generation.summary)
             choices.append(
                 {
                     "text": choice.text,
                     "index": index,
                     "logprobs": choice.logprobs(),
-                    "finish_reason": _finish_reason(summary),
+                    "finish_reason": _finish_reason(generation.summary),
                 }
             )
-        return {**self._body(choices), "usage": _usage(prompt_tokens, completion_tokens)}
+        return {**self._body(choices), "usage": inference.token_usage(summaries)}
 
     def _chunk(self, choice: dict[str, Any]) -> str:
         return f"data: {json.dumps(self._body([choice]))}\n\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -293,6 +293,17 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
+def token_usage(summaries: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """OpenAI's `usage`: the tokens of the worker's summaries (one per generation), added up."""
+    prompt = sum(int(s.get("prompt_tokens", 0)) for s in summaries)
+    completion = sum(int(s.get("completion_tokens", 0)) for s in summaries)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None) -> str:
     body = {
         "id": cid,
@@ -348,12 +359,7 @@ async def openai_completion(
 ) -> dict[str, Any]:
     async for _ in generation.events():
         pass
-    summary = generation.summary
     message, reason = _answer(generation, tool_names)
-    prompt, completion = (
-        int(summary.get("prompt_tokens", 0)),
-        int(summary.get("completion_tokens", 0)),
-    )
     return {
         "id": completion_id(),
         "object": "chat.completion",
@@ -366,9 +372,5 @@ async def openai_completion(
                 "finish_reason": reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
+        "usage": token_usage([generation.summary]),
     }
