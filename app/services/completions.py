@@ -172,24 +172,34 @@ class Completions:
             )
         return {**self._body(choices), "usage": inference.token_usage(summaries)}
 
-    def _chunk(self, choice: dict[str, Any]) -> str:
-        return f"data: {json.dumps(self._body([choice]))}\n\n"
-
-    async def stream(self) -> AsyncIterator[str]:
+    async def stream(self, *, include_usage: bool = False) -> AsyncIterator[str]:
         """SSE `data:` lines in OpenAI's legacy stream form: a chunk per token (a choice with
         its `text` piece and logprobs), a closing chunk per prompt with its finish_reason, then
-        `data: [DONE]`. An error after the stream began comes as a `data:` error line."""
+        `data: [DONE]`. An error after the stream began comes as a `data:` error line. With
+        `include_usage` (`stream_options`), every chunk says `usage: null` and one more, with no
+        choices, brings the usage of all the prompts right before `[DONE]`, as OpenAI's does."""
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+            body = self._body(choices)
+            if include_usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        summaries = []
         try:
             async for index, generation in self._runs():
                 choice = Choice(index, self.requests[index].logprobs is not None)
                 async for event in generation.token_events():
                     part = choice.add(event)
-                    yield self._chunk({**part, "index": index, "finish_reason": None})
+                    yield chunk([{**part, "index": index, "finish_reason": None}])
+                summaries.append(generation.summary)
                 reason = _finish_reason(generation.summary)
-                yield self._chunk(
-                    {"text": "", "index": index, "logprobs": None, "finish_reason": reason}
+                yield chunk(
+                    [{"text": "", "index": index, "logprobs": None, "finish_reason": reason}]
                 )
         except UserError as exc:
             yield f"data: {json.dumps(inference.openai_error(exc))}\n\n"
             return
+        if include_usage:
+            yield chunk([], inference.token_usage(summaries))
         yield "data: [DONE]\n\n"

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -304,15 +304,34 @@ def token_usage(summaries: Sequence[dict[str, Any]]) -> dict[str, int]:
     }
 
 
-def chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None) -> str:
-    body = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return f"data: {json.dumps(body)}\n\n"
+@dataclass(frozen=True)
+class ChatChunks:
+    """The `chat.completion.chunk` lines of one streamed answer. With `include_usage`
+    (`stream_options`), each says `usage: null` and `usage_line` closes them: OpenAI's clients
+    read the usage from a last chunk with no choices."""
+
+    model: str
+    include_usage: bool = False
+    id: str = field(default_factory=completion_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def line(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    def delta(self, delta: dict[str, Any], finish: str | None = None) -> str:
+        return self.line([{"index": 0, "delta": delta, "finish_reason": finish}])
+
+    def usage_line(self, usage: dict[str, int]) -> str:
+        return self.line([], usage)
 
 
 def openai_error(exc: UserError) -> dict[str, Any]:
@@ -329,16 +348,21 @@ def openai_error(exc: UserError) -> dict[str, Any]:
 
 
 async def openai_stream(
-    generation: Generation, model: str, tool_names: set[str] | None = None
+    generation: Generation,
+    model: str,
+    tool_names: set[str] | None = None,
+    *,
+    include_usage: bool = False,
 ) -> AsyncIterator[str]:
     """SSE `data:` lines in OpenAI's chat.completion.chunk form, then `data: [DONE]`. With tools
-    the answer comes in one chunk at the end: a call is known to be one only when it is whole."""
-    cid, created = completion_id(), int(time.time())
-    yield chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
+    the answer comes in one chunk at the end: a call is known to be one only when it is whole.
+    With `include_usage`, a chunk with the answer's usage comes right before `[DONE]`."""
+    chunks = ChatChunks(model, include_usage)
+    yield chunks.delta({"role": "assistant", "content": ""})
     try:
         async for token in generation.events():
             if tool_names is None:
-                yield chunk(cid, model, created, {"content": token}, None)
+                yield chunks.delta({"content": token})
     except UserError as exc:
         yield f"data: {json.dumps(openai_error(exc))}\n\n"
         return
@@ -349,8 +373,10 @@ async def openai_stream(
             delta["tool_calls"] = [
                 {"index": index, **call} for index, call in enumerate(message["tool_calls"])
             ]
-        yield chunk(cid, model, created, delta, None)
-    yield chunk(cid, model, created, {}, reason)
+        yield chunks.delta(delta)
+    yield chunks.delta({}, reason)
+    if include_usage:
+        yield chunks.usage_line(token_usage([generation.summary]))
     yield "data: [DONE]\n\n"
 
 

@@ -1,5 +1,6 @@
 """OpenAI-compatible endpoints: GET /v1/models, POST /v1/chat/completions (stream and not, with
-`tools` for models whose chat template takes them) and the legacy POST /v1/completions."""
+`tools` for models whose chat template takes them) and the legacy POST /v1/completions; a stream
+ends on its usage when `stream_options.include_usage` asks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Literal
 import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from app.errors import UserError
 from app.services import completions
@@ -49,6 +50,15 @@ class ToolCallIn(BaseModel):
     function: CalledFunction
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`, taken with `stream: true` only; other keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool | None = None
+    """true: every chunk says `usage: null`, and one more, with `choices: []`, brings the usage
+    of the whole request right before `data: [DONE]`."""
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -70,6 +80,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     tools: list[ToolIn] | None = Field(default=None, max_length=128)
 
 
@@ -91,6 +102,7 @@ class CompletionRequest(BaseModel):
     """Only 1: one completion per prompt."""
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     """Each token's log-probability and this many most likely alternatives (0 to 5)."""
@@ -99,6 +111,21 @@ class CompletionRequest(BaseModel):
 
 def _openai_error_response(exc: UserError) -> JSONResponse:
     return JSONResponse(inference.openai_error(exc), status_code=exc.status_code)
+
+
+def _include_usage(stream: bool, options: StreamOptions | None) -> bool:
+    """Whether the stream ends on a usage chunk; OpenAI refuses `stream_options` without
+    `stream`, and so does Tuneboard, rather than drop what the client asked for."""
+    if options is None:
+        return False
+    if not stream:
+        raise UserError(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "Set stream to true, or leave stream_options out: the answer without streaming "
+            "always has its usage.",
+            code="invalid_stream_options",
+        )
+    return bool(options.include_usage)
 
 
 @router.get("/models")
@@ -136,6 +163,7 @@ async def chat_completions(
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     tools = [t.model_dump() for t in body.tools] if body.tools else None
     try:
+        include_usage = _include_usage(body.stream, body.stream_options)
         choice = inference.resolve_model(db, body.model)
         tool_names = inference.check_tools(db, choice, messages, tools)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -165,7 +193,9 @@ async def chat_completions(
 
     async def stream() -> AsyncIterator[str]:
         try:
-            async for line in inference.openai_stream(generation, body.model, tool_names):
+            async for line in inference.openai_stream(
+                generation, body.model, tool_names, include_usage=include_usage
+            ):
                 yield line
         finally:
             # Also runs when the client went away (the task is cancelled): closing the upstream
@@ -183,6 +213,7 @@ async def chat_completions(
 @router.post("/completions", response_model=None)
 async def create_completion(body: CompletionRequest, db: DbDep, settings: SettingsDep) -> Response:
     try:
+        include_usage = _include_usage(body.stream, body.stream_options)
         if body.n != 1:
             raise UserError(
                 f"n is {body.n}; Tuneboard returns one completion per prompt (n = 1).",
@@ -225,7 +256,7 @@ async def create_completion(body: CompletionRequest, db: DbDep, settings: Settin
 
     async def stream() -> AsyncIterator[str]:
         try:
-            async for line in run.stream():
+            async for line in run.stream(include_usage=include_usage):
                 yield line
         finally:
             with anyio.CancelScope(shield=True):
