@@ -153,6 +153,26 @@ def test_a_streamed_tool_call_reaches_the_client_whole(client, tool_adapter):
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
 
 
+def test_a_streamed_tool_call_ends_on_the_usage_of_the_answer(client, tool_adapter):
+    request = {
+        "model": tool_adapter,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "tools": TOOLS,
+        "temperature": 0,
+        "max_tokens": 100,
+    }
+    answer = client.chat.completions.create(**request)
+    *parts, last = client.chat.completions.create(
+        **request, stream=True, stream_options={"include_usage": True}
+    )
+    assert parts[-1].choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for p in parts for c in p.choices[0].delta.tool_calls or []] == [
+        "weather"
+    ]
+    assert all(part.usage is None for part in parts)
+    assert last.choices == [] and last.usage == answer.usage
+
+
 def test_a_transcript_with_the_call_and_its_result_is_taken(client, tool_adapter):
     """The call (arguments as JSON text, as OpenAI sends them) and the `tool` result render with
     the template and the model answers."""
