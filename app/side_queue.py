@@ -183,6 +183,27 @@ def finish(
         return True
 
 
+def fail(db: Database, claim: SideClaim, error: Any, **fields: Any) -> bool:
+    """`finish` as failed with a typed error's `kind`, `message` and `hint` (the side kinds'
+    ReportFailed, ImportFailed, ExportFailed, DatasetError...)."""
+    return finish(
+        db,
+        claim,
+        SideWorkStatus.failed,
+        error_kind=error.kind,
+        error_message=error.message,
+        error_hint=error.hint,
+        **fields,
+    )
+
+
+def error_of(task: Any) -> dict[str, Any] | None:
+    """A failed task's error as the API shows it, or None."""
+    if task.status != SideWorkStatus.failed:
+        return None
+    return {"kind": task.error_kind, "message": task.error_message, "hint": task.error_hint}
+
+
 # What a cancelled evaluation is left with: no figures, no rows, and the reason.
 CANCELLED: dict[str, Any] = {
     "error_kind": "cancelled",

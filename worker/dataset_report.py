@@ -141,14 +141,7 @@ def compute_and_store(
             chat_template=CHATML_TEMPLATE if report.chat_template == "chatml" else None,
         )
     except (ReportFailed, TrainingError, DatasetError) as exc:
-        return side_queue.finish(
-            db,
-            claim,
-            SideWorkStatus.failed,
-            error_kind=exc.kind,
-            error_message=exc.message,
-            error_hint=exc.hint,
-        )
+        return side_queue.fail(db, claim, exc)
     except Exception as exc:  # a report must never take its worker down
         return side_queue.finish(
             db,

@@ -382,15 +382,7 @@ def run_claimed_export(settings: Settings, db: Database, claim: side_queue.SideC
         fields = run_export(settings, db, claim)
     except ExportFailed as exc:
         log.warning("export %s refused: %s", claim.task_id, exc.message)
-        return side_queue.finish(
-            db,
-            claim,
-            SideWorkStatus.failed,
-            stage="failed",
-            error_kind=exc.kind,
-            error_message=exc.message,
-            error_hint=exc.hint,
-        )
+        return side_queue.fail(db, claim, exc, stage="failed")
     except Exception as exc:
         log.exception("export %s failed", claim.task_id)
         from app.faults import is_disk_full

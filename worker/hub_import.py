@@ -169,15 +169,7 @@ def run_import(settings: Settings, db: Database, claim: side_queue.SideClaim) ->
         path.unlink(missing_ok=True)
         if exc.kind == "stale":
             return False
-        return side_queue.finish(
-            db,
-            claim,
-            SideWorkStatus.failed,
-            error_kind=exc.kind,
-            error_message=exc.message,
-            error_hint=exc.hint,
-            stage="failed",
-        )
+        return side_queue.fail(db, claim, exc, stage="failed")
     except Exception as exc:  # an import must never take its worker down
         path.unlink(missing_ok=True)
         return side_queue.finish(

@@ -180,13 +180,7 @@ def as_dict(
             "eta_seconds": evaluation.eta_seconds,
         },
         "notice": evaluation.notice,
-        "error": None
-        if evaluation.status != SideWorkStatus.failed
-        else {
-            "kind": evaluation.error_kind,
-            "message": evaluation.error_message,
-            "hint": evaluation.error_hint,
-        },
+        "error": side_queue.error_of(evaluation),
         "report_evaluation_id": shown.id,
         "base": _figures(shown, "base"),
         "adapter": _figures(shown, "adapter"),

@@ -371,13 +371,7 @@ def export_json(export: ModelExport) -> dict[str, Any]:
         "sha256": export.sha256,
         "check": {"status": export.check_status, "details": export.check_details or {}},
         "notice": export.notice,
-        "error": None
-        if export.status != SideWorkStatus.failed
-        else {
-            "kind": export.error_kind,
-            "message": export.error_message,
-            "hint": export.error_hint,
-        },
+        "error": side_queue.error_of(export),
         "created_at": export.created_at,
         "finished_at": export.finished_at,
     }
