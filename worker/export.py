@@ -67,16 +67,9 @@ class Build:
 
 
 def _load(settings: Settings, db: Database, claim: side_queue.SideClaim) -> Build:
-    from worker.merge import checked_adapter_dir
+    from worker.merge import checked_adapter_dir, registered_adapter
 
-    with db.read() as s:
-        export = s.get(ModelExport, claim.task_id)
-        if export is None:
-            raise FileNotFoundError(f"there is no export {claim.task_id}")
-        adapter = s.get(Adapter, export.adapter_id)
-        base = s.get(BaseModelEntry, adapter.base_model) if adapter else None
-    if adapter is None or base is None:
-        raise FileNotFoundError(f"adapter {export.adapter_id} or its base model is not registered")
+    export, adapter, base = registered_adapter(db, ModelExport, claim.task_id)
     name = export_kinds.file_name(adapter.id, export.kind, export.quantization)
     layout = settings.layout
     return Build(

@@ -66,18 +66,27 @@ def merged_model(base: BaseModelEntry, adapter_dir: Path, dtype: Any, progress: 
     return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
 
 
+def registered_adapter(
+    db: Database, table: Any, task_id: int
+) -> tuple[Any, Adapter, BaseModelEntry]:
+    """A claimed merge's or export's row, its adapter and the adapter's base model; a
+    FileNotFoundError when any of them is gone."""
+    with db.read() as s:
+        task = s.get(table, task_id)
+        if task is None:
+            raise FileNotFoundError(f"There is no {table.__tablename__} row {task_id}")
+        adapter = s.get(Adapter, task.adapter_id)
+        base = s.get(BaseModelEntry, adapter.base_model) if adapter else None
+    if adapter is None or base is None:
+        raise FileNotFoundError(f"Adapter {task.adapter_id} or its base model is not registered")
+    return task, adapter, base
+
+
 def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim) -> Path:
     """Run one claimed merge; returns the merged model folder."""
     from transformers import AutoTokenizer
 
-    with db.read() as s:
-        merge = s.get(MergeRequest, claim.task_id)
-        if merge is None:
-            raise FileNotFoundError(f"There is no merge request {claim.task_id}")
-        adapter = s.get(Adapter, merge.adapter_id)
-        base = s.get(BaseModelEntry, adapter.base_model) if adapter else None
-    if adapter is None or base is None:
-        raise FileNotFoundError(f"Adapter {merge.adapter_id} or its base model is not registered")
+    _merge, adapter, base = registered_adapter(db, MergeRequest, claim.task_id)
     adapter_dir = checked_adapter_dir(settings, adapter)
 
     def progress(**fields: object) -> None:
