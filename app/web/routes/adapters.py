@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.errors import UserError
-from app.models import MergeRequest
+from app.models import Adapter, MergeRequest
 from app.services import exports
 from app.web.deps import DbDep, RowId, SettingsDep
 from app.web.templating import render
@@ -140,13 +140,7 @@ def merge_from_page(request: Request, adapter_id: str, db: DbDep) -> HTMLRespons
     "/partials/adapters/{adapter_id}/exports", response_class=HTMLResponse, include_in_schema=False
 )
 def exports_partial(request: Request, adapter_id: str, db: DbDep) -> HTMLResponse:
-    adapter = exports.get_adapter(db, adapter_id)
-    return render(
-        request,
-        "adapters/_exports.html",
-        adapter=adapter,
-        exports=exports.list_exports(db, adapter_id),
-    )
+    return _exports_panel(request, db, exports.get_adapter(db, adapter_id))
 
 
 @router.post(
@@ -171,12 +165,7 @@ def export_from_page(
             code="invalid",
         ) from exc
     exports.request_export(db, settings, adapter_id, body)
-    return render(
-        request,
-        "adapters/_exports.html",
-        adapter=adapter,
-        exports=exports.list_exports(db, adapter_id),
-    )
+    return _exports_panel(request, db, adapter)
 
 
 @router.post(
@@ -188,6 +177,11 @@ def delete_from_page(
     export = exports.get_export(db, export_id)
     adapter = exports.get_adapter(db, export.adapter_id)
     exports.delete_export(db, settings, export_id)
+    return _exports_panel(request, db, adapter)
+
+
+def _exports_panel(request: Request, db: Any, adapter: Adapter) -> HTMLResponse:
+    """The adapter page's exports panel, as its partial routes return it."""
     return render(
         request,
         "adapters/_exports.html",
