@@ -99,7 +99,7 @@ for stage in "$@"; do
     tests)
       limit=$(( limit < ${GPU_TESTS_S:-$limit} ? limit : ${GPU_TESTS_S:-$limit} ))
       # SIGINT: pytest stops and still prints its summary of what ran.
-      timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_preference.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py tests/worker/test_gpu_evaluation.py}
+      timeout -s INT -k 20 "$limit" python3 -m pytest -m gpu -q -s -rA -p no:cacheprovider ${GPU_TESTS:-tests/worker/test_gpu_recipe.py tests/worker/test_gpu_preference.py tests/worker/test_gpu_multi.py tests/playground/test_gpu_inference.py tests/worker/test_gpu_evaluation.py tests/worker/test_gpu_kernels.py}
       rc=$?; [ $rc -eq 5 ] && echo "(no GPU tests collected)" && rc=0
       [ $rc -ne 0 ] && status=$rc ;;
     1b) bench throughput-1b --shapes 1b --min-arm-s 30 || status=$? ;;

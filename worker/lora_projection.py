@@ -1,5 +1,5 @@
 """One LoRA projection `x W^T + s (x A^T) B^T` computed by hand, W dequantized on the fly when it is
-4-bit (as bitsandbytes does), for the fused functions (worker.fused_mlp, worker.fused_attention):
+4-bit (worker.nf4), for the fused functions (worker.fused_mlp, worker.fused_attention):
 they run a layer's projections under `no_grad` and write dx and every dA, dB in their own backward
 pass, instead of the five or six autograd nodes, each with Python on the host, that peft and
 bitsandbytes run per projection."""
@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+
+from worker import nf4
 
 
 class Projection(NamedTuple):
@@ -65,9 +67,7 @@ def weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight [out, in] in `dtype`: dequantized when it is 4-bit."""
     w = base.weight
     if hasattr(w, "quant_state"):
-        import bitsandbytes.functional as bnb_functional
-
-        return bnb_functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        return nf4.dequantize(w, dtype)
     return w.to(dtype)
 
 

@@ -1,0 +1,133 @@
+"""The fused NF4 dequantisation (worker.nf4) and the offload's copies back ahead of the backward
+pass (worker.offload), each against what it replaces, on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker import nf4, offload
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _kernels_launched(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type.name == "CUDA" and "emcpy" not in e.name]
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_nf4_dequantize_is_bitsandbytes_bit_for_bit_in_one_kernel(nested, storage):
+    """Every shape a model has (and an odd one), bf16, fp16 and fp32 out: bitsandbytes' values,
+    bit for bit, from one kernel where bitsandbytes launches three (nested) or one."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    torch.manual_seed(0)
+    for rows, cols in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (96, 320)):
+        weight = bnb.nn.Params4bit(
+            torch.randn(rows, cols, dtype=torch.bfloat16) * 0.02,
+            requires_grad=False,
+            quant_type="nf4",
+            compress_statistics=nested,
+            quant_storage=storage,
+        ).cuda()
+        assert weight.quant_state.nested is nested
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            ours = nf4.dequantize(weight, dtype)
+            theirs = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+            assert ours.shape == theirs.shape == (rows, cols)
+            assert ours.dtype == dtype
+            assert torch.equal(ours, theirs), (rows, cols, dtype, (ours - theirs).abs().max())
+    ours = _kernels_launched(lambda: nf4.dequantize(weight, torch.bfloat16))
+    theirs = _kernels_launched(
+        lambda: bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    )
+    assert ours == ["nf4_dequantize"], ours
+    assert len(theirs) == (3 if nested else 1), theirs
+
+
+def test_nf4_falls_back_to_bitsandbytes_where_the_kernel_does_not_apply(monkeypatch):
+    """FP4 weights, and the switch the benchmark's `bnbdequant` variant uses."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    weight = bnb.nn.Params4bit(
+        torch.randn(256, 512, dtype=torch.bfloat16), requires_grad=False, quant_type="fp4"
+    ).cuda()
+    expected = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    assert torch.equal(nf4.dequantize(weight, torch.bfloat16), expected)
+    assert "nf4_dequantize" not in _kernels_launched(lambda: nf4.dequantize(weight, torch.bfloat16))
+    monkeypatch.setattr(nf4, "FUSED", False)
+    nf4_weight = bnb.nn.Params4bit(
+        torch.randn(256, 512, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4"
+    ).cuda()
+    launched = _kernels_launched(lambda: nf4.dequantize(nf4_weight, torch.bfloat16))
+    assert "nf4_dequantize" not in launched and launched
+
+
+class _Layer(torch.autograd.Function):
+    """y = x * w, saving x (a layer's input, as a checkpointed layer saves it)."""
+
+    @staticmethod
+    def forward(ctx, x, w):  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        return grad * w, (grad * x).sum(0)
+
+
+def test_offload_brings_each_input_back_ahead_of_the_backward_pass(monkeypatch):
+    """Eight layers' inputs and weights go to the host; in the backward pass each is on its way
+    back before it is asked for (all but the last layer's), and the gradients are those without
+    offload. Without prefetching each is waited for."""
+    stream = torch.cuda.Stream()
+    widths = 1 << 18  # 1 MiB of float32 per row: every input is offloaded
+    ws = [torch.randn(widths, device="cuda", requires_grad=True) for _ in range(8)]
+    x0 = torch.randn(4, widths, device="cuda")
+
+    def run(context) -> list[torch.Tensor]:
+        for w in ws:
+            w.grad = None
+        with context:
+            h = x0
+            for w in ws:
+                h = _Layer.apply(h, w)
+        h.sum().backward()
+        return [w.grad.clone() for w in ws]
+
+    import contextlib
+
+    plain = run(contextlib.nullcontext())
+    came_back: list[bool] = []
+    unpack = offload.ActivationOffload._unpack
+
+    def watched(self, packed):
+        if isinstance(packed, offload._OnHost):
+            came_back.append(packed.on_device is not None)
+        return unpack(self, packed)
+
+    monkeypatch.setattr(offload.ActivationOffload, "_unpack", watched)
+    ahead = run(offload.ActivationOffload(stream))
+    assert came_back == [False, False] + [True] * 14, came_back
+    for a, b in zip(ahead, plain, strict=True):
+        assert torch.equal(a, b)
+    came_back.clear()
+    monkeypatch.setattr(offload, "PREFETCH", False)
+    waited = run(offload.ActivationOffload(stream))
+    assert came_back == [False] * 16
+    for a, b in zip(waited, plain, strict=True):
+        assert torch.equal(a, b)
