@@ -1,22 +1,24 @@
-"""Each decoder layer's SwiGLU MLP, LoRA on all three projections, as one autograd function.
+"""Each decoder layer's gated MLP (SwiGLU: Llama, Qwen, Mistral; GeGLU: Gemma), LoRA on all three
+projections, as one autograd function.
 
 Through peft, a LoRA MLP is some twenty autograd nodes: per projection bitsandbytes' 4-bit matmul,
-lora_A, lora_B, a scale, an add (and peft's defensive clone), then the SwiGLU. Each node runs
+lora_A, lora_B, a scale, an add (and peft's defensive clone), then the gate. Each node runs
 Python on the host, and the 8B step is bound by the host (bench/RESULTS.md, session 4). Here one
 function computes
 
-    down(silu(gate(x)) * up(x)),  each projection  x W^T + s (x A^T) B^T
+    down(act(gate(x)) * up(x)),  each projection  x W^T + s (x A^T) B^T,  act SiLU or tanh-GELU
 
-(W dequantized on the fly, as bitsandbytes does) and its backward pass writes dx and every dA, dB
-directly. It keeps x, gate(x), up(x) and the three rank-r products; the SwiGLU product, the largest
+(W dequantized on the fly, worker.nf4) and its backward pass writes dx and every dA, dB
+directly. It keeps x, gate(x), up(x) and the three rank-r products; the gated product, the largest
 of peft's saved tensors, is recomputed in the backward pass. It keeps less memory without
 checkpointing and takes less time with every layer checkpointed; the measurements are in
-bench/RESULTS.md (session 5). Fusing each projection on its own, without the SwiGLU, did not pay.
+bench/RESULTS.md (session 5). Fusing each projection on its own, without the gate, did not pay.
 
-The SwiGLU runs on Liger's Triton kernels on CUDA, on torch elsewhere. An MLP qualifies when it is
-SwiGLU (its own `act_fn` is SiLU: Gemma's GeGLU is not) and its three projections carry one plain LoRA adapter each
-(no dropout, no DoRA); any other MLP keeps peft's path, as does an MLP whose adapter is disabled or
-merged (the playground's "base model" answers).
+The gate runs on Liger's Triton kernels on CUDA (swiglu, geglu), on torch elsewhere. An MLP
+qualifies when its own activation is SiLU or GELU's tanh form (Gemma's `hidden_activation`,
+whatever its config's `hidden_act` says) and its three projections carry one plain LoRA adapter
+each (no dropout, no DoRA); any other MLP keeps peft's path, as does an MLP whose adapter is
+disabled or merged (the playground's "base model" answers).
 
     fuse_mlps(model)    # returns how many; unfuse_mlps(model) undoes it
 
@@ -26,6 +28,7 @@ autograd function; only the benchmark uses it (bench/profile_step.py compares th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -53,8 +56,9 @@ def fuse_mlps(model: Any, *, forward_inside: bool = False) -> int:
     for module in model.modules():
         if isinstance(vars(module).get("forward"), _FusedForward):
             restore_forward(module, _KEY)
-        if _qualifies(module):
-            replace_forward(module, form(module), _KEY)
+        gate = _gate_of(module)
+        if gate is not None:
+            replace_forward(module, form(module, gate), _KEY)
             count += 1
     return count
 
@@ -63,30 +67,41 @@ def unfuse_mlps(model: Any) -> None:
     restore_all(model, _KEY)
 
 
-def _qualifies(mlp: Any) -> bool:
+def _gate_of(mlp: Any) -> str | None:
+    """ "swiglu" or "geglu" for an MLP the fused function computes, else None."""
     projections = [getattr(mlp, name, None) for name in PROJECTIONS]
-    return _applies_silu(mlp) and all(is_plain_lora(p) for p in projections)
+    if not all(is_plain_lora(p) for p in projections):
+        return None
+    return _gate_kind(mlp)
 
 
-def _applies_silu(mlp: Any) -> bool:
-    """SwiGLU: the MLP's own `act_fn` is SiLU, or it is Liger's SwiGLU MLP (which has no
-    `act_fn`: it applies SiLU by construction and refuses any other activation)."""
-    if any(cls.__name__ == "LigerSwiGLUMLP" for cls in type(mlp).__mro__):
-        return True
-    return _is_silu(getattr(mlp, "act_fn", None))
-
-
-def _is_silu(act: Any) -> bool:
+def _gate_kind(mlp: Any) -> str | None:
     """The activation the MLP itself applies (a config's `hidden_act` need not be it: Gemma's
-    MLP reads `hidden_activation`)."""
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    MLP reads `hidden_activation`). Liger's SwiGLU MLP has no `act_fn`: it applies SiLU by
+    construction and refuses any other activation; its GeGLU patch keeps the MLP's `act_fn`."""
+    if any(cls.__name__ == "LigerSwiGLUMLP" for cls in type(mlp).__mro__):
+        return "swiglu"
+    act = getattr(mlp, "act_fn", None)
+    if isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "swiglu"
+    if _is_tanh_gelu(act):
+        return "geglu"
+    return None
+
+
+def _is_tanh_gelu(act: Any) -> bool:
+    """GELU's tanh form: torch's, or transformers' "gelu_pytorch_tanh" (Gemma) and "gelu_new"."""
+    if isinstance(act, torch.nn.GELU):
+        return act.approximate == "tanh"
+    return type(act).__name__ in ("GELUTanh", "NewGELUActivation")
 
 
 class _FusedForward:
     """Stands in for `mlp.forward` (an instance attribute, so the module's hooks still run)."""
 
-    def __init__(self, mlp: Any) -> None:
+    def __init__(self, mlp: Any, gate: str) -> None:
         self.mlp = mlp
+        self.gate = gate
         self.projections = [getattr(mlp, name) for name in PROJECTIONS]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +111,10 @@ class _FusedForward:
         # The forward pass runs outside the autograd function: an out-of-memory error raised
         # inside one (torch 2.11, Python 3.12, CUDA) left every activation of the step alive.
         with torch.no_grad():
-            y, saved = _mlp_forward(x, projections)
+            y, saved = _mlp_forward(x, projections, self.gate)
         if not torch.is_grad_enabled():  # evaluation, or a checkpointed layer's first pass
             return y
-        return _LoraMLP.apply(x, y, projections, *saved, *lora)
+        return _LoraMLP.apply(x, y, (projections, self.gate), *saved, *lora)
 
 
 class _InsideForward(_FusedForward):
@@ -109,14 +124,14 @@ class _InsideForward(_FusedForward):
         if adapter_off(self.projections):
             return getattr(self.mlp, _KEY)(x)
         projections, lora = projections_of(self.projections)
-        return _ForwardInside.apply(x, projections, *lora)
+        return _ForwardInside.apply(x, (projections, self.gate), *lora)
 
 
 class _ForwardInside(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, projections: Any, *lora: torch.Tensor) -> torch.Tensor:
-        y, saved = _mlp_forward(x, projections)
-        return _LoraMLP.forward(ctx, x, y, projections, *saved, *lora)
+    def forward(ctx: Any, x: torch.Tensor, how: Any, *lora: torch.Tensor) -> torch.Tensor:
+        y, saved = _mlp_forward(x, *how)
+        return _LoraMLP.forward(ctx, x, y, how, *saved, *lora)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
@@ -125,28 +140,28 @@ class _ForwardInside(torch.autograd.Function):
 
 
 def _mlp_forward(
-    x: torch.Tensor, projections: list[Projection]
+    x: torch.Tensor, projections: list[Projection], kind: str
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """down(silu(gate(x)) * up(x)) and what its backward pass needs."""
+    """down(act(gate(x)) * up(x)) and what its backward pass needs."""
     dtype = compute_dtype(x)
     (gate_p, up_p, down_p) = projections
     with torch.autocast(x.device.type, enabled=False):
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         gate, xa_gate = project(flat, gate_p, dtype)
         up, xa_up = project(flat, up_p, dtype)
-        y, ha = project(_swiglu(gate, up), down_p, dtype)
+        y, ha = project(_gated(kind, gate, up), down_p, dtype)
     return y.view(*x.shape[:-1], y.shape[-1]), [flat, gate, up, xa_gate, xa_up, ha]
 
 
 class _LoraMLP(torch.autograd.Function):
-    """Gradients for `_mlp_forward`'s result `y`: the SwiGLU product is recomputed, gate and up
+    """Gradients for `_mlp_forward`'s result `y`: the gated product is recomputed, gate and up
     are overwritten by their gradients (they are not needed after)."""
 
     @staticmethod
-    def forward(ctx: Any, x, y, projections, *saved_and_lora):  # type: ignore[override]
+    def forward(ctx: Any, x, y, how, *saved_and_lora):  # type: ignore[override]
         ctx.save_for_backward(*saved_and_lora[:6])
-        ctx.projections, ctx.dtype, ctx.x_shape, ctx.x_dtype = (
-            projections,
+        (ctx.projections, ctx.kind), ctx.dtype, ctx.x_shape, ctx.x_dtype = (
+            how,
             saved_and_lora[0].dtype,
             x.shape,
             x.dtype,
@@ -159,10 +174,10 @@ class _LoraMLP(torch.autograd.Function):
         gate_p, up_p, down_p = ctx.projections
         dtype = ctx.dtype
         dy = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        h = _swiglu(gate, up)
+        h = _gated(ctx.kind, gate, up)
         down_a, down_b, dh = project_back(dy, h, ha, down_p, dtype, None)
         del h
-        d_gate, d_up = _swiglu_back(gate, up, dh)  # written over gate and up
+        d_gate, d_up = _gated_back(ctx.kind, gate, up, dh)  # written over gate and up
         del dh
         wants_x = bool(ctx.needs_input_grad[0])
         grad_x = None if wants_x else False
@@ -172,36 +187,50 @@ class _LoraMLP(torch.autograd.Function):
         return (dx, None, None, *[None] * 6, gate_a, gate_b, up_a, up_b, down_a, down_b)
 
 
-def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    liger = _liger_swiglu() if gate.is_cuda else None
+def _gated(kind: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up."""
+    liger = _liger(kind) if gate.is_cuda else None
     if liger is not None:
-        return liger.swiglu_forward(gate, up)[2]
-    return torch.nn.functional.silu(gate) * up
+        return liger[0](gate, up)[2]
+    if kind == "swiglu":
+        return torch.nn.functional.silu(gate) * up
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
 
 
-def _swiglu_back(
-    gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor
+def _gated_back(
+    kind: str, gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d gate and d up (on CUDA written over `gate` and `up`, which are not needed after)."""
-    liger = _liger_swiglu() if gate.is_cuda else None
+    liger = _liger(kind) if gate.is_cuda else None
     if liger is not None:
-        return liger.swiglu_backward(gate, up, dh)
+        return liger[1](gate, up, dh)
     g, u, d = gate.float(), up.float(), dh.float()
-    sig = torch.sigmoid(g)
-    d_gate = d * u * sig * (1 + g * (1 - sig))
-    return d_gate.to(gate.dtype), (d * g * sig).to(up.dtype)
+    if kind == "swiglu":
+        sig = torch.sigmoid(g)
+        act, slope = g * sig, sig * (1 + g * (1 - sig))
+    else:  # GELU, tanh form: 0.5 g (1 + tanh(z)), z = sqrt(2/pi) (g + 0.044715 g^3)
+        t = torch.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g**3))
+        act = 0.5 * g * (1 + t)
+        slope = 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * g * g)
+    return (d * u * slope).to(gate.dtype), (d * act).to(up.dtype)
 
 
-_LIGER: Any = None
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_LIGER: dict[str, Any] = {}
 
 
-def _liger_swiglu() -> Any:
-    global _LIGER
-    if _LIGER is None:
+def _liger(kind: str) -> Any:
+    """Liger's (forward, backward) for the gate, or None (not installed, no Triton here)."""
+    if kind not in _LIGER:
         try:
-            from liger_kernel.ops import swiglu
+            if kind == "swiglu":
+                from liger_kernel.ops import swiglu
 
-            _LIGER = swiglu
+                _LIGER[kind] = (swiglu.swiglu_forward, swiglu.swiglu_backward)
+            else:
+                from liger_kernel.ops import geglu
+
+                _LIGER[kind] = (geglu.geglu_forward, geglu.geglu_backward)
         except Exception:  # not installed, or no triton for this device
-            _LIGER = False
-    return _LIGER or None
+            _LIGER[kind] = None
+    return _LIGER[kind]

@@ -119,7 +119,7 @@ def test_a_lora_bias_or_dora_keeps_peft_s_path(recipe):
     assert fuse_mlps(recipe.model) == LAYERS - 1 and "_unfused_forward" not in vars(mlp)
 
 
-@pytest.mark.parametrize("where", ["_swiglu", "_swiglu_back"], ids=["forward", "backward"])
+@pytest.mark.parametrize("where", ["_gated", "_gated_back"], ids=["forward", "backward"])
 def test_out_of_memory_inside_a_fused_mlp_leaves_no_activation_alive(
     demo_model, demo_rows, tmp_path, monkeypatch, where
 ):
@@ -135,13 +135,13 @@ def test_out_of_memory_inside_a_fused_mlp_leaves_no_activation_alive(
     original = getattr(fused_mlp, where)
     calls = 0
 
-    def failing(gate, up, *rest):
+    def failing(kind, gate, up, *rest):
         nonlocal calls
         made.append(weakref.ref(gate))
         calls += 1
         if calls == LAYERS - 1:  # some layers done, some not
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(gate, up, *rest)
+        return original(kind, gate, up, *rest)
 
     monkeypatch.setattr(fused_mlp, where, failing)
     try:

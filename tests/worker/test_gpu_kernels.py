@@ -131,3 +131,41 @@ def test_offload_brings_each_input_back_ahead_of_the_backward_pass(monkeypatch):
     assert came_back == [False] * 16
     for a, b in zip(waited, plain, strict=True):
         assert torch.equal(a, b)
+
+
+def test_fused_geglu_mlps_match_peft_on_4bit_weights(tmp_path_factory, demo_dataset, tmp_path):
+    """Gemma-2's GeGLU MLPs run fused on the GPU (NF4 weights, Liger's geglu kernels, worker.nf4):
+    peft's loss and LoRA gradients, each family test's CPU check on the card."""
+    from app.train_config import TrainConfig
+    from tests.worker.test_model_families import _build, _examples, _nonzero_lora_b, recipe_vocab
+    from tests.worker.test_recipe import lora_gradients
+    from worker.fused_mlp import unfuse_mlps
+    from worker.metrics import ListSink
+    from worker.recipes.sft import LocalControl, SFTRecipe
+
+    folder = _build("gemma2", tmp_path_factory, demo_dataset)
+    config = TrainConfig(
+        dataset_id="0" * 32, max_steps=1, micro_batch_size=2, max_seq_len=64, lora_r=8,
+        lora_alpha=16, lora_dropout=0.0, quantization="nf4", eval_fraction=0.0, seed=5,
+        packing=True, gradient_checkpointing="off",
+    )  # fmt: skip
+    examples = _examples(recipe_vocab(folder))
+    recipe = SFTRecipe(
+        config, folder, tmp_path, ListSink(), LocalControl(), train_examples=examples
+    )
+    recipe.setup()
+    try:
+        _nonzero_lora_b(recipe.model)
+        assert "fused LoRA MLPs" in recipe.control.fields["compute_mode"]
+        layers = recipe._decoder_layers()
+        assert {vars(layer.mlp)["forward"].gate for layer in layers} == {"geglu"}
+        batch = recipe._longest_batch()
+        loss, grads = lora_gradients(recipe, batch)
+        unfuse_mlps(recipe.model)
+        peft_loss, peft_grads = lora_gradients(recipe, batch)
+    finally:
+        recipe.cleanup()
+    assert loss == pytest.approx(peft_loss, rel=1e-3)
+    ours = torch.cat([grads[n].float().flatten() for n in sorted(grads)])
+    theirs = torch.cat([peft_grads[n].float().flatten() for n in sorted(peft_grads)])
+    assert torch.nn.functional.cosine_similarity(ours, theirs, 0) > 0.999

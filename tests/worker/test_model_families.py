@@ -1,7 +1,8 @@
 """Every model family Tuneboard is measured on trains through the recipe with peft's loss and
 gradients: tiny models of Llama, Qwen2 (biased q/k/v), Mistral and Gemma-2 (GeGLU, soft-capped
-attention and logits, sliding windows), on the CPU. Where a kernel of ours does not apply (the
-fused MLP on GeGLU, varlen attention under soft-capping), the recipe falls back and says so."""
+attention and logits, sliding windows), on the CPU, with our fused MLP (SwiGLU, or GeGLU for
+Gemma) and attention projections. Where a kernel of ours does not apply (varlen attention under
+soft-capping), the recipe falls back and says so."""
 
 from __future__ import annotations
 
@@ -134,33 +135,40 @@ def test_the_recipe_says_which_kernels_of_ours_each_family_runs(family_model, tm
     try:
         fields = recipe.control.fields
         implementation = recipe.model.config._attn_implementation
+        gates = {vars(layer.mlp)["forward"].gate for layer in recipe._decoder_layers()}
     finally:
         recipe.cleanup()
     notice = str(fields.get("notice", ""))
-    # Every family's attention has four plain LoRA projections: fused, Gemma-2's eager one too.
+    # Every family's attention has four plain LoRA projections: fused, Gemma-2's eager one too;
+    # every family's MLP is gated (SwiGLU, Gemma's GeGLU): fused.
     assert "fused LoRA attention" in fields["compute_mode"]
+    assert "fused LoRA MLPs" in fields["compute_mode"]
+    assert gates == {"geglu" if family == "gemma2" else "swiglu"}
     if family == "gemma2":
-        # GeGLU is not the SwiGLU the fused function computes: peft's path, and no claim of it.
-        assert "fused LoRA MLPs" not in fields["compute_mode"]
         # No varlen kernel soft-caps: transformers' eager attention, which does, and a notice.
         assert implementation == "eager"
         assert "soft-capping" in notice
     else:
-        assert "fused LoRA MLPs" in fields["compute_mode"]
         assert implementation == attention.NAME
 
 
-def test_a_geglu_mlp_is_not_fused_whatever_its_config_s_hidden_act_says(
+def test_a_geglu_mlp_is_fused_as_geglu_whatever_its_config_s_hidden_act_says(
     tmp_path_factory, demo_dataset, tmp_path
 ):
     """Gemma's MLP applies `hidden_activation`; a config whose `hidden_act` says silu beside it
-    must not make the fused SwiGLU function stand in for a GeGLU."""
+    must not make the fused function compute a SwiGLU; an MLP whose activation is neither stays
+    on peft's path."""
     folder = _build("gemma2", tmp_path_factory, demo_dataset)
     recipe = _recipe(folder, tmp_path, _examples(recipe_vocab(folder)))
     try:
-        for layer in recipe._decoder_layers():
+        layers = recipe._decoder_layers()
+        for layer in layers:
             layer.mlp.config.hidden_act = "silu"
-        assert fuse_mlps(recipe.model) == 0
+        assert fuse_mlps(recipe.model) == len(layers)
+        assert {vars(layer.mlp)["forward"].gate for layer in layers} == {"geglu"}
+        layers[0].mlp.act_fn = torch.nn.GELU()  # exact GELU: no fused form
+        assert fuse_mlps(recipe.model) == len(layers) - 1
+        assert "_unfused_forward" not in vars(layers[0].mlp)
     finally:
         recipe.cleanup()
 
