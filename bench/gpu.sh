@@ -66,7 +66,7 @@ import importlib.metadata as m, sys
 import torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
       "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-for p in ["transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "pydantic",
+for p in ["transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "triton", "pydantic",
           "datasets", "safetensors", "tokenizers"]:
     try:
         print(f"  {p} {m.version(p)}")
