@@ -84,6 +84,7 @@ duration_seconds
 final_loss
 final_eval_loss
 tokens_trained
+tokens_trained_again
 event_files  # TensorBoardLogs, templates/jobs/detail.html
 help
 advanced

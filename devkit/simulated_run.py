@@ -97,13 +97,14 @@ def write_metrics(
     *,
     preference: bool = False,
     cpu: bool = False,
+    seed: float = 0.0,
 ) -> int:
     """Record `count` rows from step `first`, one per call, with progress; returns the next step.
     `preference`: the rows also carry a DPO job's rewards; `cpu`: they read process memory (RSS)
-    where a GPU run reads VRAM."""
+    where a GPU run reads VRAM; `seed` moves the losses (another attempt's)."""
     step = first
     for _ in range(count):
-        row = cpu_row(step) if cpu else metric_row(step)
+        row = cpu_row(step) if cpu else metric_row(step, seed)
         row |= preference_values(step) if preference else {}
         assert queue.record_metrics(db, claim.job_id, claim.attempt, [row])
         queue.update_progress(db, claim.job_id, claim.attempt, progress_step=step, epoch=step / 500)
@@ -111,6 +112,15 @@ def write_metrics(
         if interval:
             time.sleep(interval)
     return step
+
+
+def resume(db: Database, claim: queue.Claim, worker: str = "sim-worker") -> queue.Claim:
+    """The job's next attempt, as after its worker stopped: back in the queue, claimed again.
+    A real one then logs again from its checkpoint's step on."""
+    assert queue.release(db, claim.job_id, claim.attempt, notice="Resuming from a checkpoint.")
+    again = queue.claim_next_job(db, worker, lease_seconds=3600)
+    assert again is not None and again.job_id == claim.job_id
+    return again
 
 
 def finish(db: Database, claim: queue.Claim) -> None:

@@ -17,6 +17,7 @@ from app.db import Database
 from app.errors import UserError, whole_number
 from app.layout import DataLayout
 from app.models import FINISHED_STATUSES, Adapter, BaseModelEntry, Dataset, Job, JobStatus, Metric
+from app.services.replayed_steps import latest_rows
 from app.settings import Settings
 from app.train_config import PREFERENCE_METHODS, TrainConfig
 from app.verified_versions import LIGER_INSTALL, LIGER_MISSING
@@ -136,7 +137,8 @@ def eta_of_attempt(
 
 
 def loss_sparkline(db: Database, job: Job) -> list[float | None]:
-    """Up to 60 loss values across the job's whole run, evenly sampled (cached once finished)."""
+    """Up to 60 loss values across the job's whole run, evenly sampled, one per step: the latest
+    attempt's where a resume trained a step again (cached once finished)."""
     key = (job.id or 0, job.finished_at)
     if job.status in FINISHED_STATUSES and key in _finished_sparklines:
         return _finished_sparklines[key]
@@ -144,8 +146,8 @@ def loss_sparkline(db: Database, job: Job) -> list[float | None]:
         losses = list(
             s.exec(
                 select(Metric.loss)
-                .where(Metric.job_id == job.id, col(Metric.loss).is_not(None))
-                .order_by(col(Metric.id))
+                .where(latest_rows(s, job.id or 0), col(Metric.loss).is_not(None))
+                .order_by(col(Metric.step), col(Metric.id))
             )
         )
     if len(losses) > SPARKLINE_POINTS:
@@ -345,7 +347,8 @@ COMPARE_COLUMNS = ("loss", "eval_loss", *PREFERENCE_COLUMNS)
 
 def compare(db: Database, ids: list[int]) -> list[dict[str, Any]]:
     """Each job's name, status, config and curves (loss, eval loss and, for preference jobs, the
-    rewards): one value per step, the latest attempt's where a resumed attempt logged it again."""
+    rewards): one value per step, the latest attempt's where a resumed attempt logged it again
+    (`latest_rows`); a step's train and eval rows make one point."""
     out = []
     columns = [getattr(Metric, name) for name in COMPARE_COLUMNS]
     with db.read() as s:
@@ -354,11 +357,8 @@ def compare(db: Database, ids: list[int]) -> list[dict[str, Any]]:
             if job is None:
                 raise InvalidComparison(f"There is no job {job_id}.", "Check the job numbers.")
             rows = s.exec(
-                select(Metric.step, *columns)
-                .where(Metric.job_id == job_id)
-                .order_by(col(Metric.id))
+                select(Metric.step, *columns).where(latest_rows(s, job_id)).order_by(col(Metric.id))
             ).all()
-            # A resumed attempt logs from its checkpoint's step again: the later row wins.
             by_step: dict[int, list[float | None]] = {}
             for step, *values in rows:
                 point = by_step.setdefault(step, [None] * len(COMPARE_COLUMNS))
@@ -413,13 +413,15 @@ def config_table(configs: list[dict[str, Any]]) -> list[ConfigRow]:
 
 @dataclass
 class RunFacts:
-    """The Run card's numbers: how long it trained, where the losses ended, how many tokens."""
+    """The Run card's numbers: how long it trained, where the losses ended, how many tokens.
+    Losses and tokens are those of the training the adapter carries (`latest_rows`)."""
 
     duration_seconds: float | None
     final_loss: float | None
     final_eval_loss: float | None
     steps: int
-    tokens_trained: int | None  # real tokens of every logged step, all attempts; None: no rows
+    tokens_trained: int | None  # real tokens, each step once; None: no rows
+    tokens_trained_again: int = 0  # real tokens of steps a resume trained again (work done)
 
 
 @dataclass
@@ -450,20 +452,19 @@ def run_facts(db: Database, job: Job) -> RunFacts:
         end = _aware(job.finished_at) if job.finished_at else datetime.now(UTC)
         duration = max(0.0, (end - _aware(job.started_at)).total_seconds())
     with db.read() as s:
-        rows = select(Metric).where(Metric.job_id == job.id).order_by(col(Metric.id).desc())
+        latest = latest_rows(s, job.id or 0)
+        rows = select(Metric).where(latest).order_by(col(Metric.id).desc())
         loss = s.exec(rows.where(col(Metric.loss).is_not(None)).limit(1)).first()
         eval_loss = s.exec(rows.where(col(Metric.eval_loss).is_not(None)).limit(1)).first()
-        tokens = s.exec(
-            select(func.sum(Metric.tokens)).where(
-                Metric.job_id == job.id, col(Metric.tokens).is_not(None)
-            )
-        ).one()
+        tokens = s.exec(select(func.sum(Metric.tokens)).where(latest)).one()
+        every_attempt = s.exec(select(func.sum(Metric.tokens)).where(Metric.job_id == job.id)).one()
     return RunFacts(
         duration_seconds=duration,
         final_loss=loss.loss if loss else None,
         final_eval_loss=eval_loss.eval_loss if eval_loss else None,
         steps=job.progress_step,
         tokens_trained=int(tokens) if tokens is not None else None,
+        tokens_trained_again=int(every_attempt or 0) - int(tokens or 0),
     )
 
 

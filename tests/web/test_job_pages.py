@@ -10,7 +10,7 @@ from bs4 import BeautifulSoup
 
 from app import queue
 from app.models import Adapter, JobStatus, Worker
-from devkit.simulated_run import finish, metric_row, start_running_job, write_metrics
+from devkit.simulated_run import finish, metric_row, resume, start_running_job, write_metrics
 
 HTML = {"accept": "text/html"}
 
@@ -286,6 +286,30 @@ def test_run_card_shows_duration_final_losses_tokens_and_what_ran(client, db):
     # The job asked for nf4 (the default); the page says the CPU run did not use it.
     note = soup.select_one(".quantization-ran").text
     assert "not used: fp32 LoRA on the CPU" in note
+
+
+def test_a_resumed_jobs_pages_count_the_steps_it_trained_again_once(client, db):
+    """Attempt 1 logs steps 1..55 and dies; attempt 2 resumes from step 40 and logs 41..60."""
+    claim = start_running_job(db, "resumed", total=60)
+    write_metrics(db, claim, 1, 55)
+    again = resume(db, claim)
+    write_metrics(db, again, 41, 20, seed=1.0)
+    finish(db, again)
+    tokens = metric_row(1)["tokens"]
+    soup = page(client, f"/jobs/{claim.job_id}")
+    assert soup.select_one(".run-tokens").text == f"{60 * tokens:,}"
+    again_note = " ".join(soup.select_one(".run-tokens-again").text.split())
+    assert again_note == f"(and {15 * tokens:,} trained again after a resume)"
+    assert "(attempt 2 only)" in soup.select_one(".run-duration").text
+    assert soup.select_one(".run-loss").text == f"{metric_row(60, seed=1.0)['loss']:.4f}"
+    row = page(client, "/jobs").select_one(f"#job-{claim.job_id}")
+    losses = json.loads(row.select_one("canvas.sparkline")["data-values"])
+    assert losses[40:] == [round(metric_row(s, seed=1.0)["loss"], 4) for s in range(41, 61)]
+    compared = client.get(f"/api/jobs/compare?ids={claim.job_id}").json()["jobs"][0]
+    assert compared["metrics"]["step"] == list(range(1, 61))
+    # The metrics API is the log of every attempt: each row says which one wrote it.
+    rows = client.get(f"/api/jobs/{claim.job_id}/metrics").json()["metrics"]
+    assert [(r["attempt"], r["step"]) for r in rows][54:57] == [(1, 55), (2, 41), (2, 42)]
 
 
 def test_a_job_that_reports_to_tensorboard_names_its_event_folder_and_the_command(

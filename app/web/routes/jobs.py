@@ -95,7 +95,9 @@ def delete_job(job_id: JobId, db: DbDep, settings: SettingsDep) -> Response:
 def job_metrics(
     job_id: JobId, db: DbDep, after: Annotated[int, Query(ge=0, le=SQL_INT_MAX)] = 0
 ) -> dict[str, Any]:
-    """The job's metric rows after `after` (the live stream sends the same rows as events)."""
+    """The job's metric rows after `after` (the live stream sends the same rows as events):
+    every attempt's, each naming its `attempt`; a resumed attempt logs again from its
+    checkpoint's step, and its rows are the ones that count for those steps."""
     return job_events.metrics_page(db, job_id, after)
 
 
