@@ -26,7 +26,8 @@
  *   - SSE `status` event (data: "succeeded" or {"status": "succeeded"}) or `done`: a
  *     terminal status (succeeded|failed|cancelled) closes the charts' stream.
  *   - x = step. A row with the same step as the last point is merged into it (eval rows);
- *     a row with a smaller step (a resumed attempt) replaces the points from that step on.
+ *     a row with a smaller step, or the first row of another attempt (a resume), replaces
+ *     the points from its step on: one point a step, the latest attempt's.
  *   - After each append the div's data-points="<n>" is the number of points drawn.
  *     data-status mirrors the job status the charts know about.
  *   - Charts follow their container's width; height is data-height (default 240).
@@ -460,6 +461,7 @@
       plot: null,
       dirty: false,
       feed: null,
+      attempt: null, // the attempt of the last row taken
     };
     var empty = el("div", "chart-empty", "Waiting for the first metrics…");
     div.appendChild(empty);
@@ -532,8 +534,12 @@
     var cols = chart.data;
     var xs = cols[0];
 
-    // A resumed attempt logs from its checkpoint's step again: its points win.
-    while (xs.length && xs[xs.length - 1] > step) {
+    // A resumed attempt logs from its checkpoint's step again: its points win, and its first
+    // row never merges into a point of the attempt before it.
+    var attempt = num(row.attempt);
+    var resumed = attempt != null && chart.attempt != null && attempt !== chart.attempt;
+    if (attempt != null) chart.attempt = attempt;
+    while (xs.length && (xs[xs.length - 1] > step || (resumed && xs[xs.length - 1] === step))) {
       for (var c = 0; c < cols.length; c++) cols[c].pop();
     }
     var merge = xs.length > 0 && xs[xs.length - 1] === step;

@@ -10,7 +10,7 @@ import pytest
 
 from app import queue
 from devkit.live_server import ROOT
-from devkit.simulated_run import finish, start_running_job, write_metrics
+from devkit.simulated_run import finish, metric_row, resume, start_running_job, write_metrics
 
 pytestmark = pytest.mark.browser
 
@@ -69,6 +69,16 @@ DRAWN = """() => {
       (ys) => ys.filter((y) => y != null).length);
   }));
   return out;
+}"""
+
+
+# The loss chart's x values: the steps it draws.
+LOSS_STEPS = """() => {
+  let steps = null;
+  window.tuneboard.feeds.forEach((feed) => feed.charts.forEach((chart) => {
+    if (chart.el.getAttribute("data-chart") === "loss") steps = Array.from(chart.plot.data[0]);
+  }));
+  return steps;
 }"""
 
 
@@ -192,6 +202,26 @@ def test_server_killed_and_restarted_mid_run_the_page_fills_the_gap(live_server,
     rows = db_rows(server_db, claim.job_id)
     assert rows == 155
     assert wait_points(page, lambda n: n == rows, timeout=30) == rows
+    assert page.js_errors == []
+
+
+def test_a_resume_seen_live_leaves_one_point_a_step_the_latest_attempts(
+    live_server, server_db, page
+):
+    """Attempt 1 logs steps 1..55 (evals at 25 and 50) and dies; attempt 2 resumes from the
+    checkpoint at step 49 and logs 50..60 without an eval yet: the eval at step 50 was of
+    weights that are gone, so it leaves the chart with the rest of attempt 1's steps 50..55."""
+    claim = start_running_job(server_db, "resumed live", total=60)
+    write_metrics(server_db, claim, 1, 55)
+    page.goto(f"{live_server.url}/jobs/{claim.job_id}")
+    wait_points(page, lambda n: n == 55)
+    again = resume(server_db, claim)
+    rows = [metric_row(step, seed=1.0) | {"eval_loss": None} for step in range(50, 61)]
+    assert queue.record_metrics(server_db, again.job_id, again.attempt, rows)
+    wait_points(page, lambda n: n == 60)
+    page.wait_for_timeout(300)  # uPlot takes the columns on the next frame
+    assert page.evaluate(LOSS_STEPS) == list(range(1, 61))
+    assert page.evaluate(DRAWN)["loss"] == [60, 60, 1]  # loss, smoothed, the eval at step 25
     assert page.js_errors == []
 
 
