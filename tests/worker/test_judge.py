@@ -1,14 +1,12 @@
 """The evaluation report's judge against a small OpenAI-compatible server started by the test
-(real HTTP): verdicts, position swapping, and a judge that is down, slow or talks nonsense giving
-a per-row error while the rest of the report completes. Its key never reaches the report."""
+(real HTTP, tests/fakes/judge.py): verdicts, position swapping, and a judge that is down, slow or
+talks nonsense giving a per-row error while the rest of the report completes. Its key never
+reaches the report."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pydantic import SecretStr
@@ -19,81 +17,17 @@ from app.models import Evaluation, SideWorkStatus
 from app.services import evaluations
 from app.train_config import TrainConfig
 from tests.fakes.evaluated_demo import EvaluatedDemo, untrained_adapter
+from tests.fakes.judge import FakeJudge, answers, asked, serving
 from worker.evaluation import prompt_and_reference, prompt_text
 from worker.judge import Judge, JudgeError
 
 KEY = "judge-key-0123456789"
 
 
-class FakeJudge(ThreadingHTTPServer):
-    """Prefers the answer that equals the reference; misbehaves for prompts that say so."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.keys: list[str] = []
-        self.bodies: list[dict] = []
-        self.misbehave: dict[str, str] = {}  # a prompt -> slow | nonsense | error
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-def asked(question: str) -> str:
-    """The prompt inside a judge's question."""
-    return question.split("Question:\n")[1].split("\n\nReference answer:")[0]
-
-
-def answers(question: str) -> tuple[str, str, str]:
-    """The reference, answer A and answer B inside a judge's question."""
-    reference = question.split("Reference answer:\n")[1].split("\n\nAnswer A:")[0]
-    first = question.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
-    second = question.split("Answer B:\n")[1].split("\n\nWhich answer")[0]
-    return reference, first, second
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: FakeJudge
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.keys.append(self.headers.get("Authorization", ""))
-        self.server.bodies.append(body)
-        question = body["messages"][-1]["content"]
-        how = self.server.misbehave.get(asked(question))
-        if how == "slow":
-            time.sleep(3)  # past the client's timeout: it has gone
-            return
-        if how == "error":
-            self.send_response(500)
-            self.end_headers()
-            return
-        if how == "nonsense":
-            return self._reply("I like turtles")
-        reference, first, second = answers(question)
-        if first == second:
-            return self._reply("tie")
-        return self._reply("A" if first == reference else "B" if second == reference else "tie")
-
-    def _reply(self, text: str) -> None:
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(data.encode())
-
-
 @pytest.fixture
 def fake_judge() -> Iterator[FakeJudge]:
-    server = FakeJudge()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving() as server:
+        yield server
 
 
 def test_verdicts_and_what_a_bad_judge_says(fake_judge: FakeJudge):
