@@ -85,6 +85,7 @@ final_loss
 final_eval_loss
 tokens_trained
 tokens_trained_again
+rubric_is_default  # app/services/judge_check.py JudgeSetup (templates/system/_judge.html)
 event_files  # TensorBoardLogs, templates/jobs/detail.html
 help
 advanced

@@ -16,6 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.layout import DataLayout
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+# What the evaluation report's judge weighs when TUNEBOARD_JUDGE_RUBRIC (or a re-run) names nothing.
+DEFAULT_JUDGE_RUBRIC = (
+    "Prefer the answer that is correct, helpful and closest in meaning to the reference answer."
+)
 
 
 def host_name(host_header: str) -> str:
@@ -125,7 +129,7 @@ class Settings(BaseSettings):
     """What the judge weighs when it picks the better answer. Empty: helpful, correct, matches the reference."""
 
     judge_api_key: SecretStr | None = None
-    """Bearer key of the judge endpoint. Only the worker reads it; it never goes into a job, a log or a report."""
+    """Bearer key of the judge endpoint, sent by the worker's judge and the System page's check; it never goes into a job, a log, a report or a page."""
 
     judge_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
     """How long the judge gets for one verdict before that row is marked as a judge error."""

@@ -18,9 +18,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-DEFAULT_RUBRIC = (
-    "Prefer the answer that is correct, helpful and closest in meaning to the reference answer."
-)
+from app.settings import DEFAULT_JUDGE_RUBRIC as DEFAULT_RUBRIC
+
 VERDICTS = {"A": "A", "B": "B", "TIE": "tie", "T": "tie"}
 
 

@@ -12,6 +12,7 @@ from sqlmodel import col, select
 from app import faults
 from app.db import Database
 from app.models import Worker
+from app.services.judge_check import judge_setup
 from app.settings import Settings
 
 
@@ -89,9 +90,10 @@ def facts(settings: Settings) -> dict[str, str]:
 
 
 def judge_fact(settings: Settings) -> str:
-    """The evaluation report's judge as the System page says it: never its key, only whether
-    one is set."""
-    if not settings.judge_url or not settings.judge_model:
+    """The evaluation report's judge in one line (/api/system): its model and endpoint host,
+    never its key, only whether one is set."""
+    judge = judge_setup(settings)
+    if not judge.configured:
         return "none (set TUNEBOARD_JUDGE_URL and TUNEBOARD_JUDGE_MODEL, or name one on a re-run)"
-    key = "a key is set" if settings.judge_api_key else "no key"
-    return f"{settings.judge_model} at {settings.judge_url} ({key})"
+    key = "key set" if judge.key_set else "no key"
+    return f"{judge.model} at {judge.host or 'a URL that is not http(s)'} ({key})"

@@ -8,6 +8,8 @@ import pytest
 
 from app import queue
 from app.models import Worker
+from devkit.live_server import LiveServer
+from tests.fakes.judge import serving
 
 pytestmark = pytest.mark.browser
 
@@ -44,4 +46,34 @@ def test_the_workers_table_fits_its_card_at_1400_pixels(live_server, server_db, 
     assert page.evaluate(
         "([x, y]) => document.elementFromPoint(x, y).closest('#workers') !== null", list(right)
     )
+    assert page.js_errors == []
+
+
+def test_check_the_judge_says_in_the_page_whether_it_answered(tmp_path, page, screenshots):
+    """A judge that answers, then the same judge refusing the key: each click replaces the
+    result, and the key is nowhere in the page."""
+    key = "sk-judge-secret-0123456789"
+    with serving() as judge:
+        judge.key = key
+        server = LiveServer(
+            tmp_path / "data",
+            TUNEBOARD_JUDGE_URL=judge.url,
+            TUNEBOARD_JUDGE_MODEL="qwen2.5-7b-instruct",
+            TUNEBOARD_JUDGE_API_KEY=key,
+            TUNEBOARD_JUDGE_TIMEOUT_SECONDS="5",
+        ).start()
+        try:
+            page.goto(server.url + "/system")
+            page.click("text=Check the judge")
+            answered = page.wait_for_selector("#judge-check .judge-answered")
+            assert answered.text_content().startswith("The judge answered in ")
+            page.locator("#judge").screenshot(path=str(screenshots / "system-judge.png"))
+            judge.key = "another-key"
+            page.click("text=Check the judge")
+            refused = page.wait_for_selector("#judge-check .error-message")
+            assert refused.text_content().startswith("The judge refused the key (HTTP 401)")
+            assert page.locator("#judge-check .judge-answered").count() == 0
+            assert key not in page.content()
+        finally:
+            server.stop()
     assert page.js_errors == []

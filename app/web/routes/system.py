@@ -1,11 +1,11 @@
-"""The System page (GPUs, workers, disk) and /healthz."""
+"""The System page (GPUs, workers, disk, the evaluation judge) and /healthz."""
 
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from app.services import system
+from app.services import judge_check, system
 from app.web.deps import DbDep, JobStreamsDep, SettingsDep
 from app.web.templating import render
 
@@ -46,7 +46,19 @@ def _context(db: DbDep, settings: SettingsDep) -> dict[str, Any]:
 
 @router.get("/system", response_class=HTMLResponse, include_in_schema=False)
 def system_page(request: Request, db: DbDep, settings: SettingsDep) -> HTMLResponse:
-    return render(request, "system/index.html", **_context(db, settings))
+    return render(
+        request,
+        "system/index.html",
+        judge=judge_check.judge_setup(settings),
+        judge_variables=judge_check.judge_variables(),
+        **_context(db, settings),
+    )
+
+
+@router.post("/partials/system/judge-check", response_class=HTMLResponse, include_in_schema=False)
+async def judge_check_partial(request: Request, settings: SettingsDep) -> HTMLResponse:
+    check = await judge_check.check_judge(settings)
+    return render(request, "system/_judge_check.html", check=check)
 
 
 @router.get("/partials/system", response_class=HTMLResponse, include_in_schema=False)
