@@ -40,6 +40,17 @@ def dequantize(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
 
 
+def runs_fused(model: Any) -> bool:
+    """Whether `model`'s 4-bit weights take the one-kernel path (for the job page's compute
+    mode)."""
+    for module in model.modules():
+        weight: Any = getattr(module, "weight", None)
+        if hasattr(weight, "quant_state"):
+            state = weight.quant_state
+            return FUSED and _kernel_covers(weight.data, state, state.dtype)
+    return False
+
+
 def _kernel_covers(packed: torch.Tensor, state: Any, dtype: torch.dtype) -> bool:
     return (
         packed.is_cuda

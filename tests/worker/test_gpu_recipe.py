@@ -270,6 +270,7 @@ def test_fused_mlps_match_peft_on_4bit_weights_in_less_memory(llama_1b, demo_row
     try:
         assert "fused LoRA MLPs" in recipe.compute_mode
         assert "fused LoRA attention" in recipe.compute_mode
+        assert "NF4 dequantised in one kernel" in recipe.compute_mode
         fused_loss, fused_grads, fused_peak, fused_s = step()
         unfuse_attention(recipe.model)
         attention_loss, attention_grads, _, mlp_only_s = step()

@@ -144,6 +144,7 @@ def test_the_recipe_says_which_kernels_of_ours_each_family_runs(family_model, tm
     assert "fused LoRA attention" in fields["compute_mode"]
     assert "fused LoRA MLPs" in fields["compute_mode"]
     assert gates == {"geglu" if family == "gemma2" else "swiglu"}
+    assert "NF4 dequantised" not in fields["compute_mode"]  # no 4-bit weights on the CPU
     if family == "gemma2":
         # No varlen kernel soft-caps: transformers' eager attention, which does, and a notice.
         assert implementation == "eager"

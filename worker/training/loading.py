@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.train_config import Quantization, TrainConfig
-from worker import attention
+from worker import attention, nf4
 from worker.control import RunControl
 from worker.data import use_chatml_if_missing
 from worker.errors import DatasetError, ModelNotFound
@@ -187,13 +187,15 @@ def attach_lora(model: Any, config: TrainConfig) -> Any:
 def fuse_lora_layers(model: Any, distributed: bool) -> list[str]:
     """Each LoRA SwiGLU MLP as one autograd function (worker.fused_mlp: it keeps less and is
     faster with checkpointing, bench/RESULTS.md session 5) and each attention's LoRA projections
-    as two (worker.fused_attention: less work for the host, session 9). Not under FSDP, whose
-    shards the functions would read as whole weights. Returns what was fused, for the job page's
-    compute mode."""
+    as two (worker.fused_attention: less work for the host, session 9), their NF4 weights
+    dequantised by one kernel each (worker.nf4, session 10). Not under FSDP, whose shards the
+    functions would read as whole weights. Returns what was fused, for the job page's compute
+    mode."""
     if distributed:
         return []
     fused = ["fused LoRA MLPs"] if fuse_mlps(model) else []
-    return fused + (["fused LoRA attention"] if fuse_attention(model) else [])
+    fused += ["fused LoRA attention"] if fuse_attention(model) else []
+    return fused + (["NF4 dequantised in one kernel"] if fused and nf4.runs_fused(model) else [])
 
 
 def bitsandbytes_available() -> bool:
