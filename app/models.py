@@ -301,10 +301,11 @@ class MergeRequest(SideWork, table=True):
     id: int | None = Field(default=None, primary_key=True)
     adapter_id: str = Field(foreign_key="adapters.id", index=True, max_length=64)
     stage: str = ""  # e.g. "loading the base in bf16", "merging", "saving"
-    progress_done: int = 0  # bytes written so far while saving
-    progress_total: int = 0  # bytes expected
+    # bytes written so far while saving, of those expected (a merged model passes 2 GiB: bigint)
+    progress_done: int = Field(default=0, sa_type=BigInteger)
+    progress_total: int = Field(default=0, sa_type=BigInteger)
     output_dir: str | None = Field(default=None, max_length=500)  # relative to the data dir
-    size_bytes: int = 0
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
 
 
 class HubImport(SideWork, table=True):

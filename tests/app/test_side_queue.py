@@ -173,3 +173,20 @@ def test_asking_again_for_a_merge_whose_worker_died_never_returns_it_running(cli
     again = client.post(url).json()
     assert (again["id"], again["status"], again["attempt"]) == (first["id"], "queued", 1)
     assert "lost its worker" in again["notice"]
+
+
+def test_a_merge_records_the_bytes_of_a_model_over_2_gib(any_db, settings):
+    """A 8B model's merge writes 16 GB: its progress and size fit (PostgreSQL's integer did not)."""
+    adapter_id = add_adapter(any_db, settings)
+    task = add_side_work(any_db, add_dataset(any_db, settings), adapter_id, 0)["merge"]
+    claim = side_queue.claim_next(any_db, "merge", "w", lease_seconds=60)
+    assert claim is not None and claim.task_id == task
+    size = 16 * 1024**3
+    assert side_queue.update_progress(any_db, claim, progress_done=size // 2, progress_total=size)
+    assert side_queue.finish(
+        any_db, claim, SideWorkStatus.succeeded, progress_done=size, size_bytes=size
+    )
+    with any_db.read() as s:
+        merge = s.get(MergeRequest, task)
+        assert merge is not None
+    assert (merge.progress_done, merge.progress_total, merge.size_bytes) == (size, size, size)
