@@ -124,6 +124,8 @@ class DatasetReport(SideWork, table=True):
     max_seq_len: int
     train_on: str = Field(default="assistant", max_length=20)  # assistant | all
     chat_template: str | None = Field(default=None, max_length=20)  # None: the model's; "chatml"
+    progress_done: int = 0  # training rows tokenised so far
+    progress_total: int = 0  # training rows to tokenise
     result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
 
 
