@@ -51,6 +51,7 @@ from worker.errors import TrainingError
 from worker.gpu_lock import GpuLocks
 from worker.inference import Engine, InferenceError
 from worker.judge import Judge, JudgeError
+from worker.progress_meter import reading
 from worker.side_work import LOCK_HELD_ENV, child_main
 
 log = logging.getLogger("tuneboard.evaluation")
@@ -332,10 +333,12 @@ def evaluate(settings: Settings, db: Database, claim: side_queue.SideClaim) -> d
     judge = judge_for(settings, subject.evaluation)
     progress.total = len(rows) + len(prompts) * (2 if judge else 1)
 
-    progress.stage("loading the base model and the adapter", method=method)
+    loading = "loading the base model and the adapter"
+    progress.stage(loading, method=method)
     engine = Engine(settings, db)
     try:
-        tokenizer = engine.prepare(subject.base, subject.adapter)
+        with reading(progress.stage, loading):
+            tokenizer = engine.prepare(subject.base, subject.adapter)
     except InferenceError as exc:
         raise EvaluationFailed(exc.code, exc.message, exc.hint) from exc
 
