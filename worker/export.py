@@ -33,7 +33,7 @@ from app.models import Adapter, BaseModelEntry, ModelExport, SideWorkStatus
 from app.settings import Settings
 from worker import gguf_converter
 from worker.data import has_generation_markers
-from worker.progress_meter import bytes_in, reading, writing
+from worker.progress_meter import bytes_in, writing
 from worker.side_work import child_main, run_pending
 
 log = logging.getLogger("tuneboard.export")
@@ -356,9 +356,7 @@ def run_export(settings: Settings, db: Database, claim: side_queue.SideClaim) ->
             base_file = base_gguf(build, progress) if kind == "gguf-lora" else None
             # Checked where it was built: a worker killed during the check leaves no file in
             # place, only the staging folder (never offered; the next attempt starts afresh).
-            # Metered while the adapter and the GGUF load; their few short answers are not.
-            with reading(progress, STEPS[kind][-1]):
-                check = check_gguf(settings, db, build.adapter, build.base, staged, base_file)
+            check = check_gguf(settings, db, build.adapter, build.base, staged, base_file, progress)
             publish(staged, build.final)
     except BaseException:
         if build.final.exists() and kind != "merged":

@@ -26,6 +26,13 @@ log = logging.getLogger("tuneboard.worker.progress")
 POLL_SECONDS = 0.5
 PROC_IO = Path("/proc/self/io")
 
+# What a step tells how far it got: the task's progress fields (`side_queue.update_progress`'s).
+WriteProgress = Callable[..., Any]
+
+
+def nothing_said(**fields: Any) -> None:
+    """The progress of a step run outside a side task (a test, a tool): heard by no one."""
+
 
 def bytes_in(path: Path) -> int:
     """The size of a file, or of the files in a folder; 0 while it does not exist."""
@@ -67,7 +74,7 @@ def in_words(stage: str, verb: str, total: int = 0) -> Callable[[int], dict[str,
 
 @contextlib.contextmanager
 def metered(
-    progress: Callable[..., Any],
+    progress: WriteProgress,
     measure: Callable[[], int],
     fields: Callable[[int], dict[str, Any]],
     every: float = POLL_SECONDS,
@@ -85,8 +92,8 @@ def metered(
                 highest = amount
                 try:
                     progress(**fields(amount))
-                except Exception:
-                    log.warning("could not write progress; metering stopped", exc_info=True)
+                except Exception as exc:  # e.g. the claim went stale, the user cancelled
+                    log.info("progress not written (%s); metering stopped", type(exc).__name__)
                     return
 
     reporter = threading.Thread(target=report, name="progress-meter", daemon=True)
@@ -98,14 +105,14 @@ def metered(
         reporter.join()
 
 
-def reading(progress: Callable[..., Any], stage: str) -> contextlib.AbstractContextManager[None]:
+def reading(progress: WriteProgress, stage: str) -> contextlib.AbstractContextManager[None]:
     """Meter a step that reads (a model loaded, a dataset downloaded) by the bytes this process
     reads: "loading: 1.2 GB read"."""
     return metered(progress, read_from_now(), in_words(stage, "read"))
 
 
 def writing(
-    progress: Callable[..., Any], stage: str, path: Path, total: int = 0
+    progress: WriteProgress, stage: str, path: Path, total: int = 0
 ) -> contextlib.AbstractContextManager[None]:
     """Meter a step that writes `path` (a file or a folder) by its size: "quantizing: 3.2 GB of
     about 8.1 GB written" (`total`: the size expected, 0 if unknown)."""
