@@ -124,6 +124,8 @@ class DatasetReport(SideWork, table=True):
     max_seq_len: int
     train_on: str = Field(default="assistant", max_length=20)  # assistant | all
     chat_template: str | None = Field(default=None, max_length=20)  # None: the model's; "chatml"
+    progress_done: int = 0  # training rows tokenised so far
+    progress_total: int = 0  # training rows to tokenise
     result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
 
 
@@ -301,10 +303,11 @@ class MergeRequest(SideWork, table=True):
     id: int | None = Field(default=None, primary_key=True)
     adapter_id: str = Field(foreign_key="adapters.id", index=True, max_length=64)
     stage: str = ""  # e.g. "loading the base in bf16", "merging", "saving"
-    progress_done: int = 0  # bytes written so far while saving
-    progress_total: int = 0  # bytes expected
+    # bytes written so far while saving, of those expected (a merged model passes 2 GiB: bigint)
+    progress_done: int = Field(default=0, sa_type=BigInteger)
+    progress_total: int = Field(default=0, sa_type=BigInteger)
     output_dir: str | None = Field(default=None, max_length=500)  # relative to the data dir
-    size_bytes: int = 0
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
 
 
 class HubImport(SideWork, table=True):

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     hub_import_ingest_lease_seconds: float = Field(default=30.0, gt=0, le=3600)
     """A web server ingesting a Hub import renews its claim every third of this; one not renewed for this long (its web server died) is taken back, ingested again."""
 
+    side_task_stall_seconds: float = Field(default=900.0, gt=0, le=7 * 86400)
+    """A worker stops a side task (export, merge, evaluation, Hub import, token report) that reports no progress for this long (default 15 minutes) and fails it, saying where it stopped. Raise it for a step that is legitimately slow."""
+
     sse_poll_seconds: float = Field(default=0.25, gt=0, le=10)
     """How often the web server looks for new metric rows of a job someone is watching."""
 

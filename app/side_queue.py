@@ -30,6 +30,7 @@ from app.models import (
     SideWorkStatus,
     utcnow,
 )
+from app.units import human_bytes, seconds_in_words
 
 # kind -> its table; the kind is what the worker's side loop and its children are told.
 KINDS: dict[str, type[SideWork]] = {
@@ -48,6 +49,17 @@ NAMES = {
     "evaluation": "evaluation",
 }
 FINISHED = (SideWorkStatus.succeeded, SideWorkStatus.failed)
+# What the kinds write while they work; a change in any of them is progress (the stall watchdog).
+PROGRESS_FIELDS = ("stage", "progress_done", "progress_total")
+# What progress_done counts, by kind ("bytes": written while saving).
+PROGRESS_UNITS = {
+    "dataset_report": "rows tokenised",
+    "merge": "bytes",
+    "hub_import": "rows written",
+    "export": "steps done",
+    "evaluation": "steps done",
+}
+EXPORT_NAMES = {"gguf": "GGUF export", "gguf-lora": "LoRA GGUF export", "merged": "merged export"}
 LOST_HINT = (
     "A worker killed by the host (most often out of RAM) or stopped past its time limit stops "
     "heartbeating; the worker's log (worker-side.log in the data dir) has its last lines. Ask "
@@ -153,6 +165,50 @@ def update_progress(db: Database, claim: SideClaim, **fields: Any) -> bool:
             setattr(row, name, value)
         s.add(row)
         return True
+
+
+def progress_of(db: Database, claim: SideClaim) -> tuple[Any, ...] | None:
+    """What the claimed task last reported (its `PROGRESS_FIELDS`), or None if the claim is
+    stale or the task has ended."""
+    with db.read() as s:
+        row = _holding(s, claim)
+        return None if row is None else tuple(getattr(row, f, None) for f in PROGRESS_FIELDS)
+
+
+def stop_stalled(db: Database, claim: SideClaim, stall_seconds: float) -> bool:
+    """Fail a running task whose child made no progress for `stall_seconds` (the worker has
+    killed it), saying what it last reported and what to do. Fenced, as `finish` is."""
+    with db.read() as s:
+        row = _holding(s, claim)
+        if row is None:
+            return False
+        name = EXPORT_NAMES[row.kind] if claim.kind == "export" else NAMES[claim.kind]
+        last = _last_progress(row, PROGRESS_UNITS[claim.kind])
+    window = seconds_in_words(stall_seconds)
+    return finish(
+        db,
+        claim,
+        SideWorkStatus.failed,
+        error_kind="stalled",
+        error_message=f"The {name} made no progress for {window} (last: {last}) and was stopped.",
+        error_hint="Look at worker-side.log in the data dir for what it was doing. If that step is "
+        "legitimately slow (a very large model's conversion, a slow disk or network), raise "
+        f"TUNEBOARD_SIDE_TASK_STALL_SECONDS on the worker (now {stall_seconds:g}), then start it "
+        "again.",
+    )
+
+
+def _last_progress(row: Any, unit: str) -> str:
+    """What a task last reported in the user's words: "saving, 3.2 GB of 8.1 GB written"."""
+    stage = getattr(row, "stage", "")
+    done, total = row.progress_done, row.progress_total
+    if not total:
+        counted = ""
+    elif unit == "bytes":
+        counted = f"{human_bytes(done)} of {human_bytes(total)} written"
+    else:
+        counted = f"{done:,} of {total:,} {unit}"
+    return ", ".join(part for part in (stage, counted) if part) or "nothing reported yet"
 
 
 def finish(

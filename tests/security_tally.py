@@ -3,7 +3,8 @@
 Runs the tests that attack Tuneboard or break it on purpose (the classes in README's "Security and
 reliability": auth, Host and Origin, traversal, pickles, remote code, XSS, uploads and body limits,
 expansion, malformed numbers, the inference server's secret, disk full, locked and read-only
-databases, killed workers, servers, uploads and merges, two workers on one GPU) and prints:
+databases, killed workers, servers, uploads and merges, hung side tasks, two workers on one GPU)
+and prints:
 
     security and fault suite: 212 attacks and faults tried, 212 held, 0 broken, 3 skipped
 
@@ -35,6 +36,7 @@ SUITE = [
     "tests/worker/test_faults.py",
     "tests/worker/test_loop.py",
     "tests/playground/test_side_work.py",
+    "tests/worker/test_side_stall.py",
     "tests/playground/test_inference_server.py::test_only_tuneboard_itself_may_call_the_inference_server",
 ]
 

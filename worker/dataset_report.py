@@ -47,6 +47,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -89,6 +90,9 @@ TOOL_MARKUP = re.compile(r"(<tools>.*?</tools>|<tool_call>.*?</tool_call>)", re.
 MAX_BINS = 40
 MAX_LINES_LISTED = 20
 UNLIMITED = 10**9
+PROGRESS_SECONDS = 1.0
+# told(rows done, rows in all): how a report says how far it got (the row's progress columns)
+Told = Callable[[int, int], object]
 
 
 class ReportFailed(Exception):
@@ -139,6 +143,9 @@ def compute_and_store(
             max_seq_len=report.max_seq_len,
             train_on=report.train_on,
             chat_template=CHATML_TEMPLATE if report.chat_template == "chatml" else None,
+            told=lambda done, total: side_queue.update_progress(
+                db, claim, progress_done=done, progress_total=total
+            ),
         )
     except (ReportFailed, TrainingError, DatasetError) as exc:
         return side_queue.fail(db, claim, exc)
@@ -197,10 +204,12 @@ def compute_report(
     max_seq_len: int,
     train_on: str = "assistant",
     chat_template: str | None = None,
+    told: Told | None = None,
 ) -> dict[str, Any]:
     """The report of the training rows in `dataset_dir` (`store.iter_rows(..., "train")`); of
     preference pairs, `pair_report`'s. Raises ReportFailed for a conversation dataset and a
-    tokenizer without a chat template (unless `chat_template` is given)."""
+    tokenizer without a chat template (unless `chat_template` is given). `told(done, total)`
+    hears the rows tokenised so far, about once a second."""
     started = time.monotonic()
     rows, eval_rows = _training_rows(dataset_dir)
     pairs = any("chosen" in row for row in rows)
@@ -225,7 +234,9 @@ def compute_report(
         if train_on == "all":
             trained_from = "every token (loss on all)"
     if pairs:
-        result = pair_report(tokenizer, rows, max_seq_len=max_seq_len, chat_template=chat_template)
+        result = pair_report(
+            tokenizer, rows, max_seq_len=max_seq_len, chat_template=chat_template, told=told
+        )
         return {
             **result,
             "eval_rows": eval_rows,
@@ -234,7 +245,7 @@ def compute_report(
         }
 
     tally = _Tally()
-    for row in rows:
+    for row in counted(rows, told):
         _measure(tokenizer, row, train_on, max_seq_len, chat_template, tally)
 
     sample = _sample(tokenizer, rows, max_seq_len, chat_template)
@@ -265,7 +276,12 @@ def compute_report(
 
 
 def pair_report(
-    tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, chat_template: str | None
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    max_seq_len: int,
+    chat_template: str | None,
+    told: Told | None = None,
 ) -> dict[str, Any]:
     """The report's numbers for preference pairs, tokenised by `tokenize_pair` (what preference
     training uses). A pair's length is its prompt plus its longer answer: the longest sequence
@@ -273,7 +289,7 @@ def pair_report(
     parts: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
     lengths: list[int] = []
     tally = _Tally()
-    for row in rows:
+    for row in counted(rows, told):
         whole = tokenize_pair(tokenizer, row, UNLIMITED, chat_template)
         line = row.get("line")
         if whole is None:  # an answer that renders to nothing: dropped even uncut
@@ -318,6 +334,19 @@ def pair_report(
         },
         "sample": _pair_sample(tokenizer, sample, chat_template) if sample else None,
     }
+
+
+def counted(rows: list[dict[str, Any]], told: Told | None) -> Iterator[dict[str, Any]]:
+    """The rows, telling `told(done, total)` how many went by, at most every PROGRESS_SECONDS
+    and once at the end: a report of a million rows takes minutes, and says that it works."""
+    next_at = 0.0
+    for done, row in enumerate(rows):
+        if told is not None and time.monotonic() >= next_at:
+            told(done, len(rows))
+            next_at = time.monotonic() + PROGRESS_SECONDS
+        yield row
+    if told is not None:
+        told(len(rows), len(rows))
 
 
 def _pair_sample(tokenizer: Any, row: dict[str, Any], chat_template: str | None) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from worker.errors import TrainingError
 from worker.gpu_lock import GpuLocks
 from worker.inference import Engine, InferenceError
 from worker.judge import Judge, JudgeError
+from worker.progress_meter import metered, reading
 from worker.side_work import LOCK_HELD_ENV, child_main
 
 log = logging.getLogger("tuneboard.evaluation")
@@ -286,13 +287,21 @@ def answer(
     max_new_tokens: int,
     *,
     base: bool,
+    heard: list[str] | None = None,
 ) -> str:
-    """The greedy answer of the base (adapter off) or the adapter, through the playground's code."""
+    """The greedy answer of the base (adapter off) or the adapter, through the playground's code;
+    `heard` gets its pieces too, as they come."""
     request = GenerationRequest(
         model=adapter.id, messages=messages, temperature=0, max_new_tokens=max_new_tokens
     )
     pieces: list[str] = []
-    engine.generate(request, None if base else adapter, tokenizer, pieces.append)
+
+    def emit(piece: str) -> None:
+        pieces.append(piece)
+        if heard is not None:
+            heard.append(piece)
+
+    engine.generate(request, None if base else adapter, tokenizer, emit)
     return "".join(pieces).strip()
 
 
@@ -332,10 +341,12 @@ def evaluate(settings: Settings, db: Database, claim: side_queue.SideClaim) -> d
     judge = judge_for(settings, subject.evaluation)
     progress.total = len(rows) + len(prompts) * (2 if judge else 1)
 
-    progress.stage("loading the base model and the adapter", method=method)
+    loading = "loading the base model and the adapter"
+    progress.stage(loading, method=method)
     engine = Engine(settings, db)
     try:
-        tokenizer = engine.prepare(subject.base, subject.adapter)
+        with reading(progress.stage, loading):
+            tokenizer = engine.prepare(subject.base, subject.adapter)
     except InferenceError as exc:
         raise EvaluationFailed(exc.code, exc.message, exc.hint) from exc
 
@@ -347,30 +358,40 @@ def evaluate(settings: Settings, db: Database, claim: side_queue.SideClaim) -> d
     base["rows"] = adapter["rows"] = len(rows)
     base["compute_mode"] = adapter["compute_mode"] = engine.compute_mode  # e.g. "bf16 on CUDA"
 
-    progress.stage("answering held-out prompts")
+    answering = "answering held-out prompts"
+    progress.stage(answering)
     answered: list[dict[str, Any]] = []
-    for messages, reference in prompts:
-        base_answer = answer(
-            engine, tokenizer, subject.adapter, messages, settings.eval_max_new_tokens, base=True
-        )
-        adapter_answer = answer(
-            engine, tokenizer, subject.adapter, messages, settings.eval_max_new_tokens, base=False
-        )
-        base_scores = evaluation_scores.score(base_answer, reference)
-        adapter_scores = evaluation_scores.score(adapter_answer, reference)
-        answered.append(
-            {
-                "prompt": prompt_text(messages),
-                "reference": reference,
-                "base_answer": base_answer,
-                "adapter_answer": adapter_answer,
-                "base_scores": base_scores,
-                "adapter_scores": adapter_scores,
-                # where they differ most: the adapter's ROUGE-L gain (negative: it did worse)
-                "difference": adapter_scores["rouge_l"] - base_scores["rouge_l"],
-            }
-        )
-        progress.step(rows=answered)
+    # A step is two answers of up to eval_max_new_tokens: minutes for a large model, so the text
+    # written so far is progress too (the side loop's stall watchdog reads it).
+    heard: list[str] = []
+    limit_tokens = settings.eval_max_new_tokens
+    with metered(
+        progress.stage,
+        lambda: sum(map(len, heard)),
+        lambda written: {"stage": f"{answering}: {written:,} characters written"},
+    ):
+        for messages, reference in prompts:
+            base_answer = answer(
+                engine, tokenizer, subject.adapter, messages, limit_tokens, base=True, heard=heard
+            )
+            adapter_answer = answer(
+                engine, tokenizer, subject.adapter, messages, limit_tokens, base=False, heard=heard
+            )
+            base_scores = evaluation_scores.score(base_answer, reference)
+            adapter_scores = evaluation_scores.score(adapter_answer, reference)
+            answered.append(
+                {
+                    "prompt": prompt_text(messages),
+                    "reference": reference,
+                    "base_answer": base_answer,
+                    "adapter_answer": adapter_answer,
+                    "base_scores": base_scores,
+                    "adapter_scores": adapter_scores,
+                    # where they differ most: the adapter's ROUGE-L gain (negative: it did worse)
+                    "difference": adapter_scores["rouge_l"] - base_scores["rouge_l"],
+                }
+            )
+            progress.step(rows=answered)
     for name in evaluation_scores.SCORES:
         base[name] = mean([r["base_scores"][name] for r in answered])
         adapter[name] = mean([r["adapter_scores"][name] for r in answered])

@@ -33,6 +33,7 @@ from app.models import Adapter, BaseModelEntry, ModelExport, SideWorkStatus
 from app.settings import Settings
 from worker import gguf_converter
 from worker.data import has_generation_markers
+from worker.progress_meter import bytes_in, writing
 from worker.side_work import child_main, run_pending
 
 log = logging.getLogger("tuneboard.export")
@@ -195,9 +196,15 @@ def declare_added_tokens(folder: Path, tokenizer: Any) -> None:
 def _save_merged(build: Build, folder: Path, progress: Any, dtype: Any) -> None:
     from worker.merge import merged_model
 
-    model = merged_model(build.base, build.adapter_dir, dtype, progress)
-    model.save_pretrained(folder, safe_serialization=True)
+    model = merged_model(build.base, build.adapter_dir, dtype, progress, "loading the base model")
+    with writing(progress, "saving the merged model", folder):
+        model.save_pretrained(folder, safe_serialization=True)
     _save_tokenizer(build, folder)
+
+
+def _expected_bytes(build: Build, quantization: str) -> int:
+    """About the size of the base's weights as a GGUF at `quantization` (0: unknown)."""
+    return int(build.base.parameters * export_kinds.BYTES_PER_WEIGHT[quantization])
 
 
 def quantize(source: Path, target: Path, quantization: str) -> None:
@@ -235,12 +242,15 @@ def build_gguf(build: Build, progress: Any) -> Path:
     outtype = "q8_0" if quantization == "q8_0" else "f16"
     converter = gguf_converter.script("convert_hf_to_gguf.py")
     command = [sys.executable, str(converter), str(merged), "--outfile", str(converted)]
-    _run([*command, "--outtype", outtype], "converting the merged model")
+    with writing(progress, STEPS["gguf"][1], converted, _expected_bytes(build, outtype)):
+        _run([*command, "--outtype", outtype], "converting the merged model")
     shutil.rmtree(merged)
     if quantization == "q4_K_M":
         progress(stage=STEPS["gguf"][2], progress_done=2)
         quantized = build.staging / "model-q4_K_M.gguf"
-        quantize(converted, quantized, quantization)
+        # llama.cpp's quantiser writes each tensor as it is done: the file grows as it works.
+        with writing(progress, STEPS["gguf"][2], quantized, _expected_bytes(build, quantization)):
+            quantize(converted, quantized, quantization)
         converted.unlink()
         converted = quantized
     return converted
@@ -253,11 +263,12 @@ def build_lora_gguf(build: Build, progress: Any) -> Path:
     converter = gguf_converter.script("convert_lora_to_gguf.py")
     command = [sys.executable, str(converter), str(build.adapter_dir), "--outfile", str(out)]
     command += ["--outtype", quantization, "--base", str(build.base.source)]
-    _run(command, "converting the adapter")
+    with writing(progress, STEPS["gguf-lora"][0], out):
+        _run(command, "converting the adapter")
     return out
 
 
-def base_gguf(build: Build) -> Path:
+def base_gguf(build: Build, progress: Any) -> Path:
     """The base model as an f16 GGUF in the staging folder: what a LoRA GGUF is checked on. Its
     weights are the base's own (linked, not copied); its tokenizer and chat template are the
     adapter's, saved as for a merged GGUF, so the check asks what the adapter was trained on."""
@@ -273,7 +284,8 @@ def base_gguf(build: Build) -> Path:
     out = build.staging / "base-f16.gguf"
     converter = gguf_converter.script("convert_hf_to_gguf.py")
     command = [sys.executable, str(converter), str(folder), "--outfile", str(out)]
-    _run([*command, "--outtype", "f16"], "converting the base model for the check")
+    with writing(progress, "converting the base for the check", out, _expected_bytes(build, "f16")):
+        _run([*command, "--outtype", "f16"], "converting the base model for the check")
     shutil.rmtree(folder)
     return out
 
@@ -312,12 +324,6 @@ def sha256_of(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
 def run_export(settings: Settings, db: Database, claim: side_queue.SideClaim) -> dict[str, Any]:
     """Build one claimed export; returns the fields its row is finished with."""
     from worker.export_check import check_gguf
@@ -347,10 +353,10 @@ def run_export(settings: Settings, db: Database, claim: side_queue.SideClaim) ->
                 build_gguf(build, progress) if kind == "gguf" else build_lora_gguf(build, progress)
             )
             progress(stage=STEPS[kind][-1], progress_done=len(STEPS[kind]) - 1)
-            base_file = base_gguf(build) if kind == "gguf-lora" else None
+            base_file = base_gguf(build, progress) if kind == "gguf-lora" else None
             # Checked where it was built: a worker killed during the check leaves no file in
             # place, only the staging folder (never offered; the next attempt starts afresh).
-            check = check_gguf(settings, db, build.adapter, build.base, staged, base_file)
+            check = check_gguf(settings, db, build.adapter, build.base, staged, base_file, progress)
             publish(staged, build.final)
     except BaseException:
         if build.final.exists() and kind != "merged":
@@ -362,7 +368,7 @@ def run_export(settings: Settings, db: Database, claim: side_queue.SideClaim) ->
         "stage": "done",
         "progress_done": len(STEPS[kind]),
         "output_path": str(build.final.relative_to(settings.resolved_data_dir)),
-        "size_bytes": _size(build.final),
+        "size_bytes": bytes_in(build.final),
         "sha256": sha256_of(build.final),
         "check_status": check["status"],
         "check_details": check["details"],

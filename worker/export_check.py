@@ -23,12 +23,14 @@ from app.db import Database
 from app.generation import GenerationRequest
 from app.models import Adapter, BaseModelEntry, Job
 from app.settings import Settings
+from worker.progress_meter import WriteProgress, nothing_said, reading
 
 log = logging.getLogger("tuneboard.export.check")
 
 PROMPTS = 3
 MAX_NEW_TOKENS = 48
 CONTEXT_TOKENS = 2048
+STAGE = "checking the answers"  # the export's last step, whose stage says where the check is
 
 
 def _prompt_of(row: dict[str, Any]) -> list[dict[str, str]] | None:
@@ -79,7 +81,12 @@ def held_out_prompts(
 
 
 def adapter_answers(
-    settings: Settings, db: Database, adapter: Adapter, base: BaseModelEntry, prompts: list
+    settings: Settings,
+    db: Database,
+    adapter: Adapter,
+    base: BaseModelEntry,
+    prompts: list,
+    progress: WriteProgress = nothing_said,
 ) -> list[tuple[str, list[int]]]:
     """The adapter's greedy answers, from the Playground's engine, each with the token ids its
     tokenizer cut the prompt into."""
@@ -87,8 +94,10 @@ def adapter_answers(
 
     engine = Engine(settings, db)
     answers = []
-    tokenizer = engine.prepare(base, adapter)
-    for prompt in prompts:
+    with reading(progress, f"{STAGE}: loading the adapter"):
+        tokenizer = engine.prepare(base, adapter)
+    for number, prompt in enumerate(prompts, 1):
+        progress(stage=f"{STAGE}: the adapter's answer {number} of {len(prompts)}")
         request = GenerationRequest(
             model=adapter.id, messages=prompt, temperature=0, max_new_tokens=MAX_NEW_TOKENS
         )
@@ -103,7 +112,10 @@ def adapter_answers(
 
 
 def gguf_replies(
-    model_file: Path, prompts: list, lora_file: Path | None = None
+    model_file: Path,
+    prompts: list,
+    lora_file: Path | None = None,
+    progress: WriteProgress = nothing_said,
 ) -> list[tuple[str, list[int]]]:
     """The GGUF's greedy answers with its embedded chat template (llama-cpp-python), each with
     the token ids llama.cpp cut the rendered prompt into."""
@@ -113,14 +125,15 @@ def gguf_replies(
     kwargs: dict[str, Any] = {}
     if lora_file is not None:
         kwargs["lora_path"] = str(lora_file)
-    llm = Llama(
-        model_path=str(model_file),
-        n_ctx=CONTEXT_TOKENS,
-        n_threads=max(1, min(os.cpu_count() or 1, 8)),
-        seed=0,
-        verbose=False,
-        **kwargs,
-    )
+    with reading(progress, f"{STAGE}: loading the GGUF"):
+        llm = Llama(
+            model_path=str(model_file),
+            n_ctx=CONTEXT_TOKENS,
+            n_threads=max(1, min(os.cpu_count() or 1, 8)),
+            seed=0,
+            verbose=False,
+            **kwargs,
+        )
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
         raise ValueError("the GGUF carries no chat template (tokenizer.chat_template)")
@@ -128,7 +141,8 @@ def gguf_replies(
     eos_text = llm.detokenize([eos], special=True).decode("utf-8", "replace") if eos >= 0 else ""
     formatter = Jinja2ChatFormatter(template, eos_token=eos_text, bos_token="")
     answers = []
-    for prompt in prompts:
+    for number, prompt in enumerate(prompts, 1):
+        progress(stage=f"{STAGE}: the GGUF's answer {number} of {len(prompts)}")
         rendered = formatter(messages=prompt)
         tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
         out: list[int] = []
@@ -153,9 +167,11 @@ def check_gguf(
     base: BaseModelEntry,
     model_file: Path,
     base_file: Path | None = None,
+    progress: WriteProgress = nothing_said,
 ) -> dict[str, Any]:
     """{"status": "match" | "differs" | "not run", "details": {...}} for a GGUF export; for a LoRA
-    GGUF `model_file` is the LoRA and `base_file` the base's GGUF it is loaded onto."""
+    GGUF `model_file` is the LoRA and `base_file` the base's GGUF it is loaded onto. `progress`
+    hears where it is: each load (bytes read), each answer (MAX_NEW_TOKENS tokens at most)."""
     try:
         prompts, source = held_out_prompts(settings, db, adapter)
     except DatasetError as exc:
@@ -163,11 +179,11 @@ def check_gguf(
     if not prompts:
         return {"status": "not run", "details": {"reason": "the dataset has no prompt to ask"}}
     try:
-        expected = adapter_answers(settings, db, adapter, base, prompts)
+        expected = adapter_answers(settings, db, adapter, base, prompts, progress)
         if base_file is not None:
-            got = gguf_replies(base_file, prompts, lora_file=model_file)
+            got = gguf_replies(base_file, prompts, lora_file=model_file, progress=progress)
         else:
-            got = gguf_replies(model_file, prompts)
+            got = gguf_replies(model_file, prompts, progress=progress)
     except Exception as exc:
         log.exception("the check of %s could not run", model_file.name)
         return {"status": "not run", "details": {"reason": str(exc) or type(exc).__name__}}

@@ -27,6 +27,7 @@ from app import side_queue
 from app.db import Database
 from app.models import HubImport, SideWorkStatus
 from app.settings import Settings
+from worker.progress_meter import reading
 from worker.side_work import child_main
 
 PROGRESS_EVERY_ROWS = 1000
@@ -161,7 +162,8 @@ def run_import(settings: Settings, db: Database, claim: side_queue.SideClaim) ->
 
     try:
         progress(stage="loading")
-        split = load_split(settings, task)
+        with reading(progress, "loading"):  # the download, then the split prepared: bytes read
+            split = load_split(settings, task)
         columns = check_mapping(split, task)
         progress(stage="writing rows", progress_done=0, progress_total=len(split))
         written = write_rows(split, columns, path, settings.upload_max_bytes, progress)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,10 @@ from app import side_queue
 from app.db import Database
 from app.models import Adapter, BaseModelEntry, MergeRequest, SideWorkStatus
 from app.settings import Settings
+from worker.progress_meter import bytes_in, metered, reading
 from worker.side_work import child_main, run_pending
 
 log = logging.getLogger("tuneboard.merge")
-
-POLL_SECONDS = 0.5
-
-
-def _folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
 def checked_adapter_dir(settings: Settings, adapter: Adapter) -> Path:
@@ -50,19 +44,25 @@ def checked_adapter_dir(settings: Settings, adapter: Adapter) -> Path:
     return adapter_dir
 
 
-def merged_model(base: BaseModelEntry, adapter_dir: Path, dtype: Any, progress: Any) -> Any:
+def merged_model(
+    base: BaseModelEntry, adapter_dir: Path, dtype: Any, progress: Any, stage: str
+) -> Any:
     """The base loaded on the CPU in `dtype` ("auto": its checkpoint's) with the adapter merged
-    in by `merge_and_unload`; `progress(stage=...)` is told when the adapter is applied."""
+    in by `merge_and_unload`. `progress(stage=...)` hears the load as `stage` with the bytes read
+    so far (a download, then the weights), then "applying the adapter"."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base_model: Any = AutoModelForCausalLM.from_pretrained(
-        base.source,
-        dtype=dtype,
-        trust_remote_code=base.trust_remote_code,
-        use_safetensors=True,
-    )
+    with reading(progress, stage):
+        base_model: Any = AutoModelForCausalLM.from_pretrained(
+            base.source,
+            dtype=dtype,
+            trust_remote_code=base.trust_remote_code,
+            use_safetensors=True,
+        )
     progress(stage="applying the adapter")
+    # Unmetered: a few small matrix products and sums a layer, a minute or two for a 70B on the
+    # CPU, well inside the stall window.
     return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
 
 
@@ -92,24 +92,22 @@ def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim)
     def progress(**fields: object) -> None:
         side_queue.update_progress(db, claim, **fields)
 
-    progress(stage="loading the base model in bf16")
-    model = merged_model(base, adapter_dir, torch.bfloat16, progress)
+    loading = "loading the base model in bf16"
+    progress(stage=loading)
+    model = merged_model(base, adapter_dir, torch.bfloat16, progress, loading)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     progress(stage="saving", progress_total=total, progress_done=0)
 
     final = settings.layout.merged_dir(adapter.job_id)
     staging = settings.layout.merge_staging_dir(adapter.job_id)
     shutil.rmtree(staging, ignore_errors=True)
-    done = threading.Event()
 
-    def report_bytes() -> None:
-        while not done.wait(POLL_SECONDS):
-            progress(progress_done=min(_folder_bytes(staging), total))
+    def written() -> int:
+        return min(bytes_in(staging), total)
 
-    reporter = threading.Thread(target=report_bytes, daemon=True)
-    reporter.start()
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        with metered(progress, written, lambda done: {"progress_done": done}):
+            model.save_pretrained(staging, safe_serialization=True)
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
         (staging / "train_config.json").write_bytes(
             (adapter_dir / "train_config.json").read_bytes()
@@ -117,9 +115,6 @@ def merge_adapter(settings: Settings, db: Database, claim: side_queue.SideClaim)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        done.set()
-        reporter.join()
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
@@ -144,7 +139,7 @@ def run_claimed_merge(settings: Settings, db: Database, claim: side_queue.SideCl
             if out_of_memory
             else "Look at the worker's log; the adapter's files and base model must exist.",
         )
-    size = _folder_bytes(final)
+    size = bytes_in(final)
     return side_queue.finish(
         db,
         claim,

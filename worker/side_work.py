@@ -10,6 +10,12 @@ behind the training job on the same worker (merges load the base on the CPU), an
 dies (the OOM killer, a crash) leaves a task that is requeued or, after its last attempt, failed
 with a reason: never one "running" forever.
 
+No task has a time limit: a GGUF export of a 70B model or a large Hub import may take hours. At
+each renewal the loop reads what the task reports (its stage, rows, bytes or steps), and kills a
+child (with what it started) whose task reported nothing new for TUNEBOARD_SIDE_TASK_STALL_SECONDS,
+failing it as "stalled" with how far it got. So each child reports as it works, also in the steps
+a library runs without a word (`worker/progress_meter.py`).
+
 Each kind's module runs its claimed task with `child_main`, and `run_pending` runs the queued
 tasks of a kind in the calling process (tests, and by hand without a worker).
 """
@@ -28,7 +34,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -43,7 +51,6 @@ from worker.gpu_lock import GpuLocks
 log = logging.getLogger("tuneboard.worker.side")
 
 EXIT_GRACE_SECONDS = 5.0  # a child that recorded its end exits within this
-SIDE_TASK_TIMEOUT_SECONDS = 30 * 60
 TICK_SECONDS = 0.1
 
 # kinds whose child computes on the worker's GPU (the others load tokenizers, or the CPU)
@@ -135,8 +142,9 @@ def run_in_child(
             start_new_session=True,
             pass_fds=tuple(lock_fds or ()),
         )
-    name = side_queue.NAMES[claim.kind]
-    deadline = time.monotonic() + SIDE_TASK_TIMEOUT_SECONDS
+    # The watchdog: no fixed time limit (a 70B export or a large import may take hours), but a
+    # child whose task reports nothing new for the stall window is stopped.
+    watch = StallWatch(settings.side_task_stall_seconds, time.monotonic())
     next_renewal = time.monotonic() + settings.heartbeat_seconds
     while child.poll() is None:
         now = time.monotonic()
@@ -150,26 +158,16 @@ def run_in_child(
                         child.wait(timeout=EXIT_GRACE_SECONDS)
                     if child.poll() is None:
                         log.warning("%s: lease lost to another worker; child killed", claim)
-                        child.kill()
-                        child.wait()
+                        signal_group(child, signal.SIGKILL)
                         return
                     break
-        if now >= deadline:
-            child.kill()
-            child.wait()
-            side_queue.finish(
-                db,
-                claim,
-                SideWorkStatus.failed,
-                error_kind="timeout",
-                error_message=f"The {name} ran longer than {SIDE_TASK_TIMEOUT_SECONDS // 60} "
-                "minutes and was stopped.",
-                error_hint="Look at worker-side.log in the data dir for what it was doing.",
-            )
-            return
+                if watch.stalled(side_queue.progress_of(db, claim), now):
+                    log.warning("%s: no progress for %ss; child killed", claim, watch.window)
+                    signal_group(child, signal.SIGKILL)
+                    side_queue.stop_stalled(db, claim, watch.window)
+                    break  # as a killed child: an export's half-built files are removed
         if stopping.is_set():
-            child.terminate()
-            child.wait()
+            signal_group(child, signal.SIGTERM)
             side_queue.release_lost(db, claim, "was stopped with its worker")
             return
         time.sleep(TICK_SECONDS)
@@ -184,6 +182,32 @@ def run_in_child(
         log.warning("%s %s", claim, what)
     if claim.kind == "export":
         discard_export_staging(settings, db, claim.task_id)
+
+
+@dataclass
+class StallWatch:
+    """When a side task last showed progress: any change in what its child reports (stage,
+    rows, bytes, steps). `stalled` is true once nothing changed for `window` seconds."""
+
+    window: float
+    moved_at: float
+    seen: tuple[Any, ...] | None = None
+
+    def stalled(self, progress: tuple[Any, ...] | None, now: float) -> bool:
+        if progress is None:  # the task ended or went to another worker: not ours to stop
+            return False
+        if progress != self.seen:
+            self.seen, self.moved_at = progress, now
+            return False
+        return now - self.moved_at >= self.window
+
+
+def signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the child and what it started (llama.cpp's converter...): its session's process
+    group (the child leads it), then reap the child."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, sig)
+    child.wait()
 
 
 def discard_export_staging(settings: Settings, db: Database, export_id: int) -> None:

@@ -45,3 +45,13 @@ def test_every_setting_is_documented_and_the_readme_table_is_current():
     readme = README.read_text()
     assert table in readme, "README's settings table is stale: run `tuneboard settings --markdown`"
     assert len(re.findall(r"^\| `TUNEBOARD_", table, re.M)) == len(Settings.model_fields)
+
+
+def test_the_side_task_stall_window_comes_from_the_environment_and_must_be_positive(monkeypatch):
+    assert Settings().side_task_stall_seconds == 15 * 60
+    monkeypatch.setenv("TUNEBOARD_SIDE_TASK_STALL_SECONDS", "3600")
+    assert Settings().side_task_stall_seconds == 3600
+    for bad in ("0", "-5"):
+        monkeypatch.setenv("TUNEBOARD_SIDE_TASK_STALL_SECONDS", bad)
+        with pytest.raises(ValueError, match="side_task_stall_seconds"):
+            Settings()

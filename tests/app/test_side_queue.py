@@ -173,3 +173,58 @@ def test_asking_again_for_a_merge_whose_worker_died_never_returns_it_running(cli
     again = client.post(url).json()
     assert (again["id"], again["status"], again["attempt"]) == (first["id"], "queued", 1)
     assert "lost its worker" in again["notice"]
+
+
+def test_a_merge_records_the_bytes_of_a_model_over_2_gib(any_db, settings):
+    """A 8B model's merge writes 16 GB: its progress and size fit (PostgreSQL's integer did not)."""
+    adapter_id = add_adapter(any_db, settings)
+    task = add_side_work(any_db, add_dataset(any_db, settings), adapter_id, 0)["merge"]
+    claim = side_queue.claim_next(any_db, "merge", "w", lease_seconds=60)
+    assert claim is not None and claim.task_id == task
+    size = 16 * 1024**3
+    assert side_queue.update_progress(any_db, claim, progress_done=size // 2, progress_total=size)
+    assert side_queue.finish(
+        any_db, claim, SideWorkStatus.succeeded, progress_done=size, size_bytes=size
+    )
+    with any_db.read() as s:
+        merge = s.get(MergeRequest, task)
+        assert merge is not None
+    assert (merge.progress_done, merge.progress_total, merge.size_bytes) == (size, size, size)
+
+
+def test_a_stalled_task_fails_saying_how_far_it_got_in_its_own_units(any_db, settings):
+    """What the side loop records for a task whose child it stopped on a stall: the export's
+    kind, its stage and steps; a merge's bytes; a task that said nothing at all."""
+    adapter_id = add_adapter(any_db, settings)
+    add_side_work(any_db, add_dataset(any_db, settings), adapter_id, 0)
+    gib = 1024**3
+    said = {
+        "export": {
+            "stage": "converting to GGUF: 3.2 GB of about 8.1 GB written",
+            "progress_done": 1,
+            "progress_total": 4,
+        },
+        "merge": {"stage": "saving", "progress_done": 3 * gib, "progress_total": 8 * gib},
+        "hub_import": {},
+    }
+    errors = {}
+    for kind, fields in said.items():
+        claim = side_queue.claim_next(any_db, kind, "w", lease_seconds=60)
+        assert claim is not None
+        if fields:
+            assert side_queue.update_progress(any_db, claim, **fields)
+        assert side_queue.stop_stalled(any_db, claim, 900)
+        assert not side_queue.stop_stalled(any_db, claim, 900)  # fenced: it has ended
+        with any_db.read() as s:
+            task = s.get(claim.table, claim.task_id)
+            assert task is not None and task.status == SideWorkStatus.failed
+            assert task.error_kind == "stalled" and "(now 900)" in (task.error_hint or "")
+            errors[kind] = task.error_message
+    assert errors == {
+        "export": "The GGUF export made no progress for 15 minutes (last: converting to GGUF: "
+        "3.2 GB of about 8.1 GB written, 1 of 4 steps done) and was stopped.",
+        "merge": "The merge made no progress for 15 minutes (last: saving, 3.0 GB of 8.0 GB "
+        "written) and was stopped.",
+        "hub_import": "The Hub import made no progress for 15 minutes (last: nothing reported "
+        "yet) and was stopped.",
+    }

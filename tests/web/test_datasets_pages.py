@@ -133,6 +133,21 @@ def test_report_section_without_a_model_says_what_to_do(client):
     assert "Register a base model" in partial.text and "<html" not in partial.text
 
 
+def test_a_running_report_shows_the_rows_tokenised_so_far(client, db):
+    from app import side_queue
+    from app.models import BaseModelEntry, DatasetReport
+
+    body = upload(client, "qa.jsonl", jsonl(XSS_ROWS[:2]))
+    with db.write() as s:
+        s.add(BaseModelEntry(name="m", source="/nowhere", is_local=True))
+        s.add(DatasetReport(dataset_id=body["id"], base_model="m", max_seq_len=64))
+    claim = side_queue.claim_next(db, "dataset_report", "w", lease_seconds=60)
+    assert claim is not None
+    side_queue.update_progress(db, claim, progress_done=1000, progress_total=20000)
+    partial = client.get(f"/partials/datasets/{body['id']}/report", headers=HTML).text
+    assert "A worker is tokenising the rows" in partial and "1000 of 20000 rows" in partial
+
+
 def test_unknown_dataset_pages_are_404(client):
     assert client.get("/datasets/" + "0" * 32, headers=HTML).status_code == 404
     assert client.get("/datasets/..%2f..%2fetc", headers=HTML).status_code == 404
