@@ -207,12 +207,12 @@ def _gated_back(
     g, u, d = gate.float(), up.float(), dh.float()
     if kind == "swiglu":
         sig = torch.sigmoid(g)
-        act, slope = g * sig, sig * (1 + g * (1 - sig))
+        d_gate, d_up = d * u * sig * (1 + g * (1 - sig)), d * g * sig
     else:  # GELU, tanh form: 0.5 g (1 + tanh(z)), z = sqrt(2/pi) (g + 0.044715 g^3)
         t = torch.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * g**3))
-        act = 0.5 * g * (1 + t)
         slope = 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * g * g)
-    return (d * u * slope).to(gate.dtype), (d * act).to(up.dtype)
+        d_gate, d_up = d * u * slope, d * (0.5 * g * (1 + t))
+    return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
