@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -215,13 +216,34 @@ def test_a_second_worker_on_the_same_gpu_waits_until_the_first_and_its_child_are
         assert done.status == JobStatus.succeeded and second[0].id == done.worker_id
 
 
+def pause_outside_a_write(process: subprocess.Popen[bytes], settings: Settings) -> None:
+    """SIGSTOP `process` at a moment it holds no SQLite write lock: a worker frozen inside a
+    write transaction (its heartbeat's, a fraction of a millisecond in 0.3 s) would hold every
+    other writer off the database file until it runs again, which no lease can break; such a
+    pause is SQLite's limit, not the takeover this test is about."""
+    path = settings.resolved_database_url.removeprefix("sqlite:///")
+    for _ in range(100):
+        process.send_signal(signal.SIGSTOP)
+        probe = sqlite3.connect(path, timeout=0.2)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.rollback()
+            return
+        except sqlite3.OperationalError:  # "database is locked": it stopped mid-write
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            probe.close()
+    raise AssertionError("the worker never stopped outside a write")
+
+
 def test_a_paused_worker_loses_the_job_and_its_writes_are_refused(db, settings, workers):
     slow = add_job(db, settings, name="fake slow")
     first = workers.start()
     wait_for(lambda: running_at_step(db, slow.id, 2), what="the slow job to train")
-    first.send_signal(signal.SIGSTOP)
+    pause_outside_a_write(first, settings)
     second = workers.start()
-    wait_for(lambda: queue.get_job(db, slow.id).attempt == 2, timeout=15, what="a takeover")
+    wait_for(lambda: queue.get_job(db, slow.id).attempt == 2, timeout=30, what="a takeover")
     time.sleep(settings.heartbeat_seconds * 2)
     first.send_signal(signal.SIGCONT)
     done = wait_for(lambda: finished(db, slow.id), timeout=30, what="the second worker")
