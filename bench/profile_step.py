@@ -13,9 +13,7 @@ layer under torch.compile), `off:unfused` / `on:unfused` (peft's own path throug
 before worker/fused_mlp.py), `off:fusedinside` (the fused MLP with its forward pass inside the
 autograd function, session 5's form A), `off:unfusedattn` / `on:unfusedattn` (peft's own path
 through the attention projections, as before worker/fused_attention.py), `on:bnbdequant`
-(bitsandbytes' own three-kernel dequantisation instead of worker/nf4.py's one),
-`offload:noprefetch` (each offloaded tensor copied back when the backward pass asks for it, not
-ahead), `off:flatabsmax` (each
+(bitsandbytes' own three-kernel dequantisation instead of worker/nf4.py's one), `off:flatabsmax` (each
 4-bit weight's block scales kept dequantised: one kernel per dequantisation instead of three, for
 about 330 MB at 8B; it stays for the rows after it: list `off:flatabsmax,on:flatabsmax` last;
 CUDA 4-bit only). The loss and LoRA gradient norm of one step on the same
@@ -156,13 +154,12 @@ def set_policy(recipe, spec: str) -> None:
     """A memory policy as the recipe sets it, then the variant after the colon, if any."""
     import torch
 
-    from worker import nf4, offload
+    from worker import nf4
     from worker.fused_attention import fuse_attention, unfuse_attention
     from worker.fused_mlp import fuse_mlps, unfuse_mlps
 
     policy, _, variant = spec.partition(":")
     nf4.FUSED = variant != "bnbdequant"  # bitsandbytes' three-kernel dequantisation
-    offload.PREFETCH = variant != "noprefetch"  # each offloaded tensor's copy back waited for
     recipe._set_memory_policy("off")  # untiled, so that the MLPs' forwards can be swapped
     unfuse_mlps(recipe.model)
     if variant == "unfusedattn":  # peft's path through the attention projections
@@ -196,7 +193,7 @@ def set_policy(recipe, spec: str) -> None:
     elif variant == "flatabsmax":  # lasts: later rows keep it (list it last)
         if not flatten_absmax(recipe.model):
             raise ValueError("no 4-bit weights to flatten (a 4-bit model on CUDA only)")
-    elif variant in ("unfused", "fusedinside", "unfusedattn", "bnbdequant", "noprefetch"):
+    elif variant in ("unfused", "fusedinside", "unfusedattn", "bnbdequant"):
         pass
     elif variant:
         raise ValueError(f"unknown variant {variant!r}")

@@ -1,12 +1,14 @@
-"""The fused NF4 dequantisation (worker.nf4) and the offload's copies back ahead of the backward
-pass (worker.offload), each against what it replaces, on the GPU."""
+"""The fused NF4 dequantisation (worker.nf4) against bitsandbytes', and the fused GeGLU MLP
+against peft's path, on the GPU."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from worker import nf4, offload
+from worker import nf4
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,9 +45,14 @@ def test_nf4_dequantize_is_bitsandbytes_bit_for_bit_in_one_kernel(nested, storag
             quant_storage=storage,
         ).cuda()
         assert weight.quant_state.nested is nested
+        # bitsandbytes writes the weight's own dtype (bf16 here); in another dtype it is
+        # compared with bitsandbytes' float32 values rounded once, as the kernel rounds them.
+        in_fp32 = copy.copy(weight.quant_state)
+        in_fp32.dtype = torch.float32
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             ours = nf4.dequantize(weight, dtype)
-            theirs = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+            state = weight.quant_state if dtype == weight.quant_state.dtype else in_fp32
+            theirs = bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
             assert ours.shape == theirs.shape == (rows, cols)
             assert ours.dtype == dtype
             assert torch.equal(ours, theirs), (rows, cols, dtype, (ours - theirs).abs().max())
@@ -74,63 +81,6 @@ def test_nf4_falls_back_to_bitsandbytes_where_the_kernel_does_not_apply(monkeypa
     ).cuda()
     launched = _kernels_launched(lambda: nf4.dequantize(nf4_weight, torch.bfloat16))
     assert "nf4_dequantize" not in launched and launched
-
-
-class _Layer(torch.autograd.Function):
-    """y = x * w, saving x (a layer's input, as a checkpointed layer saves it)."""
-
-    @staticmethod
-    def forward(ctx, x, w):  # type: ignore[override]
-        ctx.save_for_backward(x, w)
-        return x * w
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, w = ctx.saved_tensors
-        return grad * w, (grad * x).sum(0)
-
-
-def test_offload_brings_each_input_back_ahead_of_the_backward_pass(monkeypatch):
-    """Eight layers' inputs and weights go to the host; in the backward pass each is on its way
-    back before it is asked for (all but the last layer's), and the gradients are those without
-    offload. Without prefetching each is waited for."""
-    stream = torch.cuda.Stream()
-    widths = 1 << 18  # 1 MiB of float32 per row: every input is offloaded
-    ws = [torch.randn(widths, device="cuda", requires_grad=True) for _ in range(8)]
-    x0 = torch.randn(4, widths, device="cuda")
-
-    def run(context) -> list[torch.Tensor]:
-        for w in ws:
-            w.grad = None
-        with context:
-            h = x0
-            for w in ws:
-                h = _Layer.apply(h, w)
-        h.sum().backward()
-        return [w.grad.clone() for w in ws]
-
-    import contextlib
-
-    plain = run(contextlib.nullcontext())
-    came_back: list[bool] = []
-    unpack = offload.ActivationOffload._unpack
-
-    def watched(self, packed):
-        if isinstance(packed, offload._OnHost):
-            came_back.append(packed.on_device is not None)
-        return unpack(self, packed)
-
-    monkeypatch.setattr(offload.ActivationOffload, "_unpack", watched)
-    ahead = run(offload.ActivationOffload(stream))
-    assert came_back == [False, False] + [True] * 14, came_back
-    for a, b in zip(ahead, plain, strict=True):
-        assert torch.equal(a, b)
-    came_back.clear()
-    monkeypatch.setattr(offload, "PREFETCH", False)
-    waited = run(offload.ActivationOffload(stream))
-    assert came_back == [False] * 16
-    for a, b in zip(waited, plain, strict=True):
-        assert torch.equal(a, b)
 
 
 def test_fused_geglu_mlps_match_peft_on_4bit_weights(tmp_path_factory, demo_dataset, tmp_path):
