@@ -22,6 +22,13 @@ DEFAULT_JUDGE_RUBRIC = (
 )
 
 
+def chat_completions_url(base_url: str) -> str:
+    """Where an OpenAI-compatible API (TUNEBOARD_JUDGE_URL: its base URL, or the full one) takes
+    chat completions: the worker's judge and the System page's check ask there."""
+    url = base_url.rstrip("/")
+    return url if url.endswith("/chat/completions") else f"{url}/chat/completions"
+
+
 def host_name(host_header: str) -> str:
     """The name part of a Host header, lower-cased: `[::1]:8000` -> `[::1]`, `a:80` -> `a`."""
     host = host_header.strip().lower()

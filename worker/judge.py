@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from app.settings import DEFAULT_JUDGE_RUBRIC as DEFAULT_RUBRIC
+from app.settings import chat_completions_url
 
 VERDICTS = {"A": "A", "B": "B", "TIE": "tie", "T": "tie"}
 
@@ -37,8 +38,7 @@ class Judge:
 
     @property
     def endpoint(self) -> str:
-        url = self.url.rstrip("/")
-        return url if url.endswith("/chat/completions") else f"{url}/chat/completions"
+        return chat_completions_url(self.url)
 
     def describe(self) -> dict[str, str]:
         """What the report may show of the judge: never the key."""

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from app.settings import DEFAULT_JUDGE_RUBRIC, Settings
+from app.settings import DEFAULT_JUDGE_RUBRIC, Settings, chat_completions_url
 
 URL_HINT = (
     "TUNEBOARD_JUDGE_URL is the base URL of an OpenAI-compatible API, the part before "
@@ -82,11 +82,6 @@ def judge_variables() -> list[tuple[str, str]]:
         for name, field in Settings.model_fields.items()
         if name.startswith("judge_")
     ]
-
-
-def _endpoint(url: str) -> str:
-    url = url.strip().rstrip("/")
-    return url if url.endswith("/chat/completions") else f"{url}/chat/completions"
 
 
 def _error_said(response: httpx.Response) -> tuple[str, str]:
@@ -175,7 +170,9 @@ async def _ask(url: str, setup: JudgeSetup, key: str) -> JudgeCheck:
     started = time.perf_counter()
     try:
         async with httpx.AsyncClient(timeout=seconds) as client:
-            response = await client.post(_endpoint(url), json=body, headers=headers)
+            response = await client.post(
+                chat_completions_url(url.strip()), json=body, headers=headers
+            )
     except httpx.ConnectTimeout:
         return JudgeCheck(
             False,
