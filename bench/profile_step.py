@@ -13,7 +13,10 @@ layer under torch.compile), `off:unfused` / `on:unfused` (peft's own path throug
 before worker/fused_mlp.py), `off:fusedinside` (the fused MLP with its forward pass inside the
 autograd function, session 5's form A), `off:unfusedattn` / `on:unfusedattn` (peft's own path
 through the attention projections, as before worker/fused_attention.py), `on:bnbdequant`
-(bitsandbytes' own three-kernel dequantisation instead of worker/nf4.py's one), `off:flatabsmax` (each
+(bitsandbytes' own three-kernel dequantisation instead of worker/nf4.py's one), `on:recomputedown`
+(a checkpointed layer's recompute computes the MLP's down product too, as before session 11),
+`off:nocastcache` (each LoRA weight cast to the compute dtype at every read, as before session 11),
+`off:flatabsmax` (each
 4-bit weight's block scales kept dequantised: one kernel per dequantisation instead of three, for
 about 330 MB at 8B; it stays for the rows after it: list `off:flatabsmax,on:flatabsmax` last;
 CUDA 4-bit only). The loss and LoRA gradient norm of one step on the same
@@ -150,16 +153,24 @@ def check_step(recipe, batch) -> tuple[float, float]:
     return loss, norm.item()
 
 
+# Variants set above by a switch or by what is fused, not by a change after the policy.
+VARIANTS_OF_THE_RECIPE = {
+    "unfused", "fusedinside", "unfusedattn", "bnbdequant", "recomputedown", "nocastcache"
+}  # fmt: skip
+
+
 def set_policy(recipe, spec: str) -> None:
     """A memory policy as the recipe sets it, then the variant after the colon, if any."""
     import torch
 
-    from worker import nf4
+    from worker import fused_mlp, lora_projection, nf4
     from worker.fused_attention import fuse_attention, unfuse_attention
     from worker.fused_mlp import fuse_mlps, unfuse_mlps
 
     policy, _, variant = spec.partition(":")
     nf4.FUSED = variant != "bnbdequant"  # bitsandbytes' three-kernel dequantisation
+    fused_mlp.SKIP_UNREAD_OUTPUT = variant != "recomputedown"  # the down product in recomputes
+    lora_projection.CACHE_CASTS = variant != "nocastcache"  # each LoRA weight cast at every read
     recipe._set_memory_policy("off")  # untiled, so that the MLPs' forwards can be swapped
     unfuse_mlps(recipe.model)
     if variant == "unfusedattn":  # peft's path through the attention projections
@@ -193,7 +204,7 @@ def set_policy(recipe, spec: str) -> None:
     elif variant == "flatabsmax":  # lasts: later rows keep it (list it last)
         if not flatten_absmax(recipe.model):
             raise ValueError("no 4-bit weights to flatten (a 4-bit model on CUDA only)")
-    elif variant in ("unfused", "fusedinside", "unfusedattn", "bnbdequant"):
+    elif variant in VARIANTS_OF_THE_RECIPE:
         pass
     elif variant:
         raise ValueError(f"unknown variant {variant!r}")

@@ -14,6 +14,11 @@ of peft's saved tensors, is recomputed in the backward pass. It keeps less memor
 checkpointing and takes less time with every layer checkpointed; the measurements are in
 bench/RESULTS.md (session 5). Fusing each projection on its own, without the gate, did not pay.
 
+Where the MLP's output only goes into the residual sum the decoder layer returns (Llama, Mistral,
+Qwen; not Gemma, whose output passes a norm first), a checkpointed layer's recompute skips the down
+projection's product, the largest of the layer's seven: the backward pass reads only what each
+operation saved, never the recomputed layer's output (bench/RESULTS.md, session 11).
+
 The gate runs on Liger's Triton kernels on CUDA (swiglu, geglu), on torch elsewhere. An MLP
 qualifies when its own activation is SiLU or GELU's tanh form (Gemma's `hidden_activation`,
 whatever its config's `hidden_act` says) and its three projections carry one plain LoRA adapter
@@ -37,6 +42,7 @@ from worker.forward_swap import replace_forward, restore_all, restore_forward
 from worker.lora_projection import (
     Projection,
     adapter_off,
+    cast,
     compute_dtype,
     is_plain_lora,
     project,
@@ -46,19 +52,29 @@ from worker.lora_projection import (
 
 _KEY = "_unfused_forward"
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Decoder layers that return `residual + mlp(x)` and read the MLP's output nowhere else.
+_OUTPUT_ONLY_SUMMED = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+)
+SKIP_UNREAD_OUTPUT = True  # bench/profile_step.py's `:recomputedown` variant turns it off
 
 
 def fuse_mlps(model: Any, *, forward_inside: bool = False) -> int:
     """Every qualifying MLP of `model` runs as one function; returns how many. An MLP that is
     fused already is fused again in the form asked for."""
     form = _InsideForward if forward_inside else _FusedForward
+    summed = {
+        id(layer.mlp)
+        for layer in model.modules()
+        if type(layer).__name__ in _OUTPUT_ONLY_SUMMED and hasattr(layer, "mlp")
+    }
     count = 0
     for module in model.modules():
         if isinstance(vars(module).get("forward"), _FusedForward):
             restore_forward(module, _KEY)
         gate = _gate_of(module)
         if gate is not None:
-            replace_forward(module, form(module, gate), _KEY)
+            replace_forward(module, form(module, gate, id(module) in summed), _KEY)
             count += 1
     return count
 
@@ -99,9 +115,10 @@ def _is_tanh_gelu(act: Any) -> bool:
 class _FusedForward:
     """Stands in for `mlp.forward` (an instance attribute, so the module's hooks still run)."""
 
-    def __init__(self, mlp: Any, gate: str) -> None:
+    def __init__(self, mlp: Any, gate: str, only_summed: bool = False) -> None:
         self.mlp = mlp
         self.gate = gate
+        self.only_summed = only_summed  # the layer only adds the output to its residual
         self.projections = [getattr(mlp, name) for name in PROJECTIONS]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,8 +127,9 @@ class _FusedForward:
         projections, lora = projections_of(self.projections)
         # The forward pass runs outside the autograd function: an out-of-memory error raised
         # inside one (torch 2.11, Python 3.12, CUDA) left every activation of the step alive.
+        unread = self.only_summed and SKIP_UNREAD_OUTPUT and _recomputing()
         with torch.no_grad():
-            y, saved = _mlp_forward(x, projections, self.gate)
+            y, saved = _mlp_forward(x, projections, self.gate, output=not unread)
         if not torch.is_grad_enabled():  # evaluation, or a checkpointed layer's first pass
             return y
         return _LoraMLP.apply(x, y, (projections, self.gate), *saved, *lora)
@@ -140,17 +158,30 @@ class _ForwardInside(torch.autograd.Function):
 
 
 def _mlp_forward(
-    x: torch.Tensor, projections: list[Projection], kind: str
+    x: torch.Tensor, projections: list[Projection], kind: str, output: bool = True
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """down(act(gate(x)) * up(x)) and what its backward pass needs."""
+    """down(act(gate(x)) * up(x)) and what its backward pass needs; with `output=False` only
+    what the backward pass needs, and zeros of the output's shape (no down product)."""
     dtype = compute_dtype(x)
     (gate_p, up_p, down_p) = projections
     with torch.autocast(x.device.type, enabled=False):
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         gate, xa_gate = project(flat, gate_p, dtype)
         up, xa_up = project(flat, up_p, dtype)
-        y, ha = project(_gated(kind, gate, up), down_p, dtype)
-    return y.view(*x.shape[:-1], y.shape[-1]), [flat, gate, up, xa_gate, xa_up, ha]
+        h = _gated(kind, gate, up)
+        if output:
+            y, ha = project(h, down_p, dtype)
+            y = y.view(*x.shape[:-1], y.shape[-1])
+        else:
+            ha = h @ cast(down_p.lora_a, dtype).t()
+            y = h.new_zeros(()).expand(*x.shape[:-1], down_p.lora_b.shape[0])
+    return y, [flat, gate, up, xa_gate, xa_up, ha]
+
+
+def _recomputing() -> bool:
+    """A forward pass run from inside a backward pass with gradients on: a checkpointed layer's
+    recompute (or a tiled MLP's), whose outputs' values the backward pass never reads."""
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
 
 
 class _LoraMLP(torch.autograd.Function):

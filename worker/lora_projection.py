@@ -6,11 +6,18 @@ bitsandbytes run per projection."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from worker import nf4
+
+CACHE_CASTS = True  # bench/profile_step.py's `:nocastcache` variant turns `casts_kept` off
+_kept = threading.local()  # .casts: each LoRA weight's copy in the compute dtype, inside a pass
 
 
 class Projection(NamedTuple):
@@ -63,6 +70,36 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+@contextlib.contextmanager
+def casts_kept() -> Iterator[None]:
+    """One forward and backward pass: inside, each LoRA weight (float32) is cast to the compute
+    dtype once and the copy reused, where the fused functions read it four to six times (more
+    with checkpointing), each read a kernel launch and host time in a step the host paces
+    (bench/RESULTS.md, session 11). The weights cannot change within one pass; the copies go when
+    it ends. (A tensor's version counter would not do: the fused AdamW updates without bumping
+    it.)"""
+    if getattr(_kept, "casts", None) is not None or not CACHE_CASTS:
+        yield
+        return
+    _kept.casts = WeakIdKeyDictionary()
+    try:
+        yield
+    finally:
+        _kept.casts = None
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, made once per pass inside `casts_kept`."""
+    casts = getattr(_kept, "casts", None)
+    if casts is None or tensor.dtype == dtype:
+        return tensor.to(dtype)
+    copy = casts.get(tensor)
+    if copy is None or copy.dtype != dtype:
+        with torch.no_grad():
+            copy = casts[tensor] = tensor.to(dtype)
+    return copy
+
+
 def weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight [out, in] in `dtype`: dequantized when it is 4-bit."""
     w = base.weight
@@ -76,9 +113,9 @@ def project(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`flat W^T + s (flat A^T) B^T` (+ the base layer's bias), and `flat A^T` for the backward
     pass."""
-    xa = flat @ p.lora_a.to(dtype).t()
+    xa = flat @ cast(p.lora_a, dtype).t()
     y = flat @ weight(p.base, dtype).t()
-    y.addmm_(xa, p.lora_b.to(dtype).t(), alpha=p.scale)
+    y.addmm_(xa, cast(p.lora_b, dtype).t(), alpha=p.scale)
     if p.base.bias is not None:
         y += p.base.bias.to(dtype)
     return y, xa
@@ -94,8 +131,8 @@ def project_back(
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """One projection's dA and dB; its dx is added into `grad_x` (None: a new one; False: none
     is wanted)."""
-    a = p.lora_a.to(dtype)
-    dz = dy @ p.lora_b.to(dtype)  # the gradient at x A^T, before the scale
+    a = cast(p.lora_a, dtype)
+    dz = dy @ cast(p.lora_b, dtype)  # the gradient at x A^T, before the scale
     if grad_x is None:
         grad_x = dy @ weight(p.base, dtype)
     elif grad_x is not False:

@@ -4,6 +4,7 @@ for the backward pass; MLPs it cannot do keep peft's path."""
 
 from __future__ import annotations
 
+import collections
 import gc
 import weakref
 
@@ -12,6 +13,7 @@ import torch
 
 from tests.worker.conftest import LAYERS, lora_recipe
 from tests.worker.test_recipe import lora_gradients
+from worker import fused_mlp, lora_projection
 from worker.fused_attention import unfuse_attention
 from worker.fused_mlp import fuse_mlps, unfuse_mlps
 
@@ -39,6 +41,33 @@ def test_fused_mlps_give_peft_s_loss_and_gradients(recipe, policy):
     for name, grad in peft_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_checkpointed_layer_s_recompute_skips_the_down_product(recipe, monkeypatch):
+    """A Llama layer only adds its MLP's output to the residual it returns, and the backward pass
+    never reads a recomputed layer's output: each down weight is read twice a step (forward,
+    backward), not three times, and every gradient is the same, bit for bit."""
+    downs = {id(layer.mlp.down_proj.get_base_layer()) for layer in recipe._decoder_layers()}
+    reads: collections.Counter[int] = collections.Counter()
+    real = lora_projection.weight
+
+    def counting(base, dtype):
+        reads[id(base)] += id(base) in downs
+        return real(base, dtype)
+
+    monkeypatch.setattr(lora_projection, "weight", counting)
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy("on")
+    results = {}
+    for skip in (False, True):
+        monkeypatch.setattr(fused_mlp, "SKIP_UNREAD_OUTPUT", skip)
+        reads.clear()
+        results[skip] = lora_gradients(recipe, batch)
+        assert sorted(reads[i] for i in downs) == [2 if skip else 3] * LAYERS, (skip, reads)
+    (loss, grads), (loss_skipped, grads_skipped) = results[False], results[True]
+    assert loss_skipped == loss
+    for name, grad in grads.items():
+        assert torch.equal(grads_skipped[name], grad), name
 
 
 def test_a_fused_mlp_keeps_less_for_the_backward_pass(recipe):
@@ -151,3 +180,60 @@ def test_out_of_memory_inside_a_fused_mlp_leaves_no_activation_alive(
         recipe.cleanup()
     gc.collect()
     assert made and not [ref for ref in made if ref() is not None]
+
+
+@pytest.mark.parametrize("fused_adam", [False, True], ids=["foreach", "fused"])
+def test_a_lora_weight_is_cast_once_per_pass_and_training_is_unchanged(
+    recipe, monkeypatch, fused_adam
+):
+    """Under bf16 autocast the fused functions read each float32 LoRA weight as bf16 several times
+    a pass; inside `casts_kept` (one forward and backward) the copy is made once. Three optimizer
+    steps train exactly as with a fresh cast at every read (the fused AdamW does not bump a
+    weight's version, so nothing may outlive the pass)."""
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy("on")  # the recompute reads every weight a third time
+    lora = [p for p in recipe.model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in lora]
+    casts = collections.Counter()
+    real_cast = torch.Tensor.to
+
+    def train(cache: bool) -> list[float]:
+        monkeypatch.setattr(lora_projection, "CACHE_CASTS", cache)
+        with torch.no_grad():
+            for p, value in zip(lora, start, strict=True):
+                p.copy_(value)
+        optimizer = torch.optim.AdamW(lora, lr=1e-2, fused=fused_adam)
+        losses = []
+        for _ in range(3):
+            with lora_projection.casts_kept():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = recipe.model(**batch).loss
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    def counting_to(tensor, *args, **kwargs):
+        if any(tensor is p for p in lora) and torch.bfloat16 in args:
+            casts[cache_state()] += 1
+        return real_cast(tensor, *args, **kwargs)
+
+    def cache_state() -> bool:
+        return lora_projection.CACHE_CASTS
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    fresh = train(cache=False)
+    kept = train(cache=True)
+    monkeypatch.undo()
+    assert kept == fresh
+    assert len(set(fresh)) == 3  # the weights did change between steps
+    # Kept: each weight once per pass. Fresh: the forward pass, the recompute (less down_proj's
+    # lora_B: its product is skipped there) and the backward pass each cast every weight.
+    assert casts[True] == 3 * len(lora), casts
+    assert casts[False] == 3 * (3 * len(lora) - LAYERS), casts
+    a = lora[0]
+    with lora_projection.casts_kept():
+        copy = lora_projection.cast(a, torch.bfloat16)
+        assert lora_projection.cast(a, torch.bfloat16) is copy
+    assert lora_projection.cast(a, torch.bfloat16) is not copy  # nothing outlives the pass

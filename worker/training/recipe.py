@@ -24,7 +24,7 @@ from transformers import PrinterCallback, TrainingArguments
 from app.layout import tensorboard_in
 from app.train_config import Quantization, TrainConfig
 from app.verified_versions import LIGER_MISSING
-from worker import checkpoints
+from worker import checkpoints, lora_projection
 from worker.control import RunControl
 from worker.data import read_rows
 from worker.errors import DatasetError, DiskFull, OutOfMemory
@@ -230,9 +230,10 @@ class LoRARecipe:
         the GPU), outside the Trainer: for trial steps and measurements. The gradients stay on
         the model; the detached loss is returned."""
         cuda = self.device.type == "cuda"
-        with self.activation_offload(), torch.autocast(self.device.type, torch.bfloat16, cuda):
-            loss = self.batch_loss(self.model, batch)
-        loss.backward()
+        with lora_projection.casts_kept():
+            with self.activation_offload(), torch.autocast(self.device.type, torch.bfloat16, cuda):
+                loss = self.batch_loss(self.model, batch)
+            loss.backward()
         return loss.detach()
 
     def _free_cuda(self) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from worker import checkpoints
+from worker import checkpoints, lora_projection
 from worker.errors import NonFiniteLoss
 from worker.metrics import process_rss_mib, vram_readings
 from worker.training import distributed
@@ -74,7 +74,8 @@ class RecipeTrainer(Trainer):
             mask.sum() if mask is not None else inputs["input_ids"].numel()
         )
         self.last_seq_len = int(inputs["input_ids"].shape[-1])
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with lora_projection.casts_kept():  # forward and backward: the LoRA weights stay put
+            loss = super().training_step(model, inputs, num_items_in_batch)
         finite = loss.detach().isfinite()  # on the loss's device: no sync until the step ends
         self.step_finite = (
             finite if self.step_finite is True else torch.logical_and(self.step_finite, finite)
