@@ -119,3 +119,50 @@ def test_fused_geglu_mlps_match_peft_on_4bit_weights(tmp_path_factory, demo_data
     ours = torch.cat([grads[n].float().flatten() for n in sorted(grads)])
     theirs = torch.cat([peft_grads[n].float().flatten() for n in sorted(peft_grads)])
     assert torch.nn.functional.cosine_similarity(ours, theirs, 0) > 0.999
+
+
+def test_soft_capped_attention_runs_flex_with_eager_s_loss_and_gradients(
+    tmp_path_factory, demo_dataset, tmp_path, monkeypatch
+):
+    """Gemma-2's soft-capped attention on CUDA: compiled flex attention (the cap as a score
+    modification, packed examples and the sliding window as a block mask) in place of eager's
+    dense square; the same loss and LoRA gradients as eager on a packed NF4 row, with every layer
+    checkpointed (the recompute runs the compiled kernel again)."""
+    from app.train_config import TrainConfig
+    from tests.worker.test_model_families import _build, _examples, _nonzero_lora_b, recipe_vocab
+    from tests.worker.test_recipe import lora_gradients
+    from worker import attention
+    from worker.metrics import ListSink
+    from worker.recipes.sft import LocalControl, SFTRecipe
+
+    folder = _build("gemma2", tmp_path_factory, demo_dataset)
+    examples = _examples(recipe_vocab(folder))
+    results = {}
+    for flex in (True, False):
+        monkeypatch.setattr(attention, "FLEX_FOR_SOFTCAP", flex)
+        config = TrainConfig(
+            dataset_id="0" * 32, max_steps=1, micro_batch_size=4, max_seq_len=64, lora_r=8,
+            lora_alpha=16, lora_dropout=0.0, quantization="nf4", eval_fraction=0.0, seed=5,
+            packing=True, gradient_checkpointing="on",
+        )  # fmt: skip
+        recipe = SFTRecipe(
+            config, folder, tmp_path / str(flex), ListSink(), LocalControl(),
+            train_examples=examples,
+        )  # fmt: skip
+        recipe.setup()
+        try:
+            _nonzero_lora_b(recipe.model)
+            implementation = recipe.model.config._attn_implementation
+            notice = str(recipe.control.fields.get("notice", ""))
+            batch = recipe._longest_batch()
+            assert int(batch["position_ids"].eq(0).sum()) > 1  # several examples in the row
+            results[flex] = lora_gradients(recipe, batch)
+        finally:
+            recipe.cleanup()
+        assert implementation == ("flex_attention" if flex else "eager")
+        assert ("flex attention" in notice) == flex, notice
+    (loss, grads), (eager_loss, eager_grads) = results[True], results[False]
+    assert loss == pytest.approx(eager_loss, rel=1e-3)
+    ours = torch.cat([grads[n].float().flatten() for n in sorted(grads)])
+    theirs = torch.cat([eager_grads[n].float().flatten() for n in sorted(eager_grads)])
+    assert torch.nn.functional.cosine_similarity(ours, theirs, 0) > 0.999
