@@ -47,19 +47,11 @@ def unsupported_reason(config: Any) -> str | None:
     return None
 
 
-def dense_implementation(config: Any, device_type: str = "cpu") -> str:
-    """transformers' attention for what NAME does not take: `sdpa`; for a model that soft-caps its
-    attention logits (Gemma-2), where sdpa has no soft-capping (transformers refuses it for such a
-    model, and a kernel that skipped the cap would train a different model): on CUDA
-    `flex_attention` (compiled on first use: the cap as a score modification, each packed example
-    and the sliding window as a block mask, so memory grows with the tokens, not their square),
-    else `eager` (flex has no backward pass on the CPU)."""
-    if not getattr(config, "attn_logit_softcapping", None):
-        return "sdpa"
-    return "flex_attention" if device_type == "cuda" and FLEX_FOR_SOFTCAP else "eager"
-
-
-FLEX_FOR_SOFTCAP = True  # False: soft-capped attention runs eager on CUDA too (a GPU test's arm)
+def dense_implementation(config: Any) -> str:
+    """transformers' attention for what NAME does not take: `sdpa`, or `eager` for a model that
+    soft-caps its attention logits (Gemma-2): sdpa has no soft-capping (transformers refuses it for
+    such a model, and a kernel that skipped the cap would train a different model); eager caps."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
 
 
 def packed_or_padded_mask(**kwargs: Any) -> Any:

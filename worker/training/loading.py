@@ -108,27 +108,19 @@ def load_base_model(
     return model, compute_mode, quantization_used
 
 
-def attention_implementation(
-    model_dir: str, packing: bool, control: RunControl, device: torch.device
-) -> str:
+def attention_implementation(model_dir: str, packing: bool, control: RunControl) -> str:
     """Packed rows attend per example (worker.attention); otherwise, or for a model whose
     attention that path cannot compute, transformers' own (`attention.dense_implementation`)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    dense = attention.dense_implementation(config, device.type)
+    dense = attention.dense_implementation(config)
     reason = attention.unsupported_reason(config)
     if packing and not reason:
         return attention.register()
     if reason and (packing or dense != "sdpa"):
         where = "Packed attention uses" if packing else "Attention uses"
-        how = (
-            "compiled flex attention (compiled on the first step; the mask in blocks, not a "
-            "dense square)"
-            if dense == "flex_attention"
-            else f"transformers' {dense} path with a dense mask"
-        )
-        control.update(notice=f"{where} {how}: {reason}.")
+        control.update(notice=f"{where} transformers' {dense} path with a dense mask: {reason}.")
     return dense
 
 

@@ -123,9 +123,7 @@ class LoRARecipe:
 
     def _load_model(self) -> None:
         """The base model, the kernels that apply to it and the LoRA adapter, in training mode."""
-        attn = loading.attention_implementation(
-            self.model_dir, self.config.packing, self.control, self.device
-        )
+        attn = loading.attention_implementation(self.model_dir, self.config.packing, self.control)
         self.model, self.compute_mode, self.quantization_used = loading.load_base_model(
             self.model_dir, self.model_path, self.config, self.device, self.world_size, attn
         )
