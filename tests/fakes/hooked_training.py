@@ -13,6 +13,8 @@ else is the unchanged recipe on the demo model:
   the space by deleting the filler.
 - `nan_from:S`: from optimizer step S on, the embedding output is multiplied by NaN in the forward
   pass: a real NaN loss and NaN gradients, as an overflowing layer produces.
+- `pace:SECONDS`: every optimizer step takes at least SECONDS more, so a test that acts in the
+  middle of a job finds it there however fast this machine trains the demo model.
 """
 
 from __future__ import annotations
@@ -48,7 +50,18 @@ class HookedRecipe(SFTRecipe):
             self._fill_disk_after(int(value))
         elif name == "nan_from":
             self._nan_from(trainer, int(value))
+        elif name == "pace":
+            self._pace(float(value))
         return trainer
+
+    def _pace(self, seconds: float) -> None:
+        on_step_end = self.callback.on_step_end
+
+        def pacing(args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            time.sleep(seconds)
+            return on_step_end(args, state, control, **kwargs)
+
+        self.callback.on_step_end = pacing
 
     def _stall_at(self, trainer: Any, step: int) -> None:
         save_optimizer = trainer._save_optimizer_and_scheduler

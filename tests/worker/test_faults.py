@@ -269,7 +269,11 @@ def test_the_server_killed_mid_job_the_job_goes_on_and_the_restarted_server_show
         dataset_id = add_demo(db, s, demo_build)
         total = 24
         job = real_job(db, dataset_id, max_steps=total, save_every=1000)
-        pool.start()
+        # Half a second a step at least: the demo model trains 24 steps in about 2 s on a quick
+        # machine, which would end the job before the server is down.
+        pool.start(
+            TUNEBOARD_TEST_CHILD="tests.fakes.hooked_training", TUNEBOARD_TEST_HOOK="pace:0.5"
+        )
         wait_for(
             lambda: queue.get_job(db, job.id).progress_step >= 3,
             timeout=JOB_TIMEOUT,
