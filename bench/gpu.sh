@@ -61,6 +61,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
 
 echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) stages: $*"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The host paces our step (bench/RESULTS.md, sessions 9-11): say which CPU and how busy it is.
+echo "host: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(nproc) CPUs," \
+  "$(lscpu 2>/dev/null | sed -n 's/^NUMA node(s): *//p') NUMA node(s), load $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 - <<'EOF'
 import importlib.metadata as m, sys
 import torch
