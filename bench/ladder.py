@@ -17,7 +17,8 @@ whatever the card (their memory does not depend on the cap), so each runs once p
 at the smallest cap it fits, and that figure stands for the larger caps in the same run
 (`--cap-free-arms`; the table's note says where it was measured). Results are written after every cell, and `--reuse` takes
 a cell's earlier result from --work, so a stage cut short by the device's time limit resumes where
-it stopped on the same machine. `--smoke` runs tiny models of two families on the CPU, where a
+it stopped on the same machine. `--repeat N` runs each cell N times, each in its own process, and
+keeps the median (session 11 saw two identical cells 25% apart on one host). `--smoke` runs tiny models of two families on the CPU, where a
 cap stands for a token budget (train.SMOKE_TOKENS_PER_GIB), so tests/bench proves the harness.
 """
 
@@ -43,14 +44,31 @@ def run_cell(args, shape: str, data: str, cap: float, arm: str, model_path: Path
     batch = spec["batch"] if arm.startswith("tuneboard") else padded
     n = train.pool_size(data, args.seq, [spec["batch"], padded], args.warmup + args.steps)
     tag = f"{shape}-{data}-{arm}-cap{cap:g}"
-    res = train.launch(
-        run, arm, shape, data, args.seq, batch, args.steps, args.warmup, model_path, tag,
-        n_examples=n,
-    )  # fmt: skip
+    runs: list[dict] = []
+    for i in range(args.repeat):  # each run a process of its own: a host's spread shows
+        runs.append(train.launch(
+            run, arm, shape, data, args.seq, batch, args.steps, args.warmup, model_path,
+            tag if i == 0 else f"{tag}-run{i + 1}", n_examples=n,
+        ))  # fmt: skip
+        if not runs[-1].get("ok"):
+            break
+    res = median_run(runs)
     res["cap_gib"] = cap
     if res.get("oom") and args.fit_probes:
         res.update(longest_fit(run, arm, shape, model_path))
     return res
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s of those that measured (the lower of the middle two for
+    an even count), with every run's tokens/s; the first run when none measured."""
+    measured = sorted((r for r in runs if r.get("ok")), key=lambda r: r["tokens_per_s"])
+    if not measured:
+        return runs[0]
+    middle = dict(measured[(len(measured) - 1) // 2])
+    if len(measured) > 1:
+        middle["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs if r.get("ok")]
+    return middle
 
 
 def longest_fit(run: argparse.Namespace, arm: str, shape: str, model_path: Path) -> dict:
@@ -132,6 +150,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--fit-probes", type=int, default=3, help="probes of a does-not-fit search")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs per cell, each its own process: the median"
+    )
     p.add_argument("--fit-granule", type=int, default=None, help="shortest probe (default 256)")
     p.add_argument("--tb-checkpointing", default="auto", help="Tuneboard gradient_checkpointing")
     p.add_argument("--site", default=None, help="site dir for standard/tuneboard (PYTHONPATH)")

@@ -117,6 +117,9 @@ def note(r: dict) -> str:
         text += f"; probes {probes}" if probes else ""
         return _clean(f"{text}; {detail}")[:200]
     parts = []
+    if r.get("runs_tokens_per_s"):
+        runs = r["runs_tokens_per_s"]
+        parts.append(f"median of {len(runs)} runs ({min(runs):,.0f}-{max(runs):,.0f} tok/s)")
     if r.get("measured_at_gib"):
         parts.append(f"measured at {r['measured_at_gib']:g} GiB (the same under any larger cap)")
     if r.get("memory_policy"):

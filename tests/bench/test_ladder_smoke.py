@@ -93,3 +93,34 @@ def test_an_unknown_shape_is_refused_with_the_choices() -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "unknown shapes ['gemma3']: choose from" in proc.stderr and "gemma9b" in proc.stderr
+
+
+def test_a_repeated_cell_runs_each_time_in_a_process_of_its_own_and_keeps_the_median(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--repeat 3`: three launches with their own tags, the median run kept with every run's
+    tokens/s, and the table's note says how far they spread. A run that fails ends the repeats."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import ladder
+    import ladder_table
+
+    args = ladder.parse(["--smoke", "--repeat", "3", "--out", str(tmp_path)])
+    scripted = iter([120.0, 90.0, 100.0])
+    tags: list[str] = []
+
+    def launch(run, arm, shape, data, seq, batch, steps, warmup, model_path, tag, **kw):
+        tags.append(tag)
+        return {"ok": True, "tokens_per_s": next(scripted), "median_step_s": 1.0, "tag": tag}
+
+    monkeypatch.setattr(ladder.train, "launch", launch)
+    cell = ladder.run_cell(args, "smoke", "fixed", 8.0, "tuneboard", tmp_path)
+    base = "smoke-fixed-tuneboard-cap8"
+    assert tags == [base, f"{base}-run2", f"{base}-run3"]
+    assert cell["tag"] == f"{base}-run3" and cell["tokens_per_s"] == 100.0
+    assert cell["runs_tokens_per_s"] == [120.0, 90.0, 100.0] and cell["cap_gib"] == 8.0
+    assert "median of 3 runs (90-120 tok/s)" in ladder_table.note(cell)
+
+    outcomes = iter([{"ok": True, "tokens_per_s": 50.0}, {"ok": False, "error": "crashed"}])
+    monkeypatch.setattr(ladder.train, "launch", lambda *a, **kw: next(outcomes))
+    cell = ladder.run_cell(args, "smoke", "fixed", 8.0, "tuneboard", tmp_path)
+    assert cell["tokens_per_s"] == 50.0 and "runs_tokens_per_s" not in cell  # one run measured
