@@ -15,11 +15,12 @@ fit" with that length.
 which stages exist and what each costs. The standard recipe and Unsloth checkpoint every layer
 whatever the card (their memory does not depend on the cap), so each runs once per model and data,
 at the smallest cap it fits, and that figure stands for the larger caps in the same run
-(`--cap-free-arms`; the table's note says where it was measured). Results are written after every cell, and `--reuse` takes
-a cell's earlier result from --work, so a stage cut short by the device's time limit resumes where
-it stopped on the same machine. `--repeat N` runs each cell N times, each in its own process, and
-keeps the median (session 11 saw two identical cells 25% apart on one host). `--smoke` runs tiny models of two families on the CPU, where a
-cap stands for a token budget (train.SMOKE_TOKENS_PER_GIB), so tests/bench proves the harness.
+(`--cap-free-arms`; the table's note says where it was measured). Results are written after every
+cell, and `--reuse` takes a cell's earlier result from --work, so a stage cut short by the device's
+time limit resumes where it stopped on the same machine. `--repeat N` runs each cell N times, each
+in its own process, and keeps the median (session 11 saw two identical cells 25% apart on one
+host). `--smoke` runs tiny models of two families on the CPU, where a cap stands for a token budget
+(train.SMOKE_TOKENS_PER_GIB), so tests/bench proves the harness.
 """
 
 from __future__ import annotations

@@ -42,9 +42,9 @@ from worker.forward_swap import replace_forward, restore_all, restore_forward
 from worker.lora_projection import (
     Projection,
     adapter_off,
-    cast,
     compute_dtype,
     is_plain_lora,
+    lora_in,
     project,
     project_back,
     projections_of,
@@ -173,7 +173,7 @@ def _mlp_forward(
             y, ha = project(h, down_p, dtype)
             y = y.view(*x.shape[:-1], y.shape[-1])
         else:
-            ha = h @ cast(down_p.lora_a, dtype).t()
+            ha = lora_in(h, down_p, dtype)
             y = h.new_zeros(()).expand(*x.shape[:-1], down_p.lora_b.shape[0])
     return y, [flat, gate, up, xa_gate, xa_up, ha]
 

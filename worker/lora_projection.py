@@ -108,12 +108,17 @@ def weight(base: Any, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
+def lora_in(flat: torch.Tensor, p: Projection, dtype: torch.dtype) -> torch.Tensor:
+    """`flat A^T`, the rank-r product the backward pass needs for B's gradient."""
+    return flat @ cast(p.lora_a, dtype).t()
+
+
 def project(
     flat: torch.Tensor, p: Projection, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`flat W^T + s (flat A^T) B^T` (+ the base layer's bias), and `flat A^T` for the backward
     pass."""
-    xa = flat @ cast(p.lora_a, dtype).t()
+    xa = lora_in(flat, p, dtype)
     y = flat @ weight(p.base, dtype).t()
     y.addmm_(xa, cast(p.lora_b, dtype).t(), alpha=p.scale)
     if p.base.bias is not None:

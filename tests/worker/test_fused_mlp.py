@@ -216,11 +216,8 @@ def test_a_lora_weight_is_cast_once_per_pass_and_training_is_unchanged(
 
     def counting_to(tensor, *args, **kwargs):
         if any(tensor is p for p in lora) and torch.bfloat16 in args:
-            casts[cache_state()] += 1
+            casts[lora_projection.CACHE_CASTS] += 1
         return real_cast(tensor, *args, **kwargs)
-
-    def cache_state() -> bool:
-        return lora_projection.CACHE_CASTS
 
     monkeypatch.setattr(torch.Tensor, "to", counting_to)
     fresh = train(cache=False)
