@@ -16,7 +16,8 @@ through the attention projections, as before worker/fused_attention.py), `on:bnb
 (bitsandbytes' own three-kernel dequantisation instead of worker/nf4.py's one), `on:recomputedown`
 (a checkpointed layer's recompute computes the MLP's down product too, as before session 11),
 `off:nocastcache` (each LoRA weight cast to the compute dtype at every read, as before session 11),
-`off:flatabsmax` (each
+`off:graphed` / `on:graphed` (the decoder layers replayed as CUDA graphs, worker/layer_graphs.py;
+CUDA only), `off:flatabsmax` (each
 4-bit weight's block scales kept dequantised: one kernel per dequantisation instead of three, for
 about 330 MB at 8B; it stays for the rows after it: list `off:flatabsmax,on:flatabsmax` last;
 CUDA 4-bit only). The loss and LoRA gradient norm of one step on the same
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
     args = p.parse_args(argv)
     import torch
+
+    from worker.layer_graphs import graphs_of
 
     cuda = torch.cuda.is_available()
     smoke = args.shape == "smoke"
@@ -106,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as error:
                 lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | | | |")
                 recipe.model.zero_grad(set_to_none=True)
+                continue
+            graphs = graphs_of(recipe._decoder_layers())
+            if graphs is not None and graphs.failure:
+                lines.append(f"| {policy} | capture failed: {graphs.failure} | | | | |")
                 continue
             loss, norm = check_step(recipe, batch)  # the same batch: every row should agree
             if cuda:
@@ -166,6 +173,7 @@ def set_policy(recipe, spec: str) -> None:
     from worker import fused_mlp, lora_projection, nf4
     from worker.fused_attention import fuse_attention, unfuse_attention
     from worker.fused_mlp import fuse_mlps, unfuse_mlps
+    from worker.layer_graphs import graph_layers, ungraph_layers
 
     policy, _, variant = spec.partition(":")
     nf4.FUSED = variant != "bnbdequant"  # bitsandbytes' three-kernel dequantisation
@@ -185,6 +193,7 @@ def set_policy(recipe, spec: str) -> None:
     recipe._set_memory_policy(policy)
     base = recipe.model.get_base_model()
     layers = recipe._decoder_layers()
+    ungraph_layers(layers)
     for layer in layers:  # undo an earlier variant's compile
         layer._compiled_call_impl = None
     if variant == "nonreentrant":
@@ -201,6 +210,9 @@ def set_policy(recipe, spec: str) -> None:
         torch._dynamo.config.cache_size_limit = 64
         for layer in layers:
             layer.compile()
+    elif variant == "graphed":  # the layers replayed as CUDA graphs (worker/layer_graphs.py)
+        if graph_layers(layers) is None:
+            raise ValueError("CUDA graphs need the model on a CUDA GPU")
     elif variant == "flatabsmax":  # lasts: later rows keep it (list it last)
         if not flatten_absmax(recipe.model):
             raise ValueError("no 4-bit weights to flatten (a 4-bit model on CUDA only)")

@@ -88,6 +88,18 @@ def casts_kept() -> Iterator[None]:
         _kept.casts = None
 
 
+@contextlib.contextmanager
+def casts_paused() -> Iterator[None]:
+    """Inside, every read casts anew (a CUDA graph's capture: the graph must hold its own casts,
+    not read a copy that goes when the pass ends)."""
+    kept = getattr(_kept, "casts", None)
+    _kept.casts = None
+    try:
+        yield
+    finally:
+        _kept.casts = kept
+
+
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor.to(dtype)`, made once per pass inside `casts_kept`."""
     casts = getattr(_kept, "casts", None)

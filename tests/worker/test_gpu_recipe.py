@@ -317,3 +317,50 @@ def test_a_gpu_run_without_liger_says_so_and_the_benchmark_arm_refuses_to_measur
             require_product_kernels(recipe)
     finally:
         recipe.cleanup()
+
+
+@pytest.mark.parametrize("policy", ["off", "on"])
+def test_cuda_graphed_layers_match_the_eager_step_and_say_how_fast(
+    llama_1b, demo_rows, tmp_path, policy
+):
+    """worker.layer_graphs on NF4 weights: the decoder layers captured as CUDA graphs (forward
+    and backward, every layer checkpointed or none) give the eager step's loss and LoRA
+    gradients, step after step, with gradients summed over two micro-batches. Prints both
+    steps' times and peaks."""
+    from worker.layer_graphs import graph_layers, ungraph_layers
+
+    config = _config(max_steps=1, micro_batch_size=8, lora_dropout=0.0)
+    recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
+    recipe.setup()
+    recipe._set_memory_policy(policy)
+    batch = recipe._longest_batch()
+    lora = [p for p in recipe.model.parameters() if p.requires_grad]
+    for name, param in recipe.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    layers = recipe._decoder_layers()
+    try:
+        loss, peak, seconds = _timed_steps(recipe, batch)
+        grads = torch.cat([p.grad.float().flatten() for p in lora])
+        graphs = graph_layers(layers)
+        assert graphs is not None
+        graphed_loss, graphed_peak, graphed_s = _timed_steps(recipe, batch)  # record, capture
+        assert graphs.failure is None, graphs.failure
+        assert graphs.replays == 2 * len(layers)  # the second and third passes replayed
+        graphed_grads = torch.cat([p.grad.float().flatten() for p in lora])
+        assert graphed_loss == pytest.approx(loss, rel=1e-3)
+        assert torch.nn.functional.cosine_similarity(graphed_grads, grads, 0) > 0.999
+        recipe.model.zero_grad(set_to_none=True)
+        recipe.forward_backward(batch)
+        recipe.forward_backward(batch)
+        twice = torch.cat([p.grad.float().flatten() for p in lora])
+        assert torch.nn.functional.cosine_similarity(twice, 2 * grads, 0) > 0.999
+        assert twice.norm() == pytest.approx(2 * grads.norm(), rel=1e-2)
+        print(
+            f"\n{batch['input_ids'].numel()} tokens, policy {policy}: eager {seconds * 1000:.1f} "
+            f"ms, peak {peak / 2**20:.0f} MiB; CUDA graphs {graphed_s * 1000:.1f} ms, peak "
+            f"{graphed_peak / 2**20:.0f} MiB"
+        )
+    finally:
+        ungraph_layers(layers)
+        recipe.cleanup()

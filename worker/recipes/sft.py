@@ -56,6 +56,18 @@ class SFTRecipe(LoRARecipe):
         else:
             self.train_batches, self.eval_batches = self.train_examples, self.eval_examples
 
+    def _one_batch_shape(self) -> bool:
+        """Fixed-length data (the benchmark's, plain text cut into full chunks): every packed
+        micro-batch the same tokens, examples and longest example; unpacked, every example the
+        same length and every micro-batch full."""
+        if self.config.packing:
+            batches = self.train_batches
+            shapes = {(sum(map(len, b)), len(b), max(map(len, b))) for b in batches}
+            return len(shapes) == 1
+        examples = self.train_batches
+        full = len(examples) % self.config.micro_batch_size == 0
+        return full and len({len(e) for e in examples}) == 1
+
     def _collator(self) -> Any:
         if self.config.packing:
             return FlattenedBatchCollator()

@@ -24,7 +24,7 @@ from transformers import PrinterCallback, TrainingArguments
 from app.layout import tensorboard_in
 from app.train_config import Quantization, TrainConfig
 from app.verified_versions import LIGER_MISSING
-from worker import checkpoints, lora_projection
+from worker import checkpoints, layer_graphs, lora_projection
 from worker.control import RunControl
 from worker.data import read_rows
 from worker.errors import DatasetError, DiskFull, OutOfMemory
@@ -119,6 +119,7 @@ class LoRARecipe:
             self._load_model()
         with timing.part("memory policy"):
             memory_policy.choose(self)
+        self._replay_layers_as_graphs()
         self.trainer = self._build_trainer()
 
     def _load_model(self) -> None:
@@ -139,6 +140,28 @@ class LoRARecipe:
         for fused in loading.fuse_lora_layers(self.model, self.distributed):
             self.compute_mode += f", {fused}"
         self.model.train()  # from_pretrained returns eval mode; checkpointing only acts in train
+
+    def _replay_layers_as_graphs(self) -> None:
+        """The decoder layers replayed as CUDA graphs (worker.layer_graphs) where one capture
+        serves the whole run: one GPU, activations kept on the card (not offloaded), no random
+        numbers in a layer (dropout), and every training micro-batch of one shape (a graph holds
+        its shape's memory; other shapes would run eagerly beside it)."""
+        cfg = self.config
+        if (
+            layer_graphs.ENABLED
+            and not self.distributed
+            and self.memory_policy in ("off", "partial", "on")
+            and not cfg.lora_dropout
+            and not getattr(self.model.config, "attention_dropout", 0.0)
+            and self._one_batch_shape()
+            and layer_graphs.graph_layers(self._decoder_layers()) is not None
+        ):
+            self.compute_mode += ", decoder layers replayed as CUDA graphs"
+            self.control.update(compute_mode=self.compute_mode)
+
+    def _one_batch_shape(self) -> bool:
+        """Whether every training micro-batch has the same shape (then CUDA graphs can serve)."""
+        return False
 
     def _load_tokenizer(self) -> Any:
         self.model_dir = loading.resolve_model(self.model_path)
@@ -427,6 +450,8 @@ class LoRARecipe:
         return final
 
     def cleanup(self) -> None:
+        if self.model is not None:
+            layer_graphs.ungraph_layers(self._decoder_layers())  # their memory pools go
         if self.trainer is not None:
             self.trainer.model = None  # type: ignore[assignment]
             self.trainer.model_wrapped = None  # type: ignore[assignment]

@@ -1,0 +1,189 @@
+"""worker/layer_graphs.py on the CPU, with a Python replay standing in for the CUDA graph
+(`emulate=True`): the same recording, capture order, static buffers shared between layers,
+autograd function and gradient accumulation as on the GPU, so a graphed pass gives the eager
+pass's loss and LoRA gradients under every policy it serves. The CUDA capture itself runs in
+tests/worker/test_gpu_recipe.py on the GPU machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.worker.conftest import LAYERS
+from tests.worker.test_recipe import lora_gradients
+from worker import layer_graphs
+from worker.layer_graphs import graph_layers, graphs_of, ungraph_layers
+
+
+@pytest.mark.parametrize("policy", ["off", "on", "partial"])
+def test_replayed_layers_give_the_eager_loss_and_gradients(recipe, policy):
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy(policy, kept_layers=1)
+    eager = lora_gradients(recipe, batch)
+    layers = recipe._decoder_layers()
+    graphs = graph_layers(layers, emulate=True)
+    assert graphs is not None and graphs_of(layers) is graphs
+    assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * LAYERS
+    runs = [lora_gradients(recipe, batch) for _ in range(3)]  # recorded, captured, replayed
+    assert graphs.failure is None
+    assert graphs.replays == 2 * LAYERS  # the second and third passes replayed every layer
+    for loss, grads in runs:
+        assert loss == pytest.approx(eager[0], rel=1e-6)
+        for name, grad in eager[1].items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    ungraph_layers(layers)
+    assert type(layers[0]).__name__ == "LlamaDecoderLayer"
+    assert not getattr(type(layers[0]), "_tuneboard_graphed", False)
+    assert graphs_of(layers) is None
+
+
+def test_gradients_accumulate_over_replayed_micro_batches(recipe):
+    """Two micro-batches before the optimizer step: `.grad` holds their sum, and is not the
+    replay's buffer, which the next replay overwrites."""
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy("off")
+    _, once = lora_gradients(recipe, batch)
+    layers = recipe._decoder_layers()
+    graphs = graph_layers(layers, emulate=True)
+    assert graphs is not None
+    for _ in range(2):  # recorded, then captured
+        lora_gradients(recipe, batch)
+    recipe.model.zero_grad(set_to_none=True)
+    recipe.forward_backward(batch)
+    recipe.forward_backward(batch)
+    assert graphs.replays == 3 * LAYERS
+    for name, p in recipe.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * once[name], rtol=1e-5, atol=1e-7, msg=name)
+    ungraph_layers(layers)
+
+
+def test_a_second_forward_pass_before_the_backward_runs_eagerly(recipe):
+    """A graph replayed and not yet backpropagated holds that pass's activations: a second pass
+    in the meantime must not replay it (it would overwrite them); it runs as before."""
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy("off")
+    layers = recipe._decoder_layers()
+    graphs = graph_layers(layers, emulate=True)
+    assert graphs is not None
+    _, once = lora_gradients(recipe, batch)  # recorded
+    lora_gradients(recipe, batch)  # captured
+    recipe.model.zero_grad(set_to_none=True)
+    replays = graphs.replays
+    first = recipe.batch_loss(recipe.model, batch)
+    assert graphs.replays == replays + LAYERS
+    second = recipe.batch_loss(recipe.model, batch)
+    assert graphs.replays == replays + LAYERS  # the second pass ran eagerly
+    (first + second).backward()
+    for name, p in recipe.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * once[name], rtol=1e-5, atol=1e-7, msg=name)
+    del first, second
+    lora_gradients(recipe, batch)  # the backward pass ran: the graphs serve again
+    assert graphs.replays == replays + 2 * LAYERS
+    ungraph_layers(layers)
+
+
+def test_passes_without_gradients_and_new_shapes_run_eagerly(recipe, monkeypatch):
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy("off")
+    layers = recipe._decoder_layers()
+    graphs = graph_layers(layers, emulate=True)
+    assert graphs is not None
+    for _ in range(2):
+        lora_gradients(recipe, batch)
+    replays = graphs.replays
+    with torch.no_grad():
+        recipe.batch_loss(recipe.model, batch)
+    assert graphs.replays == replays
+    monkeypatch.setattr(layer_graphs, "MAX_SIGNATURES", 1)
+    ids = batch["input_ids"][..., :-8]  # another signature: one plain sequence, shorter
+    shorter = {"input_ids": ids, "labels": ids.clone()}
+    loss, _ = lora_gradients(recipe, shorter)
+    assert graphs.replays == replays and len(graphs.captured) == 1
+    ungraph_layers(layers)
+    assert loss > 0
+
+
+def test_a_failed_capture_leaves_the_layers_eager(recipe, monkeypatch):
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy("off")
+    eager_loss, eager = lora_gradients(recipe, batch)
+    layers = recipe._decoder_layers()
+    graphs = graph_layers(layers, emulate=True)
+    assert graphs is not None
+
+    def broken(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(layer_graphs._LayerGraph, "capture_forward", broken)
+    for _ in range(3):
+        loss, grads = lora_gradients(recipe, batch)
+        assert loss == pytest.approx(eager_loss, rel=1e-6)
+    assert graphs.failure and "stream is capturing" in graphs.failure
+    assert not graphs.enabled and graphs.replays == 0
+    for name, grad in eager.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    ungraph_layers(layers)
+
+
+def _fixed_length_rows(path, count: int = 12) -> Path:
+    """Plain-text rows of one length: every packed micro-batch has the same shape."""
+    text = "the quick brown fox jumps over the lazy dog " * 2  # 2 a micro-batch
+    path.write_text("".join(json.dumps({"line": i + 1, "text": text}) + "\n" for i in range(count)))
+    return path
+
+
+def _train(demo_model, rows, output_dir, emulate: bool, **overrides):
+    from app.train_config import TrainConfig
+    from worker.metrics import ListSink
+    from worker.recipes.sft import LocalControl, SFTRecipe
+
+    fields = dict(
+        dataset_id="0" * 32, max_steps=4, micro_batch_size=2, grad_accum_steps=2,
+        max_seq_len=64, lora_r=8, lora_alpha=16, lora_dropout=0.0, quantization="none",
+        eval_fraction=0.0, save_every=1000, learning_rate=1e-2, seed=3,
+    )  # fmt: skip
+    config = TrainConfig(**{**fields, **overrides})
+    sink, control = ListSink(), LocalControl()
+    recipe = SFTRecipe(config, demo_model, output_dir, sink, control, rows_path=rows)
+    layer_graphs.EMULATE = emulate
+    try:
+        recipe.setup()
+        graphs = graphs_of(recipe._decoder_layers())
+        one_shape = recipe._one_batch_shape()
+        recipe.train()
+        replays = graphs.replays if graphs else 0
+    finally:
+        layer_graphs.EMULATE = False
+        recipe.cleanup()
+    losses = [row["loss"] for row in sink.rows if row.get("loss") is not None]
+    return losses, replays, control.fields["compute_mode"], one_shape
+
+
+def test_a_run_on_fixed_length_data_replays_its_layers_and_trains_the_same(
+    demo_model, tmp_path
+):
+    """The recipe turns graphs on when every micro-batch has one shape (then the job page's
+    compute mode says so): the run's losses, step by step over four optimizer steps of two
+    micro-batches each, are the eager run's."""
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    eager, none, mode, one_shape = _train(demo_model, rows, tmp_path / "eager", emulate=False)
+    assert one_shape and none == 0 and "CUDA graphs" not in mode  # no CUDA here
+    graphed, replays, mode, _ = _train(demo_model, rows, tmp_path / "graphed", emulate=True)
+    assert "decoder layers replayed as CUDA graphs" in mode
+    assert replays == (4 * 2 - 1) * LAYERS  # every pass but the first (recorded)
+    assert len(graphed) == len(eager) == 4
+    assert graphed == pytest.approx(eager, rel=1e-5)
+
+
+def test_variable_length_data_and_dropout_keep_the_eager_path(demo_model, demo_rows, tmp_path):
+    _, replays, mode, one_shape = _train(demo_model, demo_rows, tmp_path / "varlen", True)
+    assert not one_shape and replays == 0 and "CUDA graphs" not in mode
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    _, replays, mode, _ = _train(demo_model, rows, tmp_path / "dropout", True, lora_dropout=0.1)
+    assert replays == 0 and "CUDA graphs" not in mode
