@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{'CUDA ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}, torch {torch.__version__}",
         "",
         "| policy | step ms (median of timed) | CPU ms a step (all threads) | peak alloc GiB "
-        "| loss | LoRA grad norm |",
-        "|---|---|---|---|---|---|",
+        "| peak reserved GiB | loss | LoRA grad norm |",
+        "|---|---|---|---|---|---|---|",
     ]
     tables: list[str] = []
     times: dict[str, float] = {}
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 set_policy(recipe, policy)
             except Exception as error:  # a variant this stack cannot do: say so, go on
-                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | | | |")
+                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | | | | |")
                 continue
 
             def step() -> None:
@@ -107,15 +108,17 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(2):  # warm-up: kernels chosen, allocator filled, graphs compiled
                     step()
             except Exception as error:
-                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | | | |")
+                lines.append(f"| {policy} | failed: {type(error).__name__}: {error} | | | | | |")
                 recipe.model.zero_grad(set_to_none=True)
                 continue
             graphs = graphs_of(recipe._decoder_layers())
             if graphs is not None and graphs.failure:
-                lines.append(f"| {policy} | capture failed: {graphs.failure} | | | | |")
+                lines.append(f"| {policy} | capture failed: {graphs.failure} | | | | | |")
                 continue
             loss, norm = check_step(recipe, batch)  # the same batch: every row should agree
-            if cuda:
+            if cuda:  # the reserved peak: this row's, not the cache an earlier row left
+                gc.collect()
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             samples, cpu = [], 0.0
             for _ in range(args.timed):
@@ -127,9 +130,11 @@ def main(argv: list[str] | None = None) -> None:
                 cpu += time.process_time() - cpu_start
             times[policy] = sorted(samples)[len(samples) // 2]
             peak = torch.cuda.max_memory_allocated() / bench.GIB if cuda else float("nan")
+            # A CUDA graph's pool is reserved, not allocated, between its replays.
+            reserved = torch.cuda.max_memory_reserved() / bench.GIB if cuda else float("nan")
             lines.append(
                 f"| {policy} | {times[policy] * 1000:.1f} | {cpu / args.timed * 1000:.1f} "
-                f"| {peak:.2f} | {loss:.4f} | {norm:.4f} |"
+                f"| {peak:.2f} | {reserved:.2f} | {loss:.4f} | {norm:.4f} |"
             )
             if args.tables:
                 tables += profile_tables(torch, step, policy, cuda, args.rows)

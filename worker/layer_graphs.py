@@ -38,6 +38,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -352,6 +353,21 @@ def _add_into_grad(params: list[torch.Tensor], grads: list[torch.Tensor | None])
         torch._foreach_copy_(fresh, copied)
 
 
+def _end_rng_capture() -> None:
+    """A capture that fails in its end leaves CUDA's default generator marked as capturing, and
+    every later random draw on the card fails ("Offset increment outside graph capture"). One
+    small capture that succeeds begins and ends the generator's capture again."""
+    try:
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        scratch = torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            scratch.add_(1)
+        torch.cuda.synchronize()
+    except Exception:  # nothing more to do; the eager path does not draw random numbers
+        log.warning("CUDA's random number generator may stay unusable", exc_info=True)
+
+
 class LayerGraphs:
     """Every decoder layer's graphs, per input signature, and what a pass is doing."""
 
@@ -368,6 +384,8 @@ class LayerGraphs:
         self.clones: dict[int, torch.Tensor] = {}
         self.copied: set[int] = set()
         self.replays = 0  # layer replays so far (tests, the benchmark)
+        self.capture_seconds: float | None = None  # the last capture's, warm-up included
+        self.on_capture: Any = None  # called with those seconds (the recipe's start timing)
 
     def call(self, index: int, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The layer's output from its graph, or None: the layer runs as before."""
@@ -426,15 +444,23 @@ class LayerGraphs:
         return out
 
     def _capture_all(self, signature: Any, records: list[_Record]) -> None:
+        start = time.perf_counter()
         try:
             graphs = self._capture(records)
         except Exception as error:  # the layers keep their eager path
             self.failure = f"{type(error).__name__}: {error}"
             self.enabled = False
-            log.warning("CUDA graphs of the decoder layers are off: %s", self.failure)
+            log.warning(
+                "CUDA graphs of the decoder layers are off: %s", self.failure, exc_info=True
+            )
+            if not self.emulate:
+                _end_rng_capture()
             return
         self.captured[signature] = graphs
         self.replaying = graphs
+        self.capture_seconds = time.perf_counter() - start
+        if self.on_capture is not None:
+            self.on_capture(self.capture_seconds)
 
     def _capture(self, records: list[_Record]) -> list[_LayerGraph]:
         emulate = self.emulate

@@ -364,3 +364,40 @@ def test_cuda_graphed_layers_match_the_eager_step_and_say_how_fast(
     finally:
         ungraph_layers(layers)
         recipe.cleanup()
+
+
+def test_a_failed_capture_leaves_the_layers_eager_and_random_numbers_working(
+    llama_1b, demo_rows, tmp_path, monkeypatch
+):
+    """A layer that reads a value back to the host mid-capture (illegal in a CUDA graph): the
+    capture fails, the step runs eagerly with the same loss, and the card's random number
+    generator still works afterwards (a failed capture leaves it marked as capturing)."""
+    from worker import layer_graphs
+
+    config = _config(
+        max_steps=1, micro_batch_size=4, lora_dropout=0.0, gradient_checkpointing="off"
+    )
+    recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
+    recipe.setup()
+    batch = recipe._longest_batch()
+    layers = recipe._decoder_layers()
+    try:
+        eager = recipe.forward_backward(batch).item()
+        graphs = layer_graphs.graph_layers(layers)
+        assert graphs is not None
+        real = layer_graphs._Record.run
+
+        def reads_back(self, hidden):
+            out = real(self, hidden)
+            if torch.cuda.is_current_stream_capturing():
+                float(out.sum())  # a sync: invalidates the capture
+            return out
+
+        monkeypatch.setattr(layer_graphs._Record, "run", reads_back)
+        losses = [recipe.forward_backward(batch).item() for _ in range(3)]
+        assert graphs.failure and not graphs.enabled and graphs.replays == 0
+        assert losses == pytest.approx([eager] * 3, rel=1e-3)
+        torch.randn(8, device="cuda").normal_()  # the generator is usable again
+    finally:
+        layer_graphs.ungraph_layers(layers)
+        recipe.cleanup()

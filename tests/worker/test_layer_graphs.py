@@ -162,12 +162,11 @@ def _train(demo_model, rows, output_dir, emulate: bool, **overrides):
         layer_graphs.EMULATE = False
         recipe.cleanup()
     losses = [row["loss"] for row in sink.rows if row.get("loss") is not None]
-    return losses, replays, control.fields["compute_mode"], one_shape
+    mode = f"{control.fields['compute_mode']}; start: {control.fields.get('start_timing')}"
+    return losses, replays, mode, one_shape
 
 
-def test_a_run_on_fixed_length_data_replays_its_layers_and_trains_the_same(
-    demo_model, tmp_path
-):
+def test_a_run_on_fixed_length_data_replays_its_layers_and_trains_the_same(demo_model, tmp_path):
     """The recipe turns graphs on when every micro-batch has one shape (then the job page's
     compute mode says so): the run's losses, step by step over four optimizer steps of two
     micro-batches each, are the eager run's."""
@@ -176,6 +175,8 @@ def test_a_run_on_fixed_length_data_replays_its_layers_and_trains_the_same(
     assert one_shape and none == 0 and "CUDA graphs" not in mode  # no CUDA here
     graphed, replays, mode, _ = _train(demo_model, rows, tmp_path / "graphed", emulate=True)
     assert "decoder layers replayed as CUDA graphs" in mode
+    # The capture ran in the first optimizer step's second micro-batch: the job page says so.
+    assert "(CUDA graph capture " in mode
     assert replays == (4 * 2 - 1) * LAYERS  # every pass but the first (recorded)
     assert len(graphed) == len(eager) == 4
     assert graphed == pytest.approx(eager, rel=1e-5)

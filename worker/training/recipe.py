@@ -154,10 +154,15 @@ class LoRARecipe:
             and not cfg.lora_dropout
             and not getattr(self.model.config, "attention_dropout", 0.0)
             and self._one_batch_shape()
-            and layer_graphs.graph_layers(self._decoder_layers()) is not None
+            and (graphs := layer_graphs.graph_layers(self._decoder_layers())) is not None
         ):
+            graphs.on_capture = self._graphs_captured
             self.compute_mode += ", decoder layers replayed as CUDA graphs"
             self.control.update(compute_mode=self.compute_mode)
+
+    def _graphs_captured(self, seconds: float) -> None:
+        if self.start_timing.total_s is None:  # within the first optimizer step
+            self.start_timing.graph_capture_s = seconds
 
     def _one_batch_shape(self) -> bool:
         """Whether every training micro-batch has the same shape (then CUDA graphs can serve)."""

@@ -22,6 +22,7 @@ class StartTiming:
         self.parts: dict[str, float] = {}  # in the order they ran, seconds
         self.trial_steps = 0
         self.first_step_s: float | None = None
+        self.graph_capture_s: float | None = None  # inside a step (worker.layer_graphs)
         self.total_s: float | None = None
 
     @contextlib.contextmanager
@@ -48,8 +49,11 @@ class StartTiming:
         first = self.first_step_s or 0.0
         rest = max(0.0, total - sum(self.parts.values()) - first)
         since = "claim" if self.from_claim else "setup"
+        step = f"first step {first:.1f} s"
+        if self.graph_capture_s is not None:
+            step += f" (CUDA graph capture {self.graph_capture_s:.1f} s)"
         return f"{since} to first step {total:.1f} s: " + ", ".join(
-            [*named, f"first step {first:.1f} s", f"the rest {rest:.1f} s"]
+            [*named, step, f"the rest {rest:.1f} s"]
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,4 +63,5 @@ class StartTiming:
             **{f"{name.replace(' ', '_')}_s": seconds for name, seconds in self.parts.items()},
             "trial_steps": self.trial_steps,
             "first_step_s": self.first_step_s,
+            "graph_capture_s": self.graph_capture_s,
         }
