@@ -385,7 +385,7 @@ class LayerGraphs:
         self.copied: set[int] = set()
         self.replays = 0  # layer replays so far (tests, the benchmark)
         self.capture_seconds: float | None = None  # the last capture's, warm-up included
-        self.on_capture: Any = None  # called with those seconds (the recipe's start timing)
+        self.on_capture: Any = None  # called with (seconds, None) or (None, failure): the recipe
 
     def call(self, index: int, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The layer's output from its graph, or None: the layer runs as before."""
@@ -455,12 +455,14 @@ class LayerGraphs:
             )
             if not self.emulate:
                 _end_rng_capture()
+            if self.on_capture is not None:
+                self.on_capture(None, self.failure)
             return
         self.captured[signature] = graphs
         self.replaying = graphs
         self.capture_seconds = time.perf_counter() - start
         if self.on_capture is not None:
-            self.on_capture(self.capture_seconds)
+            self.on_capture(self.capture_seconds, None)
 
     def _capture(self, records: list[_Record]) -> list[_LayerGraph]:
         emulate = self.emulate

@@ -182,6 +182,20 @@ def test_a_run_on_fixed_length_data_replays_its_layers_and_trains_the_same(demo_
     assert graphed == pytest.approx(eager, rel=1e-5)
 
 
+def test_a_run_whose_capture_fails_trains_eagerly_and_says_why(demo_model, tmp_path, monkeypatch):
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    eager, *_ = _train(demo_model, rows, tmp_path / "eager", emulate=False)
+
+    def broken(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(layer_graphs._LayerGraph, "capture_forward", broken)
+    losses, replays, mode, _ = _train(demo_model, rows, tmp_path / "broken", emulate=True)
+    assert replays == 0 and losses == pytest.approx(eager, rel=1e-5)
+    assert "replayed as CUDA graphs" not in mode
+    assert "CUDA graphs off (their capture failed: RuntimeError: operation not permitted" in mode
+
+
 def test_variable_length_data_and_dropout_keep_the_eager_path(demo_model, demo_rows, tmp_path):
     _, replays, mode, one_shape = _train(demo_model, demo_rows, tmp_path / "varlen", True)
     assert not one_shape and replays == 0 and "CUDA graphs" not in mode

@@ -160,8 +160,15 @@ class LoRARecipe:
             self.compute_mode += ", decoder layers replayed as CUDA graphs"
             self.control.update(compute_mode=self.compute_mode)
 
-    def _graphs_captured(self, seconds: float) -> None:
-        if self.start_timing.total_s is None:  # within the first optimizer step
+    def _graphs_captured(self, seconds: float | None, failure: str | None) -> None:
+        """The job page's start timing gets the capture's seconds; its compute mode, a failure."""
+        if failure is not None:
+            graphed = ", decoder layers replayed as CUDA graphs"
+            reason = failure.splitlines()[0]
+            self.compute_mode = self.compute_mode.replace(graphed, "")
+            self.compute_mode += f", CUDA graphs off (their capture failed: {reason})"
+            self.control.update(compute_mode=self.compute_mode)
+        elif self.start_timing.total_s is None:  # within the first optimizer step
             self.start_timing.graph_capture_s = seconds
 
     def _one_batch_shape(self) -> bool:
