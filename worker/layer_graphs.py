@@ -192,22 +192,35 @@ class _Record:
         # The class's own forward, without transformers' checkpointing wrapper (>= 5.20).
         self.forward = inspect.unwrap(type(layer).forward)
 
-    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The layer's forward pass on `hidden` and the recorded other inputs, checkpointed
-        non-reentrant where the layer checkpoints."""
+        non-reentrant where the layer checkpoints, and the LoRA weights' aliases it read: the
+        backward pass takes their gradients (`weights`, for a checkpointed layer's recompute)."""
+        aliases = [p.view_as(p) for p in self.params]
         args, kwargs = _unflatten([hidden, *self.leaves[1:]], self.structure)
         forward = functools.partial(self.forward, self.layer)
-        if not self.checkpointed:
-            return forward(*args, **kwargs)
-        from torch.utils.checkpoint import checkpoint
+        with self.weights(aliases):
+            if not self.checkpointed:
+                return forward(*args, **kwargs), aliases
+            from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(
-            forward,
-            *args,
-            use_reentrant=False,
-            preserve_rng_state=False,
-            determinism_check="none",
-            **kwargs,
+            out = checkpoint(
+                forward,
+                *args,
+                use_reentrant=False,
+                preserve_rng_state=False,
+                determinism_check="none",
+                **kwargs,
+            )
+        return out, aliases
+
+    def weights(self, aliases: list[torch.Tensor]) -> Any:
+        """The fused functions read the LoRA weights as `aliases`: made inside the capture, so
+        the capture's backward pass ends at them and never reaches a weight's own gradient node,
+        which an earlier eager step may have made on the default stream (the capture then fails:
+        "operation would make the legacy stream depend on a capturing blocking stream")."""
+        return lora_projection.weights_as(
+            {id(p): alias for p, alias in zip(self.params, aliases, strict=True)}
         )
 
 
@@ -249,6 +262,7 @@ class _LayerGraph:
         self.backward_graph = _Graph(emulate)
         self.output: torch.Tensor | None = None
         self.live_output: Any = None  # emulated: the rerun's, for its backward
+        self.live_aliases: list[torch.Tensor] = []  # the LoRA weights' aliases it read
         self.grad_output: torch.Tensor | None = None
         self.grad_input: torch.Tensor | None = None
         self.param_grads: list[torch.Tensor | None] = []
@@ -256,7 +270,7 @@ class _LayerGraph:
 
     def capture_forward(self, pool: Any, stream: Any) -> torch.Tensor:
         def forward(replay: bool = False) -> torch.Tensor:
-            out = self.record.run(self.input)
+            out, self.live_aliases = self.record.run(self.input)
             if replay:  # emulated: the rerun's values into the captured output
                 self.live_output = out
                 assert self.output is not None
@@ -271,13 +285,14 @@ class _LayerGraph:
 
     def capture_backward(self, grad_output: torch.Tensor, pool: Any, stream: Any) -> None:
         wants_input = self.input.requires_grad
-        inputs = ([self.input] if wants_input else []) + self.params
         self.grad_output = grad_output
 
         def backward(replay: bool = False) -> Any:
-            grads = torch.autograd.grad(
-                self.live_output, inputs, grad_outputs=grad_output, allow_unused=True
-            )
+            inputs = ([self.input] if wants_input else []) + self.live_aliases
+            with self.record.weights(self.live_aliases):
+                grads = torch.autograd.grad(
+                    self.live_output, inputs, grad_outputs=grad_output, allow_unused=True
+                )
             if replay:
                 for static, grad in zip(self._statics(), grads, strict=True):
                     if static is not None and grad is not None:
@@ -288,6 +303,7 @@ class _LayerGraph:
         self.grad_input = grads[0] if wants_input else None
         self.param_grads = list(grads[1:] if wants_input else grads)
         self.live_output = None
+        self.live_aliases = []
 
     def _statics(self) -> list[torch.Tensor | None]:
         return ([self.grad_input] if self.input.requires_grad else []) + self.param_grads
@@ -518,12 +534,17 @@ class LayerGraphs:
     def _warm_up(self, records: list[_Record]) -> None:
         """One eager pass of the chain, forward and backward, on the side stream."""
         first = records[0].leaves[0].detach().requires_grad_(records[0].wants_grad)
-        hidden = first
+        hidden, read = first, []
         for record in records:
-            hidden = record.run(hidden)
-        params = [p for record in records for p in record.params]
-        inputs = ([first] if first.requires_grad else []) + params
-        torch.autograd.grad(hidden, inputs, torch.ones_like(hidden), allow_unused=True)
+            hidden, aliases = record.run(hidden)
+            read.append((record, aliases))
+        with contextlib.ExitStack() as stack:
+            stand_ins: list[torch.Tensor] = []
+            for record, aliases in read:
+                stack.enter_context(record.weights(aliases))  # for checkpointed recomputes
+                stand_ins += aliases
+            inputs = ([first] if first.requires_grad else []) + stand_ins
+            torch.autograd.grad(hidden, inputs, torch.ones_like(hidden), allow_unused=True)
 
     def release(self) -> None:
         """Drop every graph and its memory pool."""

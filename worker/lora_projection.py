@@ -54,12 +54,15 @@ def adapter_off(modules: list[Any]) -> bool:
 
 
 def projections_of(modules: list[Any]) -> tuple[list[Projection], list[torch.Tensor]]:
-    """Each LoRA layer with its active adapter, and their LoRA weights (A, B, A, B, ...)."""
+    """Each LoRA layer with its active adapter, and their LoRA weights (A, B, A, B, ...), or
+    their stand-ins inside `weights_as`."""
     projections: list[Projection] = []
     lora: list[torch.Tensor] = []
+    stand_ins = getattr(_kept, "stand_ins", None) or {}
     for m in modules:
         name = m.active_adapters[0]
         a, b = m.lora_A[name].weight, m.lora_B[name].weight
+        a, b = stand_ins.get(id(a), a), stand_ins.get(id(b), b)
         projections.append(Projection(m.get_base_layer(), a, b, m.scaling[name]))
         lora += [a, b]
     return projections, lora
@@ -86,6 +89,20 @@ def casts_kept() -> Iterator[None]:
         yield
     finally:
         _kept.casts = None
+
+
+@contextlib.contextmanager
+def weights_as(stand_ins: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Inside, the fused functions read each LoRA weight `w` as `stand_ins[id(w)]` where there
+    is one (worker.layer_graphs: an alias made inside a CUDA graph's capture, whose gradient the
+    capture takes without the weight's own gradient node, which an earlier step may have made
+    on another stream)."""
+    kept = getattr(_kept, "stand_ins", None)
+    _kept.stand_ins = {**(kept or {}), **stand_ins}  # nested: every layer's at once
+    try:
+        yield
+    finally:
+        _kept.stand_ins = kept
 
 
 @contextlib.contextmanager
