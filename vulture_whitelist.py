@@ -145,3 +145,9 @@ _.as_dict  # worker/training/start_timing.py
 # Read by templates (models/list.html) and pydantic fields that travel in model_dump (tool calling).
 _.has_chat_template  # app/models.py, templates/models/list.html
 _.tool_call_id  # app/generation.py, app/web/routes/openai_api.py: the chat template reads it
+# CUDA graphs of the decoder layers (worker/layer_graphs.py): a layer's class is swapped for one
+# whose __call__ asks its graphs first; the tests and bench/profile_step.py read the graphs and
+# their replay count.
+_.__class__  # worker/layer_graphs.py
+graphs_of  # worker/layer_graphs.py
+_.replays  # worker/layer_graphs.py

@@ -390,7 +390,7 @@ class LayerGraphs:
     def __init__(self, layers: list[Any], emulate: bool) -> None:
         self.layers = layers
         self.emulate = emulate
-        self.enabled = True  # the recipe turns it off (trial steps, offloaded activations)
+        self.enabled = True  # off after a failed capture
         self.failure: str | None = None
         self.captured: dict[Any, list[_LayerGraph]] = {}
         self.pools: dict[Any, Any] = {}

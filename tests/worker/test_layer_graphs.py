@@ -18,6 +18,20 @@ from worker import layer_graphs
 from worker.layer_graphs import graph_layers, graphs_of, ungraph_layers
 
 
+def _graphed(recipe, policy: str = "off"):
+    """The recipe's longest batch, its decoder layers, and their graphs (the stand-in replay)."""
+    batch = recipe._longest_batch()
+    recipe._set_memory_policy(policy)
+    layers = recipe._decoder_layers()
+    graphs = graph_layers(layers, emulate=True)
+    assert graphs is not None
+    return batch, layers, graphs
+
+
+def _broken_capture(self, *args):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
 @pytest.mark.parametrize("policy", ["off", "on", "partial"])
 def test_replayed_layers_give_the_eager_loss_and_gradients(recipe, policy):
     batch = recipe._longest_batch()
@@ -44,12 +58,8 @@ def test_replayed_layers_give_the_eager_loss_and_gradients(recipe, policy):
 def test_gradients_accumulate_over_replayed_micro_batches(recipe):
     """Two micro-batches before the optimizer step: `.grad` holds their sum, and is not the
     replay's buffer, which the next replay overwrites."""
-    batch = recipe._longest_batch()
-    recipe._set_memory_policy("off")
-    _, once = lora_gradients(recipe, batch)
-    layers = recipe._decoder_layers()
-    graphs = graph_layers(layers, emulate=True)
-    assert graphs is not None
+    _, once = lora_gradients(recipe, recipe._longest_batch())
+    batch, layers, graphs = _graphed(recipe)
     for _ in range(2):  # recorded, then captured
         lora_gradients(recipe, batch)
     recipe.model.zero_grad(set_to_none=True)
@@ -65,11 +75,7 @@ def test_gradients_accumulate_over_replayed_micro_batches(recipe):
 def test_a_second_forward_pass_before_the_backward_runs_eagerly(recipe):
     """A graph replayed and not yet backpropagated holds that pass's activations: a second pass
     in the meantime must not replay it (it would overwrite them); it runs as before."""
-    batch = recipe._longest_batch()
-    recipe._set_memory_policy("off")
-    layers = recipe._decoder_layers()
-    graphs = graph_layers(layers, emulate=True)
-    assert graphs is not None
+    batch, layers, graphs = _graphed(recipe)
     _, once = lora_gradients(recipe, batch)  # recorded
     lora_gradients(recipe, batch)  # captured
     recipe.model.zero_grad(set_to_none=True)
@@ -89,11 +95,7 @@ def test_a_second_forward_pass_before_the_backward_runs_eagerly(recipe):
 
 
 def test_passes_without_gradients_and_new_shapes_run_eagerly(recipe, monkeypatch):
-    batch = recipe._longest_batch()
-    recipe._set_memory_policy("off")
-    layers = recipe._decoder_layers()
-    graphs = graph_layers(layers, emulate=True)
-    assert graphs is not None
+    batch, layers, graphs = _graphed(recipe)
     for _ in range(2):
         lora_gradients(recipe, batch)
     replays = graphs.replays
@@ -110,17 +112,9 @@ def test_passes_without_gradients_and_new_shapes_run_eagerly(recipe, monkeypatch
 
 
 def test_a_failed_capture_leaves_the_layers_eager(recipe, monkeypatch):
-    batch = recipe._longest_batch()
-    recipe._set_memory_policy("off")
-    eager_loss, eager = lora_gradients(recipe, batch)
-    layers = recipe._decoder_layers()
-    graphs = graph_layers(layers, emulate=True)
-    assert graphs is not None
-
-    def broken(self, *args):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(layer_graphs._LayerGraph, "capture_forward", broken)
+    eager_loss, eager = lora_gradients(recipe, recipe._longest_batch())
+    batch, layers, graphs = _graphed(recipe)
+    monkeypatch.setattr(layer_graphs._LayerGraph, "capture_forward", _broken_capture)
     for _ in range(3):
         loss, grads = lora_gradients(recipe, batch)
         assert loss == pytest.approx(eager_loss, rel=1e-6)
@@ -185,11 +179,7 @@ def test_a_run_on_fixed_length_data_replays_its_layers_and_trains_the_same(demo_
 def test_a_run_whose_capture_fails_trains_eagerly_and_says_why(demo_model, tmp_path, monkeypatch):
     rows = _fixed_length_rows(tmp_path / "rows.jsonl")
     eager, *_ = _train(demo_model, rows, tmp_path / "eager", emulate=False)
-
-    def broken(self, *args):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(layer_graphs._LayerGraph, "capture_forward", broken)
+    monkeypatch.setattr(layer_graphs._LayerGraph, "capture_forward", _broken_capture)
     losses, replays, mode, _ = _train(demo_model, rows, tmp_path / "broken", emulate=True)
     assert replays == 0 and losses == pytest.approx(eager, rel=1e-5)
     assert "replayed as CUDA graphs" not in mode
