@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     database_busy_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     """How long a SQLite write waits for another process's write lock before it fails as "locked"."""
 
+    cuda_graphs: bool = True
+    """Replay the decoder layers as CUDA graphs where every micro-batch of a job has one shape (off: every step runs eagerly)."""
+
     evaluate_after_training: bool = True
     """Queue an adapter's evaluation report (base vs adapter on the held-out rows) when its job succeeds."""
 

@@ -37,7 +37,7 @@ from app.layout import DataLayout
 from app.models import BaseModelEntry, Dataset
 from app.settings import Settings
 from app.train_config import TrainConfig
-from worker import mix
+from worker import layer_graphs, mix
 from worker.failures import hint_for
 from worker.job_io import (
     DatabaseControl,
@@ -196,6 +196,7 @@ def train(
         claimed = job.started_at
         claimed = claimed if claimed.tzinfo else claimed.replace(tzinfo=UTC)
         recipe.start_timing = StartTiming(began=claimed.timestamp())
+    layer_graphs.ENABLED = settings.cuda_graphs  # this process trains this one job
     try:
         recipe.setup()
         if config.datasets is not None and rank() == 0:

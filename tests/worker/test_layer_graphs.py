@@ -192,3 +192,14 @@ def test_variable_length_data_and_dropout_keep_the_eager_path(demo_model, demo_r
     rows = _fixed_length_rows(tmp_path / "rows.jsonl")
     _, replays, mode, _ = _train(demo_model, rows, tmp_path / "dropout", True, lora_dropout=0.1)
     assert replays == 0 and "CUDA graphs" not in mode
+
+
+def test_the_setting_turns_graphs_off(demo_model, tmp_path, monkeypatch):
+    """TUNEBOARD_CUDA_GRAPHS=false: the worker's job runner sets the switch from it."""
+    from app.settings import Settings
+
+    monkeypatch.setenv("TUNEBOARD_CUDA_GRAPHS", "false")
+    monkeypatch.setattr(layer_graphs, "ENABLED", Settings().cuda_graphs)
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    _, replays, mode, one_shape = _train(demo_model, rows, tmp_path / "off", True)
+    assert one_shape and replays == 0 and "CUDA graphs" not in mode
