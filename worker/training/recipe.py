@@ -90,6 +90,7 @@ class LoRARecipe:
         self.memory_policy = "off"
         self.quantization_used: Quantization | None = None  # set when the base model loads
         self.offload_stream: Any = None  # made by the first offloaded step (activation_offload)
+        self.layer_graphs: layer_graphs.LayerGraphs | None = None  # _replay_layers_as_graphs
         self.liger = False
         self.missing_kernels: list[str] = []  # what the GPU recipe would use but cannot import
         self.start_timing = StartTiming()  # worker/run.py dates it from the claim
@@ -157,6 +158,7 @@ class LoRARecipe:
             and (graphs := layer_graphs.graph_layers(self._decoder_layers())) is not None
         ):
             graphs.on_capture = self._graphs_captured
+            self.layer_graphs = graphs
             self.compute_mode += ", decoder layers replayed as CUDA graphs"
             self.control.update(compute_mode=self.compute_mode)
 
@@ -462,8 +464,9 @@ class LoRARecipe:
         return final
 
     def cleanup(self) -> None:
-        if self.model is not None:
-            layer_graphs.ungraph_layers(self._decoder_layers())  # their memory pools go
+        if self.layer_graphs is not None:
+            layer_graphs.ungraph_layers(self.layer_graphs.layers)  # their memory pools go
+            self.layer_graphs = None
         if self.trainer is not None:
             self.trainer.model = None  # type: ignore[assignment]
             self.trainer.model_wrapped = None  # type: ignore[assignment]
