@@ -165,7 +165,7 @@ def _signature(layer: Any, leaves: list[Any], structure: Any) -> Any:
             parts.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad))
         else:
             parts.append(leaf)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = leaves[0].device.type  # the hidden states'
     parts.append((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
     return tuple(parts)
 
@@ -180,12 +180,10 @@ class _Record:
     def __init__(
         self, layer: Any, signature: Any, leaves: list[Any], structure: Any, wants_grad: bool
     ) -> None:
-        self.layer, self.signature, self.leaves, self.structure = (
-            layer,
-            signature,
-            leaves,
-            structure,
-        )
+        self.layer = layer
+        self.signature = signature
+        self.leaves = leaves
+        self.structure = structure
         self.wants_grad = wants_grad  # whether the hidden states it gets want a gradient
         self.checkpointed = bool(layer.gradient_checkpointing)
         self.params = [p for p in layer.parameters() if p.requires_grad]
@@ -393,14 +391,12 @@ class LayerGraphs:
         self.enabled = True  # off after a failed capture
         self.failure: str | None = None
         self.captured: dict[Any, list[_LayerGraph]] = {}
-        self.pools: dict[Any, Any] = {}
         self.recorded: dict[Any, list[_Record]] = {}
         self.replaying: list[_LayerGraph] | None = None
         self.recording: list[_Record] | None = None
         self.clones: dict[int, torch.Tensor] = {}
         self.copied: set[int] = set()
         self.replays = 0  # layer replays so far (tests, the benchmark)
-        self.capture_seconds: float | None = None  # the last capture's, warm-up included
         self.on_capture: Any = None  # called with (seconds, None) or (None, failure): the recipe
 
     def call(self, index: int, layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -476,9 +472,8 @@ class LayerGraphs:
             return
         self.captured[signature] = graphs
         self.replaying = graphs
-        self.capture_seconds = time.perf_counter() - start
-        if self.on_capture is not None:
-            self.on_capture(self.capture_seconds, None)
+        if self.on_capture is not None:  # the capture's seconds, warm-up included
+            self.on_capture(time.perf_counter() - start, None)
 
     def _capture(self, records: list[_Record]) -> list[_LayerGraph]:
         emulate = self.emulate
@@ -511,8 +506,6 @@ class LayerGraphs:
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
             torch.cuda.synchronize()
-        if pool is not None:
-            self.pools[id(graphs)] = pool
         return graphs
 
     @contextlib.contextmanager
@@ -549,7 +542,6 @@ class LayerGraphs:
     def release(self) -> None:
         """Drop every graph and its memory pool."""
         self.captured.clear()
-        self.pools.clear()
         self.recorded.clear()
         self.replaying = self.recording = None
         self.clones = {}

@@ -97,24 +97,26 @@ def weights_as(stand_ins: dict[int, torch.Tensor]) -> Iterator[None]:
     is one (worker.layer_graphs: an alias made inside a CUDA graph's capture, whose gradient the
     capture takes without the weight's own gradient node, which an earlier step may have made
     on another stream)."""
-    kept = getattr(_kept, "stand_ins", None)
-    _kept.stand_ins = {**(kept or {}), **stand_ins}  # nested: every layer's at once
-    try:
+    nested = getattr(_kept, "stand_ins", None) or {}
+    with _kept_as("stand_ins", {**nested, **stand_ins}):  # nested: every layer's at once
         yield
-    finally:
-        _kept.stand_ins = kept
+
+
+def casts_paused() -> contextlib.AbstractContextManager[None]:
+    """Inside, every read casts anew (a CUDA graph's capture: the graph must hold its own casts,
+    not read a copy that goes when the pass ends)."""
+    return _kept_as("casts", None)
 
 
 @contextlib.contextmanager
-def casts_paused() -> Iterator[None]:
-    """Inside, every read casts anew (a CUDA graph's capture: the graph must hold its own casts,
-    not read a copy that goes when the pass ends)."""
-    kept = getattr(_kept, "casts", None)
-    _kept.casts = None
+def _kept_as(name: str, value: Any) -> Iterator[None]:
+    """This thread's `name` (casts, stand-ins) is `value` inside, and what it was after."""
+    kept = getattr(_kept, name, None)
+    setattr(_kept, name, value)
     try:
         yield
     finally:
-        _kept.casts = kept
+        setattr(_kept, name, kept)
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
