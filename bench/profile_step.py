@@ -17,7 +17,9 @@ through the attention projections, as before worker/fused_attention.py), `on:bnb
 (a checkpointed layer's recompute computes the MLP's down product too, as before session 11),
 `off:nocastcache` (each LoRA weight cast to the compute dtype at every read, as before session 11),
 `off:graphed` / `on:graphed` (the decoder layers replayed as CUDA graphs, worker/layer_graphs.py;
-CUDA only), `off:flatabsmax` (each
+CUDA only), `on:hostembed` (the input embeddings in pinned host memory, worker/host_embeddings.py,
+as `auto` does where the card must checkpoint; it stays for the rows after it, so
+`on,on:graphed,on:hostembed,on:graphed` measures both with and without), `off:flatabsmax` (each
 4-bit weight's block scales kept dequantised: one kernel per dequantisation instead of three, for
 about 330 MB at 8B; it stays for the rows after it: list `off:flatabsmax,on:flatabsmax` last;
 CUDA 4-bit only). The loss and LoRA gradient norm of one step on the same
@@ -178,6 +180,7 @@ def set_policy(recipe, spec: str) -> None:
     from worker import fused_mlp, lora_projection, nf4
     from worker.fused_attention import fuse_attention, unfuse_attention
     from worker.fused_mlp import fuse_mlps, unfuse_mlps
+    from worker.host_embeddings import move_to_host
     from worker.layer_graphs import graph_layers, ungraph_layers
 
     policy, _, variant = spec.partition(":")
@@ -218,6 +221,9 @@ def set_policy(recipe, spec: str) -> None:
     elif variant == "graphed":  # the layers replayed as CUDA graphs (worker/layer_graphs.py)
         if graph_layers(layers) is None:
             raise ValueError("CUDA graphs need the model on a CUDA GPU")
+    elif variant == "hostembed":  # lasts: the input embeddings in host memory for later rows
+        if not move_to_host(recipe.model):
+            raise ValueError("the input embeddings cannot move (tied, or already moved)")
     elif variant == "flatabsmax":  # lasts: later rows keep it (list it last)
         if not flatten_absmax(recipe.model):
             raise ValueError("no 4-bit weights to flatten (a 4-bit model on CUDA only)")

@@ -194,6 +194,56 @@ def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
         recipe.cleanup()
 
 
+def test_a_card_that_must_checkpoint_gets_the_input_embeddings_memory_back(
+    llama_1b, demo_rows, tmp_path
+):
+    """`auto` on a card where no checkpointing fits: the untied input embeddings go to pinned
+    host memory first (worker.host_embeddings), the card's allocated memory drops by their
+    table, a step's loss and LoRA gradients do not change, the job page's compute mode says so,
+    and the job trains."""
+    from worker.host_embeddings import HostEmbedding
+
+    config = _config(max_steps=2, save_every=100, eval_every=100, micro_batch_size=8)
+    recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
+    recipe.setup()
+    batch = recipe._longest_batch()
+    lora = [p for p in recipe.model.parameters() if p.requires_grad]
+    table = recipe.model.get_input_embeddings().weight
+    table_bytes = table.numel() * table.element_size()
+
+    def on_step() -> tuple[float, torch.Tensor]:
+        recipe._set_memory_policy("on")
+        loss, _peak, _seconds = _timed_steps(recipe, batch)
+        return loss, torch.cat([p.grad.float().flatten() for p in lora])
+
+    try:
+        loss, grads = on_step()
+        peak_off = recipe._try_policy(batch, "off")
+        peak_on = recipe._try_policy(batch, "on")
+        assert peak_off is not None and peak_on is not None and peak_off > peak_on
+        total = torch.cuda.get_device_properties(0).total_memory
+        cap = (peak_on + peak_off) / 2 / memory_policy.TRIAL_HEADROOM
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+        del table
+        before = torch.cuda.memory_allocated()
+        policy, reason, kept = recipe._measure_memory_policy()
+        assert policy in ("partial", "on"), reason
+        assert before - torch.cuda.memory_allocated() >= table_bytes
+        moved = recipe.model.get_input_embeddings()
+        assert isinstance(moved, HostEmbedding) and moved.table.is_pinned()
+        assert "input embeddings in host memory" in recipe.compute_mode
+        host_loss, host_grads = on_step()
+        assert host_loss == pytest.approx(loss, rel=1e-3)
+        assert torch.nn.functional.cosine_similarity(host_grads, grads, 0) > 0.999
+        recipe.model.zero_grad(set_to_none=True)
+        recipe._set_memory_policy(policy, kept)
+        assert recipe.train().global_step == 2
+        print(f"\n{reason}; {recipe.compute_mode}; table {table_bytes / 2**20:.0f} MiB")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        recipe.cleanup()
+
+
 def test_offloaded_and_tiled_checkpointing_match_checkpointing_in_less_memory_and_train(
     llama_1b, demo_rows, tmp_path
 ):

@@ -4,7 +4,9 @@
 "on" checkpoints every layer; "offload" also moves what a step saves outside the layers (their
 inputs) to pinned host memory (worker.offload); "tiled" is "offload" with every MLP run a slice of
 tokens at a time (worker.tiled_mlp), for sequences "offload" cannot fit. `auto` chooses by trial
-forward+backward steps on the recipe's longest micro-batch, cheapest policy first.
+forward+backward steps on the recipe's longest micro-batch, cheapest policy first. Where the card
+cannot keep everything, an untied input embedding table goes to host memory first
+(worker.host_embeddings: about 1 GiB at 7B/8B, which then keeps activations on the card).
 
 The functions take the recipe (`LoRARecipe`): its model, device, config, control, its longest
 batch and its `forward_backward`, so every training method gets the same policy. They reach the
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from worker import host_embeddings
 from worker.errors import OutOfMemory
 from worker.offload import ActivationOffload
 from worker.tiled_mlp import tile_mlps, untile_mlps
@@ -50,6 +53,8 @@ def choose(recipe: LoRARecipe) -> None:
         policy, reason = "on", f"FSDP over {recipe.world_size} GPUs: checkpointing by default"
     else:
         policy, reason, kept = measure(recipe)
+    if policy in ("offload", "tiled"):  # set in the config: the most memory for activations
+        embeddings_to_host(recipe)
     set_policy(recipe, policy, kept)
     recipe.control.update(
         memory_policy=policy, memory_policy_reason=reason, compute_mode=recipe.compute_mode
@@ -130,9 +135,10 @@ def activation_offload(recipe: LoRARecipe) -> Any:
 
 def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     """Trial forward+backward steps on the longest micro-batch, cheapest policy first: no
-    checkpointing; else checkpointing of as few layers as the card needs (the rest keep their
-    activations); else every layer; else every layer offloaded to host memory; else that with
-    the MLPs in slices."""
+    checkpointing; else, with the input embeddings in host memory where they can go, no
+    checkpointing again if the GiB they free makes it fit, else checkpointing of as few layers
+    as the card needs (the rest keep their activations); else every layer; else every layer
+    offloaded to host memory; else that with the MLPs in slices."""
     batch = recipe._longest_batch()
     tokens = int(batch["input_ids"].numel())
     limit = TRIAL_HEADROOM * recipe._usable_memory()
@@ -146,6 +152,13 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     peak_off = try_policy(recipe, batch, "off")
     if peak_off is not None and peak_off <= limit:
         return "off", fits("without checkpointing", peak_off), 0
+    freed = embeddings_to_host(recipe)
+    if freed and peak_off is not None:
+        peak_off -= freed  # what "off" would take now (the guess for partial checkpointing)
+        if peak_off <= limit:
+            peak_off = try_policy(recipe, batch, "off")
+            if peak_off is not None and peak_off <= limit:
+                return "off", fits("without checkpointing", peak_off), 0
     peak_on = try_policy(recipe, batch, "on")
     if peak_on is not None and peak_on <= limit:
         partial = most_layers_kept(recipe, batch, peak_on, peak_off, limit)
@@ -171,6 +184,19 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
         seq_len=tokens,
         detail="Even offloaded checkpointing with sliced MLPs does not fit one micro-batch.",
     )
+
+
+def embeddings_to_host(recipe: LoRARecipe) -> int:
+    """Where the card must checkpoint, an untied input embedding table goes to host memory first
+    (worker.host_embeddings): its GiB then keeps activations on the card. Returns the bytes freed;
+    the job page's compute mode says so."""
+    if not host_embeddings.ENABLED or recipe.distributed or recipe.device.type != "cuda":
+        return 0
+    freed = host_embeddings.move_to_host(recipe.model)
+    if freed:
+        recipe.compute_mode += f", input embeddings in host memory ({freed / GIB:.2f} GiB freed)"
+        free_cuda()
+    return freed
 
 
 def most_layers_kept(
