@@ -29,11 +29,14 @@ import re
 from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.dataset_store import read_jsonl
 from app.tool_calls import template_takes_tools
 from worker.errors import ChatTemplateMissing, DatasetError
+
+if TYPE_CHECKING:
+    from worker.batch_shape import PackedShape
 
 IGNORE_INDEX = -100
 
@@ -404,12 +407,14 @@ class FlattenedBatchCollator:
     recipe's attention (worker.attention) reads them; with sdpa, eager or flex transformers builds
     the block-diagonal mask from the position ids instead (both verified in tests/worker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shape: PackedShape | None = None, pad_token_id: int = 0) -> None:
         from transformers import DataCollatorWithFlattening
 
         self._flatten = DataCollatorWithFlattening(
             return_tensors="pt", return_flash_attn_kwargs=True
         )
+        self.shape = shape  # every row padded to it (worker.batch_shape: for CUDA graphs)
+        self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[Any]) -> dict[str, Any]:
         examples = [ex for item in features for ex in (item if isinstance(item, list) else [item])]
@@ -417,7 +422,7 @@ class FlattenedBatchCollator:
         # With a KV cache the packed-sequence mask is skipped (transformers 5 only derives it
         # when there is no cache), and examples would attend to each other.
         batch["use_cache"] = False
-        return batch
+        return batch if self.shape is None else self.shape.pad(batch, self.pad_token_id)
 
 
 class PaddedBatchCollator:

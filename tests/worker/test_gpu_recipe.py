@@ -416,6 +416,66 @@ def test_cuda_graphed_layers_match_the_eager_step_and_say_how_fast(
         recipe.cleanup()
 
 
+def test_packed_rows_padded_to_one_shape_replay_as_graphs_with_the_unpadded_gradients(
+    llama_1b, demo_rows, tmp_path
+):
+    """Variable-length data on the GPU: each packed row padded to the run's one shape
+    (worker.batch_shape: padding examples, then empty ones, which the varlen flash kernel must
+    skip) gives the unpadded row's loss and LoRA gradients eagerly, and replayed as CUDA graphs
+    over rows of different fill. Prints the times."""
+    from worker.batch_shape import REAL_TOKENS, PackedShape
+    from worker.data import FlattenedBatchCollator
+    from worker.layer_graphs import graph_layers, ungraph_layers
+
+    config = _config(max_steps=1, micro_batch_size=8, lora_dropout=0.0)
+    recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
+    recipe.setup()
+    recipe._set_memory_policy("off")
+    rows = sorted(recipe.train_batches, key=lambda b: -sum(map(len, b)))[:3]
+    assert len(rows) == 3 and len({sum(map(len, r)) for r in rows}) > 1  # of different fill
+    shape = PackedShape.of(recipe.train_batches)
+    plain, padded = FlattenedBatchCollator(), FlattenedBatchCollator(shape, 0)
+    lora = [p for p in recipe.model.parameters() if p.requires_grad]
+    for name, param in recipe.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+
+    def step(batch) -> tuple[float, torch.Tensor, float]:
+        batch = recipe._to_device({k: v for k, v in batch.items() if k != REAL_TOKENS})
+        recipe.model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = recipe.forward_backward(batch).item()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        return loss, torch.cat([p.grad.float().flatten() for p in lora]), seconds
+
+    layers = recipe._decoder_layers()
+    try:
+        expected = [step(plain([row])) for row in rows]
+        eager = [step(padded([row])) for row in rows]
+        assert len({padded([row])["input_ids"].shape for row in rows}) == 1
+        graphs = graph_layers(layers)
+        assert graphs is not None
+        graphed = [step(padded([row])) for row in rows + rows]  # record, capture, replay
+        assert graphs.failure is None, graphs.failure
+        assert graphs.replays == 5 * len(layers)  # every pass but the first (recorded)
+        for (loss, grads, _), (padded_loss, padded_grads, _) in zip(
+            expected * 3, eager + graphed, strict=True
+        ):
+            assert padded_loss == pytest.approx(loss, rel=1e-3)
+            assert torch.nn.functional.cosine_similarity(padded_grads, grads, 0) > 0.999
+        print(
+            f"\nrows of {[sum(map(len, r)) for r in rows]} tokens padded to {shape}: unpadded "
+            f"{[round(s * 1000, 1) for *_, s in expected]} ms, padded eager "
+            f"{[round(s * 1000, 1) for *_, s in eager]} ms, replayed "
+            f"{[round(s * 1000, 1) for *_, s in graphed[3:]]} ms"
+        )
+    finally:
+        ungraph_layers(layers)
+        recipe.cleanup()
+
+
 def test_a_failed_capture_leaves_the_layers_eager_and_random_numbers_working(
     llama_1b, demo_rows, tmp_path, monkeypatch
 ):

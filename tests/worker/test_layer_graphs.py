@@ -157,6 +157,7 @@ def _train(demo_model, rows, output_dir, emulate: bool, **overrides):
         recipe.cleanup()
     losses = [row["loss"] for row in sink.rows if row.get("loss") is not None]
     mode = f"{control.fields['compute_mode']}; start: {control.fields.get('start_timing')}"
+    _train.tokens = sum(row.get("tokens") or 0 for row in sink.rows)  # real tokens trained
     return losses, replays, mode, one_shape
 
 
@@ -186,8 +187,28 @@ def test_a_run_whose_capture_fails_trains_eagerly_and_says_why(demo_model, tmp_p
     assert "CUDA graphs off (their capture failed: RuntimeError: operation not permitted" in mode
 
 
-def test_variable_length_data_and_dropout_keep_the_eager_path(demo_model, demo_rows, tmp_path):
-    _, replays, mode, one_shape = _train(demo_model, demo_rows, tmp_path / "varlen", True)
+def test_variable_length_packed_data_is_padded_to_one_shape_and_trains_the_same(
+    demo_model, demo_rows, tmp_path
+):
+    """The demo's conversations, packed: every micro-batch padded to the fullest one's shape
+    (worker.batch_shape), so the layers replay; the losses are the unpadded eager run's, and the
+    tokens the job counts are the real ones, not the padding."""
+    eager, none, mode, one_shape = _train(demo_model, demo_rows, tmp_path / "eager", False)
+    eager_tokens = _train.tokens
+    assert one_shape and none == 0 and "CUDA graphs" not in mode
+    graphed, replays, mode, _ = _train(demo_model, demo_rows, tmp_path / "graphed", True)
+    assert "decoder layers replayed as CUDA graphs" in mode
+    assert replays == (4 * 2 - 1) * LAYERS
+    assert graphed == pytest.approx(eager, rel=1e-5)
+    assert _train.tokens == eager_tokens > 0
+
+
+def test_unpacked_variable_length_data_and_dropout_keep_the_eager_path(
+    demo_model, demo_rows, tmp_path
+):
+    _, replays, mode, one_shape = _train(
+        demo_model, demo_rows, tmp_path / "unpacked", True, packing=False
+    )
     assert not one_shape and replays == 0 and "CUDA graphs" not in mode
     rows = _fixed_length_rows(tmp_path / "rows.jsonl")
     _, replays, mode, _ = _train(demo_model, rows, tmp_path / "dropout", True, lora_dropout=0.1)

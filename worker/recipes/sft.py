@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from worker.batch_shape import MAX_PADDING, REAL_TOKENS, PackedShape
 from worker.control import LocalControl, RunControl
 from worker.data import (
     FlattenedBatchCollator,
@@ -57,25 +58,28 @@ class SFTRecipe(LoRARecipe):
             self.train_batches, self.eval_batches = self.train_examples, self.eval_examples
 
     def _one_batch_shape(self) -> bool:
-        """Fixed-length data (the benchmark's, plain text cut into full chunks): every packed
-        micro-batch the same tokens, examples and longest example; unpacked, every example the
-        same length and every micro-batch full."""
+        """Packed, every micro-batch can take the fullest one's shape (worker.batch_shape) where
+        the padding that takes is a small share: best-fit packing fills rows to a few percent.
+        Unpacked, every example the same length and every micro-batch full."""
         if self.config.packing:
-            batches = self.train_batches
-            shapes = {(sum(map(len, b)), len(b), max(map(len, b))) for b in batches}
-            return len(shapes) == 1
+            return PackedShape.of(self.train_batches).padding_share(self.train_batches) <= (
+                MAX_PADDING
+            )
         examples = self.train_batches
         full = len(examples) % self.config.micro_batch_size == 0
         return full and len({len(e) for e in examples}) == 1
 
     def _collator(self) -> Any:
         if self.config.packing:
-            return FlattenedBatchCollator()
+            # Replayed as CUDA graphs, the layers take one shape: every row padded to it.
+            shape = PackedShape.of(self.train_batches) if self.layer_graphs else None
+            return FlattenedBatchCollator(shape, self.tokenizer.pad_token_id or 0)
         return PaddedBatchCollator(self.tokenizer.pad_token_id)
 
     def _longest_batch(self) -> dict[str, torch.Tensor]:
         if self.config.packing:
             batch = self._collator()([max(self.train_batches, key=lambda b: sum(map(len, b)))])
+            batch.pop(REAL_TOKENS, None)
         else:
             longest = sorted(self.train_examples or [], key=len)[-self.config.micro_batch_size :]
             batch = self._collator()(longest)

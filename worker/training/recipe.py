@@ -145,8 +145,9 @@ class LoRARecipe:
     def _replay_layers_as_graphs(self) -> None:
         """The decoder layers replayed as CUDA graphs (worker.layer_graphs) where one capture
         serves the whole run: one GPU, activations kept on the card (not offloaded), no random
-        numbers in a layer (dropout), and every training micro-batch of one shape (a graph holds
-        its shape's memory; other shapes would run eagerly beside it)."""
+        numbers in a layer (dropout), and every training micro-batch of one shape, or padded to
+        one by the collator once the graphs are on (a graph holds its shape's memory; other
+        shapes would run eagerly beside it)."""
         cfg = self.config
         if (
             layer_graphs.ENABLED
@@ -174,7 +175,8 @@ class LoRARecipe:
             self.start_timing.graph_capture_s = seconds
 
     def _one_batch_shape(self) -> bool:
-        """Whether every training micro-batch has the same shape (then CUDA graphs can serve)."""
+        """Whether every training micro-batch has, or can be padded to, one shape (then CUDA
+        graphs can serve; `_collator` pads once `layer_graphs` is set)."""
         return False
 
     def _load_tokenizer(self) -> Any:

@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from worker import checkpoints, lora_projection
+from worker.batch_shape import REAL_TOKENS
 from worker.errors import NonFiniteLoss
 from worker.metrics import process_rss_mib, vram_readings
 from worker.training import distributed
@@ -68,11 +69,12 @@ class RecipeTrainer(Trainer):
         self.last_seq_len = 0
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None):
-        mask = inputs.get("attention_mask")
-        # Real tokens only: padding (attention_mask 0) does not count. A tensor sum, no sync.
-        self.step_tokens = self.step_tokens + (
-            mask.sum() if mask is not None else inputs["input_ids"].numel()
-        )
+        real = inputs.pop(REAL_TOKENS, None)  # a packed row padded to one shape says its own
+        if real is None:
+            mask = inputs.get("attention_mask")
+            # Real tokens only: padding (attention_mask 0) does not count. A tensor sum, no sync.
+            real = mask.sum() if mask is not None else inputs["input_ids"].numel()
+        self.step_tokens = self.step_tokens + real
         self.last_seq_len = int(inputs["input_ids"].shape[-1])
         with lora_projection.casts_kept():  # forward and backward: the LoRA weights stay put
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -89,6 +91,7 @@ class RecipeTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        inputs.pop(REAL_TOKENS, None)  # an evaluation batch's (the training step took its own)
         # The forward pass only: a checkpointed layer's rerun in the backward pass saves for
         # itself and frees it layer by layer, in GPU memory.
         with self.recipe.activation_offload():
