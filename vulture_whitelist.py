@@ -151,3 +151,5 @@ _.tool_call_id  # app/generation.py, app/web/routes/openai_api.py: the chat temp
 _.__class__  # worker/layer_graphs.py
 graphs_of  # worker/layer_graphs.py
 _.replays  # worker/layer_graphs.py
+# torch calls it when a module is printed (HostEmbedding says where its table is).
+_.extra_repr  # worker/host_embeddings.py

@@ -99,9 +99,5 @@ _HOOK_DICTS = (
 )
 
 
-def on_host(model: Any) -> bool:
-    return isinstance(_base(model).get_input_embeddings(), HostEmbedding)
-
-
 def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -54,6 +54,17 @@ def _timed_steps(recipe, batch) -> tuple[float, int, float]:
     return loss.item(), torch.cuda.max_memory_allocated(), min(times)
 
 
+def _cap_between_checkpointing_and_none(recipe, batch) -> None:
+    """Cap this process's card memory halfway between the trial peaks of full checkpointing and
+    none (a smaller card's stand-in); the caller sets the fraction back to 1.0."""
+    peak_off = recipe._try_policy(batch, "off")
+    peak_on = recipe._try_policy(batch, "on")
+    assert peak_off is not None and peak_on is not None and peak_off > peak_on
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = (peak_on + peak_off) / 2 / memory_policy.TRIAL_HEADROOM
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+
+
 def test_qlora_trains_checkpoints_resumes_and_saves(llama_1b, demo_rows, tmp_path):
     config = _config()
     control = LocalControl(stop_at_step=2, reason="shutdown")
@@ -173,12 +184,7 @@ def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
     recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
     recipe.setup()
     batch = recipe._longest_batch()
-    peak_off = recipe._try_policy(batch, "off")
-    peak_on = recipe._try_policy(batch, "on")
-    assert peak_off is not None and peak_on is not None and peak_off > peak_on
-    total = torch.cuda.get_device_properties(0).total_memory
-    cap = (peak_on + peak_off) / 2 / memory_policy.TRIAL_HEADROOM
-    torch.cuda.set_per_process_memory_fraction(cap / total)
+    _cap_between_checkpointing_and_none(recipe, batch)
     try:
         policy, reason, kept = recipe._measure_memory_policy()
         layers = len(recipe._decoder_layers())
@@ -218,12 +224,7 @@ def test_a_card_that_must_checkpoint_gets_the_input_embeddings_memory_back(
 
     try:
         loss, grads = on_step()
-        peak_off = recipe._try_policy(batch, "off")
-        peak_on = recipe._try_policy(batch, "on")
-        assert peak_off is not None and peak_on is not None and peak_off > peak_on
-        total = torch.cuda.get_device_properties(0).total_memory
-        cap = (peak_on + peak_off) / 2 / memory_policy.TRIAL_HEADROOM
-        torch.cuda.set_per_process_memory_fraction(cap / total)
+        _cap_between_checkpointing_and_none(recipe, batch)
         del table
         before = torch.cuda.memory_allocated()
         policy, reason, kept = recipe._measure_memory_policy()
