@@ -130,8 +130,6 @@ def _per_example(q, k, v, cu_seq_lens, scale, window):
     bounds = cu_seq_lens.tolist()
     pieces = []
     for start, end in itertools.pairwise(bounds):
-        if end == start:  # an empty example (worker.batch_shape pads the bounds with them)
-            continue
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, L, D]
         mask = None
         if window and end - start > window:

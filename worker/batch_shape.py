@@ -2,11 +2,11 @@
 replay the decoder layers on variable-length data too.
 
 A packed micro-batch is one row of examples (worker.data.FlattenedBatchCollator); rows differ in
-tokens, in examples and in their longest example. `PackedShape.pad` gives each row the run's
-fullest row's tokens, with padding examples of at most the run's longest example (no label is
-trained on them, and each attends only to itself, like any packed example), then pads the
-examples' bounds (`cu_seq_lens`) with empty examples to one count, and sets the longest length
-the attention kernel is told to the run's. Loss and gradients do not change: the padding is
+tokens, in examples and in their longest example. `PackedShape.pad` gives each row the same
+tokens (the run's fullest row's, plus a few where a row needs them) and the same count of
+examples, with padding examples of one token to the run's longest example each (no label is
+trained on them, and each attends only to itself, like any packed example), and sets the
+longest length the attention kernel is told to the run's. Loss and gradients do not change: the padding is
 masked out of the loss and no real token attends to it. It costs the padded tokens' compute, so
 the recipe pads only where that is a small share (`MAX_PADDING`); best-fit packing leaves a few
 percent.
@@ -30,15 +30,22 @@ REAL_TOKENS = "real_tokens"  # a padded batch's count of its own tokens (the job
 class PackedShape:
     tokens: int  # every row's tokens
     bounds: int  # entries of `cu_seq_lens` (examples + 1)
-    longest: int  # the longest example, and the longest padding example
+    longest: int  # the longest example, and the most a padding example takes
 
     @classmethod
     def of(cls, batches: Sequence[Sequence[Sized]]) -> PackedShape:
-        lengths = [[len(example) for example in batch] for batch in batches]
-        tokens = max(sum(row) for row in lengths)
-        longest = max(max(row) for row in lengths)
-        bounds = 1 + max(len(row) + -(-(tokens - sum(row)) // longest) for row in lengths)
-        return cls(tokens, bounds, longest)
+        rows = [(sum(len(example) for example in batch), len(batch)) for batch in batches]
+        longest = max(len(example) for batch in batches for example in batch)
+        tokens = max(real for real, _ in rows)
+        while True:
+            # Every row's padding in as few examples as hold it (each at most `longest`)...
+            examples = max(n + -(-(tokens - real) // longest) for real, n in rows)
+            # ...and a token at least for each example a row adds: no empty examples, which
+            # the varlen kernels need not handle. Longer rows for all where one is short.
+            short = max(examples - n - (tokens - real) for real, n in rows)
+            if short <= 0:
+                return cls(tokens, examples + 1, longest)
+            tokens += short
 
     def padding_share(self, batches: Sequence[Sequence[Sized]]) -> float:
         """The share of the padded rows' tokens that padding would take."""
@@ -52,13 +59,13 @@ class PackedShape:
         real = ids.shape[-1]
         bounds = batch["cu_seq_lens_q"]
         missing = self.tokens - real
-        chunks = [self.longest] * (missing // self.longest)
-        chunks += [missing % self.longest] if missing % self.longest else []
-        if missing < 0 or len(bounds) + len(chunks) > self.bounds:
+        count = self.bounds - len(bounds)  # the padding examples it takes
+        if count < 0 or not count <= missing <= count * self.longest:
             return batch
+        base, extra = divmod(missing, count) if count else (0, 0)
+        chunks = [base + 1] * extra + [base] * (count - extra)
         ends = real + torch.tensor(chunks, dtype=torch.long).cumsum(0)
-        empty = torch.full((self.bounds - len(bounds) - len(chunks),), self.tokens)
-        padded_bounds = torch.cat([bounds, ends.to(bounds.dtype), empty.to(bounds.dtype)])
+        padded_bounds = torch.cat([bounds, ends.to(bounds.dtype)])
         positions = [torch.arange(length, dtype=torch.long) for length in chunks]
         position_ids = batch["position_ids"]
         return {

@@ -421,9 +421,9 @@ def test_packed_rows_padded_to_one_shape_replay_as_graphs_with_the_unpadded_grad
     llama_1b, demo_rows, tmp_path
 ):
     """Variable-length data on the GPU: each packed row padded to the run's one shape
-    (worker.batch_shape: padding examples, then empty ones, which the varlen flash kernel must
-    skip) gives the unpadded row's loss and LoRA gradients eagerly, and replayed as CUDA graphs
-    over rows of different fill. Prints the times."""
+    (worker.batch_shape: padding examples that train nothing, up to one count of examples)
+    gives the unpadded row's loss and LoRA gradients on the varlen flash kernel, eagerly and
+    replayed as CUDA graphs over rows of different fill. Prints the times."""
     from worker.batch_shape import REAL_TOKENS, PackedShape
     from worker.data import FlattenedBatchCollator
     from worker.layer_graphs import graph_layers, ungraph_layers
