@@ -5,11 +5,10 @@ A packed micro-batch is one row of examples (worker.data.FlattenedBatchCollator)
 tokens, in examples and in their longest example. `PackedShape.pad` gives each row the same
 tokens (the run's fullest row's, plus a few where a row needs them) and the same count of
 examples, with padding examples of one token to the run's longest example each (no label is
-trained on them, and each attends only to itself, like any packed example), and sets the
-longest length the attention kernel is told to the run's. Loss and gradients do not change: the padding is
-masked out of the loss and no real token attends to it. It costs the padded tokens' compute, so
-the recipe pads only where that is a small share (`MAX_PADDING`); best-fit packing leaves a few
-percent.
+trained on them, and each attends only to itself, like any packed example), and tells the
+attention kernel the run's longest example. Loss and gradients do not change. The padded tokens
+cost their compute, so the recipe pads only where they are a small share (`MAX_PADDING`);
+best-fit packing leaves a few percent.
 """
 
 from __future__ import annotations

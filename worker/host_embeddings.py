@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-ENABLED = True  # the memory policy's switch (the benchmark's profile turns it off and on itself)
-
 
 class HostEmbedding(nn.Module):
     """An `nn.Embedding` whose table lives in pinned host memory; its output is on `device`.

@@ -190,7 +190,7 @@ def embeddings_to_host(recipe: LoRARecipe) -> int:
     """Where the card must checkpoint, an untied input embedding table goes to host memory first
     (worker.host_embeddings): its GiB then keeps activations on the card. Returns the bytes freed;
     the job page's compute mode says so."""
-    if not host_embeddings.ENABLED or recipe.distributed or recipe.device.type != "cuda":
+    if recipe.distributed or recipe.device.type != "cuda":
         return 0
     freed = host_embeddings.move_to_host(recipe.model)
     if freed:
