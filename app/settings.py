@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     """How long a SQLite write waits for another process's write lock before it fails as "locked"."""
 
     cuda_graphs: bool = True
-    """Replay the decoder layers as CUDA graphs where every micro-batch of a job has one shape (off: every step runs eagerly)."""
+    """Replay the decoder layers as CUDA graphs where every micro-batch of a job has, or can be padded to, one shape (off: every step runs eagerly, unpadded)."""
 
     evaluate_after_training: bool = True
     """Queue an adapter's evaluation report (base vs adapter on the held-out rows) when its job succeeds."""

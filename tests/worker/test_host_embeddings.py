@@ -44,17 +44,12 @@ def test_embeddings_in_host_memory_give_the_same_loss_and_gradients(recipe, poli
 
 
 def test_the_embeddings_output_layer_shares_or_trains_stays_on_the_card():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from devkit.model_families import make_config, tiny_architecture
 
     def tiny(tied: bool) -> LlamaForCausalLM:
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            tie_word_embeddings=tied,
-        )
+        config = make_config(tiny_architecture("llama", 64) | {"tie_word_embeddings": tied})
         return LlamaForCausalLM(config)
 
     tied = tiny(tied=True)
@@ -65,10 +60,11 @@ def test_the_embeddings_output_layer_shares_or_trains_stays_on_the_card():
     assert movable_bytes(trained) == 0
     frozen = tiny(tied=False)
     frozen.requires_grad_(False)
-    assert movable_bytes(frozen) == 64 * 16 * 4
+    table_bytes = 64 * frozen.config.hidden_size * 4
+    assert movable_bytes(frozen) == table_bytes
     ids = torch.tensor([[1, 5, 63, 0]])
     before = frozen(ids).logits
-    assert move_to_host(frozen) == 64 * 16 * 4
+    assert move_to_host(frozen) == table_bytes
     torch.testing.assert_close(frozen(ids).logits, before, rtol=0, atol=0)
 
 
