@@ -9,6 +9,7 @@ else, from loading the 4-bit base model to atomic checkpoints, is `LoRARecipe`'s
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -62,17 +63,20 @@ class SFTRecipe(LoRARecipe):
         the padding that takes is a small share: best-fit packing fills rows to a few percent.
         Unpacked, every example the same length and every micro-batch full."""
         if self.config.packing:
-            return PackedShape.of(self.train_batches).padding_share(self.train_batches) <= (
-                MAX_PADDING
-            )
+            return self._packed_shape.padding_share(self.train_batches) <= MAX_PADDING
         examples = self.train_batches
         full = len(examples) % self.config.micro_batch_size == 0
         return full and len({len(e) for e in examples}) == 1
 
+    @cached_property
+    def _packed_shape(self) -> PackedShape:
+        """The fullest training micro-batch's shape, which every row can be padded to."""
+        return PackedShape.of(self.train_batches)
+
     def _collator(self) -> Any:
         if self.config.packing:
             # Replayed as CUDA graphs, the layers take one shape: every row padded to it.
-            shape = PackedShape.of(self.train_batches) if self.layer_graphs else None
+            shape = self._packed_shape if self.layer_graphs else None
             return FlattenedBatchCollator(shape, self.tokenizer.pad_token_id or 0)
         return PaddedBatchCollator(self.tokenizer.pad_token_id)
 
