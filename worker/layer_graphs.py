@@ -123,6 +123,9 @@ def _graphed_class(cls: type) -> type:
 # --- a call's signature ------------------------------------------------------------------------
 
 _PLAIN = (torch.Tensor, type(None), bool, int, float, str, torch.dtype)
+# Reach the layers in their keyword arguments, read by the loss only: a graph neither takes nor
+# keys on them (the Trainer's token count would make its passes differ from a trial step's).
+_LOSS_ONLY = frozenset({"num_items_in_batch"})
 
 
 def _flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any] | None:
@@ -403,6 +406,7 @@ class LayerGraphs:
         """The layer's output from its graph, or None: the layer runs as before."""
         if not (self.enabled and layer.training and torch.is_grad_enabled()):
             return None
+        kwargs = {key: value for key, value in kwargs.items() if key not in _LOSS_ONLY}
         flat = _flatten(args, kwargs)
         if flat is None or not args or not isinstance(args[0], torch.Tensor):
             return None

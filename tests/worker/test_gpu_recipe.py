@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.train_config import TrainConfig
+from worker import layer_graphs
 from worker.data import FlattenedBatchCollator, TokenizedExample
 from worker.errors import OutOfMemory
 from worker.metrics import ListSink
@@ -52,6 +53,22 @@ def _timed_steps(recipe, batch) -> tuple[float, int, float]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return loss.item(), torch.cuda.max_memory_allocated(), min(times)
+
+
+def _eager(recipe) -> None:
+    """The layers back to eager: `setup` measured its policy before graphing them (and may have
+    captured them since), as a test that measures again under a cap must."""
+    layer_graphs.ungraph_layers(recipe._decoder_layers())
+    recipe.layer_graphs = None
+
+
+def _graphed_after_the_policy(recipe) -> None:
+    """What `setup` does once the policy is set: the layers graphed where their memory fits
+    beside the step (a trial capture), and the Trainer's collator padding rows to their shape."""
+    recipe._replay_layers_as_graphs()
+    recipe.trainer = recipe._build_trainer()
+    mode = recipe.compute_mode
+    assert "replayed as CUDA graphs" in mode or "CUDA graphs off (with them" in mode, mode
 
 
 def _cap_between_checkpointing_and_none(recipe, batch) -> None:
@@ -183,6 +200,7 @@ def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
     config = _config(max_steps=2, save_every=100, eval_every=100, micro_batch_size=8)
     recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
     recipe.setup()
+    _eager(recipe)
     batch = recipe._longest_batch()
     _cap_between_checkpointing_and_none(recipe, batch)
     try:
@@ -193,8 +211,9 @@ def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
         recipe._set_memory_policy(policy, kept)
         checkpointed = [layer.gradient_checkpointing for layer in recipe._decoder_layers()]
         assert checkpointed == [True] * (layers - kept) + [False] * kept
+        _graphed_after_the_policy(recipe)
         assert recipe.train().global_step == 2
-        print(f"\n{reason}")
+        print(f"\n{reason}; {recipe.compute_mode}")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         recipe.cleanup()
@@ -212,6 +231,7 @@ def test_a_card_that_must_checkpoint_gets_the_input_embeddings_memory_back(
     config = _config(max_steps=2, save_every=100, eval_every=100, micro_batch_size=8)
     recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
     recipe.setup()
+    _eager(recipe)
     batch = recipe._longest_batch()
     lora = [p for p in recipe.model.parameters() if p.requires_grad]
     table = recipe.model.get_input_embeddings().weight
@@ -238,6 +258,7 @@ def test_a_card_that_must_checkpoint_gets_the_input_embeddings_memory_back(
         assert torch.nn.functional.cosine_similarity(host_grads, grads, 0) > 0.999
         recipe.model.zero_grad(set_to_none=True)
         recipe._set_memory_policy(policy, kept)
+        _graphed_after_the_policy(recipe)
         assert recipe.train().global_step == 2
         print(f"\n{reason}; {recipe.compute_mode}; table {table_bytes / 2**20:.0f} MiB")
     finally:
@@ -246,12 +267,13 @@ def test_a_card_that_must_checkpoint_gets_the_input_embeddings_memory_back(
 
 
 def test_offloaded_and_tiled_checkpointing_match_checkpointing_in_less_memory_and_train(
-    llama_1b, demo_rows, tmp_path
+    llama_1b, demo_rows, tmp_path, monkeypatch
 ):
     """ "offload" moves the layers' saved inputs to host memory (worker.offload): the same loss
     and gradients as plain checkpointing, a lower peak by about those inputs; "tiled" also runs
     the MLPs in slices of tokens (worker.tiled_mlp): the same again, lower still. A job trains
-    with it. Prints the step times."""
+    with it. Prints the step times. Eager layers: a graph's pool would sit in every peak."""
+    monkeypatch.setattr(layer_graphs, "ENABLED", False)
     config = _config(max_steps=2, save_every=100, eval_every=100, micro_batch_size=8)
     recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
     recipe.setup()
@@ -296,14 +318,17 @@ def test_offloaded_and_tiled_checkpointing_match_checkpointing_in_less_memory_an
         recipe.cleanup()
 
 
-def test_fused_mlps_match_peft_on_4bit_weights_in_less_memory(llama_1b, demo_rows, tmp_path):
+def test_fused_mlps_match_peft_on_4bit_weights_in_less_memory(
+    llama_1b, demo_rows, tmp_path, monkeypatch
+):
     """worker.fused_mlp and worker.fused_attention on NF4 weights and Liger's SwiGLU kernels, each
     step with one fewer fused: peft's loss and LoRA gradients
     (bf16: to a cosine of 0.999), a lower peak by at least half the SwiGLU products peft keeps.
-    Prints the step times."""
+    Prints the step times. Eager layers: a graph's pool would sit in every peak."""
     from worker.fused_attention import unfuse_attention
     from worker.fused_mlp import unfuse_mlps
 
+    monkeypatch.setattr(layer_graphs, "ENABLED", False)
     config = _config(max_steps=1, micro_batch_size=8, lora_dropout=0.0)
     recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
     recipe.setup()
@@ -483,7 +508,6 @@ def test_a_failed_capture_leaves_the_layers_eager_and_random_numbers_working(
     """A layer that reads a value back to the host mid-capture (illegal in a CUDA graph): the
     capture fails, the step runs eagerly with the same loss, and the card's random number
     generator still works afterwards (a failed capture leaves it marked as capturing)."""
-    from worker import layer_graphs
 
     config = _config(
         max_steps=1, micro_batch_size=4, lora_dropout=0.0, gradient_checkpointing="off"

@@ -7,6 +7,7 @@ tests/worker/test_gpu_recipe.py on the GPU machine."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def _fixed_length_rows(path, count: int = 12) -> Path:
     return path
 
 
-def _train(demo_model, rows, output_dir, emulate: bool, **overrides):
+def _train(demo_model, rows, output_dir, emulate: bool, stand_in=None, **overrides):
     from app.train_config import TrainConfig
     from worker.metrics import ListSink
     from worker.recipes.sft import LocalControl, SFTRecipe
@@ -146,6 +147,8 @@ def _train(demo_model, rows, output_dir, emulate: bool, **overrides):
     sink, control = ListSink(), LocalControl()
     recipe = SFTRecipe(config, demo_model, output_dir, sink, control, rows_path=rows)
     layer_graphs.EMULATE = emulate
+    if stand_in is not None:
+        stand_in(recipe)
     try:
         recipe.setup()
         graphs = graphs_of(recipe._decoder_layers())
@@ -171,10 +174,50 @@ def test_a_run_on_fixed_length_data_replays_its_layers_and_trains_the_same(demo_
     graphed, replays, mode, _ = _train(demo_model, rows, tmp_path / "graphed", emulate=True)
     assert "decoder layers replayed as CUDA graphs" in mode
     # The capture ran in the first optimizer step's second micro-batch: the job page says so.
-    assert "(CUDA graph capture " in mode
+    assert re.search(r"first step [0-9.]+ s \(capture [0-9.]+ s\)", mode), mode
     assert replays == (4 * 2 - 1) * LAYERS  # every pass but the first (recorded)
     assert len(graphed) == len(eager) == 4
     assert graphed == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.parametrize("graphs_fit", [True, False])
+def test_graphs_are_captured_at_setup_and_stay_only_where_their_memory_fits(
+    demo_model, tmp_path, graphs_fit
+):
+    """A card's stand-in: the eager step peaks at 6 GiB, the graphed one at 6.5, and a step may
+    use 7 or 6.3 GiB. Two trial steps run with the layers graphed (the second captures): where
+    the graphs fit, every training pass replays and the start timing puts the capture in setup;
+    where they do not, the layers train eagerly and the compute mode says why. The same losses."""
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    graphed_trials = []
+
+    def stand_in(recipe) -> None:
+        recipe.trial_limit = (7.0 if graphs_fit else 6.3) * 2**30
+
+        def trial_step(batch) -> int:
+            recipe.forward_backward(batch)
+            recipe.model.zero_grad(set_to_none=True)
+            graphed_trials.append(recipe.layer_graphs is not None)
+            return int((6.5 if recipe.layer_graphs else 6.0) * 2**30)
+
+        recipe._trial_step = trial_step
+
+    eager, _, _, _ = _train(demo_model, rows, tmp_path / "eager", emulate=False)
+    losses, replays, mode, _ = _train(
+        demo_model, rows, tmp_path / "run", emulate=True, stand_in=stand_in
+    )
+    assert graphed_trials == [True, True]
+    assert losses == pytest.approx(eager, rel=1e-5)
+    if graphs_fit:
+        assert replays == (1 + 4 * 2) * LAYERS  # the capturing trial step, then every pass
+        assert "decoder layers replayed as CUDA graphs" in mode
+        assert re.search(r"CUDA graphs [0-9.]+ s \(capture [0-9.]+ s\)", mode), mode
+    else:
+        assert replays == 0 and "replayed as CUDA graphs" not in mode
+        assert (
+            "CUDA graphs off (with them a step on the longest micro-batch would peak at 6.5 GiB, "
+            "over the 6.3 GiB a step may use)"
+        ) in mode
 
 
 def test_a_run_whose_capture_fails_trains_eagerly_and_says_why(demo_model, tmp_path, monkeypatch):

@@ -53,6 +53,8 @@ def choose(recipe: LoRARecipe) -> None:
         policy, reason = "on", f"FSDP over {recipe.world_size} GPUs: checkpointing by default"
     else:
         policy, reason, kept = measure(recipe)
+    if recipe.device.type == "cuda" and not recipe.distributed:
+        recipe.trial_limit = TRIAL_HEADROOM * recipe._usable_memory()
     if policy in ("offload", "tiled"):  # set in the config: the most memory for activations
         embeddings_to_host(recipe)
     set_policy(recipe, policy, kept)
@@ -141,7 +143,7 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     offloaded to host memory; else that with the MLPs in slices."""
     batch = recipe._longest_batch()
     tokens = int(batch["input_ids"].numel())
-    limit = TRIAL_HEADROOM * recipe._usable_memory()
+    limit = recipe.trial_limit = TRIAL_HEADROOM * recipe._usable_memory()
 
     def fits(how: str, peak: int) -> str:
         return (
@@ -183,6 +185,32 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
         micro_batch_size=recipe.config.micro_batch_size,
         seq_len=tokens,
         detail="Even offloaded checkpointing with sliced MLPs does not fit one micro-batch.",
+    )
+
+
+def graphs_overflow(recipe: LoRARecipe) -> str | None:
+    """With the decoder layers graphed (worker.layer_graphs), two trial steps on the longest
+    micro-batch, padded to the run's one shape: the first records, the second captures and
+    replays (the first training step then replays). A graph's memory pool comes on top of the
+    eager step the policy was measured on: None where the peak stays within what a trial step
+    may use on this card, else why the graphs must go. Nothing to check without a card."""
+    limit = recipe.trial_limit
+    if limit is None:
+        return None
+    batch = recipe._longest_batch()
+    try:
+        recipe._trial_step(batch)
+        peak: int | None = recipe._trial_step(batch)
+    except torch.OutOfMemoryError:
+        recipe.model.zero_grad(set_to_none=True)
+        free_cuda()
+        peak = None
+    if peak is not None and peak <= limit:
+        return None
+    would = "run out of memory" if peak is None else f"peak at {peak / GIB:.1f} GiB"
+    return (
+        f"with them a step on the longest micro-batch would {would}, over the "
+        f"{limit / GIB:.1f} GiB a step may use"
     )
 
 

@@ -40,6 +40,7 @@ from worker.training.trainer import (
 )
 
 MAX_EVAL_ROWS = 1000
+GRAPHED = ", decoder layers replayed as CUDA graphs"  # in the compute mode
 
 
 class LoRARecipe:
@@ -88,6 +89,7 @@ class LoRARecipe:
         self.model: Any = None
         self.trainer: RecipeTrainer | None = None
         self.memory_policy = "off"
+        self.trial_limit: float | None = None  # what a trial step may peak at (None: no card)
         self.quantization_used: Quantization | None = None  # set when the base model loads
         self.offload_stream: Any = None  # made by the first offloaded step (activation_offload)
         self.layer_graphs: layer_graphs.LayerGraphs | None = None  # _replay_layers_as_graphs
@@ -147,7 +149,8 @@ class LoRARecipe:
         serves the whole run: one GPU, activations kept on the card (not offloaded), no random
         numbers in a layer (dropout), and every training micro-batch of one shape, or padded to
         one by the collator once the graphs are on (a graph holds its shape's memory; other
-        shapes would run eagerly beside it)."""
+        shapes would run eagerly beside it). Captured here, on the longest micro-batch: where
+        their memory would not fit beside the step, they go and the job page says why."""
         cfg = self.config
         if (
             layer_graphs.ENABLED
@@ -160,19 +163,27 @@ class LoRARecipe:
         ):
             graphs.on_capture = self._graphs_captured
             self.layer_graphs = graphs
-            self.compute_mode += ", decoder layers replayed as CUDA graphs"
+            self.compute_mode += GRAPHED
+            with self.start_timing.part("CUDA graphs"):
+                overflow = memory_policy.graphs_overflow(self)
+            if overflow is not None:
+                layer_graphs.ungraph_layers(graphs.layers)
+                self.layer_graphs = None
+                self._graphs_off(f"CUDA graphs off ({overflow})")
             self.control.update(compute_mode=self.compute_mode)
+
+    def _graphs_off(self, why: str) -> None:
+        self.compute_mode = self.compute_mode.replace(GRAPHED, "")
+        if why not in self.compute_mode:
+            self.compute_mode += f", {why}"
 
     def _graphs_captured(self, seconds: float | None, failure: str | None) -> None:
         """The job page's start timing gets the capture's seconds; its compute mode, a failure."""
         if failure is not None:
-            graphed = ", decoder layers replayed as CUDA graphs"
-            reason = failure.splitlines()[0]
-            self.compute_mode = self.compute_mode.replace(graphed, "")
-            self.compute_mode += f", CUDA graphs off (their capture failed: {reason})"
+            self._graphs_off(f"CUDA graphs off (their capture failed: {failure.splitlines()[0]})")
             self.control.update(compute_mode=self.compute_mode)
-        elif self.start_timing.total_s is None:  # within the first optimizer step
-            self.start_timing.graph_capture_s = seconds
+        elif self.start_timing.total_s is None:  # before the first optimizer step ends
+            self.start_timing.graphs_captured(seconds)
 
     def _one_batch_shape(self) -> bool:
         """Whether every training micro-batch has, or can be padded to, one shape (then CUDA

@@ -22,16 +22,23 @@ class StartTiming:
         self.parts: dict[str, float] = {}  # in the order they ran, seconds
         self.trial_steps = 0
         self.first_step_s: float | None = None
-        self.graph_capture_s: float | None = None  # inside a step (worker.layer_graphs)
+        self.graph_capture_s: float | None = None  # worker.layer_graphs
+        self.graph_capture_in = "first step"  # or the setup's part it ran in
+        self._running: str | None = None
         self.total_s: float | None = None
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, self._running = time.perf_counter(), name
         try:
             yield
         finally:
+            self._running = None
             self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
+
+    def graphs_captured(self, seconds: float) -> None:
+        self.graph_capture_s = seconds
+        self.graph_capture_in = self._running or "first step"
 
     def first_step_done(self, step_seconds: float) -> None:
         self.first_step_s = step_seconds
@@ -41,19 +48,17 @@ class StartTiming:
         """e.g. "claim to first step 41.2 s: model load 30.1 s, memory policy 6.3 s (3 trial
         steps), tokenisation 1.2 s, first step 0.9 s, the rest 2.7 s"."""
         total = self.total_s or 0.0
-        named = [
-            f"{name} {seconds:.1f} s"
-            + (f" ({self.trial_steps} trial steps)" if name == "memory policy" else "")
-            for name, seconds in self.parts.items()
-        ]
+        capture = None if self.graph_capture_s is None else f"capture {self.graph_capture_s:.1f} s"
+        notes = {"memory policy": f"{self.trial_steps} trial steps", self.graph_capture_in: capture}
         first = self.first_step_s or 0.0
+        named = [
+            f"{name} {seconds:.1f} s" + (f" ({notes[name]})" if notes.get(name) else "")
+            for name, seconds in [*self.parts.items(), ("first step", first)]
+        ]
         rest = max(0.0, total - sum(self.parts.values()) - first)
         since = "claim" if self.from_claim else "setup"
-        step = f"first step {first:.1f} s"
-        if self.graph_capture_s is not None:
-            step += f" (CUDA graph capture {self.graph_capture_s:.1f} s)"
         return f"{since} to first step {total:.1f} s: " + ", ".join(
-            [*named, step, f"the rest {rest:.1f} s"]
+            [*named, f"the rest {rest:.1f} s"]
         )
 
     def as_dict(self) -> dict[str, Any]:
