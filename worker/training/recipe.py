@@ -182,9 +182,7 @@ class LoRARecipe:
         if failure is not None:
             self._graphs_off(f"CUDA graphs off (their capture failed: {failure.splitlines()[0]})")
             self.control.update(compute_mode=self.compute_mode)
-        elif (
-            seconds is not None and self.start_timing.total_s is None
-        ):  # before the first step ends
+        elif seconds is not None and self.start_timing.total_s is None:  # before the first step
             self.start_timing.graphs_captured(seconds)
 
     def _one_batch_shape(self) -> bool:
