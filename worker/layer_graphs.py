@@ -39,6 +39,7 @@ import functools
 import inspect
 import logging
 import time
+import traceback
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -466,8 +467,12 @@ class LayerGraphs:
         except Exception as error:  # the layers keep their eager path
             self.failure = f"{type(error).__name__}: {error}"
             self.enabled = False
+            # The traceback as text: a log record that kept its frames (pytest's, a handler's)
+            # would keep the half-captured graphs and their memory pool on the card.
             log.warning(
-                "CUDA graphs of the decoder layers are off: %s", self.failure, exc_info=True
+                "CUDA graphs of the decoder layers are off: %s\n%s",
+                self.failure,
+                traceback.format_exc(),
             )
             if not self.emulate:
                 _end_rng_capture()

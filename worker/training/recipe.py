@@ -166,10 +166,11 @@ class LoRARecipe:
             self.compute_mode += GRAPHED
             with self.start_timing.part("CUDA graphs"):
                 overflow = memory_policy.graphs_overflow(self)
-            if overflow is not None:
+            if overflow is not None or graphs.failure is not None:  # a failure says so itself
                 layer_graphs.ungraph_layers(graphs.layers)
                 self.layer_graphs = None
-                self._graphs_off(f"CUDA graphs off ({overflow})")
+                if graphs.failure is None:
+                    self._graphs_off(f"CUDA graphs off ({overflow})")
             self.control.update(compute_mode=self.compute_mode)
 
     def _graphs_off(self, why: str) -> None:
@@ -180,7 +181,8 @@ class LoRARecipe:
     def _graphs_captured(self, seconds: float | None, failure: str | None) -> None:
         """The job page's start timing gets the capture's seconds; its compute mode, a failure."""
         if failure is not None:
-            self._graphs_off(f"CUDA graphs off (their capture failed: {failure.splitlines()[0]})")
+            reason = failure.splitlines()[0].split(". ")[0]  # e.g. CUDA's "out of memory"
+            self._graphs_off(f"CUDA graphs off (their capture failed: {reason})")
             self.control.update(compute_mode=self.compute_mode)
         elif seconds is not None and self.start_timing.total_s is None:  # before the first step
             self.start_timing.graphs_captured(seconds)
