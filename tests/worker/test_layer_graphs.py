@@ -6,8 +6,10 @@ tests/worker/test_gpu_recipe.py on the GPU machine."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -112,14 +114,26 @@ def test_passes_without_gradients_and_new_shapes_run_eagerly(recipe, monkeypatch
     assert loss > 0
 
 
-def test_a_failed_capture_leaves_the_layers_eager(recipe, monkeypatch):
+def test_a_failed_capture_leaves_the_layers_eager(recipe, monkeypatch, caplog):
+    """...and keeps nothing of the half-made graphs (on a card, their memory pool): the log,
+    which a handler may keep (pytest's does), has the traceback as text, not its frames."""
     eager_loss, eager = lora_gradients(recipe, recipe._longest_batch())
     batch, layers, graphs = _graphed(recipe)
     monkeypatch.setattr(layer_graphs._LayerGraph, "capture_forward", _broken_capture)
+    made, init = [], layer_graphs._LayerGraph.__init__
+
+    def tracked(self, *args) -> None:
+        init(self, *args)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(layer_graphs._LayerGraph, "__init__", tracked)
     for _ in range(3):
         loss, grads = lora_gradients(recipe, batch)
         assert loss == pytest.approx(eager_loss, rel=1e-6)
     assert graphs.failure and "stream is capturing" in graphs.failure
+    gc.collect()
+    assert made and all(ref() is None for ref in made)
+    assert "Traceback" in caplog.text and "_broken_capture" in caplog.text
     assert not graphs.enabled and graphs.replays == 0
     for name, grad in eager.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
