@@ -693,7 +693,8 @@ def start_note(r: dict) -> str:
     return (
         f"start {t['total_s']:.1f} s (model load {t.get('model_load_s', 0):.1f}, "
         f"{t['trial_steps']} trial steps {t.get('memory_policy_s', 0):.1f}, "
-        f"first step {t['first_step_s']:.1f})"
+        + (f"CUDA graphs {t['CUDA_graphs_s']:.1f}, " if "CUDA_graphs_s" in t else "")
+        + f"first step {t['first_step_s']:.1f})"
     )
 
 

@@ -45,6 +45,8 @@ def choose(recipe: LoRARecipe) -> None:
         policy, reason = "on", "tiled is for one GPU; FSDP checkpoints every layer"
     elif requested != "auto":
         policy, reason = requested, "set in the job config"
+        if recipe.device.type == "cuda" and not recipe.distributed:
+            set_trial_limit(recipe)  # for the graphs' check (graphs_overflow)
     elif recipe.device.type != "cuda":
         policy, reason = "off", "CPU run: activations live in host memory"
     elif recipe.distributed:
@@ -53,8 +55,6 @@ def choose(recipe: LoRARecipe) -> None:
         policy, reason = "on", f"FSDP over {recipe.world_size} GPUs: checkpointing by default"
     else:
         policy, reason, kept = measure(recipe)
-    if recipe.device.type == "cuda" and not recipe.distributed:
-        recipe.trial_limit = TRIAL_HEADROOM * recipe._usable_memory()
     if policy in ("offload", "tiled"):  # set in the config: the most memory for activations
         embeddings_to_host(recipe)
     set_policy(recipe, policy, kept)
@@ -143,7 +143,7 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     offloaded to host memory; else that with the MLPs in slices."""
     batch = recipe._longest_batch()
     tokens = int(batch["input_ids"].numel())
-    limit = recipe.trial_limit = TRIAL_HEADROOM * recipe._usable_memory()
+    limit = set_trial_limit(recipe)
 
     def fits(how: str, peak: int) -> str:
         return (
@@ -188,6 +188,12 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     )
 
 
+def set_trial_limit(recipe: LoRARecipe) -> float:
+    """What a trial step may peak at on this card (the rest: optimizer state, fragmentation)."""
+    recipe.trial_limit = TRIAL_HEADROOM * recipe._usable_memory()
+    return recipe.trial_limit
+
+
 def graphs_overflow(recipe: LoRARecipe) -> str | None:
     """With the decoder layers graphed (worker.layer_graphs), two trial steps on the longest
     micro-batch, padded to the run's one shape: the first records, the second captures and
@@ -198,13 +204,9 @@ def graphs_overflow(recipe: LoRARecipe) -> str | None:
     if limit is None:
         return None
     batch = recipe._longest_batch()
-    try:
-        recipe._trial_step(batch)
-        peak: int | None = recipe._trial_step(batch)
-    except torch.OutOfMemoryError:
-        recipe.model.zero_grad(set_to_none=True)
-        free_cuda()
-        peak = None
+    peak = peak_or_none(recipe, batch)  # records
+    if peak is not None:
+        peak = peak_or_none(recipe, batch)  # captures and replays
     if peak is not None and peak <= limit:
         return None
     would = "run out of memory" if peak is None else f"peak at {peak / GIB:.1f} GiB"
@@ -273,6 +275,11 @@ def try_policy(
     """Peak memory of one trial step under a policy, or None when it ran out of memory."""
     recipe._set_memory_policy(policy, kept)
     recipe.start_timing.trial_steps += 1  # the job page's start timing counts them
+    return peak_or_none(recipe, batch)
+
+
+def peak_or_none(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int | None:
+    """Peak memory of one trial step, or None when it ran out of memory."""
     try:
         return recipe._trial_step(batch)
     except torch.OutOfMemoryError:

@@ -174,9 +174,7 @@ class LoRARecipe:
             self.control.update(compute_mode=self.compute_mode)
 
     def _graphs_off(self, why: str) -> None:
-        self.compute_mode = self.compute_mode.replace(GRAPHED, "")
-        if why not in self.compute_mode:
-            self.compute_mode += f", {why}"
+        self.compute_mode = self.compute_mode.replace(GRAPHED, "") + f", {why}"
 
     def _graphs_captured(self, seconds: float | None, failure: str | None) -> None:
         """The job page's start timing gets the capture's seconds; its compute mode, a failure."""
