@@ -175,6 +175,7 @@ def _train(demo_model, rows, output_dir, emulate: bool, stand_in=None, **overrid
     losses = [row["loss"] for row in sink.rows if row.get("loss") is not None]
     mode = f"{control.fields['compute_mode']}; start: {control.fields.get('start_timing')}"
     _train.tokens = sum(row.get("tokens") or 0 for row in sink.rows)  # real tokens trained
+    _train.fields = control.fields
     return losses, replays, mode, one_shape
 
 
@@ -232,6 +233,101 @@ def test_graphs_are_captured_at_setup_and_stay_only_where_their_memory_fits(
             "CUDA graphs off (with them a step on the longest micro-batch would peak at 6.5 GiB, "
             "over the 6.3 GiB a step may use)"
         ) in mode
+
+
+GIB = 2**30
+
+
+def _near_the_limit(policy: str, kept: int, graphs_pay: bool, trials: list, timed: list):
+    """A stand-in card where `auto` chose `policy` with its step 0.1 GiB under the limit: the
+    eager step peaks at 4 GiB plus 0.5 a kept layer, the graphs' pool adds 0.3 GiB; a timed
+    step takes 0.2 s replayed and 0.3 s eager (or the other way round)."""
+    from worker.training import memory_policy
+
+    def choose(recipe) -> None:
+        recipe.trial_limit = (4.1 + 0.5 * kept) * GIB
+        recipe.policy_trial = memory_policy.PolicyTrial(int((4.0 + 0.5 * kept) * GIB), 0.5 * GIB)
+        memory_policy.set_policy(recipe, policy, kept)
+        recipe.memory_policy_reason = f"stand-in: {kept} of {LAYERS} layers kept"
+        recipe.control.update(memory_policy=policy, memory_policy_reason=recipe.memory_policy_reason)
+
+        def graphed() -> bool:
+            return recipe.layer_graphs is not None and bool(recipe.layer_graphs.captured)
+
+        def trial_step(batch) -> int:
+            recipe.forward_backward(batch)
+            recipe.model.zero_grad(set_to_none=True)
+            trials.append(recipe.kept_layers)
+            return int((4.0 + 0.5 * recipe.kept_layers + 0.3 * graphed()) * GIB)
+
+        def timed_step(batch) -> float:
+            for _ in range(2):
+                recipe.forward_backward(batch)
+                recipe.model.zero_grad(set_to_none=True)
+            replayed = graphed() and recipe.layer_graphs.enabled
+            timed.append((recipe.kept_layers, replayed))
+            return 0.2 if replayed == graphs_pay else 0.3
+
+        recipe._trial_step, recipe._timed_step = trial_step, timed_step
+
+    return choose
+
+
+@pytest.mark.parametrize("graphs_pay", [True, False])
+def test_graphs_take_a_kept_layers_room_only_where_a_timed_step_says_they_pay(
+    demo_model, tmp_path, monkeypatch, graphs_pay
+):
+    """`auto` kept 3 of the 4 layers' activations with its step 0.1 GiB under the limit: the
+    graphs' pool fits only with one layer more checkpointed. A timed eager step, then the graphs'
+    two trial steps with 2 layers kept and a timed replay: the faster stays, and the job page
+    says so. The same losses either way."""
+    from worker.training import memory_policy
+
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    eager, _, _, _ = _train(demo_model, rows, tmp_path / "eager", emulate=False)
+    trials, timed, recipes = [], [], []
+    monkeypatch.setattr(
+        memory_policy, "choose", _near_the_limit("partial", 3, graphs_pay, trials, timed)
+    )
+    losses, replays, mode, _ = _train(
+        demo_model, rows, tmp_path / "run", emulate=True, stand_in=recipes.append
+    )
+    recipe, reason = recipes[0], _train.fields["memory_policy_reason"]
+    assert trials == [2, 2]  # recorded, then captured and replayed, with a layer more checkpointed
+    assert timed == [(3, False), (2, True)]
+    assert losses == pytest.approx(eager, rel=1e-5)
+    if graphs_pay:
+        assert recipe.memory_policy == "partial" and recipe.kept_layers == 2
+        assert replays == (2 + 1 + 4 * 2) * LAYERS  # the trial, both timed steps, every pass
+        assert "decoder layers replayed as CUDA graphs" in mode
+        assert reason == (
+            f"stand-in: 3 of {LAYERS} layers kept; 1 layer more checkpointed to make room for the "
+            "layers' CUDA graphs (0.200 s a step against 0.300 s without them)"
+        )
+    else:
+        assert recipe.memory_policy == "partial" and recipe.kept_layers == 3
+        assert replays == 0 and "replayed as CUDA graphs" not in mode  # ungraphed at setup
+        assert "CUDA graphs off (they fit with 1 layer more checkpointed: 0.300 s a step " \
+            "against 0.200 s)" in mode
+        assert reason == f"stand-in: 3 of {LAYERS} layers kept"
+
+
+def test_no_trial_for_graphs_where_the_step_leaves_no_room_for_their_pool(
+    demo_model, tmp_path, monkeypatch
+):
+    """Every layer checkpointed, the step 0.1 GiB under the limit: the graphs' pool cannot fit
+    and no kept layer can make room, so no trial step runs for them (the job starts sooner)."""
+    from worker.training import memory_policy
+
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    trials, timed = [], []
+    monkeypatch.setattr(memory_policy, "choose", _near_the_limit("on", 0, True, trials, timed))
+    _, replays, mode, _ = _train(demo_model, rows, tmp_path / "run", emulate=True)
+    assert trials == timed == [] and replays == 0
+    assert (
+        "CUDA graphs off (with them a step on the longest micro-batch would need about 4.2 GiB "
+        "(their pool on a 4.0 GiB step), over the 4.1 GiB a step may use)"
+    ) in mode
 
 
 def test_a_run_whose_capture_fails_trains_eagerly_and_says_why(demo_model, tmp_path, monkeypatch):

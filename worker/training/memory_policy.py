@@ -17,7 +17,10 @@ which a test may replace with a stand-in card.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +36,20 @@ if TYPE_CHECKING:
 # A trial step must leave this share of the card free for optimizer state and fragmentation.
 TRIAL_HEADROOM = 0.90
 GIB = 1024**3
+# The decoder layers' CUDA graphs hold a memory pool of their own beside the step: measured +6.5%
+# (1B) and +7.5% (8B) of the eager step's peak (bench/RESULTS.md, session 14). A step closer to
+# the limit than this cannot keep them; the graphs' check then runs no trial for them.
+GRAPH_POOL_SHARE = 0.06
+
+
+@dataclasses.dataclass
+class PolicyTrial:
+    """What `auto`'s trial steps measured for the policy it chose: the step's peak and, under
+    "partial", the memory one kept layer adds (the graphs' check trades kept layers for their
+    pool)."""
+
+    peak: int | None = None
+    kept_layer_bytes: float | None = None
 
 
 def choose(recipe: LoRARecipe) -> None:
@@ -58,6 +75,7 @@ def choose(recipe: LoRARecipe) -> None:
     if policy in ("offload", "tiled"):  # set in the config: the most memory for activations
         embeddings_to_host(recipe)
     set_policy(recipe, policy, kept)
+    recipe.memory_policy_reason = reason
     recipe.control.update(
         memory_policy=policy, memory_policy_reason=reason, compute_mode=recipe.compute_mode
     )
@@ -65,6 +83,7 @@ def choose(recipe: LoRARecipe) -> None:
 
 def set_policy(recipe: LoRARecipe, policy: str, kept_layers: int = 0) -> None:
     recipe.memory_policy = policy
+    recipe.kept_layers = kept_layers if policy == "partial" else 0
     base = recipe.model.get_base_model()
     layers = decoder_layers(recipe.model)
     if policy == "tiled":
@@ -145,7 +164,8 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     tokens = int(batch["input_ids"].numel())
     limit = set_trial_limit(recipe)
 
-    def fits(how: str, peak: int) -> str:
+    def fits(how: str, peak: int) -> str:  # the chosen policy's reason (and its peak, kept)
+        recipe.policy_trial.peak = peak
         return (
             f"a trial step on the longest micro-batch ({tokens} tokens) fits {how}: peak "
             f"{peak / GIB:.1f} GiB of {limit / GIB:.1f} GiB usable"
@@ -199,21 +219,89 @@ def graphs_overflow(recipe: LoRARecipe) -> str | None:
     micro-batch, padded to the run's one shape: the first records, the second captures and
     replays (the first training step then replays). A graph's memory pool comes on top of the
     eager step the policy was measured on: None where the peak stays within what a trial step
-    may use on this card, else why the graphs must go. Nothing to check without a card."""
+    may use on this card, else why the graphs must go. Where `auto`'s step is already within the
+    pool's share of the limit, no trial: under "partial", fewer kept layers may make room, and
+    a timed step each way decides (graphs_with_fewer_kept); else the graphs go. Nothing to check
+    without a card."""
     limit = recipe.trial_limit
     if limit is None:
         return None
+    eager_peak = recipe.policy_trial.peak
+    if eager_peak is not None and eager_peak * (1 + GRAPH_POOL_SHARE) > limit:
+        need = eager_peak * (1 + GRAPH_POOL_SHARE)
+        kept = kept_for_graphs(recipe, need - limit)
+        if kept is not None:
+            return graphs_with_fewer_kept(recipe, kept)
+        return (
+            f"with them a step on the longest micro-batch would need about {need / GIB:.1f} GiB "
+            f"(their pool on a {eager_peak / GIB:.1f} GiB step), over the {limit / GIB:.1f} GiB "
+            "a step may use"
+        )
+    peak = graphed_peak(recipe)
+    if peak is not None and peak <= limit:
+        return None
+    return (
+        f"with them a step on the longest micro-batch would {_peak_at(peak)}, over the "
+        f"{limit / GIB:.1f} GiB a step may use"
+    )
+
+
+def graphed_peak(recipe: LoRARecipe) -> int | None:
+    """The peak of the graphs' two trial steps (record, then capture and replay), or None."""
     batch = recipe._longest_batch()
     peak = peak_or_none(recipe, batch)  # records
     if peak is not None:
         peak = peak_or_none(recipe, batch)  # captures and replays
-    if peak is not None and peak <= limit:
+    return peak
+
+
+def _peak_at(peak: int | None) -> str:
+    return "run out of memory" if peak is None else f"peak at {peak / GIB:.1f} GiB"
+
+
+def kept_for_graphs(recipe: LoRARecipe, excess: float) -> int | None:
+    """Under "partial", how many layers may keep their activations with `excess` bytes given to
+    the graphs' pool, by the memory a kept layer measured; None where none can be spared."""
+    per_layer = recipe.policy_trial.kept_layer_bytes
+    if recipe.memory_policy != "partial" or not per_layer:
         return None
-    would = "run out of memory" if peak is None else f"peak at {peak / GIB:.1f} GiB"
-    return (
-        f"with them a step on the longest micro-batch would {would}, over the "
-        f"{limit / GIB:.1f} GiB a step may use"
+    kept = recipe.kept_layers - math.ceil(excess / per_layer)
+    return kept if kept >= 0 else None
+
+
+def graphs_with_fewer_kept(recipe: LoRARecipe, kept: int) -> str | None:
+    """Graphs in place of some kept layers: a timed eager step under the policy `auto` chose,
+    then the graphs' trial steps with `kept` layers kept (0: every layer checkpointed) and a
+    timed replay. The faster one stays (the job page says so); None where the graphs do."""
+    graphs, limit, batch = recipe.layer_graphs, recipe.trial_limit, recipe._longest_batch()
+    assert graphs is not None and limit is not None
+    before = recipe.kept_layers
+    graphs.enabled = False  # the eager step, not recorded
+    eager_s = recipe._timed_step(batch)
+    graphs.enabled = True
+    set_policy(recipe, "partial" if kept else "on", kept)
+    peak = graphed_peak(recipe)
+    spared = before - kept
+    if peak is None or peak > limit or graphs.failure is not None:
+        set_policy(recipe, "partial", before)
+        return (
+            f"with them and {spared} layer{'s' * (spared > 1)} more checkpointed, a step on the "
+            f"longest micro-batch would {_peak_at(peak)}, over the {limit / GIB:.1f} GiB a step "
+            "may use"
+        )
+    graphed_s = recipe._timed_step(batch)
+    timed = f"{graphed_s:.3f} s a step against {eager_s:.3f} s"
+    if graphed_s >= eager_s:
+        set_policy(recipe, "partial", before)
+        return f"they fit with {spared} layer{'s' * (spared > 1)} more checkpointed: {timed}"
+    recipe.memory_policy_reason += (
+        f"; {spared} layer{'s' * (spared > 1)} more checkpointed to make room for the layers' "
+        f"CUDA graphs ({timed} without them)"
     )
+    recipe.control.update(
+        memory_policy=recipe.memory_policy, memory_policy_reason=recipe.memory_policy_reason
+    )
+    return None
 
 
 def embeddings_to_host(recipe: LoRARecipe) -> int:
@@ -255,6 +343,7 @@ def most_layers_kept(
     else:
         bad = probe
     per_layer = max(1.0, (probe_peak - peak_on) / probe)
+    recipe.policy_trial.kept_layer_bytes = per_layer
     guess: int | None = int((limit - peak_on) / per_layer)
     for _ in range(6):
         if bad - good <= 1:
@@ -296,6 +385,21 @@ def trial_step(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int:
     recipe.model.zero_grad(set_to_none=True)
     free_cuda()
     return peak
+
+
+def timed_step(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> float:
+    """Seconds of one forward+backward step on the card, after an untimed one (the allocator's
+    blocks back in its cache; graphs captured)."""
+    recipe.forward_backward(batch)
+    recipe.model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(recipe.device)
+    start = time.perf_counter()
+    recipe.forward_backward(batch)
+    torch.cuda.synchronize(recipe.device)
+    seconds = time.perf_counter() - start
+    recipe.model.zero_grad(set_to_none=True)
+    free_cuda()
+    return seconds
 
 
 def usable_memory(device: torch.device) -> int:

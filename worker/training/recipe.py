@@ -89,7 +89,10 @@ class LoRARecipe:
         self.model: Any = None
         self.trainer: RecipeTrainer | None = None
         self.memory_policy = "off"
+        self.kept_layers = 0  # "partial": the last layers that keep their activations
+        self.memory_policy_reason = ""  # the job page's why
         self.trial_limit: float | None = None  # what a trial step may peak at (None: no card)
+        self.policy_trial = memory_policy.PolicyTrial()  # what `auto` measured (the graphs' check)
         self.quantization_used: Quantization | None = None  # set when the base model loads
         self.offload_stream: Any = None  # made by the first offloaded step (activation_offload)
         self.layer_graphs: layer_graphs.LayerGraphs | None = None  # _replay_layers_as_graphs
@@ -262,6 +265,9 @@ class LoRARecipe:
 
     def _trial_step(self, batch: dict[str, torch.Tensor]) -> int:
         return memory_policy.trial_step(self, batch)
+
+    def _timed_step(self, batch: dict[str, torch.Tensor]) -> float:
+        return memory_policy.timed_step(self, batch)
 
     def _usable_memory(self) -> int:
         return memory_policy.usable_memory(self.device)
