@@ -249,7 +249,9 @@ def _near_the_limit(policy: str, kept: int, graphs_pay: bool, trials: list, time
         recipe.policy_trial = memory_policy.PolicyTrial(int((4.0 + 0.5 * kept) * GIB), 0.5 * GIB)
         memory_policy.set_policy(recipe, policy, kept)
         recipe.memory_policy_reason = f"stand-in: {kept} of {LAYERS} layers kept"
-        recipe.control.update(memory_policy=policy, memory_policy_reason=recipe.memory_policy_reason)
+        recipe.control.update(
+            memory_policy=policy, memory_policy_reason=recipe.memory_policy_reason
+        )
 
         def graphed() -> bool:
             return recipe.layer_graphs is not None and bool(recipe.layer_graphs.captured)
@@ -307,8 +309,10 @@ def test_graphs_take_a_kept_layers_room_only_where_a_timed_step_says_they_pay(
     else:
         assert recipe.memory_policy == "partial" and recipe.kept_layers == 3
         assert replays == 0 and "replayed as CUDA graphs" not in mode  # ungraphed at setup
-        assert "CUDA graphs off (they fit with 1 layer more checkpointed: 0.300 s a step " \
+        assert (
+            "CUDA graphs off (they fit with 1 layer more checkpointed: 0.300 s a step "
             "against 0.200 s)" in mode
+        )
         assert reason == f"stand-in: 3 of {LAYERS} layers kept"
 
 
