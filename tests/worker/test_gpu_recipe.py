@@ -3,6 +3,7 @@ tokenizer). Run on the GPU machine with `pytest -m gpu tests/worker/test_gpu_rec
 
 import gc
 import json
+import re
 import time
 
 import pytest
@@ -68,7 +69,8 @@ def _graphed_after_the_policy(recipe) -> None:
     recipe._replay_layers_as_graphs()
     recipe.trainer = recipe._build_trainer()
     mode = recipe.compute_mode
-    assert "replayed as CUDA graphs" in mode or "CUDA graphs off (with them" in mode, mode
+    # Kept, or off for their memory or a slower timed step; not for a failed capture.
+    assert re.search(r"replayed as CUDA graphs|CUDA graphs off \((with them|they fit)", mode), mode
 
 
 def _cap_between_checkpointing_and_none(recipe, batch) -> None:
