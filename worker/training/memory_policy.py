@@ -227,17 +227,16 @@ def graphs_overflow(recipe: LoRARecipe) -> str | None:
     if limit is None:
         return None
     eager_peak = recipe.policy_trial.peak
-    if eager_peak is not None and eager_peak * (1 + GRAPH_POOL_SHARE) > limit:
-        need = eager_peak * (1 + GRAPH_POOL_SHARE)
+    if eager_peak is not None and (need := eager_peak * (1 + GRAPH_POOL_SHARE)) > limit:
         kept = kept_for_graphs(recipe, need - limit)
         if kept is not None:
-            return graphs_with_fewer_kept(recipe, kept)
+            return graphs_with_fewer_kept(recipe, recipe._longest_batch(), kept)
         return (
             f"with them a step on the longest micro-batch would need about {need / GIB:.1f} GiB "
             f"(their pool on a {eager_peak / GIB:.1f} GiB step), over the {limit / GIB:.1f} GiB "
             "a step may use"
         )
-    peak = graphed_peak(recipe)
+    peak = graphed_peak(recipe, recipe._longest_batch())
     if peak is not None and peak <= limit:
         return None
     return (
@@ -246,9 +245,8 @@ def graphs_overflow(recipe: LoRARecipe) -> str | None:
     )
 
 
-def graphed_peak(recipe: LoRARecipe) -> int | None:
+def graphed_peak(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int | None:
     """The peak of the graphs' two trial steps (record, then capture and replay), or None."""
-    batch = recipe._longest_batch()
     peak = peak_or_none(recipe, batch)  # records
     if peak is not None:
         peak = peak_or_none(recipe, batch)  # captures and replays
@@ -269,34 +267,34 @@ def kept_for_graphs(recipe: LoRARecipe, excess: float) -> int | None:
     return kept if kept >= 0 else None
 
 
-def graphs_with_fewer_kept(recipe: LoRARecipe, kept: int) -> str | None:
+def graphs_with_fewer_kept(
+    recipe: LoRARecipe, batch: dict[str, torch.Tensor], kept: int
+) -> str | None:
     """Graphs in place of some kept layers: a timed eager step under the policy `auto` chose,
     then the graphs' trial steps with `kept` layers kept (0: every layer checkpointed) and a
     timed replay. The faster one stays (the job page says so); None where the graphs do."""
-    graphs, limit, batch = recipe.layer_graphs, recipe.trial_limit, recipe._longest_batch()
+    graphs, limit = recipe.layer_graphs, recipe.trial_limit
     assert graphs is not None and limit is not None
     before = recipe.kept_layers
     graphs.enabled = False  # the eager step, not recorded
     eager_s = recipe._timed_step(batch)
     graphs.enabled = True
     set_policy(recipe, "partial" if kept else "on", kept)
-    peak = graphed_peak(recipe)
-    spared = before - kept
+    peak = graphed_peak(recipe, batch)
+    spared = f"{before - kept} layer{'s' * (before - kept > 1)} more checkpointed"
     if peak is None or peak > limit or graphs.failure is not None:
         set_policy(recipe, "partial", before)
         return (
-            f"with them and {spared} layer{'s' * (spared > 1)} more checkpointed, a step on the "
-            f"longest micro-batch would {_peak_at(peak)}, over the {limit / GIB:.1f} GiB a step "
-            "may use"
+            f"with them and {spared}, a step on the longest micro-batch would {_peak_at(peak)}, "
+            f"over the {limit / GIB:.1f} GiB a step may use"
         )
     graphed_s = recipe._timed_step(batch)
     timed = f"{graphed_s:.3f} s a step against {eager_s:.3f} s"
     if graphed_s >= eager_s:
         set_policy(recipe, "partial", before)
-        return f"they fit with {spared} layer{'s' * (spared > 1)} more checkpointed: {timed}"
+        return f"they fit with {spared}: {timed}"
     recipe.memory_policy_reason += (
-        f"; {spared} layer{'s' * (spared > 1)} more checkpointed to make room for the layers' "
-        f"CUDA graphs ({timed} without them)"
+        f"; {spared} to make room for the layers' CUDA graphs ({timed} without them)"
     )
     recipe.control.update(
         memory_policy=recipe.memory_policy, memory_policy_reason=recipe.memory_policy_reason
