@@ -6,9 +6,10 @@ training, holds the GPU's compute lock (worker/gpu_lock.py) for it, and runs
 `python -m worker.evaluation --task-id N --attempt A`. On the job's held-out rows
 (`app.dataset_store.iter_rows(..., "eval", eval_fraction=...)`, the rows training held out):
 
-- the loss of base and adapter on the trained tokens, tokenised and masked by the recipe's own
-  functions (`worker.data.tokenize_rows` for sft; `worker.recipes.preference` for dpo and orpo,
-  where the loss is on the chosen answers), and its perplexity;
+- the loss of base and adapter on the trained tokens (worker.token_logps: never a whole
+  sequence's logits at once), tokenised and masked by the recipe's own functions
+  (`worker.data.tokenize_rows` for sft; `worker.recipes.preference` for dpo and orpo, where the
+  loss is on the chosen answers), and its perplexity;
 - preference adapters: reward accuracy and margin, with `answer_logps` (the recipe's scoring).
   The base prefers the chosen answer when its own log-probability of it is higher than of the
   rejected one (margin: the difference); the adapter's reward is DPO's implicit reward against
@@ -53,6 +54,7 @@ from worker.inference import Engine, InferenceError
 from worker.judge import Judge, JudgeError
 from worker.progress_meter import metered, reading
 from worker.side_work import LOCK_HELD_ENV, child_main
+from worker.token_logps import trained_token_logps
 
 log = logging.getLogger("tuneboard.evaluation")
 
@@ -224,11 +226,12 @@ def sft_losses(
         for example in examples:
             input_ids = torch.tensor([example.input_ids], device=model.device)
             labels = torch.tensor([example.labels], device=model.device)
-            count = int((labels[0, 1:] != -100).sum())
+            batch = {"input_ids": input_ids, "labels": labels}
             with model.disable_adapter():
-                nll["base"] += float(model(input_ids=input_ids, labels=labels).loss) * count
-            nll["adapter"] += float(model(input_ids=input_ids, labels=labels).loss) * count
-            tokens += count
+                nll["base"] -= float(trained_token_logps(model, batch)[0].float().sum())
+            logps, _ = trained_token_logps(model, batch)
+            nll["adapter"] -= float(logps.float().sum())
+            tokens += logps.numel()
             step()
     return _loss_figures(nll["base"], tokens), _loss_figures(nll["adapter"], tokens)
 

@@ -198,7 +198,9 @@ def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
     llama_1b, demo_rows, tmp_path
 ):
     """Capped between the peak of no checkpointing and the peak of full checkpointing (a smaller
-    card's stand-in), `auto` checkpoints only as many layers as it must, and then trains."""
+    card's stand-in), `auto` checkpoints only as many layers as it must, and then trains, its
+    final evaluation included (a whole batch's logits ran it out of memory there: sliced now,
+    worker.token_logps), an evaluation peaking within what a trial step may use."""
     config = _config(max_steps=2, save_every=100, eval_every=100, micro_batch_size=8)
     recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
     recipe.setup()
@@ -215,7 +217,13 @@ def test_a_card_between_checkpointing_and_none_checkpoints_only_some_layers(
         assert checkpointed == [True] * (layers - kept) + [False] * kept
         _graphed_after_the_policy(recipe)
         assert recipe.train().global_step == 2
-        print(f"\n{reason}; {recipe.compute_mode}")
+        torch.cuda.reset_peak_memory_stats()
+        assert recipe.trainer.evaluate()["eval_loss"] > 0
+        evaluation_peak = torch.cuda.max_memory_allocated()
+        assert evaluation_peak <= recipe.trial_limit
+        print(
+            f"\n{reason}; {recipe.compute_mode}; evaluation peak {evaluation_peak / 2**30:.2f} GiB"
+        )
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         recipe.cleanup()

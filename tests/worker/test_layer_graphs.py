@@ -241,12 +241,14 @@ GIB = 2**30
 def _near_the_limit(policy: str, kept: int, graphs_pay: bool, trials: list, timed: list):
     """A stand-in card where `auto` chose `policy` with its step 0.1 GiB under the limit: the
     eager step peaks at 4 GiB plus 0.5 a kept layer, the graphs' pool adds 0.3 GiB; a timed
-    step takes 0.2 s replayed and 0.3 s eager (or the other way round)."""
+    step takes 0.2 s replayed and 0.3 s eager (or the other way round). Under "partial" `auto`'s
+    bisection measured a kept layer's 0.5 GiB; under "off" nothing has yet."""
     from worker.training import memory_policy
 
     def choose(recipe) -> None:
         recipe.trial_limit = (4.1 + 0.5 * kept) * GIB
-        recipe.policy_trial = memory_policy.PolicyTrial(int((4.0 + 0.5 * kept) * GIB), 0.5 * GIB)
+        per_layer = 0.5 * GIB if policy == "partial" else None
+        recipe.policy_trial = memory_policy.PolicyTrial(int((4.0 + 0.5 * kept) * GIB), per_layer)
         memory_policy.set_policy(recipe, policy, kept)
         recipe.memory_policy_reason = f"stand-in: {kept} of {LAYERS} layers kept"
         recipe.control.update(
@@ -256,18 +258,21 @@ def _near_the_limit(policy: str, kept: int, graphs_pay: bool, trials: list, time
         def graphed() -> bool:
             return recipe.layer_graphs is not None and bool(recipe.layer_graphs.captured)
 
+        def kept_now() -> int:
+            return LAYERS if recipe.memory_policy == "off" else recipe.kept_layers
+
         def trial_step(batch) -> int:
             recipe.forward_backward(batch)
             recipe.model.zero_grad(set_to_none=True)
-            trials.append(recipe.kept_layers)
-            return int((4.0 + 0.5 * recipe.kept_layers + 0.3 * graphed()) * GIB)
+            trials.append(kept_now())
+            return int((4.0 + 0.5 * kept_now() + 0.3 * graphed()) * GIB)
 
         def timed_step(batch) -> float:
             for _ in range(2):
                 recipe.forward_backward(batch)
                 recipe.model.zero_grad(set_to_none=True)
             replayed = graphed() and recipe.layer_graphs.enabled
-            timed.append((recipe.kept_layers, replayed))
+            timed.append((kept_now(), replayed))
             return 0.2 if replayed == graphs_pay else 0.3
 
         recipe._trial_step, recipe._timed_step = trial_step, timed_step
@@ -316,6 +321,34 @@ def test_graphs_take_a_kept_layers_room_only_where_a_timed_step_says_they_pay(
         assert reason == f"stand-in: 3 of {LAYERS} layers kept"
 
 
+def test_a_card_that_keeps_every_layer_checkpoints_one_to_make_room_for_the_graphs(
+    demo_model, tmp_path, monkeypatch
+):
+    """`auto` kept every layer's activations with its step 0.1 GiB under the limit: one eager
+    trial step with every layer checkpointed measures what a kept layer takes, then the graphs
+    replace one kept layer where a timed step says they pay (1B at 11 GiB trained eagerly for
+    want of their pool's 0.1 GiB: 1.12x Unsloth, 1.37x with graphs at 14.5 GiB)."""
+    from worker.training import memory_policy
+
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    trials, timed, recipes = [], [], []
+    monkeypatch.setattr(
+        memory_policy, "choose", _near_the_limit("off", LAYERS, True, trials, timed)
+    )
+    _, replays, mode, _ = _train(
+        demo_model, rows, tmp_path / "run", emulate=True, stand_in=recipes.append
+    )
+    recipe, reason = recipes[0], _train.fields["memory_policy_reason"]
+    assert trials == [0, LAYERS - 1, LAYERS - 1]  # every layer checkpointed, then the graphs'
+    assert timed == [(LAYERS, False), (LAYERS - 1, True)]
+    assert recipe.memory_policy == "partial" and recipe.kept_layers == LAYERS - 1
+    assert "decoder layers replayed as CUDA graphs" in mode and replays > 0
+    assert reason.endswith(
+        "; 1 layer checkpointed to make room for the layers' CUDA graphs (0.200 s a step "
+        "against 0.300 s without them)"
+    )
+
+
 def test_no_trial_for_graphs_where_the_step_leaves_no_room_for_their_pool(
     demo_model, tmp_path, monkeypatch
 ):
@@ -329,7 +362,7 @@ def test_no_trial_for_graphs_where_the_step_leaves_no_room_for_their_pool(
     _, replays, mode, _ = _train(demo_model, rows, tmp_path / "run", emulate=True)
     assert trials == timed == [] and replays == 0
     assert (
-        "CUDA graphs off (with them a step on the longest micro-batch would need about 4.2 GiB "
+        "CUDA graphs off (with them a step on the longest micro-batch would need about 4.3 GiB "
         "(their pool on a 4.0 GiB step), over the 4.1 GiB a step may use)"
     ) in mode
 

@@ -7,8 +7,8 @@ chosen and prompt + rejected, and every sequence of every pair goes into ONE row
 (`position_ids` restart per sequence, attention stays inside it: the packing SFT uses). The
 log-probability of an answer is the sum over its tokens of log p(token | everything before),
 computed from the last hidden states in slices of tokens with the output layer, each slice
-recomputed in the backward pass instead of kept: the vocabulary-wide logits of a whole batch
-(2 x 4,096 tokens x 128k vocabulary in fp32 is 4 GiB) never exist at once.
+recomputed in the backward pass instead of kept (worker.token_logps): the vocabulary-wide logits
+of a whole batch (2 x 4,096 tokens x 128k vocabulary in fp32 is 4 GiB) never exist at once.
 """
 
 from __future__ import annotations
@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from worker.data import IGNORE_INDEX, pack_examples
 from worker.errors import DatasetError
 from worker.preference_data import TokenizedPair, tokenize_pair
+from worker.token_logps import trained_token_logps
 from worker.training.recipe import LoRARecipe
-
-LOGP_SLICE_TOKENS = 4096
 
 
 @dataclass
@@ -99,57 +96,13 @@ class PairCollator:
 def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the answer's token log-probabilities, its token count) for every sequence of the
     batch, in `sequence_ids` order: shape (2 x pairs,) each."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inputs = {
-        k: v
-        for k, v in batch.items()
-        if k not in ("labels", "sequence_ids", "input_ids") and k != "use_cache"
-    }
-    hidden = base.get_decoder()(
-        input_ids=batch["input_ids"], use_cache=False, **inputs
-    ).last_hidden_state[0, :-1]
-    targets = batch["labels"][0, 1:]
-    answer = targets != IGNORE_INDEX
-    sequence = batch["sequence_ids"][0, 1:][answer]
-    head = base.get_output_embeddings()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    token_logps = _sliced_logps(hidden[answer], head.weight, head.bias, targets[answer], softcap)
+    token_logps, answer = trained_token_logps(model, batch)
+    sequence = batch["sequence_ids"][:, 1:][answer]
     count = int(batch["sequence_ids"].max()) + 1
     sums = torch.zeros(count, device=token_logps.device, dtype=torch.float32)
     sums = sums.index_add(0, sequence, token_logps.float())
     tokens = torch.bincount(sequence, minlength=count).to(sums.dtype)
     return sums, tokens
-
-
-def _sliced_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    softcap: float | None,
-) -> torch.Tensor:
-    pieces = []
-    for start in range(0, hidden.shape[0], LOGP_SLICE_TOKENS):
-        end = start + LOGP_SLICE_TOKENS
-        args = (hidden[start:end], weight, bias, targets[start:end], softcap)
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            pieces.append(checkpoint(_token_logps, *args, use_reentrant=False))
-        else:
-            pieces.append(_token_logps(*args))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0)
-
-
-def _token_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    softcap: float | None,
-) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 class PreferenceRecipe(LoRARecipe):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from worker import token_logps
 from worker.batch_shape import MAX_PADDING, REAL_TOKENS, PackedShape
 from worker.control import LocalControl, RunControl
 from worker.data import (
@@ -90,6 +91,8 @@ class SFTRecipe(LoRARecipe):
         return self._to_device(batch)
 
     def batch_loss(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        if not model.training:  # evaluation: no whole batch's logits (worker.token_logps)
+            return token_logps.mean_nll(model, batch)
         return model(**batch).loss
 
     def compute_loss(
@@ -100,6 +103,8 @@ class SFTRecipe(LoRARecipe):
         return_outputs: bool,
         num_items_in_batch: Any,
     ) -> Any:
+        if not model.training:
+            return super().compute_loss(trainer, model, inputs, return_outputs, num_items_in_batch)
         # The Trainer's own: the model sums the token losses over the accumulated micro-batches.
         return Trainer.compute_loss(
             trainer,

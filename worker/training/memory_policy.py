@@ -37,9 +37,10 @@ if TYPE_CHECKING:
 TRIAL_HEADROOM = 0.90
 GIB = 1024**3
 # The decoder layers' CUDA graphs hold a memory pool of their own beside the step: measured +6.5%
-# (1B) and +7.5% (8B) of the eager step's peak (bench/RESULTS.md, session 14). A step closer to
-# the limit than this cannot keep them; the graphs' check then runs no trial for them.
-GRAPH_POOL_SHARE = 0.06
+# (1B) and +7.5% (8B) of the eager step's peak (bench/RESULTS.md, session 14); the larger, so a
+# trade that cannot fit is not tried. A step closer to the limit than this cannot keep them
+# unless checkpointing more layers makes room (graphs_overflow).
+GRAPH_POOL_SHARE = 0.075
 
 
 @dataclasses.dataclass
@@ -220,23 +221,24 @@ def graphs_overflow(recipe: LoRARecipe) -> str | None:
     replays (the first training step then replays). A graph's memory pool comes on top of the
     eager step the policy was measured on: None where the peak stays within what a trial step
     may use on this card, else why the graphs must go. Where `auto`'s step is already within the
-    pool's share of the limit, no trial: under "partial", fewer kept layers may make room, and
-    a timed step each way decides (graphs_with_fewer_kept); else the graphs go. Nothing to check
-    without a card."""
+    pool's share of the limit, no trial: under "off" or "partial", checkpointing layers may make
+    room, and a timed step each way decides (graphs_with_fewer_kept); else the graphs go.
+    Nothing to check without a card."""
     limit = recipe.trial_limit
     if limit is None:
         return None
+    batch = recipe._longest_batch()
     eager_peak = recipe.policy_trial.peak
     if eager_peak is not None and (need := eager_peak * (1 + GRAPH_POOL_SHARE)) > limit:
-        kept = kept_for_graphs(recipe, need - limit)
+        kept = kept_for_graphs(recipe, batch, need - limit)
         if kept is not None:
-            return graphs_with_fewer_kept(recipe, recipe._longest_batch(), kept)
+            return graphs_with_fewer_kept(recipe, batch, kept)
         return (
             f"with them a step on the longest micro-batch would need about {need / GIB:.1f} GiB "
             f"(their pool on a {eager_peak / GIB:.1f} GiB step), over the {limit / GIB:.1f} GiB "
             "a step may use"
         )
-    peak = graphed_peak(recipe, recipe._longest_batch())
+    peak = graphed_peak(recipe, batch)
     if peak is not None and peak <= limit:
         return None
     return (
@@ -257,13 +259,29 @@ def _peak_at(peak: int | None) -> str:
     return "run out of memory" if peak is None else f"peak at {peak / GIB:.1f} GiB"
 
 
-def kept_for_graphs(recipe: LoRARecipe, excess: float) -> int | None:
-    """Under "partial", how many layers may keep their activations with `excess` bytes given to
-    the graphs' pool, by the memory a kept layer measured; None where none can be spared."""
-    per_layer = recipe.policy_trial.kept_layer_bytes
-    if recipe.memory_policy != "partial" or not per_layer:
+def kept_for_graphs(
+    recipe: LoRARecipe, batch: dict[str, torch.Tensor], excess: float
+) -> int | None:
+    """Under "off" or "partial", how many layers may keep their activations with `excess` bytes
+    given to the graphs' pool, by the memory a kept layer adds; None where none can be spared.
+    `auto`'s bisection measured that under "partial"; under "off", one eager trial step with
+    every layer checkpointed measures it here."""
+    policy, trial = recipe.memory_policy, recipe.policy_trial
+    if policy not in ("off", "partial"):
         return None
-    kept = recipe.kept_layers - math.ceil(excess / per_layer)
+    total = len(recipe._decoder_layers())
+    if policy == "off" and trial.kept_layer_bytes is None and trial.peak is not None and total:
+        assert recipe.layer_graphs is not None
+        recipe.layer_graphs.enabled = False  # an eager step, not recorded
+        peak_on = try_policy(recipe, batch, "on")
+        recipe.layer_graphs.enabled = True
+        set_policy(recipe, "off")
+        if peak_on is not None:
+            trial.kept_layer_bytes = max(1.0, (trial.peak - peak_on) / total)
+    if not trial.kept_layer_bytes:
+        return None
+    kept_now = total if policy == "off" else recipe.kept_layers
+    kept = kept_now - math.ceil(excess / trial.kept_layer_bytes)
     return kept if kept >= 0 else None
 
 
@@ -275,15 +293,17 @@ def graphs_with_fewer_kept(
     timed replay. The faster one stays (the job page says so); None where the graphs do."""
     graphs, limit = recipe.layer_graphs, recipe.trial_limit
     assert graphs is not None and limit is not None
-    before = recipe.kept_layers
+    policy, before = recipe.memory_policy, recipe.kept_layers
+    kept_before = before if policy == "partial" else len(recipe._decoder_layers())
     graphs.enabled = False  # the eager step, not recorded
     eager_s = recipe._timed_step(batch)
     graphs.enabled = True
     set_policy(recipe, "partial" if kept else "on", kept)
     peak = graphed_peak(recipe, batch)
-    spared = f"{before - kept} layer{'s' * (before - kept > 1)} more checkpointed"
+    more = "more " if policy == "partial" else ""
+    spared = f"{kept_before - kept} layer{'s' * (kept_before - kept > 1)} {more}checkpointed"
     if peak is None or peak > limit or graphs.failure is not None:
-        set_policy(recipe, "partial", before)
+        set_policy(recipe, policy, before)
         return (
             f"with them and {spared}, a step on the longest micro-batch would {_peak_at(peak)}, "
             f"over the {limit / GIB:.1f} GiB a step may use"
@@ -291,7 +311,7 @@ def graphs_with_fewer_kept(
     graphed_s = recipe._timed_step(batch)
     timed = f"{graphed_s:.3f} s a step against {eager_s:.3f} s"
     if graphed_s >= eager_s:
-        set_policy(recipe, "partial", before)
+        set_policy(recipe, policy, before)
         return f"they fit with {spared}: {timed}"
     recipe.memory_policy_reason += (
         f"; {spared} to make room for the layers' CUDA graphs ({timed} without them)"
