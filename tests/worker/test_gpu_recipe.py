@@ -136,6 +136,7 @@ def test_oom_is_typed_and_vram_comes_back(llama_1b, tmp_path):
         recipe.train()
     error = raised.value
     assert error.kind == "oom" and error.micro_batch_size == 1 and error.seq_len > 100_000
+    assert "It happened in a training step." in str(error)
     assert error.hint
     del raised, error
     recipe.cleanup()

@@ -438,3 +438,29 @@ def test_the_start_is_timed_in_parts_up_to_the_first_optimizer_step(
     ]
     assert all(seconds > 0 for seconds in parts), timing
     assert timing["total_s"] >= sum(parts)
+
+
+@pytest.mark.parametrize(
+    "in_training, where",
+    [(True, "in a training step"), (False, "in the evaluation on the held-out rows")],
+    ids=["training", "evaluation"],
+)
+def test_running_out_of_memory_says_where_in_the_job(
+    demo_model, demo_rows, tmp_path, in_training, where
+):
+    """The job page's error names the part of the job that ran out of memory (a stand-in card
+    that is full in the training step, or in the evaluation), and the worker's log keeps where
+    in the code."""
+
+    def full_card(recipe):
+        def full(module, args):
+            if module.training == in_training:
+                raise torch.OutOfMemoryError("stand-in card is full")
+
+        recipe._decoder_layers()[0].register_forward_pre_hook(full)
+
+    config = _config(max_steps=2, eval_every=1, eval_fraction=0.2)
+    with pytest.raises(OutOfMemory) as error:
+        _run(config, demo_model, demo_rows, tmp_path, before_train=full_card)
+    assert f"It happened {where}." in str(error.value)
+    assert error.value.step == (0 if in_training else 1)

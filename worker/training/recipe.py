@@ -12,9 +12,11 @@ and the figures it logs (`FIGURES`, `logged_figures`).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
+import traceback
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +39,10 @@ from worker.training.trainer import (
     RecipeCallback,
     RecipeTrainer,
     TrainResult,
+    oom_phase,
 )
+
+log = logging.getLogger("tuneboard.worker")
 
 MAX_EVAL_ROWS = 1000
 GRAPHED = ", decoder layers replayed as CUDA graphs"  # in the compute mode
@@ -392,12 +397,14 @@ class LoRARecipe:
         oom: OutOfMemory | None = None
         try:
             self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as error:
             oom = OutOfMemory(
                 step=self.trainer.state.global_step,
                 micro_batch_size=self.config.micro_batch_size,
                 seq_len=self.trainer.last_seq_len,
+                detail=f"It happened {oom_phase(error)}.",
             )
+            log.warning("out of memory:\n%s", "".join(traceback.format_exception(error)))
         except CheckpointDiskFull as error:
             checkpoints.remove_incomplete(self.checkpoint_dir)
             kept = checkpoints.newest_complete_checkpoint(self.checkpoint_dir)

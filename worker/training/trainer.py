@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,17 @@ class CheckpointDiskFull(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"disk full while writing the checkpoint at step {step}")
         self.step = step
+
+
+def oom_phase(error: BaseException) -> str:
+    """Where in the Trainer's loop an out-of-memory error was raised, in the job page's words
+    (read from its traceback's function names; the frames themselves are not kept)."""
+    names = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+    if names & {"evaluate", "evaluation_loop", "prediction_step"}:
+        return "in the evaluation on the held-out rows"
+    if names & {"_save_checkpoint", "save_model"}:
+        return "while writing a checkpoint"
+    return "in a training step"
 
 
 class ListDataset(torch.utils.data.Dataset):
