@@ -175,7 +175,7 @@ def _train(demo_model, rows, output_dir, emulate: bool, stand_in=None, **overrid
     losses = [row["loss"] for row in sink.rows if row.get("loss") is not None]
     mode = f"{control.fields['compute_mode']}; start: {control.fields.get('start_timing')}"
     _train.tokens = sum(row.get("tokens") or 0 for row in sink.rows)  # real tokens trained
-    _train.fields = control.fields
+    _train.fields, _train.rows = control.fields, sink.rows
     return losses, replays, mode, one_shape
 
 
@@ -230,8 +230,48 @@ def test_graphs_are_captured_at_setup_and_stay_only_where_their_memory_fits(
     else:
         assert replays == 0 and "replayed as CUDA graphs" not in mode
         assert (
-            "CUDA graphs off (with them a step on the longest micro-batch would peak at 6.5 GiB, "
-            "over the 6.3 GiB a step may use)"
+            "CUDA graphs off (with them a step or an evaluation on the longest micro-batch would "
+            "peak at 6.5 GiB, over the 6.3 GiB a step may use)"
+        ) in mode
+
+
+@pytest.mark.parametrize("evaluation_fits", [True, False])
+def test_graphs_stay_only_where_an_evaluation_beside_their_pool_fits(
+    demo_model, tmp_path, evaluation_fits
+):
+    """A job that evaluates runs its layers eagerly in the evaluation, on memory of its own beside
+    the graphs' pool. A card's stand-in: the graphed step peaks at 6.5 GiB, a step may use 7, an
+    evaluation's forward pass beside the pool peaks at 6.8 or 7.2 GiB: where it would not fit,
+    the layers train eagerly and the compute mode says why; the job evaluates either way."""
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl", count=24)
+    evaluations = []
+
+    def stand_in(recipe) -> None:
+        recipe.trial_limit = 7.0 * GIB
+
+        def trial_step(batch) -> int:
+            recipe.forward_backward(batch)
+            recipe.model.zero_grad(set_to_none=True)
+            return int((6.5 if recipe.layer_graphs else 6.0) * GIB)
+
+        def evaluation_step(batch) -> int:
+            evaluations.append(bool(recipe.layer_graphs and recipe.layer_graphs.captured))
+            return int((6.8 if evaluation_fits else 7.2) * GIB)
+
+        recipe._trial_step, recipe._evaluation_step = trial_step, evaluation_step
+
+    _, replays, mode, _ = _train(
+        demo_model, rows, tmp_path / "run", True, stand_in, eval_fraction=0.2, eval_every=2
+    )
+    assert evaluations == [True]  # once, beside the captured graphs
+    assert [r["step"] for r in _train.rows if r.get("eval_loss") is not None] == [2, 4]
+    if evaluation_fits:
+        assert replays > 0 and "decoder layers replayed as CUDA graphs" in mode
+    else:
+        assert replays == 0 and "replayed as CUDA graphs" not in mode
+        assert (
+            "CUDA graphs off (with them a step or an evaluation on the longest micro-batch would "
+            "peak at 7.2 GiB, over the 7.0 GiB a step may use)"
         ) in mode
 
 

@@ -242,16 +242,25 @@ def graphs_overflow(recipe: LoRARecipe) -> str | None:
     if peak is not None and peak <= limit:
         return None
     return (
-        f"with them a step on the longest micro-batch would {_peak_at(peak)}, over the "
-        f"{limit / GIB:.1f} GiB a step may use"
+        f"with them a step or an evaluation on the longest micro-batch would {_peak_at(peak)}, "
+        f"over the {limit / GIB:.1f} GiB a step may use"
     )
 
 
 def graphed_peak(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int | None:
-    """The peak of the graphs' two trial steps (record, then capture and replay), or None."""
+    """The peak of the graphs' two trial steps (record, then capture and replay), or None; where
+    the job evaluates, also of an evaluation's forward pass beside their pool. An evaluation runs
+    the layers eagerly, on memory of its own while the pool stays held: a job on a small card
+    whose steps fit ran out of memory in its evaluation (bench/RESULTS.md, session 16)."""
     peak = peak_or_none(recipe, batch)  # records
     if peak is not None:
         peak = peak_or_none(recipe, batch)  # captures and replays
+    if peak is not None and recipe.eval_batches:
+        try:
+            peak = max(peak, recipe._evaluation_step(batch))
+        except torch.OutOfMemoryError:
+            free_cuda()
+            peak = None
     return peak
 
 
@@ -305,8 +314,8 @@ def graphs_with_fewer_kept(
     if peak is None or peak > limit or graphs.failure is not None:
         set_policy(recipe, policy, before)
         return (
-            f"with them and {spared}, a step on the longest micro-batch would {_peak_at(peak)}, "
-            f"over the {limit / GIB:.1f} GiB a step may use"
+            f"with them and {spared}, a step or an evaluation on the longest micro-batch would "
+            f"{_peak_at(peak)}, over the {limit / GIB:.1f} GiB a step may use"
         )
     graphed_s = recipe._timed_step(batch)
     timed = f"{graphed_s:.3f} s a step against {eager_s:.3f} s"
@@ -401,6 +410,22 @@ def trial_step(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int:
     recipe.forward_backward(batch)
     peak = torch.cuda.max_memory_allocated(recipe.device)
     recipe.model.zero_grad(set_to_none=True)
+    free_cuda()
+    return peak
+
+
+def evaluation_step(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int:
+    """Peak memory of an evaluation's forward pass on `batch`: the model in eval mode, no
+    gradients, bf16 autocast, the recipe's own loss."""
+    free_cuda()
+    torch.cuda.reset_peak_memory_stats(recipe.device)
+    recipe.model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(recipe.device.type, torch.bfloat16):
+            recipe.batch_loss(recipe.model, batch)
+    finally:
+        recipe.model.train()
+    peak = torch.cuda.max_memory_allocated(recipe.device)
     free_cuda()
     return peak
 

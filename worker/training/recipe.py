@@ -271,6 +271,9 @@ class LoRARecipe:
     def _trial_step(self, batch: dict[str, torch.Tensor]) -> int:
         return memory_policy.trial_step(self, batch)
 
+    def _evaluation_step(self, batch: dict[str, torch.Tensor]) -> int:
+        return memory_policy.evaluation_step(self, batch)
+
     def _timed_step(self, batch: dict[str, torch.Tensor]) -> float:
         return memory_policy.timed_step(self, batch)
 
