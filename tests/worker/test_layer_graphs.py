@@ -275,6 +275,37 @@ def test_graphs_stay_only_where_an_evaluation_beside_their_pool_fits(
         ) in mode
 
 
+def test_an_evaluation_out_of_memory_beside_the_graphs_drops_them_and_the_job_goes_on(
+    demo_model, tmp_path, monkeypatch
+):
+    """Where an evaluation still runs out of memory beside the graphs' pool (the fit check ran
+    before the optimizer had its state), the graphs go, the evaluation runs again, and training
+    goes on eagerly with the same losses; the job page says why."""
+    from worker import token_logps
+
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl", count=24)
+    config = dict(eval_fraction=0.2, eval_every=2)
+    eager, *_ = _train(demo_model, rows, tmp_path / "eager", False, **config)
+    eager_evals = [r["eval_loss"] for r in _train.rows if r.get("eval_loss") is not None]
+    recipes, mean_nll = [], token_logps.mean_nll
+
+    def full_beside_the_graphs(model, batch):
+        if recipes[0].layer_graphs is not None:
+            raise torch.OutOfMemoryError("stand-in card is full")
+        return mean_nll(model, batch)
+
+    monkeypatch.setattr(token_logps, "mean_nll", full_beside_the_graphs)
+    losses, replays, mode, _ = _train(
+        demo_model, rows, tmp_path / "run", True, recipes.append, **config
+    )
+    evals = [r["eval_loss"] for r in _train.rows if r.get("eval_loss") is not None]
+    assert replays == (2 * 2 - 1) * LAYERS  # the first two steps, then eager
+    assert losses == pytest.approx(eager, rel=1e-5) and len(losses) == 4
+    assert evals == pytest.approx(eager_evals, rel=1e-5) and len(evals) == 2
+    assert "replayed as CUDA graphs" not in mode
+    assert "CUDA graphs off (an evaluation ran out of memory beside their pool)" in mode
+
+
 GIB = 2**30
 
 

@@ -181,6 +181,16 @@ class LoRARecipe:
                     self._graphs_off(f"CUDA graphs off ({overflow})")
             self.control.update(compute_mode=self.compute_mode)
 
+    def drop_graphs(self, why: str) -> None:
+        """The layers back to eager and their memory pool freed for the rest of the run; the job
+        page says why."""
+        if self.layer_graphs is not None:
+            layer_graphs.ungraph_layers(self.layer_graphs.layers)
+            self.layer_graphs = None
+            self._graphs_off(f"CUDA graphs off ({why})")
+            self.control.update(compute_mode=self.compute_mode)
+        self._free_cuda()
+
     def _graphs_off(self, why: str) -> None:
         self.compute_mode = self.compute_mode.replace(GRAPHED, "") + f", {why}"
 

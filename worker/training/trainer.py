@@ -109,6 +109,20 @@ class RecipeTrainer(Trainer):
         with self.recipe.activation_offload():
             return self.recipe.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's evaluation; where it runs out of memory beside the layers' CUDA graphs
+        (it runs the layers eagerly, on memory of its own while their pool stays held), the
+        graphs go for the rest of the run and it runs again: the job goes on, a little slower,
+        and its page says why."""
+        try:
+            return super().evaluate(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            if self.recipe.layer_graphs is None:
+                raise
+        # Outside the handler: the error's frames, which hold the activations, are gone.
+        self.recipe.drop_graphs("an evaluation ran out of memory beside their pool")
+        return super().evaluate(*args, **kwargs)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         evaluating = any(key.startswith("eval_") for key in logs)
         logs.update(self.recipe.logged_figures("eval" if evaluating else "train"))
