@@ -39,7 +39,7 @@ def trained_token_logps(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor
     trained = targets != IGNORE_INDEX
     head = base.get_output_embeddings()
     softcap = getattr(base.config, "final_logit_softcapping", None)
-    logps = _sliced_logps(hidden[trained], head.weight, head.bias, targets[trained], softcap)
+    logps = _sliced_logps(hidden[trained], head, targets[trained], softcap)
     return logps, trained
 
 
@@ -50,17 +50,13 @@ def mean_nll(model: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def _sliced_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    softcap: float | None,
+    hidden: torch.Tensor, head: Any, targets: torch.Tensor, softcap: float | None
 ) -> torch.Tensor:
     pieces = []
-    tokens = max(1, SLICE_BYTES // (4 * weight.shape[0]))
+    tokens = max(1, SLICE_BYTES // (4 * head.weight.shape[0]))
     for start in range(0, hidden.shape[0], tokens):
         end = start + tokens
-        args = (hidden[start:end], weight, bias, targets[start:end], softcap)
+        args = (hidden[start:end], head.weight, head.bias, targets[start:end], softcap)
         if torch.is_grad_enabled() and hidden.requires_grad:  # recomputed in the backward pass
             pieces.append(checkpoint(_token_logps, *args, use_reentrant=False))
         else:
