@@ -464,3 +464,39 @@ def test_running_out_of_memory_says_where_in_the_job(
         _run(config, demo_model, demo_rows, tmp_path, before_train=full_card)
     assert f"It happened {where}." in str(error.value)
     assert error.value.step == (0 if in_training else 1)
+
+
+def test_the_starts_trial_steps_collect_garbage_without_walking_the_loaded_model(
+    demo_model, demo_rows, tmp_path, monkeypatch
+):
+    """Each of `auto`'s trial steps ends with a full garbage collection. While the memory policy
+    and the graphs' check run, what the libraries and the model made is set aside (gc.freeze),
+    so a collection walks only what came since; once setup is done it is all back (a later
+    collection can free the job's objects)."""
+    import gc
+    import time
+
+    from tests.worker.conftest import lora_recipe
+    from worker.training import memory_policy
+
+    choose, seen = memory_policy.choose, []
+
+    def timed_choose(recipe):
+        start = time.perf_counter()
+        gc.collect()
+        seen.append((gc.get_freeze_count(), len(gc.get_objects()), time.perf_counter() - start))
+        choose(recipe)
+
+    monkeypatch.setattr(memory_policy, "choose", timed_choose)
+    recipe = lora_recipe(demo_model, demo_rows, tmp_path)
+    try:
+        frozen, walked, seconds = seen[0]
+        assert frozen > 100_000 and walked < frozen // 100
+        assert gc.get_freeze_count() == 0
+        start = time.perf_counter()
+        gc.collect()
+        print(
+            f"\na collection: {seconds * 1e3:.1f} ms frozen, {(time.perf_counter() - start) * 1e3:.1f} ms not"
+        )
+    finally:
+        recipe.cleanup()

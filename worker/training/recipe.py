@@ -128,9 +128,10 @@ class LoRARecipe:
             )
         with timing.part("model load"):
             self._load_model()
-        with timing.part("memory policy"):
-            memory_policy.choose(self)
-        self._replay_layers_as_graphs()
+        with memory_policy.objects_frozen():  # the trial steps' collections walk only theirs
+            with timing.part("memory policy"):
+                memory_policy.choose(self)
+            self._replay_layers_as_graphs()
         self.trainer = self._build_trainer()
 
     def _load_model(self) -> None:
