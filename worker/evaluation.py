@@ -228,8 +228,9 @@ def sft_losses(
             labels = torch.tensor([example.labels], device=model.device)
             batch = {"input_ids": input_ids, "labels": labels}
             with model.disable_adapter():
-                nll["base"] -= float(trained_token_logps(model, batch)[0].float().sum())
+                base_logps, _ = trained_token_logps(model, batch)
             logps, _ = trained_token_logps(model, batch)
+            nll["base"] -= float(base_logps.float().sum())
             nll["adapter"] -= float(logps.float().sum())
             tokens += logps.numel()
             step()

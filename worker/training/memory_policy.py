@@ -260,11 +260,8 @@ def graphed_peak(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int | No
     if peak is not None:
         peak = peak_or_none(recipe, batch)  # captures and replays
     if peak is not None and recipe.eval_batches:
-        try:
-            peak = max(peak, recipe._evaluation_step(batch))
-        except torch.OutOfMemoryError:
-            free_cuda()
-            peak = None
+        evaluation = peak_or_none(recipe, batch, recipe._evaluation_step)
+        peak = None if evaluation is None else max(peak, evaluation)
     return peak
 
 
@@ -399,10 +396,13 @@ def try_policy(
     return peak_or_none(recipe, batch)
 
 
-def peak_or_none(recipe: LoRARecipe, batch: dict[str, torch.Tensor]) -> int | None:
-    """Peak memory of one trial step, or None when it ran out of memory."""
+def peak_or_none(
+    recipe: LoRARecipe, batch: dict[str, torch.Tensor], step: Any = None
+) -> int | None:
+    """Peak memory of one trial step (or of `step`, e.g. an evaluation's), or None when it ran
+    out of memory."""
     try:
-        return recipe._trial_step(batch)
+        return (step or recipe._trial_step)(batch)
     except torch.OutOfMemoryError:
         recipe.model.zero_grad(set_to_none=True)
         free_cuda()

@@ -175,20 +175,20 @@ class LoRARecipe:
             self.compute_mode += GRAPHED
             with self.start_timing.part("CUDA graphs"):
                 overflow = memory_policy.graphs_overflow(self)
-            if overflow is not None or graphs.failure is not None:  # a failure says so itself
-                layer_graphs.ungraph_layers(graphs.layers)
-                self.layer_graphs = None
-                if graphs.failure is None:
-                    self._graphs_off(f"CUDA graphs off ({overflow})")
+            if graphs.failure is not None:  # a failed capture says so itself
+                self.drop_graphs(None)
+            elif overflow is not None:
+                self.drop_graphs(overflow)
             self.control.update(compute_mode=self.compute_mode)
 
-    def drop_graphs(self, why: str) -> None:
+    def drop_graphs(self, why: str | None) -> None:
         """The layers back to eager and their memory pool freed for the rest of the run; the job
-        page says why."""
+        page says why (None: it already does)."""
         if self.layer_graphs is not None:
             layer_graphs.ungraph_layers(self.layer_graphs.layers)
             self.layer_graphs = None
-            self._graphs_off(f"CUDA graphs off ({why})")
+            if why is not None:
+                self._graphs_off(f"CUDA graphs off ({why})")
             self.control.update(compute_mode=self.compute_mode)
         self._free_cuda()
 
