@@ -309,17 +309,23 @@ def test_an_evaluation_out_of_memory_beside_the_graphs_drops_them_and_the_job_go
 GIB = 2**30
 
 
-def _near_the_limit(policy: str, kept: int, graphed_s: float, trials: list, timed: list):
+def _near_the_limit(
+    policy: str, kept: int, graphed_s: float, trials: list, timed: list, on_gib: float = 4.0
+):
     """A stand-in card where `auto` chose `policy` with its step 0.1 GiB under the limit: the
-    eager step peaks at 4 GiB plus 0.5 a kept layer, the graphs' pool adds 0.3 GiB; a timed
-    step takes 0.3 s eager and `graphed_s` replayed. Under "partial" `auto`'s
-    bisection measured a kept layer's 0.5 GiB; under "off" nothing has yet."""
+    eager step peaks at 4 GiB plus 0.5 a kept layer (`on_gib` with every layer checkpointed),
+    the graphs' pool adds 0.3 GiB; a timed step takes 0.3 s eager and `graphed_s` replayed.
+    Under "partial" `auto`'s bisection measured a kept layer's 0.5 GiB and every layer
+    checkpointed; under "off" nothing has yet."""
     from worker.training import memory_policy
 
     def choose(recipe) -> None:
         recipe.trial_limit = (4.1 + 0.5 * kept) * GIB
         per_layer = 0.5 * GIB if policy == "partial" else None
-        recipe.policy_trial = memory_policy.PolicyTrial(int((4.0 + 0.5 * kept) * GIB), per_layer)
+        peak_on = int(on_gib * GIB) if policy == "partial" else None
+        recipe.policy_trial = memory_policy.PolicyTrial(
+            int((4.0 + 0.5 * kept) * GIB), per_layer, peak_on
+        )
         memory_policy.set_policy(recipe, policy, kept)
         recipe.memory_policy_reason = f"stand-in: {kept} of {LAYERS} layers kept"
         recipe.control.update(
@@ -336,7 +342,8 @@ def _near_the_limit(policy: str, kept: int, graphed_s: float, trials: list, time
             recipe.forward_backward(batch)
             recipe.model.zero_grad(set_to_none=True)
             trials.append(kept_now())
-            return int((4.0 + 0.5 * kept_now() + 0.3 * graphed()) * GIB)
+            eager = 4.0 + 0.5 * kept_now() if kept_now() else on_gib
+            return int((eager + 0.3 * graphed()) * GIB)
 
         def timed_step(batch) -> float:
             for _ in range(2):
@@ -391,6 +398,35 @@ def test_graphs_take_a_kept_layers_room_unless_a_timed_step_says_they_are_slower
             "against 0.300 s)" in mode
         )
         assert reason == f"stand-in: 3 of {LAYERS} layers kept"
+
+
+@pytest.mark.parametrize("on_gib", [4.0, 4.4], ids=["fits", "does-not-fit"])
+def test_graphs_that_need_every_layer_checkpointed_are_tried_only_where_that_step_has_room(
+    demo_model, tmp_path, monkeypatch, on_gib
+):
+    """`auto` kept 1 layer: the graphs' pool needs it checkpointed too, and the step with every
+    layer checkpointed was measured by `auto` (no line through the kept layers guesses it). Where
+    that step plus the pool's share is over the limit, no trial steps and no timed steps (the 8B
+    at 7.5 GiB spent 5 s of its start on a capture that could not fit); else the trade is tried."""
+    from worker.training import memory_policy
+
+    rows = _fixed_length_rows(tmp_path / "rows.jsonl")
+    trials, timed, recipes = [], [], []
+    monkeypatch.setattr(
+        memory_policy, "choose", _near_the_limit("partial", 1, 0.2, trials, timed, on_gib)
+    )
+    _, replays, mode, _ = _train(
+        demo_model, rows, tmp_path / "run", emulate=True, stand_in=recipes.append
+    )
+    recipe = recipes[0]
+    if on_gib == 4.0:  # 4.3 GiB with the pool, under the 4.6
+        assert trials == [0, 0] and timed == [(1, False), (0, True)]
+        assert recipe.memory_policy == "on" and replays > 0
+        assert "decoder layers replayed as CUDA graphs" in mode
+    else:  # 4.4 x 1.075 = 4.73 GiB: over
+        assert trials == [] and timed == []
+        assert recipe.memory_policy == "partial" and recipe.kept_layers == 1 and replays == 0
+        assert "CUDA graphs off (with them a step on the longest micro-batch would need" in mode
 
 
 def test_a_card_that_keeps_every_layer_checkpoints_one_to_make_room_for_the_graphs(

@@ -49,12 +49,13 @@ GRAPHS_SLOWER_BY = 0.02
 
 @dataclasses.dataclass
 class PolicyTrial:
-    """What `auto`'s trial steps measured for the policy it chose: the step's peak and, under
-    "partial", the memory one kept layer adds (the graphs' check trades kept layers for their
-    pool)."""
+    """What `auto`'s trial steps measured for the policy it chose: the step's peak, the peak with
+    every layer checkpointed and, under "partial", the memory one kept layer adds (the graphs'
+    check trades kept layers for their pool)."""
 
     peak: int | None = None
     kept_layer_bytes: float | None = None
+    peak_on: int | None = None
 
 
 def choose(recipe: LoRARecipe) -> None:
@@ -186,7 +187,7 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
             peak_off = try_policy(recipe, batch, "off")
             if peak_off is not None and peak_off <= limit:
                 return "off", fits("without checkpointing", peak_off), 0
-    peak_on = try_policy(recipe, batch, "on")
+    peak_on = recipe.policy_trial.peak_on = try_policy(recipe, batch, "on")
     if peak_on is not None and peak_on <= limit:
         partial = most_layers_kept(recipe, batch, peak_on, peak_off, limit)
         if partial is None:
@@ -283,15 +284,19 @@ def kept_for_graphs(
     if policy == "off" and trial.kept_layer_bytes is None and trial.peak is not None and total:
         assert recipe.layer_graphs is not None
         recipe.layer_graphs.enabled = False  # an eager step, not recorded
-        peak_on = try_policy(recipe, batch, "on")
+        trial.peak_on = try_policy(recipe, batch, "on")
         recipe.layer_graphs.enabled = True
         set_policy(recipe, "off")
-        if peak_on is not None:
-            trial.kept_layer_bytes = max(1.0, (trial.peak - peak_on) / total)
+        if trial.peak_on is not None:
+            trial.kept_layer_bytes = max(1.0, (trial.peak - trial.peak_on) / total)
     if not trial.kept_layer_bytes:
         return None
     kept_now = total if policy == "off" else recipe.kept_layers
     kept = kept_now - math.ceil(excess / trial.kept_layer_bytes)
+    if kept == 0 and trial.peak_on is not None:  # every layer checkpointed: measured, no guess
+        assert recipe.trial_limit is not None
+        if trial.peak_on * (1 + GRAPH_POOL_SHARE) > recipe.trial_limit:
+            return None
     return kept if kept >= 0 else None
 
 
