@@ -15,6 +15,28 @@ from app.settings import Settings
 POSTGRES_URL = os.environ.get(
     "TUNEBOARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+# `make test` runs the tests in parallel processes (pytest-xdist): each wipes a database of its
+# own, `test_gw0`, `test_gw1`..., made beside `test` on the same server when it is missing.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if XDIST_WORKER:
+    POSTGRES_URL = f"{POSTGRES_URL}_{XDIST_WORKER}"
+
+
+def _create_worker_database() -> None:
+    """Where the server answers; where it does not, the PostgreSQL tests skip as they would."""
+    import psycopg
+
+    server, name = POSTGRES_URL.replace("+psycopg", "").rsplit("/", 1)
+    try:
+        with psycopg.connect(f"{server}/postgres", connect_timeout=3, autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error:
+        pass
+
+
+if XDIST_WORKER:
+    _create_worker_database()
 
 
 @pytest.fixture(autouse=True)
