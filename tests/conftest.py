@@ -18,8 +18,6 @@ POSTGRES_URL = os.environ.get(
 # `make test` runs the tests in parallel processes (pytest-xdist): each wipes a database of its
 # own, `test_gw0`, `test_gw1`..., made beside `test` on the same server when it is missing.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-if XDIST_WORKER:
-    POSTGRES_URL = f"{POSTGRES_URL}_{XDIST_WORKER}"
 
 
 def _create_worker_database() -> None:
@@ -36,6 +34,7 @@ def _create_worker_database() -> None:
 
 
 if XDIST_WORKER:
+    POSTGRES_URL = f"{POSTGRES_URL}_{XDIST_WORKER}"
     _create_worker_database()
 
 
