@@ -10,7 +10,10 @@ PyTorch's own variable-length flash kernel (`torch.nn.attention.varlen`), with n
 
 * CUDA, bf16/fp16 (training): `varlen_attn`, causal inside each example;
 * elsewhere (CPU, fp32): one causal `scaled_dot_product_attention` per example;
-* rows without `cu_seq_lens_q` (padded batches, generation): the stock `sdpa` path, unchanged.
+* a model that soft-caps its attention logits (Gemma-2), whose cap no flash kernel applies:
+  worker.softcap_attention, a block of queries at a time, on either device;
+* rows without `cu_seq_lens_q` (padded batches, generation): the stock `sdpa` path, unchanged, or
+  for a soft-capping model the model's own eager path (with an eager mask), which caps.
 
 Registered under NAME through transformers' AttentionInterface / AttentionMaskInterface, so a model
 loaded with `attn_implementation=NAME` uses it in every decoder layer.
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "tuneboard_varlen"
+SOFTCAPPED = "soft-capped attention per example, in blocks"  # the compute mode says so
 
 
 def register() -> str:
@@ -40,27 +44,32 @@ def register() -> str:
 
 def unsupported_reason(config: Any) -> str | None:
     """Why a model cannot use NAME (then the recipe takes `dense_implementation`), or None."""
-    if getattr(config, "attn_logit_softcapping", None):
-        return "attention logit soft-capping has no varlen kernel"
     if getattr(config, "attention_dropout", 0.0):
         return "attention dropout has no varlen kernel"
     return None
+
+
+def soft_caps(config: Any) -> bool:
+    """Whether the model caps its attention logits (Gemma-2): worker.softcap_attention serves it."""
+    return bool(getattr(config, "attn_logit_softcapping", None))
 
 
 def dense_implementation(config: Any) -> str:
     """transformers' attention for what NAME does not take: `sdpa`, or `eager` for a model that
     soft-caps its attention logits (Gemma-2): sdpa has no soft-capping (transformers refuses it for
     such a model, and a kernel that skipped the cap would train a different model); eager caps."""
-    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    return "eager" if soft_caps(config) else "sdpa"
 
 
 def packed_or_padded_mask(**kwargs: Any) -> Any:
     """No mask for packed or unpadded rows (the kernel reads the sequence bounds); padded rows keep
-    sdpa's mask and take the sdpa path below."""
+    sdpa's mask and take the sdpa path below, or eager's (additive) for a soft-capping model."""
     if kwargs.get("attention_mask") is None:
         return None
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import eager_mask, sdpa_mask
 
+    if soft_caps(kwargs.get("config")):
+        return eager_mask(**kwargs)
     return sdpa_mask(**kwargs)
 
 
@@ -77,6 +86,11 @@ def varlen_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None)."""
+    if kwargs.get("softcap"):
+        return _softcapped(
+            module, query, key, value, attention_mask, dropout, scaling, cu_seq_lens_q,
+            max_length_q, **kwargs,
+        )  # fmt: skip
     if attention_mask is not None or cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -96,6 +110,33 @@ def varlen_attention(
     else:
         out = _per_example(q, k, v, cu_seq_lens_q, scaling, window)
     return out[None], None
+
+
+def _softcapped(module, query, key, value, attention_mask, dropout, scaling, cu, max_length, **kw):
+    """Soft-capped logits: packed rows, and unpadded rows (each its own example), through
+    worker.softcap_attention; padded rows and generation's shorter queries through the model's
+    own eager function, which caps."""
+    batch, _, length, _ = query.shape
+    if attention_mask is not None or key.shape[2] != length:
+        import sys
+
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw
+        )
+    if dropout:
+        raise ValueError(f"{NAME} has no attention dropout; load the model with eager")
+    if cu is None:  # each row one example
+        cu, max_length = torch.arange(0, batch * length + 1, length, device=query.device), length
+    elif batch != 1:
+        raise ValueError(f"{NAME} takes one packed row, got a batch of {batch}")
+    from worker.softcap_attention import softcapped_attention
+
+    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))  # [B*T, H, D]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = getattr(module, "sliding_window", None)
+    out = softcapped_attention(q, k, v, cu, int(max_length or length), scale, kw["softcap"], window)
+    return out.view(batch, length, *out.shape[1:]), None
 
 
 def _flash_varlen(q, k, v, cu_seq_lens, max_length, scale, window):

@@ -1,8 +1,7 @@
 """Every model family Tuneboard is measured on trains through the recipe with peft's loss and
 gradients: tiny models of Llama, Qwen2 (biased q/k/v), Mistral and Gemma-2 (GeGLU, soft-capped
 attention and logits, sliding windows), on the CPU, with our fused MLP (SwiGLU, or GeGLU for
-Gemma) and attention projections. Where a kernel of ours does not apply (varlen attention under
-soft-capping), the recipe falls back and says so."""
+Gemma), attention projections and packed attention (Gemma-2's soft-capped in blocks)."""
 
 from __future__ import annotations
 
@@ -145,12 +144,11 @@ def test_the_recipe_says_which_kernels_of_ours_each_family_runs(family_model, tm
     assert "fused LoRA MLPs" in fields["compute_mode"]
     assert gates == {"geglu" if family == "gemma2" else "swiglu"}
     assert "NF4 dequantised" not in fields["compute_mode"]  # no 4-bit weights on the CPU
-    if family == "gemma2":
-        # No varlen kernel soft-caps: transformers' eager attention, which does, and a notice.
-        assert implementation == "eager"
-        assert "soft-capping" in notice
-    else:
-        assert implementation == attention.NAME
+    # Every family's packed rows attend per example; Gemma-2's soft-capped logits in blocks
+    # (worker.softcap_attention), not transformers' eager path over a dense mask.
+    assert implementation == attention.NAME
+    assert "dense mask" not in notice
+    assert (attention.SOFTCAPPED in fields["compute_mode"]) == (family == "gemma2")
 
 
 def test_a_geglu_mlp_is_fused_as_geglu_whatever_its_config_s_hidden_act_says(

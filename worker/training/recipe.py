@@ -26,7 +26,7 @@ from transformers import PrinterCallback, TrainingArguments
 from app.layout import tensorboard_in
 from app.train_config import Quantization, TrainConfig
 from app.verified_versions import LIGER_MISSING
-from worker import checkpoints, layer_graphs, lora_projection
+from worker import attention, checkpoints, layer_graphs, lora_projection
 from worker.control import RunControl
 from worker.data import read_rows
 from worker.errors import DatasetError, DiskFull, OutOfMemory
@@ -140,6 +140,8 @@ class LoRARecipe:
         self.model, self.compute_mode, self.quantization_used = loading.load_base_model(
             self.model_dir, self.model_path, self.config, self.device, self.world_size, attn
         )
+        if attn == attention.NAME and attention.soft_caps(self.model.config):
+            self.compute_mode += f", {attention.SOFTCAPPED}"
         self.missing_kernels = loading.missing_kernels(self.device, self.distributed)
         self.liger = loading.apply_liger_kernels(
             self.model, self.device, self.distributed, self.control
