@@ -67,7 +67,7 @@ class _SoftcappedAttention(torch.autograd.Function):
         lse = q.new_empty((k.shape[1], q.shape[1] // k.shape[1], q.shape[0]), dtype=torch.float32)
         for (a, b, _), (_, _, vb), (_, capped) in rows.blocks(q, k, v, scale, cap):
             block_lse = torch.logsumexp(capped, dim=-1)  # [Hkv, G*C]: each query sees itself
-            probs = torch.exp(capped - block_lse[..., None]).to(v.dtype)
+            probs = capped.sub_(block_lse[..., None]).exp_().to(v.dtype)
             out[a:b] = rows.ungrouped(torch.bmm(probs, vb), b - a)
             lse[:, :, a:b] = block_lse.view(lse.shape[0], lse.shape[1], b - a)
         ctx.save_for_backward(q, k, v, out, lse, cu_seq_lens)
@@ -87,24 +87,24 @@ class _SoftcappedAttention(torch.autograd.Function):
         dv = torch.zeros_like(dk)
         for (a, b, lo), (qb, kb, vb), (tanh, capped) in rows.blocks(q, k, v, scale, cap):
             block_lse = lse[:, :, a:b].reshape(lse.shape[0], -1)
-            probs = torch.exp(capped - block_lse[..., None])  # fp32, 0 where masked
+            probs = capped.sub_(block_lse[..., None]).exp_()  # fp32, 0 where masked
             dob = rows.grouped_q(grad_out, a, b)
             dv[:, lo:b] += torch.bmm(probs.to(v.dtype).transpose(1, 2), dob).float()
-            dprobs = torch.bmm(dob, vb.transpose(1, 2)).float()
-            block_delta = rows.grouped_q(delta[..., None], a, b).squeeze(-1)
-            # softmax, then the cap (d cap*tanh(s/cap) / ds = 1 - tanh^2), then the scale
-            dlogits = probs * (dprobs - block_delta[..., None]) * (1 - tanh * tanh) * scale
-            dlogits = dlogits.to(q.dtype)
-            dq[a:b] = rows.ungrouped(torch.bmm(dlogits, kb), b - a)
+            block_delta = rows.grouped_q(delta[..., None], a, b)  # [Hkv, G*C, 1]
+            # softmax, then the cap (d cap*tanh(s/cap) / ds = 1 - tanh^2); the scale comes last
+            dlogits = torch.bmm(dob, vb.transpose(1, 2)).float().sub_(block_delta).mul_(probs)
+            dlogits = dlogits.mul_(tanh.square_().neg_().add_(1)).to(q.dtype)
+            dq[a:b] = rows.ungrouped(torch.bmm(dlogits, kb), b - a) * scale
             dk[:, lo:b] += torch.bmm(dlogits.transpose(1, 2), qb).float()
-        dk, dv = (g.transpose(0, 1).to(k.dtype) for g in (dk, dv))
+        dk, dv = (g.transpose(0, 1).to(k.dtype) for g in (dk.mul_(scale), dv))
         return dq, dk, dv, None, None, None, None, None, None
 
 
 def _logits(qb, kb, scale, cap, allowed):
-    """(tanh(score / cap), the capped logits with what a query may not see at -inf), fp32."""
-    tanh = torch.tanh(torch.bmm(qb, kb.transpose(1, 2)).float() * (scale / cap))
-    capped = (tanh * cap).masked_fill(~allowed, float("-inf"))
+    """(tanh(score / cap), the capped logits with what a query may not see at -inf), fp32 (the
+    product in the inputs' dtype, as transformers' eager path computes it)."""
+    tanh = torch.bmm(qb, kb.transpose(1, 2)).float().mul_(scale / cap).tanh_()
+    capped = (tanh * cap).masked_fill_(~allowed, float("-inf"))
     return tanh, capped
 
 
