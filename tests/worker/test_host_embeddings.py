@@ -81,3 +81,22 @@ def test_a_cpu_run_keeps_its_embeddings_where_they_are(demo_model, demo_rows, tm
         assert "host memory" not in recipe.compute_mode
     finally:
         recipe.cleanup()
+
+
+@pytest.mark.parametrize(("freed", "said"), [(3 * 2**20, "3 MiB"), (int(1.02 * 2**30), "1.02 GiB")])
+def test_the_compute_mode_says_what_moving_them_freed_in_a_unit_that_shows_it(
+    demo_model, demo_rows, tmp_path, monkeypatch, freed, said
+):
+    """A small model's table is megabytes: "0.00 GiB freed" would say nothing was."""
+    from tests.worker.conftest import lora_recipe
+    from worker.training import memory_policy
+
+    recipe = lora_recipe(demo_model, demo_rows, tmp_path)
+    try:
+        monkeypatch.setattr(recipe, "device", torch.device("cuda"))  # the card's branch, here
+        monkeypatch.setattr(memory_policy.host_embeddings, "move_to_host", lambda model: freed)
+        monkeypatch.setattr(memory_policy, "free_cuda", lambda: None)
+        assert memory_policy.embeddings_to_host(recipe) == freed
+        assert recipe.compute_mode.endswith(f", input embeddings in host memory ({said} freed)")
+    finally:
+        recipe.cleanup()

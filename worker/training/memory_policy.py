@@ -346,7 +346,8 @@ def embeddings_to_host(recipe: LoRARecipe) -> int:
         return 0
     freed = host_embeddings.move_to_host(recipe.model)
     if freed:
-        recipe.compute_mode += f", input embeddings in host memory ({freed / GIB:.2f} GiB freed)"
+        amount = f"{freed / GIB:.2f} GiB" if freed >= GIB / 10 else f"{freed / 2**20:.0f} MiB"
+        recipe.compute_mode += f", input embeddings in host memory ({amount} freed)"
         free_cuda()
     return freed
 
