@@ -22,7 +22,9 @@ as `auto` does where the card must checkpoint; it stays for the rows after it, s
 `on,on:graphed,on:hostembed,on:graphed` measures both with and without), `off:flatabsmax` (each
 4-bit weight's block scales kept dequantised: one kernel per dequantisation instead of three, for
 about 330 MB at 8B; it stays for the rows after it: list `off:flatabsmax,on:flatabsmax` last;
-CUDA 4-bit only). The loss and LoRA gradient norm of one step on the same
+CUDA 4-bit only), `off:denseattn` (transformers' own attention over the packed row's dense mask,
+`eager` for Gemma-2 as before session 18's worker/softcap_attention.py, `sdpa` for the others,
+instead of worker/attention.py's per-example path). The loss and LoRA gradient norm of one step on the same
 batch are printed per policy: a variant must not change them. The step's CPU time (all threads)
 beside its wall time says whether the GPU waits for the CPU.
 
@@ -169,7 +171,8 @@ def check_step(recipe, batch) -> tuple[float, float]:
 
 # Variants set above by a switch or by what is fused, not by a change after the policy.
 VARIANTS_OF_THE_RECIPE = {
-    "unfused", "fusedinside", "unfusedattn", "bnbdequant", "recomputedown", "nocastcache"
+    "unfused", "fusedinside", "unfusedattn", "bnbdequant", "recomputedown", "nocastcache",
+    "denseattn",
 }  # fmt: skip
 
 
@@ -177,7 +180,7 @@ def set_policy(recipe, spec: str) -> None:
     """A memory policy as the recipe sets it, then the variant after the colon, if any."""
     import torch
 
-    from worker import fused_mlp, lora_projection, nf4
+    from worker import attention, fused_mlp, lora_projection, nf4
     from worker.fused_attention import fuse_attention, unfuse_attention
     from worker.fused_mlp import fuse_mlps, unfuse_mlps
     from worker.host_embeddings import move_to_host
@@ -200,6 +203,8 @@ def set_policy(recipe, spec: str) -> None:
         fuse_mlps(recipe.model)  # as the recipe does
     recipe._set_memory_policy(policy)
     base = recipe.model.get_base_model()
+    dense = attention.dense_implementation(base.config)  # the packed row's dense mask
+    base.set_attn_implementation(dense if variant == "denseattn" else attention.register())
     layers = recipe._decoder_layers()
     ungraph_layers(layers)
     for layer in layers:  # undo an earlier variant's compile

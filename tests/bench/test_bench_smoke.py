@@ -59,7 +59,8 @@ def test_the_step_profile_times_each_memory_policy_and_tables_its_operators(
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "bench/profile_step.py", "--shape", "smoke", "--policies",
-         "off,on,off:unfused,off:unfusedattn,off:fusedinside,offload", "--timed", "2",
+         "off,on,off:unfused,off:unfusedattn,off:fusedinside,off:denseattn,offload",
+         "--timed", "2",
          "--out", str(tmp_path / "out"),
          "--cache", str(tmp_path / "cache")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -78,6 +79,7 @@ def test_the_step_profile_times_each_memory_policy_and_tables_its_operators(
         "off:unfused",
         "off:unfusedattn",
         "off:fusedinside",
+        "off:denseattn",
         "offload",
     }
     assert all(float(cells[0]) > 0 for cells in rows.values())
