@@ -181,7 +181,8 @@ class LoRARecipe:
                 self.drop_graphs(None)
             elif overflow is not None:
                 self.drop_graphs(overflow)
-            self.control.update(compute_mode=self.compute_mode)
+            else:
+                self.control.update(compute_mode=self.compute_mode)
 
     def drop_graphs(self, why: str | None) -> None:
         """The layers back to eager and their memory pool freed for the rest of the run; the job
@@ -191,7 +192,7 @@ class LoRARecipe:
             self.layer_graphs = None
             if why is not None:
                 self._graphs_off(f"CUDA graphs off ({why})")
-            self.control.update(compute_mode=self.compute_mode)
+                self.control.update(compute_mode=self.compute_mode)
         self._free_cuda()
 
     def _graphs_off(self, why: str) -> None:
