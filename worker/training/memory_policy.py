@@ -360,36 +360,46 @@ def most_layers_kept(
     limit: float,
 ) -> tuple[int, int] | None:
     """The most layers that can keep their activations (the rest are checkpointed) with a trial
-    step within `limit`, and that step's peak. A first guess from the memory a kept layer adds
-    (two trial steps), then bisection between a count that fits and one that does not: each
-    layer kept is recompute saved."""
+    step within `limit`, and that step's peak: each layer kept is recompute saved. A kept layer
+    adds about as much memory as the next, so the next count to try comes from the peaks
+    measured: between the most layers that fitted and the fewest that did not, where the line
+    through their peaks crosses the limit (from "off"'s peak, or from one kept layer's where
+    "off" ran out of memory); halfway after a trial that ran out of memory (no peak). Where the
+    line holds that is two trials: the count, then one more, which does not fit."""
     total = len(decoder_layers(recipe.model))
     if total < 2:
         return None
-    good, good_peak, bad = 0, peak_on, total  # none kept is "on" (fits), all is "off" (not)
-    probe, probe_peak = total, peak_off
-    while probe_peak is None and probe > 1:  # "off" ran out of memory: measure fewer layers
-        bad, probe = probe, probe // 2
-        probe_peak = try_policy(recipe, batch, "partial", probe)
-    if probe_peak is None:
-        return None
-    if probe_peak <= limit:
-        good, good_peak = probe, probe_peak
-    else:
-        bad = probe
-    per_layer = max(1.0, (probe_peak - peak_on) / probe)
-    recipe.policy_trial.kept_layer_bytes = per_layer
-    guess: int | None = int((limit - peak_on) / per_layer)
+    good, good_peak = 0, peak_on  # none kept is "on", which fits
+    bad, bad_peak = total, peak_off  # all kept is "off", which does not
+    if peak_off is None:  # "off" ran out of memory: start from one kept layer
+        peak = try_policy(recipe, batch, "partial", 1)
+        if peak is None:
+            return None
+        if peak > limit:
+            bad, bad_peak = 1, peak
+        else:
+            good, good_peak, bad_peak = 1, peak, None
+    ran_out = False
     for _ in range(6):
         if bad - good <= 1:
             break
-        middle = (good + bad) // 2 if guess is None else min(max(guess, good + 1), bad - 1)
-        guess = None
-        peak = try_policy(recipe, batch, "partial", middle)
+        if bad_peak is not None:  # the line between the two ends
+            guess = good + int((limit - good_peak) * (bad - good) / (bad_peak - good_peak))
+        elif ran_out:
+            guess = (good + bad) // 2
+        else:  # the line from every layer checkpointed through the most that fitted
+            guess = int((limit - peak_on) * good / max(1, good_peak - peak_on))
+        count = min(max(guess, good + 1), bad - 1)
+        peak = try_policy(recipe, batch, "partial", count)
+        ran_out = peak is None
         if peak is not None and peak <= limit:
-            good, good_peak = middle, peak
+            good, good_peak = count, peak
         else:
-            bad = middle
+            bad, bad_peak = count, peak
+    for count, peak in ((good, good_peak), (bad, bad_peak)):  # the graphs' trade reads it
+        if count and peak is not None:
+            recipe.policy_trial.kept_layer_bytes = max(1.0, (peak - peak_on) / count)
+            break
     return (good, good_peak) if good else None
 
 
