@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import sys
 from typing import Any
 
 import torch
@@ -118,9 +119,9 @@ def _softcapped(module, query, key, value, attention_mask, dropout, scaling, cu,
     own eager function, which caps."""
     batch, _, length, _ = query.shape
     if attention_mask is not None or key.shape[2] != length:
-        import sys
-
-        eager = sys.modules[type(module).__module__].eager_attention_forward
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(f"{NAME}: {type(module).__name__} has no eager attention to cap with")
         return eager(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw
         )
