@@ -12,11 +12,14 @@ flash attention does it in one kernel, in plain torch:
   or the sliding window before its first query, to its last query. Which example each token is in
   comes from the cumulative lengths on the device, so nothing waits on the host (a CUDA graph can
   capture it);
-* the forward pass keeps q, k, v, the output and each row's log-sum-exp, nothing of size T^2;
+* the forward pass keeps q, k and v, nothing of size T^2;
 * the backward pass recomputes one block's logits and probabilities at a time.
 
-Logits and softmax in fp32 (as transformers' eager upcasts its softmax), products in the inputs'
-dtype. Grouped key/value heads are read once per group, not repeated.
+In the inputs' dtype, as transformers' eager path computes them: the products, the cap and the
+probabilities (softmax and its backward pass accumulate in fp32 inside their kernels, as eager's
+upcast softmax does). Each block's logits pass through few kernels (product, tanh, cap and mask,
+softmax), a fifth of the bytes an fp32 pass per step would move. Grouped key/value heads are read
+once per group, not repeated.
 
     out = softcapped_attention(q, k, v, cu_seq_lens, max_length, scale, cap, window)
 """
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 25  # one block's logits per head-row and key: 128 MiB in fp32
+BLOCK_ELEMENTS = 1 << 25  # one block's logits per head-row and key: 64 MiB in bf16
 
 
 def softcapped_attention(
@@ -64,48 +67,41 @@ class _SoftcappedAttention(torch.autograd.Function):
     def forward(ctx: Any, q, k, v, cu_seq_lens, reach, scale, cap, window, block_size):  # type: ignore[override]
         rows = _Rows(q, k, cu_seq_lens, reach, window, block_size)
         out = torch.empty_like(q)
-        lse = q.new_empty((k.shape[1], q.shape[1] // k.shape[1], q.shape[0]), dtype=torch.float32)
-        for (a, b, _), (_, _, vb), (_, capped) in rows.blocks(q, k, v, scale, cap):
-            block_lse = torch.logsumexp(capped, dim=-1)  # [Hkv, G*C]: each query sees itself
-            probs = capped.sub_(block_lse[..., None]).exp_().to(v.dtype)
+        for (a, b, _), (_, _, vb), (_, probs) in rows.blocks(q, k, v, scale, cap):
             out[a:b] = rows.ungrouped(torch.bmm(probs, vb), b - a)
-            lse[:, :, a:b] = block_lse.view(lse.shape[0], lse.shape[1], b - a)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seq_lens)
+        ctx.save_for_backward(q, k, v, cu_seq_lens)
         ctx.settings = (reach, scale, cap, window, block_size)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        q, k, v, out, lse, cu_seq_lens = ctx.saved_tensors
+        q, k, v, cu_seq_lens = ctx.saved_tensors
         reach, scale, cap, window, block_size = ctx.settings
         rows = _Rows(q, k, cu_seq_lens, reach, window, block_size)
         grad_out = grad_out.contiguous()
-        # delta = rowsum(dO * O): the softmax's backward term, one number per (query, head)
-        delta = (grad_out.float() * out.float()).sum(-1)  # [T, Hq]
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape[1], k.shape[0], k.shape[2], dtype=torch.float32, device=k.device)
         dv = torch.zeros_like(dk)
-        for (a, b, lo), (qb, kb, vb), (tanh, capped) in rows.blocks(q, k, v, scale, cap):
-            block_lse = lse[:, :, a:b].reshape(lse.shape[0], -1)
-            probs = capped.sub_(block_lse[..., None]).exp_()  # fp32, 0 where masked
+        for (a, b, lo), (qb, kb, vb), (tanh, probs) in rows.blocks(q, k, v, scale, cap):
             dob = rows.grouped_q(grad_out, a, b)
-            dv[:, lo:b] += torch.bmm(probs.to(v.dtype).transpose(1, 2), dob).float()
-            block_delta = rows.grouped_q(delta[..., None], a, b)  # [Hkv, G*C, 1]
-            # softmax, then the cap (d cap*tanh(s/cap) / ds = 1 - tanh^2); the scale comes last
-            dlogits = torch.bmm(dob, vb.transpose(1, 2)).float().sub_(block_delta).mul_(probs)
-            dlogits = dlogits.mul_(tanh.square_().neg_().add_(1)).to(q.dtype)
-            dq[a:b] = rows.ungrouped(torch.bmm(dlogits, kb), b - a) * scale
-            dk[:, lo:b] += torch.bmm(dlogits.transpose(1, 2), qb).float()
+            dv[:, lo:b] += torch.bmm(probs.transpose(1, 2), dob)
+            # softmax's backward pass (its row sums over the block's keys: every key a query sees)
+            dlogits = torch._softmax_backward_data(
+                torch.bmm(dob, vb.transpose(1, 2)), probs, -1, probs.dtype
+            )
+            # through the cap: d(cap * tanh(s / cap)) / ds = 1 - tanh^2; the scale comes last
+            dscores = torch.addcmul(dlogits, dlogits, tanh.square_(), value=-1)
+            dq[a:b] = rows.ungrouped(torch.bmm(dscores, kb), b - a) * scale
+            dk[:, lo:b] += torch.bmm(dscores.transpose(1, 2), qb)
         dk, dv = (g.transpose(0, 1).to(k.dtype) for g in (dk.mul_(scale), dv))
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def _logits(qb, kb, scale, cap, allowed):
-    """(tanh(score / cap), the capped logits with what a query may not see at -inf), fp32 (the
-    product in the inputs' dtype, as transformers' eager path computes it)."""
-    tanh = torch.bmm(qb, kb.transpose(1, 2)).float().mul_(scale / cap).tanh_()
+def _probabilities(qb, kb, scale, cap, allowed):
+    """(tanh(score / cap), the softmax of the capped logits, what a query may not see left out)."""
+    tanh = torch.bmm(qb * (scale / cap), kb.transpose(1, 2)).tanh_()
     capped = (tanh * cap).masked_fill_(~allowed, float("-inf"))
-    return tanh, capped
+    return tanh, torch.softmax(capped, dim=-1)
 
 
 class _Rows:
@@ -121,7 +117,7 @@ class _Rows:
 
     def blocks(self, q, k, v, scale, cap):
         """Each block of queries: (first query, end, first key), its grouped q, k and v, and
-        `_logits` of them."""
+        `_probabilities` of them."""
         for a in range(0, self.total, self.block_size):
             b = min(a + self.block_size, self.total)
             lo = max(0, a - self.reach + 1)
@@ -130,7 +126,11 @@ class _Rows:
                 self.grouped_kv(k, lo, b),
                 self.grouped_kv(v, lo, b),
             )
-            yield (a, b, lo), (qb, kb, vb), _logits(qb, kb, scale, cap, self.allowed(a, b, lo))
+            yield (
+                (a, b, lo),
+                (qb, kb, vb),
+                _probabilities(qb, kb, scale, cap, self.allowed(a, b, lo)),
+            )
 
     def allowed(self, a: int, b: int, lo: int) -> torch.Tensor:
         """[1, G*C, L]: query i may see key j (same example, j <= i, within the window)."""
