@@ -17,9 +17,9 @@ flash attention does it in one kernel, in plain torch:
 
 In the inputs' dtype, as transformers' eager path computes them: the products, the cap and the
 probabilities (softmax and its backward pass accumulate in fp32 inside their kernels, as eager's
-upcast softmax does). Each block's logits pass through few kernels (product, tanh, cap and mask,
-softmax), a fifth of the bytes an fp32 pass per step would move. Grouped key/value heads are read
-once per group, not repeated.
+upcast softmax does). A block's logits pass through five kernels forward (product, tanh, cap,
+mask, softmax) and a few more backward, each reading and writing bf16. Grouped key/value heads
+are read once per group, not repeated.
 
     out = softcapped_attention(q, k, v, cu_seq_lens, max_length, scale, cap, window)
 """
