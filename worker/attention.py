@@ -86,58 +86,50 @@ def varlen_attention(
     max_length_q: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None)."""
-    if kwargs.get("softcap"):
-        return _softcapped(
-            module, query, key, value, attention_mask, dropout, scaling, cu_seq_lens_q,
-            max_length_q, **kwargs,
-        )  # fmt: skip
-    if attention_mask is not None or cu_seq_lens_q is None:
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None). A soft-capping
+    model's rows without bounds (transformers' own forward pass) are each one example."""
+    softcap = kwargs.get("softcap")
+    batch, _, length, _ = query.shape
+    if attention_mask is not None or (key.shape[2] != length if softcap else cu_seq_lens_q is None):
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if dropout:
+        dense = "eager" if softcap else "sdpa"
+        raise ValueError(f"{NAME} has no attention dropout; load the model with {dense}")
+    if cu_seq_lens_q is None:  # soft-capped rows without bounds: each row one example
+        cu_seq_lens_q = torch.arange(0, batch * length + 1, length, device=query.device)
+        max_length_q = length
+    elif batch != 1:
+        raise ValueError(f"{NAME} takes one packed row, got a batch of {batch}")
+    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))  # [B*T, H, D]
+    max_length = int(max_length_q or length)
+    window = getattr(module, "sliding_window", None)
+    if softcap:
+        from worker.softcap_attention import softcapped_attention
+
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = softcapped_attention(q, k, v, cu_seq_lens_q, max_length, scale, softcap, window)
+    elif q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out = _flash_varlen(q, k, v, cu_seq_lens_q, max_length, scaling, window)
+    else:
+        out = _per_example(q, k, v, cu_seq_lens_q, scaling, window)
+    return out.view(batch, length, *out.shape[1:]), None
+
+
+def _dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """Padded rows and generation's shorter queries: transformers' sdpa, or for soft-capped
+    logits the model's own eager function, which caps."""
+    if not kwargs.get("softcap"):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if dropout:
-        raise ValueError(f"{NAME} has no attention dropout; load the model with sdpa")
-    if query.shape[0] != 1:
-        raise ValueError(f"{NAME} takes one packed row, got a batch of {query.shape[0]}")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    window = getattr(module, "sliding_window", None)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out = _flash_varlen(
-            q, k, v, cu_seq_lens_q, int(max_length_q or q.shape[0]), scaling, window
-        )
-    else:
-        out = _per_example(q, k, v, cu_seq_lens_q, scaling, window)
-    return out[None], None
-
-
-def _softcapped(module, query, key, value, attention_mask, dropout, scaling, cu, max_length, **kw):
-    """Soft-capped logits: packed rows, and unpadded rows (each its own example), through
-    worker.softcap_attention; padded rows and generation's shorter queries through the model's
-    own eager function, which caps."""
-    batch, _, length, _ = query.shape
-    if attention_mask is not None or key.shape[2] != length:
-        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if eager is None:
-            raise ValueError(f"{NAME}: {type(module).__name__} has no eager attention to cap with")
-        return eager(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw
-        )
-    if dropout:
-        raise ValueError(f"{NAME} has no attention dropout; load the model with eager")
-    if cu is None:  # each row one example
-        cu, max_length = torch.arange(0, batch * length + 1, length, device=query.device), length
-    elif batch != 1:
-        raise ValueError(f"{NAME} takes one packed row, got a batch of {batch}")
-    from worker.softcap_attention import softcapped_attention
-
-    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))  # [B*T, H, D]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window = getattr(module, "sliding_window", None)
-    out = softcapped_attention(q, k, v, cu, int(max_length or length), scale, kw["softcap"], window)
-    return out.view(batch, length, *out.shape[1:]), None
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"{NAME}: {type(module).__name__} has no eager attention to cap with")
+    return eager(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
 
 
 def _flash_varlen(q, k, v, cu_seq_lens, max_length, scale, window):
