@@ -24,9 +24,9 @@ as `auto` does where the card must checkpoint; it stays for the rows after it, s
 about 330 MB at 8B; it stays for the rows after it: list `off:flatabsmax,on:flatabsmax` last;
 CUDA 4-bit only), `off:denseattn` (transformers' own attention over the packed row's dense mask,
 `eager` for Gemma-2 as before session 18's worker/softcap_attention.py, `sdpa` for the others,
-instead of worker/attention.py's per-example path). The loss and LoRA gradient norm of one step on the same
-batch are printed per policy: a variant must not change them. The step's CPU time (all threads)
-beside its wall time says whether the GPU waits for the CPU.
+instead of worker/attention.py's per-example path). The loss and LoRA gradient norm of one step
+on the same batch are printed per policy: a variant must not change them. The step's CPU time
+(all threads) beside its wall time says whether the GPU waits for the CPU.
 
 Writes profile-<shape>.md (step times, the per-layer cost of recompute, each policy's top
 operators by self device time and by self CPU time) to --out, and prints it.

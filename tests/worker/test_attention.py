@@ -17,14 +17,20 @@ def _packed(lengths, q_heads=4, kv_heads=2, dim=8, seed=0):
     return q, k, v, cu
 
 
-def _dense_reference(q, k, v, cu, window=None):
-    """The whole row at once: causal, block-diagonal by example, grouped heads repeated."""
-    total = q.shape[2]
+def _allowed(cu, window=None):
+    """[T, T]: query i may see key j: causal, block-diagonal by example, within the window."""
+    total = int(cu[-1])
     example = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
     i = torch.arange(total)
-    mask = (example[:, None] == example[None, :]) & (i[:, None] >= i[None, :])
+    allowed = (example[:, None] == example[None, :]) & (i[:, None] >= i[None, :])
     if window:
-        mask &= i[:, None] - i[None, :] < window
+        allowed &= i[:, None] - i[None, :] < window
+    return allowed
+
+
+def _dense_reference(q, k, v, cu, window=None):
+    """The whole row at once: causal, block-diagonal by example, grouped heads repeated."""
+    mask = _allowed(cu, window)
     repeat = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
@@ -94,13 +100,9 @@ def _eager(q, k, v, mask, cap, window=None):
 
 
 def _block_diagonal(cu, window=None):
-    total = int(cu[-1])
-    example = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
-    i = torch.arange(total)
-    allowed = (example[:, None] == example[None, :]) & (i[:, None] >= i[None, :])
-    if window:
-        allowed &= i[:, None] - i[None, :] < window
-    return torch.zeros(total, total).masked_fill(~allowed, float("-inf"))[None, None]
+    """`_allowed` as eager's additive mask [1, 1, T, T]."""
+    allowed = _allowed(cu, window)
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
 
 
 @pytest.mark.parametrize("window", [None, 3])
