@@ -20,6 +20,9 @@ TEST_WORKERS ?= 2
 # Built from source without pip's wheel cache, where a native wheel of an earlier build may wait.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 LLAMA_SPEC := $(shell grep -o '"llama-cpp-python==[^"]*"' pyproject.toml)
+# That build takes 3 minutes on 2 cores: its wheel is kept per machine, under a name made of the
+# version and the flags, so a second clone (or `make clean`) installs it instead of compiling.
+LLAMA_WHEELS ?= $(HOME)/.cache/tuneboard/llama-wheels/$(shell echo '$(LLAMA_SPEC) $(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
 .PHONY: run setup setup-dev test test-fast security lint gpu-test screenshots clean chromium
 
@@ -28,7 +31,12 @@ $(VENV)/.installed: pyproject.toml app/verified_versions.py
 	$(PIP) install --upgrade pip setuptools wheel
 	@echo "Installing $(TORCH_SPEC) (app/verified_versions.py)"
 	$(PIP) install $(TORCH_SPEC)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --no-cache-dir $(LLAMA_SPEC)
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
+	  echo "Building $(LLAMA_SPEC) once for this machine (3 minutes on 2 cores), kept in $(LLAMA_WHEELS)"; \
+	  mkdir -p $(LLAMA_WHEELS) && tmp=$$(mktemp -d $(LLAMA_WHEELS).partial-XXXXXX) && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps --no-cache-dir -w $$tmp $(LLAMA_SPEC) && \
+	  mv $$tmp/llama_cpp_python-*.whl $(LLAMA_WHEELS)/ && rmdir $$tmp; }
+	$(PIP) install $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(PIP) install -e ".[worker]" $(TORCH_SPEC)
 	# llama.cpp's GGUF converter scripts, from llama-cpp-python's sdist, once per environment.
 	$(PY) -m worker.gguf_converter --install
