@@ -12,8 +12,9 @@ DATA_DIR ?= data
 PORT ?=
 PYTEST_ARGS ?=
 # `make test` runs the suite in this many processes (pytest-xdist, a test file to a process: most
-# tests wait on the processes they start); 0: one process. 2 on this project's 2-core machines:
-# 25 min against 32 (2026-12-07).
+# tests wait on the processes they start); 0: one process. 2 on this project's 2-core machines,
+# each with one OpenMP thread (tests/conftest.py): pytest 11 min, against 17 with a thread a core
+# and 32 in one process (2026-12-07).
 TEST_WORKERS ?= 2
 # llama.cpp (GGUF exports) built for any x86-64 with AVX2, not for this CPU: a native build used the
 # AMX instructions a virtual machine's CPU listed but did not allow (Illegal instruction, 2026-12-06).

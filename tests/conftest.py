@@ -36,6 +36,10 @@ def _create_worker_database() -> None:
 if XDIST_WORKER:
     POSTGRES_URL = f"{POSTGRES_URL}_{XDIST_WORKER}"
     _create_worker_database()
+    # One OpenMP thread a process (and for the workers and children it starts): torch takes one
+    # per core by default, and two test processes, each with trainings of its own, then had their
+    # threads spin on each other's cores (`make test` on 2 cores: pytest 17 min, 11 with one).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
