@@ -32,12 +32,14 @@ $(VENV)/.installed: pyproject.toml app/verified_versions.py
 	$(PIP) install --upgrade pip setuptools wheel
 	@echo "Installing $(TORCH_SPEC) (app/verified_versions.py)"
 	$(PIP) install $(TORCH_SPEC)
-	@ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
-	  echo "Building $(LLAMA_SPEC) once for this machine (3 minutes on 2 cores), kept in $(LLAMA_WHEELS)"; \
-	  mkdir -p $(LLAMA_WHEELS) && tmp=$$(mktemp -d $(LLAMA_WHEELS).partial-XXXXXX) && \
+	@# (where the home folder cannot be written, the wheel is kept in the environment instead)
+	@dir=$(LLAMA_WHEELS); { mkdir -p $$dir && [ -w $$dir ]; } 2>/dev/null || dir=$(VENV)/llama-wheel; \
+	ls $$dir/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
+	  echo "Building $(LLAMA_SPEC) once for this machine (3 minutes on 2 cores), kept in $$dir"; \
+	  mkdir -p $$dir && tmp=$$(mktemp -d $$dir.partial-XXXXXX) && \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps --no-cache-dir -w $$tmp $(LLAMA_SPEC) && \
-	  mv $$tmp/llama_cpp_python-*.whl $(LLAMA_WHEELS)/ && rmdir $$tmp; }
-	$(PIP) install $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	  mv $$tmp/llama_cpp_python-*.whl $$dir/ && rmdir $$tmp; } && \
+	$(PIP) install $$dir/llama_cpp_python-*.whl
 	$(PIP) install -e ".[worker]" $(TORCH_SPEC)
 	# llama.cpp's GGUF converter scripts, from llama-cpp-python's sdist, once per environment.
 	$(PY) -m worker.gguf_converter --install
