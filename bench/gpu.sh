@@ -12,7 +12,7 @@
 #   8b-capped    8B shape, fixed-length data, the process capped at 22.5 GiB (a 24 GB card)
 #   longest      longest single sequence, 8B shape, under a 22.5 GiB cap, all arms
 #   longest-caps the same at each of LONGEST_CAPS (default 7.5,11,14.5), every (cap, arm) search
-#                at once on the one card (each capped; memory is measured, not speed)
+#                at once on the one card (each capped; memory is measured, not speed); LONGEST_SHAPE
 #   profile      8B step time and top operators per memory policy (bench/profile_step.py)
 #   dpo          DPO pairs/s, 8B shape, 22.5 GiB cap: TRL, Unsloth, Tuneboard (bench/preference.py)
 #   smoke        the CPU smoke run (checks the harness itself)
@@ -116,20 +116,25 @@ for stage in "$@"; do
       || status=$? ;;
     longest) bench longest-8b --shapes 8b --cap-gib 22.5 --longest --reuse --min-arm-s 60 || status=$? ;;
     longest-caps)  # every (cap, arm) a search of its own, all at once: memory is what they
-      # measure, not speed, so they may share the card (LONGEST_CAPS, default 7.5,11,14.5)
+      # measure, not speed, so they may share the card (LONGEST_CAPS, default 7.5,11,14.5;
+      # LONGEST_SHAPE, default 8b; the model is built first, once)
+      shape=${LONGEST_SHAPE:-8b} caps=${LONGEST_CAPS:-7.5,11,14.5} pids=()
       python3 -c 'import sys; sys.path.insert(0, "bench"); import train, pathlib; \
-        train.build_model_dir("8b", pathlib.Path(sys.argv[1]), 1234)' "$CACHE" || status=$?
-      for cap in ${LONGEST_CAPS:-7.5,11,14.5}; do for arm in ${ARMS//,/ }; do
+        train.build_model_dir(sys.argv[1], pathlib.Path(sys.argv[2]), 0)' "$shape" "$CACHE" \
+        || status=$?
+      for cap in ${caps//,/ }; do for arm in ${ARMS//,/ }; do
         dir="$WORK/longest-$cap-$arm"; mkdir -p "$dir"
         # shellcheck disable=SC2086
-        python3 bench/train.py --name "longest-8b-$cap-$arm" --out "$dir" --work "$dir" \
+        python3 bench/train.py --name "longest-$shape-$cap-$arm" --out "$dir" --work "$dir" \
           --cache "$CACHE" --site /tmp/site-tuneboard --unsloth-site /tmp/site-unsloth \
-          --arms "$arm" --shapes 8b --cap-gib "$cap" --longest --reuse --deadline "$DEADLINE" \
-          --min-arm-s 30 --quiet-children ${BENCH_ARGS:-} >"$dir/search.log" 2>&1 &
+          --arms "$arm" --shapes "$shape" --cap-gib "$cap" --longest --reuse \
+          --deadline "$DEADLINE" --min-arm-s 30 --quiet-children ${BENCH_ARGS:-} \
+          >"$dir/search.log" 2>&1 &
+        pids+=($!)
       done; done
-      wait
-      for f in "$WORK"/longest-*/longest-8b-*.md; do echo "## $(basename "$f" .md)"; cat "$f"; done \
-        | tee "$OUT/longest-caps.md" ;;
+      for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+      for f in "$WORK"/longest-*/longest-"$shape"-*.md; do echo "## $(basename "$f" .md)"; cat "$f"
+      done | tee "$OUT/longest-caps.md" ;;
     profile) timeout -k 20 "$limit" python3 bench/profile_step.py \
       --shape 8b --cache "$CACHE" --out "$OUT" ${PROFILE_ARGS:-} || status=$? ;;
     dpo) python3 bench/preference.py --shape 8b --cap-gib 22.5 --out "$OUT" --work "$WORK" \
