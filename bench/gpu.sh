@@ -120,7 +120,7 @@ for stage in "$@"; do
       # LONGEST_SHAPE, default 8b; the model is built first, once)
       shape=${LONGEST_SHAPE:-8b} caps=${LONGEST_CAPS:-7.5,11,14.5} pids=()
       python3 -c 'import sys; sys.path.insert(0, "bench"); import train, pathlib; \
-        train.build_model_dir(sys.argv[1], pathlib.Path(sys.argv[2]), 0)' "$shape" "$CACHE" \
+        train.build_model_dir(sys.argv[1], pathlib.Path(sys.argv[2]), 1234)' "$shape" "$CACHE" \
         || status=$?
       for cap in ${caps//,/ }; do for arm in ${ARMS//,/ }; do
         dir="$WORK/longest-$cap-$arm"; mkdir -p "$dir"
