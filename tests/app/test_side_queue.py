@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections import defaultdict
+from datetime import timedelta
 
 import pytest
 from sqlmodel import select
@@ -20,6 +21,7 @@ from app.models import (
     MergeRequest,
     ModelExport,
     SideWorkStatus,
+    utcnow,
 )
 from app.settings import Settings
 from tests.fakes import racers
@@ -165,10 +167,16 @@ def test_asking_again_for_a_merge_whose_worker_died_never_returns_it_running(cli
     url = f"/api/adapters/{adapter_id}/merge"
     first = client.post(url).json()
     assert first["status"] == "queued"
-    claim = side_queue.claim_next(db, "merge", "dies", lease_seconds=0.05)
+    claim = side_queue.claim_next(db, "merge", "dies", lease_seconds=60)
     assert claim is not None and claim.task_id == first["id"]
-    assert client.post(url).json()["status"] == "running"  # still within its lease
-    time.sleep(0.1)  # the worker died: no heartbeat
+    assert client.post(url).json()["status"] == "running"  # within its lease
+    # The worker died: no heartbeat, and its lease ran out (set in the past rather than waited
+    # for: a lease short enough to wait out could end before the request above on a busy machine).
+    with db.write() as s:
+        merge = s.get(MergeRequest, claim.task_id)
+        assert merge is not None
+        merge.lease_expires_at = utcnow() - timedelta(seconds=1)
+        s.add(merge)
 
     again = client.post(url).json()
     assert (again["id"], again["status"], again["attempt"]) == (first["id"], "queued", 1)
