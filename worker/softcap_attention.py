@@ -15,11 +15,11 @@ flash attention does it in one kernel, in plain torch:
 * the forward pass keeps q, k and v, nothing of size T^2;
 * the backward pass recomputes one block's logits and probabilities at a time.
 
-In the inputs' dtype, as transformers' eager path computes them: the products, the cap and the
-probabilities (softmax and its backward pass accumulate in fp32 inside their kernels, as eager's
-upcast softmax does). A block's logits pass through five kernels forward (product, tanh, cap,
-mask, softmax) and a few more backward, each reading and writing bf16. Grouped key/value heads
-are read once per group, not repeated.
+In the inputs' dtype whatever autocast says, as transformers' eager path computes them: the
+products, the cap and the probabilities (softmax and its backward pass accumulate in fp32 inside
+their kernels, as eager's upcast softmax does). A block's logits pass through five kernels forward
+(product, tanh, cap, mask, softmax) and a few more backward, each reading and writing bf16.
+Grouped key/value heads are read once per group, not repeated.
 
     out = softcapped_attention(q, k, v, cu_seq_lens, max_length, scale, cap, window)
 """
@@ -67,8 +67,9 @@ class _SoftcappedAttention(torch.autograd.Function):
     def forward(ctx: Any, q, k, v, cu_seq_lens, reach, scale, cap, window, block_size):  # type: ignore[override]
         rows = _Rows(q, k, cu_seq_lens, reach, window, block_size)
         out = torch.empty_like(q)
-        for (a, b, _), (_, _, vb), (_, probs) in rows.blocks(q, k, v, scale, cap):
-            out[a:b] = rows.ungrouped(torch.bmm(probs, vb), b - a)
+        with _inputs_dtype(q):
+            for (a, b, _), (_, _, vb), (_, probs) in rows.blocks(q, k, v, scale, cap):
+                out[a:b] = rows.ungrouped(torch.bmm(probs, vb), b - a)
         ctx.save_for_backward(q, k, v, cu_seq_lens)
         ctx.settings = (reach, scale, cap, window, block_size)
         return out
@@ -82,19 +83,27 @@ class _SoftcappedAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape[1], k.shape[0], k.shape[2], dtype=torch.float32, device=k.device)
         dv = torch.zeros_like(dk)
-        for (a, b, lo), (qb, kb, vb), (tanh, probs) in rows.blocks(q, k, v, scale, cap):
-            dob = rows.grouped_q(grad_out, a, b)
-            dv[:, lo:b] += torch.bmm(probs.transpose(1, 2), dob)
-            # softmax's backward pass (its row sums over the block's keys: every key a query sees)
-            dlogits = torch._softmax_backward_data(
-                torch.bmm(dob, vb.transpose(1, 2)), probs, -1, probs.dtype
-            )
-            # through the cap: d(cap * tanh(s / cap)) / ds = 1 - tanh^2; the scale comes last
-            dscores = torch.addcmul(dlogits, dlogits, tanh.square_(), value=-1)
-            dq[a:b] = rows.ungrouped(torch.bmm(dscores, kb), b - a) * scale
-            dk[:, lo:b] += torch.bmm(dscores.transpose(1, 2), qb)
+        with _inputs_dtype(q):
+            for (a, b, lo), (qb, kb, vb), (tanh, probs) in rows.blocks(q, k, v, scale, cap):
+                dob = rows.grouped_q(grad_out, a, b)
+                dv[:, lo:b] += torch.bmm(probs.transpose(1, 2), dob)
+                # softmax's backward (its row sums over the block's keys: every key a query sees)
+                dlogits = torch._softmax_backward_data(
+                    torch.bmm(dob, vb.transpose(1, 2)), probs, -1, probs.dtype
+                )
+                # through the cap: d(cap * tanh(s / cap)) / ds = 1 - tanh^2; the scale comes last
+                dscores = torch.addcmul(dlogits, dlogits, tanh.square_(), value=-1)
+                dq[a:b] = rows.ungrouped(torch.bmm(dscores, kb), b - a) * scale
+                dk[:, lo:b] += torch.bmm(dscores.transpose(1, 2), qb)
         dk, dv = (g.transpose(0, 1).to(k.dtype) for g in (dk.mul_(scale), dv))
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def _inputs_dtype(t: torch.Tensor) -> Any:
+    """Autocast off inside: every product and the softmax stay in the inputs' dtype. On CUDA
+    autocast runs softmax in fp32 and products in bf16, so a backward pass run under it (as the
+    CUDA graphs' warm-up does) handed softmax's backward bf16 gradients for fp32 probabilities."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _probabilities(qb, kb, scale, cap, allowed):

@@ -191,3 +191,37 @@ def test_soft_capped_attention_keeps_nothing_of_the_row_s_length_squared():
     small, large = kept_bytes(512), kept_bytes(2048)
     assert large <= 4 * small * 1.01  # linear in the row's length
     assert large < 4 * 2048 * 2048  # one head's [T, T] fp32 logits would be more than all of it
+
+
+def test_soft_capped_attention_computes_in_its_inputs_dtype_under_autocast(monkeypatch):
+    """Autocast is off inside, forward and backward: on CUDA it runs softmax in fp32 and the
+    products in bf16, and a backward pass under it (the CUDA graphs' warm-up) handed softmax's
+    backward bf16 gradients for fp32 probabilities (the GPU, 2026-12-07). On the CPU autocast
+    leaves softmax alone, so what is checked is that no kernel of the function runs under it."""
+    from worker.softcap_attention import softcapped_attention
+
+    under_autocast: list[bool] = []
+
+    def spying(fn):
+        def spy(*args, **kwargs):
+            under_autocast.append(torch.is_autocast_enabled("cpu"))
+            return fn(*args, **kwargs)
+
+        return spy
+
+    q, k, v, cu = (t.bfloat16() if t.is_floating_point() else t for t in _packed([5, 9], seed=6))
+    q, k, v = (t[0].transpose(0, 1).contiguous().requires_grad_(True) for t in (q, k, v))
+    grad = torch.randn_like(q)
+    plain = softcapped_attention(q, k, v, cu, 9, 0.35, 0.9, block_size=4)
+    expected = (plain, *torch.autograd.grad(plain, (q, k, v), grad))
+
+    monkeypatch.setattr(torch, "softmax", spying(torch.softmax))
+    monkeypatch.setattr(torch, "_softmax_backward_data", spying(torch._softmax_backward_data))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = softcapped_attention(q, k, v, cu, 9, 0.35, 0.9, block_size=4)
+        got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    assert len(under_autocast) == 3 * 4  # 4 blocks: a softmax forward; again and its backward back
+    assert not any(under_autocast)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b)
