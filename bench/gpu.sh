@@ -117,11 +117,8 @@ for stage in "$@"; do
     longest) bench longest-8b --shapes 8b --cap-gib 22.5 --longest --reuse --min-arm-s 60 || status=$? ;;
     longest-caps)  # every (cap, arm) a search of its own, all at once: memory is what they
       # measure, not speed, so they may share the card (LONGEST_CAPS, default 7.5,11,14.5;
-      # LONGEST_SHAPE, default 8b; the model is built first, once)
+      # LONGEST_SHAPE, default 8b; the first search builds the model, the others wait for it)
       shape=${LONGEST_SHAPE:-8b} caps=${LONGEST_CAPS:-7.5,11,14.5} pids=()
-      python3 -c 'import sys; sys.path.insert(0, "bench"); import train, pathlib; \
-        train.build_model_dir(sys.argv[1], pathlib.Path(sys.argv[2]), 1234)' "$shape" "$CACHE" \
-        || status=$?
       for cap in ${caps//,/ }; do for arm in ${ARMS//,/ }; do
         dir="$WORK/longest-$cap-$arm"; mkdir -p "$dir"
         # shellcheck disable=SC2086

@@ -13,6 +13,7 @@ stopped by the device's time limit still leaves its table behind.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -123,18 +124,21 @@ def build_model_dir(shape_name: str, cache: Path, seed: int) -> Path:
 
     tag = f"{shape_name}-{hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:8]}"
     path = cache / tag
-    if (path / "DONE").exists():
-        os.utime(path)  # recently used: the last that make_room removes
-        return path
-    import torch
-
     cache.mkdir(parents=True, exist_ok=True)
-    make_room(cache, keep=path, need_bytes=2 * matmul_params(shape) + 2 * GIB)
-    config = families.make_config(arch)
-    config.dtype = "bfloat16"
-    families.save_random_model(config, path, seed=seed, dtype=torch.bfloat16)
-    save_tokenizer(path, shape["vocab_size"])
-    (path / "DONE").write_text("ok\n")
+    # One process builds; others asking at once (searches run side by side, two streams) wait
+    # for it and then find it built.
+    with open(cache / f"{tag}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "DONE").exists():
+            import torch
+
+            make_room(cache, keep=path, need_bytes=2 * matmul_params(shape) + 2 * GIB)
+            config = families.make_config(arch)
+            config.dtype = "bfloat16"
+            families.save_random_model(config, path, seed=seed, dtype=torch.bfloat16)
+            save_tokenizer(path, shape["vocab_size"])
+            (path / "DONE").write_text("ok\n")
+    os.utime(path)  # recently used: the last that make_room removes
     return path
 
 
