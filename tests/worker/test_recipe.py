@@ -1,5 +1,6 @@
 """The SFT recipe on the real tiny demo model, on the CPU."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -224,6 +225,10 @@ UNEVEN = (1_000, 1_500, 1_800, 1_900, 2_500)  # the estimate from 2 kept (400 ea
         (LINEAR, 400, "tiled", 0),  # so does offloading: MLPs in slices
         (LINEAR, 250, None, 0),  # nothing fits: a typed out-of-memory error, before training
         (UNEVEN, 2_200, "partial", 3),  # limit 1,980: a trial past the estimate finds 3 fit
+        # The last resorts' trials carry the optimizer's state (100): offloading alone would run
+        # at 500 of 560, and its second step, with the state, would not.
+        (LINEAR, 560, "tiled", 0),
+        (LINEAR, 380, None, 0),  # slices alone would run at 300; with the state, 400
     ],
 )
 def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
@@ -231,7 +236,7 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
 ):
     """The trial-step arithmetic with a stand-in for a card's memory: full checkpointing peaks at
     1,000, each layer that keeps its activations adds to it (`peaks`), offloading needs 500,
-    offloading with MLPs in slices 300."""
+    offloading with MLPs in slices 300, and the optimizer's state held beside a step 100."""
     from worker.training import memory_policy
 
     recipe = SFTRecipe(
@@ -241,15 +246,27 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
     layers = recipe._decoder_layers()
     assert len(layers) == 4
 
+    held = []  # the optimizer state's stand-in, while a trial holds it
+
+    @contextlib.contextmanager
+    def optimizer_state_held():
+        held.append(100)
+        try:
+            yield
+        finally:
+            held.pop()
+
     def trial_step(batch):
         peak = {"offload": 500, "tiled": 300}.get(recipe.memory_policy) or peaks[
             sum(not layer.gradient_checkpointing for layer in layers)
         ]
+        peak += sum(held)
         if peak > usable:
             raise torch.OutOfMemoryError("stand-in card is full")
         return peak
 
     monkeypatch.setattr(recipe, "_trial_step", trial_step)
+    monkeypatch.setattr(recipe, "_optimizer_state_held", optimizer_state_held)
     monkeypatch.setattr(recipe, "_usable_memory", lambda: usable)
     monkeypatch.setattr(memory_policy, "TRIAL_HEADROOM", 0.9)
     if policy is None:
@@ -258,11 +275,41 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
         return recipe.cleanup()
     chosen, reason, layers_kept = recipe._measure_memory_policy()
     assert (chosen, layers_kept) == (policy, kept), reason
+    assert ("beside the optimizer's state" in reason) == (policy in ("offload", "tiled")), reason
+    assert not held
     recipe._set_memory_policy(chosen, layers_kept)
     assert [not layer.gradient_checkpointing for layer in layers].count(True) == (
         4 if policy == "off" else kept
     )
     recipe.cleanup()
+
+
+def test_the_optimizer_state_held_beside_a_last_resort_trial_is_adamw_s_own(
+    demo_model, demo_rows, tmp_path
+):
+    """What the last resorts' trials hold beside the step is what the optimizer keeps from the
+    first step on: the Trainer's AdamW after one real step on the demo model's LoRA weights."""
+    from worker.training import memory_policy
+
+    recipe = SFTRecipe(
+        _config(), demo_model, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows
+    )
+    recipe.setup()
+    try:
+        recipe.forward_backward(recipe._longest_batch())
+        trainable = [p for p in recipe.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable)
+        optimizer.step()
+        kept = sum(
+            t.numel() * t.element_size()
+            for state in optimizer.state.values()
+            for name, t in state.items()
+            if name != "step"  # one number a weight
+        )
+        assert kept > 0
+        assert memory_policy.optimizer_state_bytes(recipe.model) == kept
+    finally:
+        recipe.cleanup()
 
 
 def lora_gradients(recipe, batch) -> tuple[float, dict[str, torch.Tensor]]:
