@@ -4,7 +4,7 @@ the standard recipe, Unsloth and Tuneboard side by side, one JSON result per cel
 A cell is (shape, data, cap, arm): one arm in its own process under a memory cap, through
 bench/train.py's `launch` (same models, data, arms and timing as the throughput table). An arm
 that runs out of memory gets a quick search for the longest single sequence (batch 1) that trains
-a step under the same cap: halving from --seq, at most --fit-probes probes, the last of them a
+two steps (the second with the optimizer's state) under the same cap: halving from --seq, at most --fit-probes probes, the last of them a
 bisection between the longest that fitted and the shortest that did not. The table says "does not
 fit" with that length.
 
@@ -73,15 +73,16 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def longest_fit(run: argparse.Namespace, arm: str, shape: str, model_path: Path) -> dict:
-    """The longest single sequence that trains one step under the cap, in --fit-probes probes:
-    halving from --seq until one fits, then one bisection probe if any are left."""
+    """The longest single sequence that trains two steps under the cap (the second with the
+    optimizer's state), in --fit-probes probes: halving from --seq until one fits, then one
+    bisection probe if any are left."""
     granule = run.fit_granule
     longest, probes = 0, []
     first_fail: int | None = None  # at batch 1; None when --seq itself fits one sequence
 
     def probe(seq: int) -> str:
         tag = f"fit-{shape}-{arm}-cap{run.cap_gib:g}-{seq}"
-        res = train.launch(run, arm, shape, "fixed", seq, 1, 1, 0, model_path, tag)
+        res = train.launch(run, arm, shape, "fixed", seq, 1, 1, 1, model_path, tag)  # 2 steps
         probes.append((seq, train.outcome(res)))
         return probes[-1][1]
 

@@ -157,7 +157,7 @@ def footer(meta: dict) -> list[str]:
         f"Seq {meta.get('seq', '-')}, warm-up {meta.get('warmup', '-')} then {meta.get('steps', '-')} "
         "timed steps; a cap is torch.cuda.set_per_process_memory_fraction of the arm's process. "
         '"does not fit (longest N)": the arm ran out of memory at seq x batch; N is the longest '
-        "single sequence that trained one step under the same cap (a short search).",
+        "single sequence that trained two steps under the same cap (a short search).",
         f"Versions: {versions or '-'}.",
     ]
 

@@ -774,8 +774,9 @@ def run_throughput(args) -> None:
 
 
 def probe(args, arm, shape, seq, model_path) -> dict:
-    # One full step (no warm-up) of one sequence, in a fresh process.
-    return launch(args, arm, shape, "fixed", seq, 1, 1, 0, model_path,
+    # Two full steps of one sequence, in a fresh process: the second carries the optimizer's
+    # state, made at the end of the first (a first step alone passed where a second would not).
+    return launch(args, arm, shape, "fixed", seq, 1, 1, 1, model_path,
                   f"probe-{shape}-{arm}-{seq}")  # fmt: skip
 
 
@@ -847,7 +848,8 @@ def longest_rows(args, results) -> list[str]:
     lines += [
         "",
         f"Doubling from {args.longest_start} then bisection in steps of {args.granule}; "
-        "each probe is one full training step in a fresh process.",
+        "each probe is two full training steps in a fresh process (the second with the "
+        "optimizer's state).",
     ]
     return lines
 
