@@ -4,9 +4,9 @@ the standard recipe, Unsloth and Tuneboard side by side, one JSON result per cel
 A cell is (shape, data, cap, arm): one arm in its own process under a memory cap, through
 bench/train.py's `launch` (same models, data, arms and timing as the throughput table). An arm
 that runs out of memory gets a quick search for the longest single sequence (batch 1) that trains
-two steps (the second with the optimizer's state) under the same cap: halving from --seq, at most --fit-probes probes, the last of them a
-bisection between the longest that fitted and the shortest that did not. The table says "does not
-fit" with that length.
+two steps (the second with the optimizer's state) under the same cap: halving from --seq, at most
+--fit-probes probes, the last of them a bisection between the longest that fitted and the
+shortest that did not. The table says "does not fit" with that length.
 
     python bench/ladder.py --shapes qwen7b,gemma9b --caps 7.5,11 --arms unsloth,tuneboard
     python bench/ladder_table.py bench/out/ladder-*.json    # the tables for RESULTS.md, merged

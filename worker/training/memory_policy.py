@@ -209,7 +209,8 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
         return "partial", fits(how, peak), kept
     # The last resorts have no headroom to keep: one is taken where its trial step runs on the
     # card at all, so that step carries the optimizer's state, as every step after the first does
-    # (without it, 8B at 7.5 GiB passed at 7.4 GiB with 0.3 GiB of state still to come).
+    # (without it, 8B at 7.5 GiB passed at 7.4 GiB with 0.3 GiB of state still to come:
+    # bench/RESULTS.md, session 20).
     peak_offload = try_policy(recipe, batch, "offload", with_optimizer_state=True)
     if peak_offload is not None:
         return "offload", fits_at_last("with activations offloaded to CPU memory", peak_offload), 0
