@@ -329,6 +329,47 @@ def test_offloaded_and_tiled_checkpointing_match_checkpointing_in_less_memory_an
         recipe.cleanup()
 
 
+def test_a_last_resort_is_taken_only_where_its_second_step_fits_beside_the_optimizer_state(
+    llama_1b, demo_rows, tmp_path, monkeypatch
+):
+    """`auto`'s last resorts (offloaded checkpointing, then sliced MLPs) have no headroom of their
+    own: their trial step runs beside as much memory as AdamW's state, which a step carries from
+    the second on, and that memory counts in the trial's peak. On a card capped just above sliced
+    MLPs' peak with the state (offloading alone would have fit it), `auto` takes the slices, and
+    the job trains two steps, the second with the optimizer's state."""
+    monkeypatch.setattr(layer_graphs, "ENABLED", False)  # a graph's pool would sit in every peak
+    config = _config(max_steps=2, save_every=100, eval_every=100, micro_batch_size=8)
+    recipe = SFTRecipe(config, llama_1b, tmp_path, ListSink(), LocalControl(), rows_path=demo_rows)
+    recipe.setup()
+    batch = recipe._longest_batch()
+    memory_policy.embeddings_to_host(recipe)  # as `auto` does before it checkpoints
+    state = memory_policy.optimizer_state_bytes(recipe.model)
+    try:
+        tiled = recipe._try_policy(batch, "tiled")
+        tiled_beside = memory_policy.try_policy(recipe, batch, "tiled", with_optimizer_state=True)
+        offload = recipe._try_policy(batch, "offload")
+        assert None not in (tiled, tiled_beside, offload)
+        assert abs(tiled_beside - tiled - state) < 16 * 2**20, (tiled, tiled_beside, state)
+        cap = tiled_beside + 64 * 2**20
+        assert offload + state > cap, (offload, state, cap)  # offloading must not fit beside it
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+        policy, reason, _kept = recipe._measure_memory_policy()
+        assert policy == "tiled", reason
+        assert "beside the optimizer's state" in reason and "of the card's" in reason, reason
+        recipe._set_memory_policy(policy)
+        recipe.model.zero_grad(set_to_none=True)
+        assert recipe.train().global_step == 2
+        print(
+            f"\n{reason}; optimizer state {state / 2**20:.0f} MiB; cap {cap / 2**20:.0f} MiB; "
+            f"offloading alone peaked at {offload / 2**20:.0f} MiB (the rule before took it "
+            "wherever its trial ran)"
+        )
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        recipe.cleanup()
+
+
 def test_fused_mlps_match_peft_on_4bit_weights_in_less_memory(
     llama_1b, demo_rows, tmp_path, monkeypatch
 ):
