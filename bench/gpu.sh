@@ -19,8 +19,8 @@
 #   ladder-first the consumer ladder's first stage (bench/ladder.py): Qwen2.5-7B, Gemma-2-9B,
 #                Llama-3.2-3B, Llama-3.2-1B at 7.5 and 11 GiB, fixed 2048, Unsloth vs Tuneboard
 #   ladder       the ladder at every cap (LADDER_CAPS, default 7.5,11,14.5,22.5): Unsloth and the
-#                standard recipe run once per model, at the smallest cap they fit (their memory
-#                does not depend on the cap); Tuneboard at each
+#                standard recipe run under the largest cap, and their peak decides the smaller
+#                ones (their memory does not depend on the cap); Tuneboard at each
 #   ladder-CAP   the ladder at one cap (7.5, 11, 14.5, 22.5): LADDER_SHAPES (default all six),
 #                LADDER_DATA (default fixed; fixed,variable), BENCH_ARMS; LADDER_ARGS passes options
 # Env: GPU_TESTS_S: at most this long for the tests stage. BENCH_BUDGET_S (default 560): the whole command ends by then; arms that would start too

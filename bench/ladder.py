@@ -13,9 +13,10 @@ shortest that did not. The table says "does not fit" with that length.
 
 `bash bench/gpu.sh ladder-first` (and `ladder-<cap>`) is the device command; bench/README.md says
 which stages exist and what each costs. The standard recipe and Unsloth checkpoint every layer
-whatever the card (their memory does not depend on the cap), so each runs once per model and data,
-at the smallest cap it fits, and that figure stands for the larger caps in the same run
-(`--cap-free-arms`; the table's note says where it was measured). Results are written after every
+whatever the card (their memory does not depend on the cap), so each runs first under the largest
+cap, and its peak decides the smaller caps (`--cap-free-arms`; `from_the_top`): a cap that holds
+its reserved peak takes that figure (the note says where it was measured), one under its allocated
+peak gets only the short does-not-fit search, and only a cap in between runs the arm again. Results are written after every
 cell, and `--reuse` takes a cell's earlier result from --work, so a stage cut short by the device's
 time limit resumes where it stopped on the same machine. `--repeat N` runs each cell N times, each
 in its own process, and keeps the median (session 11 saw two identical cells 25% apart on one
@@ -58,6 +59,31 @@ def run_cell(args, shape: str, data: str, cap: float, arm: str, model_path: Path
     if res.get("oom") and args.fit_probes:
         res.update(longest_fit(run, arm, shape, model_path))
     return res
+
+
+def from_the_top(
+    args, shape: str, data: str, cap: float, arm: str, top: dict, model_path: Path
+) -> dict | None:
+    """A cap-free arm's cell under a smaller cap, from its run under the largest (`top`), or None
+    where only a run under this cap can tell. Its memory does not depend on the cap, so: a cap that
+    holds the run's reserved peak (the allocator never had to hand memory back) takes its figure;
+    under its allocated peak, or below a cap it ran out of memory under, it does not fit, and only
+    the short search for the longest sequence that does runs. No peak (the CPU's smoke runs): None."""
+    reserved, allocated = top.get("peak_reserved_gib"), top.get("peak_alloc_gib")
+    if top.get("ok") and reserved is not None and reserved <= cap:
+        return top | {"cap_gib": cap, "measured_at_gib": top["cap_gib"]}
+    if top.get("ok") and allocated is not None and allocated > cap:
+        why = f"its peak under {top['cap_gib']:g} GiB, {allocated:.2f} GiB, is over this cap"
+    elif top.get("oom"):
+        why = f"it ran out of memory under {top['cap_gib']:g} GiB already"
+    else:
+        return None
+    keys = ("arm", "shape", "data", "seq", "batch")
+    cell = {k: top[k] for k in keys if k in top} | {"cap_gib": cap, "oom": f"not run: {why}"}
+    if args.fit_probes:
+        cell.update(longest_fit(argparse.Namespace(**{**vars(args), "cap_gib": cap}), arm, shape,
+                                model_path))  # fmt: skip
+    return cell
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -120,21 +146,26 @@ def main(argv: list[str]) -> None:
         lines = ladder_table.render([payload])
         train.write_outputs(args, args.name, lines, payload)
 
+    largest = max(args.caps)
     for shape in args.shapes:
         model_path = train.ensure_model(args, shape)
         for data in args.data:
-            measured: dict[str, dict] = {}  # a cap-free arm's result at the smallest cap it ran
+            top = {  # a cap-free arm's result under the largest cap: it decides the smaller ones
+                arm: run_cell(args, shape, data, largest, arm, model_path)
+                for arm in args.arms
+                if arm in args.cap_free_arms
+            }
             for cap in sorted(args.caps):
                 for arm in args.arms:
-                    earlier = measured.get(arm)
-                    if earlier is not None and not earlier.get("oom"):
+                    if arm not in top:
+                        results.append(run_cell(args, shape, data, cap, arm, model_path))
+                    elif cap == largest:
+                        results.append(top[arm])
+                    else:
                         results.append(
-                            earlier | {"cap_gib": cap, "measured_at_gib": earlier["cap_gib"]}
+                            from_the_top(args, shape, data, cap, arm, top[arm], model_path)
+                            or run_cell(args, shape, data, cap, arm, model_path)
                         )
-                        continue
-                    results.append(run_cell(args, shape, data, cap, arm, model_path))
-                    if arm in args.cap_free_arms:
-                        measured[arm] = results[-1]
                     write()
     write()
     print("\n" + (args.out / f"{args.name}.md").read_text(), flush=True)
@@ -171,7 +202,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--cap-free-arms",
         default="standard,unsloth",
         help="arms whose memory use does not depend on the cap (their checkpointing is fixed): "
-        "run at the smallest cap they fit, that figure stands for the larger caps",
+        "run under the largest cap, their peak decides the smaller caps (from_the_top)",
     )
     p.add_argument("--quiet-children", action="store_true", help="arm output to WORK/<tag>.log")
     args = p.parse_args(argv)

@@ -121,7 +121,10 @@ def note(r: dict) -> str:
         runs = r["runs_tokens_per_s"]
         parts.append(f"median of {len(runs)} runs ({min(runs):,.0f}-{max(runs):,.0f} tok/s)")
     if r.get("measured_at_gib"):
-        parts.append(f"measured at {r['measured_at_gib']:g} GiB (the same under any larger cap)")
+        parts.append(
+            f"measured at {r['measured_at_gib']:g} GiB (its reserved peak, "
+            f"{train.fmt_gib(r.get('peak_reserved_gib'))} GiB, fits this cap)"
+        )
     if r.get("memory_policy"):
         parts.append(f"checkpointing {r['memory_policy']}")
     if r.get("start") and r["start"].get("total_s") is not None:

@@ -41,12 +41,11 @@ def test_the_ladder_measures_each_cap_and_finds_the_longest_sequence_that_fits(
         assert cells[(arm, 8.0)].get("ok"), cells[(arm, 8.0)]
         assert cells[(arm, 8.0)]["tokens_per_s"] > 0
     assert "import unsloth failed" in cells[("unsloth", 8.0)]["skipped"]
-    # Unsloth's memory does not depend on the cap: run once, at the smallest; Tuneboard's does.
-    assert cells[("unsloth", 8.0)]["measured_at_gib"] == 1.0
-    assert "measured_at_gib" not in cells[("unsloth", 1.0)]
-    assert "measured_at_gib" not in cells[("tuneboard", 8.0)]
-    if cells[("standard", 1.0)].get("oom"):  # one that did not fit is tried again under more
-        assert "measured_at_gib" not in cells[("standard", 8.0)]
+    # A cap-free arm runs under the largest cap first; on the CPU it has no peak to decide the
+    # smaller caps with, so it runs again there (tests/bench: test_a_cap_free_arm_s_peak_...).
+    assert "import unsloth failed" in cells[("unsloth", 1.0)]["skipped"]
+    for arm, cap in (("unsloth", 1.0), ("standard", 1.0), ("standard", 8.0), ("tuneboard", 8.0)):
+        assert "measured_at_gib" not in cells[(arm, cap)]
     start = cells[("tuneboard", 8.0)]["start"]  # setup to first step, itemised
     assert start["total_s"] >= start["model_load_s"] + start["first_step_s"] > 0
     # 1 "GiB" (64 tokens): 128 x 2 does not fit; halving finds 64, bisection rules out 96.
@@ -93,6 +92,62 @@ def test_an_unknown_shape_is_refused_with_the_choices() -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "unknown shapes ['gemma3']: choose from" in proc.stderr and "gemma9b" in proc.stderr
+
+
+def test_a_cap_free_arm_s_peak_under_the_largest_cap_decides_the_smaller_caps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard arm runs under 22.5 GiB first (peak 9.0 allocated, 9.6 reserved): 7.5 GiB
+    gets only its does-not-fit search (no run that would run out of memory first), 14.5 takes
+    the 22.5 figure, and 9.3, between the two peaks, runs the arm. Tuneboard runs at every cap.
+    An arm that ran out of memory under the largest cap gets only the search below it."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import ladder
+    import ladder_table
+
+    launched: list[str] = []
+
+    def launch(run, arm, shape, data, seq, batch, steps, warmup, model_path, tag, **kw):
+        launched.append(tag)
+        cell = {"arm": arm, "shape": shape, "data": data, "seq": seq, "batch": batch}
+        if tag.startswith("fit-"):  # the does-not-fit search: 1,024 fits, 2,048 does not
+            return cell | ({"ok": True, "tokens_per_s": 1.0} if seq <= 1024 else {"oom": "x"})
+        if arm == "unsloth":
+            return cell | {"oom": "OutOfMemoryError"}
+        return cell | {
+            "ok": True, "tokens_per_s": 100.0, "median_step_s": 1.0, "load_s": 1.0,
+            "peak_alloc_gib": 9.0, "peak_reserved_gib": 9.6,
+        }  # fmt: skip
+
+    monkeypatch.setattr(ladder.train, "launch", launch)
+    monkeypatch.setattr(ladder.train, "ensure_model", lambda args, shape: tmp_path)
+    ladder.main([
+        "--smoke", "--shapes", "smoke", "--caps", "7.5,9.3,14.5,22.5", "--seq", "2048",
+        "--arms", "standard,unsloth,tuneboard", "--fit-probes", "2", "--out", str(tmp_path),
+    ])  # fmt: skip
+    cells = {
+        (r["arm"], r["cap_gib"]): r
+        for r in json.loads((tmp_path / "ladder.json").read_text())["results"]
+    }
+    standard = [t for t in launched if "standard" in t]
+    assert standard == [
+        "smoke-fixed-standard-cap22.5",
+        "fit-smoke-standard-cap7.5-2048",
+        "fit-smoke-standard-cap7.5-1024",
+        "smoke-fixed-standard-cap9.3",
+    ]
+    assert cells[("standard", 7.5)]["oom"].startswith("not run: its peak under 22.5 GiB, 9.00")
+    assert cells[("standard", 7.5)]["fits_longest"] == 1024
+    assert cells[("standard", 14.5)]["measured_at_gib"] == 22.5
+    assert "measured_at_gib" not in cells[("standard", 9.3)]
+    note = ladder_table.note(cells[("standard", 14.5)])
+    assert "measured at 22.5 GiB (its reserved peak, 9.60 GiB, fits this cap)" in note
+    unsloth = [t for t in launched if "unsloth" in t and not t.startswith("fit-")]
+    assert unsloth == ["smoke-fixed-unsloth-cap22.5"]
+    assert all(cells[("unsloth", cap)].get("oom") for cap in (7.5, 9.3, 14.5, 22.5))
+    assert cells[("unsloth", 9.3)]["fits_longest"] == 1024
+    tuneboard = [t for t in launched if "tuneboard" in t]
+    assert len(tuneboard) == 4 and "does not fit" in ladder_table.not_ok(cells[("standard", 7.5)])
 
 
 def test_a_repeated_cell_runs_each_time_in_a_process_of_its_own_and_keeps_the_median(
