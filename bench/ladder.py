@@ -16,9 +16,9 @@ which stages exist and what each costs. The standard recipe and Unsloth checkpoi
 whatever the card (their memory does not depend on the cap), so each runs first under the largest
 cap, and its peak decides the smaller caps (`--cap-free-arms`; `from_the_top`): a cap that holds
 its reserved peak takes that figure (the note says where it was measured), one under its allocated
-peak gets only the short does-not-fit search, and only a cap in between runs the arm again. Results are written after every
-cell, and `--reuse` takes a cell's earlier result from --work, so a stage cut short by the device's
-time limit resumes where it stopped on the same machine. `--repeat N` runs each cell N times, each
+peak gets only the short does-not-fit search, and only a cap in between runs the arm again.
+Results are written after every cell, and `--reuse` takes a cell's earlier result from --work, so
+a stage cut short by the device's time limit resumes where it stopped on the same machine. `--repeat N` runs each cell N times, each
 in its own process, and keeps the median (session 11 saw two identical cells 25% apart on one
 host). `--smoke` runs tiny models of two families on the CPU, where a cap stands for a token budget
 (train.SMOKE_TOKENS_PER_GIB), so tests/bench proves the harness.
@@ -40,7 +40,7 @@ CAPS = (7.5, 11.0, 14.5, 22.5)  # GiB: 8, 12, 16 and 24 GB cards less what the d
 
 def run_cell(args, shape: str, data: str, cap: float, arm: str, model_path: Path) -> dict:
     """One arm under one cap; when it runs out of memory, the longest sequence that fits."""
-    run = argparse.Namespace(**{**vars(args), "cap_gib": cap})
+    run = under(args, cap)
     spec = train.SHAPES[shape]
     padded = spec["batch"] if data == "fixed" else spec["var_batch"]
     batch = spec["batch"] if arm.startswith("tuneboard") else padded
@@ -81,9 +81,13 @@ def from_the_top(
     keys = ("arm", "shape", "data", "seq", "batch")
     cell = {k: top[k] for k in keys if k in top} | {"cap_gib": cap, "oom": f"not run: {why}"}
     if args.fit_probes:
-        cell.update(longest_fit(argparse.Namespace(**{**vars(args), "cap_gib": cap}), arm, shape,
-                                model_path))  # fmt: skip
+        cell.update(longest_fit(under(args, cap), arm, shape, model_path))
     return cell
+
+
+def under(args: argparse.Namespace, cap: float) -> argparse.Namespace:
+    """The arguments of a run under `cap`."""
+    return argparse.Namespace(**{**vars(args), "cap_gib": cap})
 
 
 def median_run(runs: list[dict]) -> dict:
