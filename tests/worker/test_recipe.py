@@ -216,27 +216,31 @@ UNEVEN = (1_000, 1_500, 1_800, 1_900, 2_500)  # the estimate from 2 kept (400 ea
 
 
 @pytest.mark.parametrize(
-    ("peaks", "usable", "policy", "kept"),
+    ("peaks", "usable", "policy", "kept", "state"),
     [
-        (LINEAR, 10_000, "off", 0),  # everything fits: no layer is checkpointed
-        (LINEAR, 2_000, "partial", 2),  # limit 1,800: 1,000 + 2 x 350 = 1,700
-        (LINEAR, 1_300, "on", 0),  # limit 1,170: not one layer more than full checkpointing
-        (LINEAR, 1_000, "offload", 0),  # full checkpointing runs out of memory
-        (LINEAR, 400, "tiled", 0),  # so does offloading: MLPs in slices
-        (LINEAR, 250, None, 0),  # nothing fits: a typed out-of-memory error, before training
-        (UNEVEN, 2_200, "partial", 3),  # limit 1,980: a trial past the estimate finds 3 fit
-        # The last resorts' trials carry the optimizer's state (100): offloading alone would run
-        # at 500 of 560, and its second step, with the state, would not.
-        (LINEAR, 560, "tiled", 0),
-        (LINEAR, 380, None, 0),  # slices alone would run at 300; with the state, 400
+        (LINEAR, 10_000, "off", 0, 100),  # everything fits: no layer is checkpointed
+        (LINEAR, 2_000, "partial", 2, 100),  # limit 1,800: 1,000 + 2 x 350 = 1,700
+        (LINEAR, 1_300, "on", 0, 100),  # limit 1,135: not one layer more than full checkpointing
+        (LINEAR, 1_000, "offload", 0, 100),  # full checkpointing runs out of memory
+        (LINEAR, 400, "tiled", 0, 100),  # so does offloading: MLPs in slices
+        (LINEAR, 250, None, 0, 100),  # nothing fits: a typed out-of-memory error, before training
+        (UNEVEN, 2_200, "partial", 3, 100),  # limit 1,980: a trial past the estimate finds 3 fit
+        # The last resorts' trials carry the optimizer's state: offloading alone would run at 500
+        # of 560, and its second step, with the state, would not.
+        (LINEAR, 560, "tiled", 0, 100),
+        (LINEAR, 380, None, 0, 100),  # slices alone would run at 300; with the state, 400
+        # A state larger than the 10% kept free (a LoRA of high rank): the limit is what the card
+        # leaves beside it and the allocator's slack, 1,900 - 400: one layer kept, not two.
+        (LINEAR, 2_000, "partial", 1, 400),
     ],
 )
 def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
-    demo_model, demo_rows, tmp_path, monkeypatch, peaks, usable, policy, kept
+    demo_model, demo_rows, tmp_path, monkeypatch, peaks, usable, policy, kept, state
 ):
     """The trial-step arithmetic with a stand-in for a card's memory: full checkpointing peaks at
     1,000, each layer that keeps its activations adds to it (`peaks`), offloading needs 500,
-    offloading with MLPs in slices 300, and the optimizer's state held beside a step 100."""
+    offloading with MLPs in slices 300, and the optimizer's state (`state`) is held beside the
+    last resorts' trial steps."""
     from worker.training import memory_policy
 
     recipe = SFTRecipe(
@@ -250,7 +254,7 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
 
     @contextlib.contextmanager
     def optimizer_state_held():
-        held.append(100)
+        held.append(state)
         try:
             yield
         finally:
@@ -267,6 +271,7 @@ def test_the_auto_memory_policy_keeps_as_many_layers_as_the_card_allows(
 
     monkeypatch.setattr(recipe, "_trial_step", trial_step)
     monkeypatch.setattr(recipe, "_optimizer_state_held", optimizer_state_held)
+    monkeypatch.setattr(recipe, "_optimizer_state_bytes", lambda: state)
     monkeypatch.setattr(recipe, "_usable_memory", lambda: usable)
     monkeypatch.setattr(memory_policy, "TRIAL_HEADROOM", 0.9)
     if policy is None:

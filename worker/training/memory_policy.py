@@ -10,8 +10,9 @@ cannot keep everything, an untied input embedding table goes to host memory firs
 
 The functions take the recipe (`LoRARecipe`): its model, device, config, control, its longest
 batch and its `forward_backward`, so every training method gets the same policy. They reach the
-trial step, the usable memory, the optimizer state's stand-in and the policy setter through the
-recipe's methods of those names, which a test may replace with a stand-in card.
+trial step, the usable memory, the optimizer's state (its size, and memory held as much) and the
+policy setter through the recipe's methods of those names, which a test may replace with a
+stand-in card.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ from worker.tiled_mlp import tile_mlps, untile_mlps
 if TYPE_CHECKING:
     from worker.training.recipe import LoRARecipe
 
-# A trial step must leave this share of the card free for optimizer state and fragmentation.
+# A trial step must leave this share of the card free for optimizer state and fragmentation,
 TRIAL_HEADROOM = 0.90
+# and at least the optimizer's state itself beside this share for the allocator's slack: a LoRA of
+# high rank keeps more state than the share above leaves (8B, rank 64: 1.24 GiB of AdamW state;
+# 10% of a 7.5 GiB cap is 0.75). Measured slack: 1.8-2.6% (bench/RESULTS.md, sessions 19-20).
+ALLOCATOR_SLACK = 0.05
 GIB = 1024**3
 # The decoder layers' CUDA graphs hold a memory pool of their own beside the step: measured +6.5%
 # (1B) and +7.5% (8B) of the eager step's peak (bench/RESULTS.md, session 14); the larger, so a
@@ -218,7 +223,7 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     if peak_tiled is not None:
         how = "with activations offloaded and each MLP run in slices of tokens"
         return "tiled", fits_at_last(how, peak_tiled), 0
-    state = optimizer_state_bytes(recipe.model)
+    state = recipe._optimizer_state_bytes()
     raise OutOfMemory(
         step=0,
         micro_batch_size=recipe.config.micro_batch_size,
@@ -229,8 +234,11 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
 
 
 def set_trial_limit(recipe: LoRARecipe) -> float:
-    """What a trial step may peak at on this card (the rest: optimizer state, fragmentation)."""
-    recipe.trial_limit = TRIAL_HEADROOM * recipe._usable_memory()
+    """What a trial step may peak at on this card: the rest holds the optimizer's state (made at
+    the end of the first step) and the allocator's slack."""
+    usable = recipe._usable_memory()
+    beside_the_state = (1 - ALLOCATOR_SLACK) * usable - recipe._optimizer_state_bytes()
+    recipe.trial_limit = min(TRIAL_HEADROOM * usable, beside_the_state)
     return recipe.trial_limit
 
 
@@ -449,7 +457,7 @@ def optimizer_state_bytes(model: Any) -> int:
 @contextlib.contextmanager
 def optimizer_state_held(recipe: LoRARecipe) -> Any:
     """As much memory as the optimizer's state, taken on the recipe's device while inside."""
-    held = torch.empty(optimizer_state_bytes(recipe.model), dtype=torch.uint8, device=recipe.device)
+    held = torch.empty(recipe._optimizer_state_bytes(), dtype=torch.uint8, device=recipe.device)
     try:
         yield
     finally:

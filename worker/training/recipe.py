@@ -282,6 +282,9 @@ class LoRARecipe:
     def _try_policy(self, batch: dict[str, torch.Tensor], policy: str, kept: int = 0) -> int | None:
         return memory_policy.try_policy(self, batch, policy, kept)
 
+    def _optimizer_state_bytes(self) -> int:
+        return memory_policy.optimizer_state_bytes(self.model)
+
     def _optimizer_state_held(self) -> Any:
         return memory_policy.optimizer_state_held(self)
 
