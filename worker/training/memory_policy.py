@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 TRIAL_HEADROOM = 0.90
 # and at least the optimizer's state itself beside this share for the allocator's slack: a LoRA of
 # high rank keeps more state than the share above leaves (8B, rank 64: 1.24 GiB of AdamW state;
-# 10% of a 7.5 GiB cap is 0.75). Measured slack: 1.8-2.6% (bench/RESULTS.md, sessions 19-20).
+# 10% of a 7.5 GiB cap is 0.75). Slack measured: 1.8-2.6% of the cap (bench/RESULTS.md, session 20).
 ALLOCATOR_SLACK = 0.05
 GIB = 1024**3
 # The decoder layers' CUDA graphs hold a memory pool of their own beside the step: measured +6.5%
