@@ -18,9 +18,9 @@ cap, and its peak decides the smaller caps (`--cap-free-arms`; `from_the_top`): 
 its reserved peak takes that figure (the note says where it was measured), one under its allocated
 peak gets only the short does-not-fit search, and only a cap in between runs the arm again.
 Results are written after every cell, and `--reuse` takes a cell's earlier result from --work, so
-a stage cut short by the device's time limit resumes where it stopped on the same machine. `--repeat N` runs each cell N times, each
-in its own process, and keeps the median (session 11 saw two identical cells 25% apart on one
-host). `--smoke` runs tiny models of two families on the CPU, where a cap stands for a token budget
+a stage cut short by the device's time limit resumes where it stopped on the same machine.
+`--repeat N` runs each cell N times, each in its own process, and keeps the median (session 11
+saw two identical cells 25% apart on one host). `--smoke` runs tiny models of two families on the CPU, where a cap stands for a token budget
 (train.SMOKE_TOKENS_PER_GIB), so tests/bench proves the harness.
 """
 
@@ -68,7 +68,7 @@ def from_the_top(
     where only a run under this cap can tell. Its memory does not depend on the cap, so: a cap that
     holds the run's reserved peak (the allocator never had to hand memory back) takes its figure;
     under its allocated peak, or below a cap it ran out of memory under, it does not fit, and only
-    the short search for the longest sequence that does runs. No peak (the CPU's smoke runs): None."""
+    the short search for the longest sequence that does runs. No peak (CPU smoke runs): None."""
     reserved, allocated = top.get("peak_reserved_gib"), top.get("peak_alloc_gib")
     if top.get("ok") and reserved is not None and reserved <= cap:
         return top | {"cap_gib": cap, "measured_at_gib": top["cap_gib"]}
