@@ -20,8 +20,9 @@ peak gets only the short does-not-fit search, and only a cap in between runs the
 Results are written after every cell, and `--reuse` takes a cell's earlier result from --work, so
 a stage cut short by the device's time limit resumes where it stopped on the same machine.
 `--repeat N` runs each cell N times, each in its own process, and keeps the median (session 11
-saw two identical cells 25% apart on one host). `--smoke` runs tiny models of two families on the CPU, where a cap stands for a token budget
-(train.SMOKE_TOKENS_PER_GIB), so tests/bench proves the harness.
+saw two identical cells 25% apart on one host). `--smoke` runs tiny models of two families on the
+CPU, where a cap stands for a token budget (train.SMOKE_TOKENS_PER_GIB), so tests/bench proves
+the harness.
 """
 
 from __future__ import annotations
