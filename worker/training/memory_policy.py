@@ -175,19 +175,19 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     tokens = int(batch["input_ids"].numel())
     limit = set_trial_limit(recipe)
 
-    def fits(how: str, peak: int) -> str:  # the chosen policy's reason (and its peak, kept)
+    def fits(how: str, peak: int, *, last_resort: bool = False) -> str:
+        """The chosen policy's reason (its peak kept). A last resort's bound is the card itself,
+        its trial step run beside the optimizer's state."""
         recipe.policy_trial.peak = peak
-        return (
-            f"a trial step on the longest micro-batch ({tokens} tokens) fits {how}: peak "
-            f"{peak / GIB:.1f} GiB of {limit / GIB:.1f} GiB usable"
+        of = (
+            f"of the card's {recipe._usable_memory() / GIB:.1f} GiB"
+            if last_resort
+            else f"of {limit / GIB:.1f} GiB usable"
         )
-
-    def fits_at_last(how: str, peak: int) -> str:  # a last resort's bound is the card itself
-        recipe.policy_trial.peak = peak
+        beside = ", beside the optimizer's state" if last_resort else ""
         return (
-            f"a trial step on the longest micro-batch ({tokens} tokens) fits {how}, beside the "
-            f"optimizer's state: peak {peak / GIB:.1f} GiB of the card's "
-            f"{recipe._usable_memory() / GIB:.1f} GiB"
+            f"a trial step on the longest micro-batch ({tokens} tokens) fits {how}{beside}: peak "
+            f"{peak / GIB:.1f} GiB {of}"
         )
 
     peak_off = try_policy(recipe, batch, "off")
@@ -218,11 +218,12 @@ def measure(recipe: LoRARecipe) -> tuple[str, str, int]:
     # bench/RESULTS.md, session 20).
     peak_offload = try_policy(recipe, batch, "offload", with_optimizer_state=True)
     if peak_offload is not None:
-        return "offload", fits_at_last("with activations offloaded to CPU memory", peak_offload), 0
+        how = "with activations offloaded to CPU memory"
+        return "offload", fits(how, peak_offload, last_resort=True), 0
     peak_tiled = try_policy(recipe, batch, "tiled", with_optimizer_state=True)
     if peak_tiled is not None:
         how = "with activations offloaded and each MLP run in slices of tokens"
-        return "tiled", fits_at_last(how, peak_tiled), 0
+        return "tiled", fits(how, peak_tiled, last_resort=True), 0
     state = recipe._optimizer_state_bytes()
     raise OutOfMemory(
         step=0,
