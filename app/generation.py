@@ -79,6 +79,8 @@ class GenerationRequest(BaseModel):
     """Strings that end the answer (not included in it); the first MAX_STOP_STRINGS count."""
     tools: list[dict[str, Any]] | None = None
     """OpenAI's tool definitions, rendered by the model's chat template (`tools=`)."""
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    """Makes sampling repeatable; greedy decoding needs none."""
 
     _one_or_many = field_validator("stop", mode="before")(_stop_strings)
     _non_empty = field_validator("stop")(_non_empty_stops)

@@ -9,7 +9,7 @@ adapter id such as "job-12"), and this server resolves them to files itself, so 
 comes from a request.
 
     GET  /status   what is loaded, whether a generation runs, the last generation's outcome
-    POST /generate {"model", "messages", "temperature", "top_p", "max_new_tokens", "stop"}
+    POST /generate {"model", "messages", "temperature", "top_p", "max_new_tokens", "stop", "seed"}
                    -> text/event-stream: `data: {"token": "..."}` lines, then
                       `data: {"done": true, "finish_reason", "prompt_tokens", "completion_tokens"}`
                    errors before the stream starts: JSON {"error": {code, message, hint}}
@@ -381,7 +381,7 @@ class Engine:
 
         def run() -> None:
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), _seeded(request.seed, model.device):
                     if base_only:
                         with model.disable_adapter():
                             model.generate(**kwargs)
@@ -529,6 +529,18 @@ def _is_peft(model: Any) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Any:
+    """Sampling drawn from `seed` (the process's random state put back after), or as it comes.
+    Generations hold the engine's lock, so no other one draws meanwhile."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -106,3 +106,31 @@ def test_a_closed_stream_stops_generation_on_the_worker(web_server, inference_se
         time.sleep(0.1)
     assert last["finish_reason"] == "disconnect"
     assert last["completion_tokens"] < limit / 4
+
+
+def test_a_seed_makes_sampling_repeatable(client):
+    """Sampled at temperature 1 from the base model (whose next token is anyone's guess), the
+    same seed gives the same answer, other seeds other answers."""
+
+    def sample(seed: int) -> str:
+        answer = client.chat.completions.create(
+            model=BASE,
+            messages=[{"role": "user", "content": QUESTION}],
+            temperature=1.0,
+            max_tokens=24,
+            seed=seed,
+        )
+        return answer.choices[0].message.content
+
+    first = sample(11)
+    assert sample(11) == first
+    assert len({first, sample(12), sample(13)}) > 1
+
+
+def test_more_than_one_choice_is_refused_not_answered_short(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=ADAPTER_ID, messages=[{"role": "user", "content": QUESTION}], n=2
+        )
+    body = caught.value.body
+    assert body["code"] == "invalid_n" and "n = 1" in body["message"] and body["hint"]

@@ -82,6 +82,9 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[ToolIn] | None = Field(default=None, max_length=128)
+    n: int = Field(default=1, ge=1, le=128)
+    """Only 1: one answer per request."""
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 
 class CompletionRequest(BaseModel):
@@ -111,6 +114,16 @@ class CompletionRequest(BaseModel):
 
 def _openai_error_response(exc: UserError) -> JSONResponse:
     return JSONResponse(inference.openai_error(exc), status_code=exc.status_code)
+
+
+def _one_choice(n: int) -> None:
+    """Tuneboard samples one answer per prompt; asking for more is refused, not answered short."""
+    if n != 1:
+        raise UserError(
+            f"n is {n}; Tuneboard returns one completion per prompt (n = 1).",
+            "Leave n out, or send the request again (with another seed) for more samples.",
+            code="invalid_n",
+        )
 
 
 def _include_usage(stream: bool, options: StreamOptions | None) -> bool:
@@ -164,6 +177,7 @@ async def chat_completions(
     tools = [t.model_dump() for t in body.tools] if body.tools else None
     try:
         include_usage = _include_usage(body.stream, body.stream_options)
+        _one_choice(body.n)
         choice = inference.resolve_model(db, body.model)
         tool_names = inference.check_tools(db, choice, messages, tools)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -175,6 +189,7 @@ async def chat_completions(
             top_p=body.top_p,
             max_new_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
             stop=stop,
+            seed=body.seed,
         )
         generation = inference.open_generation(db, settings, params)
         await generation.start()
@@ -214,12 +229,7 @@ async def chat_completions(
 async def create_completion(body: CompletionRequest, db: DbDep, settings: SettingsDep) -> Response:
     try:
         include_usage = _include_usage(body.stream, body.stream_options)
-        if body.n != 1:
-            raise UserError(
-                f"n is {body.n}; Tuneboard returns one completion per prompt (n = 1).",
-                "Leave n out, or send the request again (with another seed) for more samples.",
-                code="invalid_n",
-            )
+        _one_choice(body.n)
         prompts = completions.prompts_of(body.prompt)
         if len(prompts) > MAX_PROMPTS:
             raise UserError(
