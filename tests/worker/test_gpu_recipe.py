@@ -347,11 +347,12 @@ def test_a_last_resort_is_taken_only_where_its_second_step_fits_beside_the_optim
     try:
         tiled = recipe._try_policy(batch, "tiled")
         tiled_beside = memory_policy.try_policy(recipe, batch, "tiled", with_optimizer_state=True)
+        reserved = torch.cuda.max_memory_reserved()  # what a cap bounds: the allocator's blocks
         offload = recipe._try_policy(batch, "offload")
         assert None not in (tiled, tiled_beside, offload)
         assert abs(tiled_beside - tiled - state) < 16 * 2**20, (tiled, tiled_beside, state)
-        cap = tiled_beside + 64 * 2**20
-        assert offload + state > cap, (offload, state, cap)  # offloading must not fit beside it
+        cap = max(tiled_beside, reserved) + 32 * 2**20
+        assert offload + state > cap, (offload, state, reserved, cap)  # offloading must not fit beside it
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(cap / total)
         policy, reason, _kept = recipe._measure_memory_policy()
