@@ -352,7 +352,8 @@ def test_a_last_resort_is_taken_only_where_its_second_step_fits_beside_the_optim
         assert None not in (tiled, tiled_beside, offload)
         assert abs(tiled_beside - tiled - state) < 16 * 2**20, (tiled, tiled_beside, state)
         cap = max(tiled_beside, reserved) + 32 * 2**20
-        assert offload + state > cap, (offload, state, reserved, cap)  # offloading must not fit beside it
+        # Offloading must not fit beside the state.
+        assert offload + state > cap, (offload, state, reserved, cap)
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(cap / total)
         policy, reason, _kept = recipe._measure_memory_policy()
