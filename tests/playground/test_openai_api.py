@@ -134,3 +134,48 @@ def test_more_than_one_choice_is_refused_not_answered_short(client):
         )
     body = caught.value.body
     assert body["code"] == "invalid_n" and "n = 1" in body["message"] and body["hint"]
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is in this picture?"},
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                        ],
+                    }
+                ]
+            },
+            "unsupported_content",
+        ),
+        ({"response_format": {"type": "json_object"}}, "unsupported_response_format"),
+        ({"logprobs": True, "top_logprobs": 2}, "unsupported_logprobs"),
+    ],
+)
+def test_what_tuneboard_cannot_honour_is_refused_not_dropped(client, change, code):
+    """An image the model cannot see, JSON mode, log-probabilities: each a 400 that says what to
+    send instead, where the answer would otherwise come back without it."""
+    request = {"model": ADAPTER_ID, "messages": [{"role": "user", "content": QUESTION}]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**{**request, **change}, max_tokens=5)
+    assert caught.value.body["code"] == code and caught.value.body["hint"]
+
+
+def test_the_defaults_clients_send_are_taken(client):
+    """Open WebUI, LangChain and LiteLLM send these with their default values."""
+    answer = client.chat.completions.create(
+        model=ADAPTER_ID,
+        messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
+        temperature=0,
+        max_tokens=40,
+        response_format={"type": "text"},
+        logprobs=False,
+        tool_choice="auto",
+        n=1,
+    )
+    assert answer.choices[0].message.content.strip() == TRAINED_ANSWER

@@ -131,6 +131,25 @@ def test_the_adapter_calls_the_tool_through_v1(client, tool_adapter):
     assert json.loads(call.function.arguments) == {"city": "Paris"}
 
 
+def test_tool_choice_none_offers_no_tools_and_a_forced_call_is_refused(client, tool_adapter):
+    """The adapter that calls `weather` for this question answers in words when tool_choice is
+    "none" (OpenAI's meaning: no tool is called); forcing a call is a 400, not ignored."""
+    request = dict(
+        model=tool_adapter,
+        messages=[{"role": "user", "content": QUESTION}],
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=100,
+    )
+    choice = client.chat.completions.create(**request, tool_choice="none").choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason != "tool_calls", choice
+    for forced in ("required", {"type": "function", "function": {"name": "weather"}}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**request, tool_choice=forced)
+        assert caught.value.body["code"] == "unsupported_tool_choice", forced
+        assert caught.value.body["hint"]
+
+
 def test_a_streamed_tool_call_reaches_the_client_whole(client, tool_adapter):
     stream = client.chat.completions.create(
         model=tool_adapter,

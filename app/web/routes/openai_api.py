@@ -85,6 +85,12 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=128)
     """Only 1: one answer per request."""
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    """"auto" (the model decides) or "none" (no tools offered); forcing a call is refused."""
+    response_format: dict[str, Any] | None = None
+    """Only {"type": "text"}: the answer is not constrained to JSON."""
+    logprobs: bool | None = None
+    """Only false: a chat answer's log-probabilities are not returned."""
 
 
 class CompletionRequest(BaseModel):
@@ -123,6 +129,43 @@ def _one_choice(n: int) -> None:
             f"n is {n}; Tuneboard returns one completion per prompt (n = 1).",
             "Leave n out, or send the request again (with another seed) for more samples.",
             code="invalid_n",
+        )
+
+
+def _refuse_what_is_not_honoured(body: ChatCompletionRequest) -> None:
+    """What a chat request asks for that Tuneboard would otherwise drop in silence: a 400 that
+    says so and what to send instead."""
+    _one_choice(body.n)
+    for i, message in enumerate(body.messages):
+        parts = message.content if isinstance(message.content, list) else []
+        kinds = sorted({str(p.get("type")) for p in parts} - {"text"})
+        if kinds:
+            raise UserError(
+                f"messages[{i}] has a part of type {', '.join(map(repr, kinds))}; the models "
+                "Tuneboard serves read text only.",
+                "Send the message's text parts alone (or its text as a string).",
+                code="unsupported_content",
+            )
+    if isinstance(body.tool_choice, dict) or body.tool_choice == "required":
+        raise UserError(
+            "tool_choice asks for a tool call to be forced; Tuneboard lets the model decide.",
+            'Leave tool_choice out (or send "auto"), or "none" to offer no tools.',
+            code="unsupported_tool_choice",
+        )
+    kind = (body.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise UserError(
+            f"response_format {kind!r} is not supported: the answer is not constrained to JSON.",
+            "Leave response_format out and ask for JSON in the messages (an adapter trained on "
+            "JSON answers gives them), then parse the answer.",
+            code="unsupported_response_format",
+        )
+    if body.logprobs:
+        raise UserError(
+            "logprobs is not supported on /v1/chat/completions.",
+            "Use /v1/completions with the chat template applied to the prompt: it returns each "
+            "token's log-probability (logprobs 0-5, with echo the prompt's too).",
+            code="unsupported_logprobs",
         )
 
 
@@ -177,7 +220,9 @@ async def chat_completions(
     tools = [t.model_dump() for t in body.tools] if body.tools else None
     try:
         include_usage = _include_usage(body.stream, body.stream_options)
-        _one_choice(body.n)
+        _refuse_what_is_not_honoured(body)
+        if body.tool_choice == "none":
+            tools = None
         choice = inference.resolve_model(db, body.model)
         tool_names = inference.check_tools(db, choice, messages, tools)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
