@@ -781,34 +781,50 @@ def probe(args, arm, shape, seq, model_path) -> dict:
 
 
 def longest(args, arm, shape, model_path) -> dict:
-    """Doubling from --longest-start until a step fails, then bisection in steps of --granule."""
+    """Doubling from --longest-start until a step runs out of memory, then bisection in steps of
+    --granule. A probe that neither trains nor runs out of memory (cut by the deadline, broken)
+    ends the search unsettled: its length is no failure, and the result's note names it."""
     step = args.granule
     lo, hi, probes = 0, None, []
-    seq = args.longest_start
-    while seq <= args.longest_max:
+
+    def tried(seq: int) -> dict:
         res = probe(args, arm, shape, seq, model_path)
         probes.append((seq, outcome(res)))
+        return res
+
+    def found(note: str | None = None) -> dict:
+        return {"arm": arm, "shape": shape, "longest": lo, "first_fail": hi, "probes": probes} | (
+            {"note": note} if note else {}
+        )
+
+    seq = args.longest_start
+    while seq <= args.longest_max:
+        res = tried(seq)
         if res.get("skipped"):
             return {"arm": arm, "shape": shape, "skipped": res["skipped"], "probes": probes}
-        if res.get("ok"):
-            lo = seq
-            if seq >= args.longest_max:
-                break
-            seq = min(seq * 2, args.longest_max)  # the ceiling itself is probed
-        else:
+        if not res.get("ok"):
+            if not res.get("oom"):
+                return found(f"{seq:,} not settled ({outcome(res)})")
             hi = seq
             break
+        lo = seq
+        if seq >= args.longest_max:
+            break
+        seq = min(seq * 2, args.longest_max)  # the ceiling itself is probed
     if hi is None:
-        return {"arm": arm, "shape": shape, "longest": lo, "first_fail": None, "probes": probes,
-                "note": f"no failure up to {args.longest_max}"}  # fmt: skip
+        return found(f"no failure up to {args.longest_max}")
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
         if mid <= lo:
             mid = lo + step
-        res = probe(args, arm, shape, mid, model_path)
-        probes.append((mid, outcome(res)))
-        lo, hi = (mid, hi) if res.get("ok") else (lo, mid)
-    return {"arm": arm, "shape": shape, "longest": lo, "first_fail": hi, "probes": probes}
+        res = tried(mid)
+        if res.get("ok"):
+            lo = mid
+        elif res.get("oom"):
+            hi = mid
+        else:
+            return found(f"{mid:,} not settled ({outcome(res)})")
+    return found()
 
 
 def outcome(res: dict) -> str:
@@ -843,7 +859,8 @@ def longest_rows(args, results) -> list[str]:
             cells = ["-", "-", r["skipped"][:120]]
         else:
             fail = r.get("first_fail")
-            cells = [f"{r['longest']:,}", f"{fail:,}" if fail else r.get("note", "-"), probes]
+            failure = "; ".join(x for x in (f"{fail:,}" if fail else "", r.get("note", "")) if x)
+            cells = [f"{r['longest']:,}", failure or "-", probes]
         lines.append(f"| {SHAPES[r['shape']]['label']} | {r['arm']} | " + " | ".join(cells) + " |")
     lines += [
         "",
