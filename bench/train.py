@@ -800,7 +800,7 @@ def longest(args, arm, shape, model_path) -> dict:
     seq = args.longest_start
     while seq <= args.longest_max:
         res = tried(seq)
-        if res.get("skipped"):
+        if res.get("skipped") and not lo:  # nothing measured (after a fit: not settled)
             return {"arm": arm, "shape": shape, "skipped": res["skipped"], "probes": probes}
         if not res.get("ok"):
             if not res.get("oom"):

@@ -22,6 +22,7 @@ def search(monkeypatch: pytest.MonkeyPatch, outcomes: dict[int, str], **options)
             "ok": {"ok": True},
             "oom": {"oom": "OutOfMemoryError"},
             "timeout": {"error": "child exited timeout, no result"},
+            "late": {"skipped": "deadline: too little time left"},
         }[outcomes[seq]]
 
     monkeypatch.setattr(train, "probe", probe)
@@ -40,10 +41,14 @@ def test_a_probe_the_deadline_cut_is_no_failure(monkeypatch):
     assert "| 40,960 | 49,152; 45,056 not settled (error) |" in row
 
 
-def test_a_cut_while_doubling_leaves_no_failure(monkeypatch):
+def test_a_cut_while_doubling_leaves_no_failure_and_keeps_what_fits(monkeypatch):
     result, row = search(monkeypatch, {8192: "ok", 16384: "timeout"})
     assert result["longest"] == 8192 and result["first_fail"] is None
     assert "| 8,192 | 16,384 not settled (error) |" in row
+    result, row = search(monkeypatch, {8192: "ok", 16384: "late"})
+    assert result["longest"] == 8192 and "16,384 not settled (skipped)" in row
+    result, row = search(monkeypatch, {8192: "late"})
+    assert "longest" not in result and result["skipped"].startswith("deadline")
 
 
 def test_a_settled_search_ends_between_a_fit_and_a_failure_one_granule_apart(monkeypatch):
