@@ -42,7 +42,7 @@ import time
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import ValidationError
@@ -77,6 +77,15 @@ NF4_BYTES_PER_PARAMETER = 0.56  # 4-bit weights, double-quantised scales, bf16 e
 BF16_BYTES_PER_PARAMETER = 2.0
 # Models up to this size load in bf16 when they fit; larger ones in NF4 (when bitsandbytes is here).
 BF16_MAX_PARAMETERS = 4_000_000_000
+
+
+class ChatInputs(NamedTuple):
+    """A conversation ready to generate from (Engine.chat_inputs)."""
+
+    tensors: dict[str, torch.Tensor]
+    prompt_tokens: int
+    max_new_tokens: int
+    """What the answer may take: the request's, or less where the model's context ends."""
 
 
 class InferenceError(Exception):
@@ -336,17 +345,11 @@ class Engine:
 
     # --- generation ----------------------------------------------------------------------------
 
-    def generate(
-        self,
-        request: GenerationRequest,
-        adapter: Adapter | None,
-        tokenizer: Any,
-        emit: Any,
-    ) -> dict[str, Any]:
-        """Stream the answer through `emit(text)`; a failing emit stops the generation.
-
-        Call with `self.lock` held and after `prepare`. Returns the generation's summary.
-        """
+    def chat_inputs(self, request: GenerationRequest, tokenizer: Any) -> ChatInputs:
+        """The conversation through the chat template, as the model's inputs, and how many tokens
+        the answer may take: max_new_tokens, or what the model's context leaves after the
+        conversation. A 400 where the conversation alone fills the context (past it the model's
+        answer is noise). Call after `prepare`."""
         inputs = tokenizer.apply_chat_template(
             request.chat(),
             tools=request.tools or None,
@@ -354,8 +357,37 @@ class Engine:
             return_tensors="pt",
             return_dict=True,
         )
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         prompt_tokens = int(inputs["input_ids"].shape[-1])
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        room = request.max_new_tokens
+        if isinstance(limit, int):
+            if prompt_tokens >= limit:
+                raise InferenceError(
+                    400,
+                    "context_length_exceeded",
+                    f"The conversation is {prompt_tokens} tokens; the model takes {limit} in "
+                    "all, its answer included.",
+                    "Shorten the conversation (earlier turns, long pasted text) and send it again.",
+                )
+            room = min(room, limit - prompt_tokens)
+        tensors = {k: v.to(self.model.device) for k, v in inputs.items()}
+        return ChatInputs(tensors, prompt_tokens, room)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        adapter: Adapter | None,
+        tokenizer: Any,
+        emit: Any,
+        chat: ChatInputs | None = None,
+    ) -> dict[str, Any]:
+        """Stream the answer through `emit(text)`; a failing emit stops the generation.
+
+        Call with `self.lock` held and after `prepare` (and `chat_inputs`, whose result `chat`
+        takes). Returns the generation's summary.
+        """
+        chat = chat or self.chat_inputs(request, tokenizer)
+        inputs, prompt_tokens, max_new_tokens = chat
         cancel = threading.Event()
         watch = _Watch(prompt_tokens, cancel)
         streamer = TextIteratorStreamer(
@@ -363,7 +395,7 @@ class Engine:
         )
         kwargs: dict[str, Any] = dict(
             **inputs,
-            max_new_tokens=request.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             eos_token_id=_stop_token_ids(self.model, tokenizer),
             pad_token_id=tokenizer.pad_token_id
             if tokenizer.pad_token_id is not None
@@ -396,7 +428,7 @@ class Engine:
             "prompt_tokens": prompt_tokens,
             "finished": False,
             "disconnected": False,
-            "max_new_tokens": request.max_new_tokens,
+            "max_new_tokens": max_new_tokens,
         }
         self.generating = True
         self.last_generation = summary
@@ -453,7 +485,7 @@ class Engine:
         elapsed = time.monotonic() - started
         completion = watch.generated
         if reason is None:
-            reason = "length" if completion >= request.max_new_tokens else "stop"
+            reason = "length" if completion >= max_new_tokens else "stop"
         summary.update(
             finished=True,
             finish_reason=reason,
@@ -686,13 +718,14 @@ class InferenceHandler(BaseHTTPRequestHandler):
     ) -> None:
         try:
             tokenizer = engine.prepare(base, adapter)
+            chat = engine.chat_inputs(request, tokenizer)
         except InferenceError as exc:
             self._json(exc.status, exc.as_json())
             return
         self._start_stream()
         try:
             summary = engine.generate(
-                request, adapter, tokenizer, lambda t: self._send({"token": t})
+                request, adapter, tokenizer, lambda t: self._send({"token": t}), chat
             )
             if not summary["disconnected"]:
                 self._send({"done": True, **summary})

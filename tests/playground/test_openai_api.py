@@ -179,3 +179,33 @@ def test_the_defaults_clients_send_are_taken(client):
         n=1,
     )
     assert answer.choices[0].message.content.strip() == TRAINED_ANSWER
+
+
+def test_a_conversation_past_the_models_context_is_a_400_and_one_near_it_answers_short(
+    client, trained
+):
+    """Past its context the model's answer is noise (a 9,000-token paste to the demo model came
+    back as one): the conversation alone filling the context is OpenAI's
+    context_length_exceeded; one that leaves less room than max_tokens is answered in that room,
+    ending on "length"."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    limit = AutoConfig.from_pretrained(trained["model_dir"]).max_position_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(trained["model_dir"])
+    per_word = len(tokenizer(" kettle")["input_ids"]) - len(tokenizer("")["input_ids"])
+    too_long = [{"role": "user", "content": "kettle " * (limit // max(per_word, 1) + 10)}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=ADAPTER_ID, messages=too_long, max_tokens=5)
+    body = caught.value.body
+    assert body["code"] == "context_length_exceeded" and str(limit) in body["message"]
+    assert body["hint"]
+
+    near = [{"role": "user", "content": "kettle " * ((limit - 40) // max(per_word, 1))}]
+    answer = client.chat.completions.create(
+        model=BASE, messages=near, max_tokens=400, temperature=0
+    )
+    room = limit - answer.usage.prompt_tokens
+    assert 0 < room < 400, answer.usage
+    assert answer.usage.completion_tokens <= room
+    if answer.choices[0].finish_reason == "length":
+        assert answer.usage.completion_tokens == room
