@@ -367,7 +367,8 @@ class Engine:
                     "context_length_exceeded",
                     f"The conversation is {prompt_tokens} tokens; the model takes {limit} in "
                     "all, its answer included.",
-                    "Shorten the conversation (earlier turns, long pasted text) and send it again.",
+                    "Shorten the conversation (drop earlier turns or long pasted text), or start a "
+                    "new chat.",
                 )
             room = min(room, limit - prompt_tokens)
         tensors = {k: v.to(self.model.device) for k, v in inputs.items()}
