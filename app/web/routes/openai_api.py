@@ -217,12 +217,11 @@ async def chat_completions(
     body: ChatCompletionRequest, db: DbDep, settings: SettingsDep
 ) -> Response:
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    tools = [t.model_dump() for t in body.tools] if body.tools else None
+    offered = body.tools if body.tool_choice != "none" else None  # "none": no tool is offered
+    tools = [t.model_dump() for t in offered] if offered else None
     try:
         include_usage = _include_usage(body.stream, body.stream_options)
         _refuse_what_is_not_honoured(body)
-        if body.tool_choice == "none":
-            tools = None
         choice = inference.resolve_model(db, body.model)
         tool_names = inference.check_tools(db, choice, messages, tools)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
